@@ -1,0 +1,523 @@
+"""A pure-functional Flax ViT with Visual Prompt Tuning (VPT) built in.
+
+The module tree and parameter names match Google's vit_jax `.npz` files
+(`ViT-B_16.npz` from ImageNet-21k and the augreg files) exactly, so
+`vptpc.checkpoint.load_pretrained` maps keys one to one::
+
+  embedding/{kernel,bias}                      patch conv
+  cls                                          class token
+  Transformer/posembed_input/pos_embedding     (1, 1 + N, D)
+  Transformer/encoderblock_{i}/LayerNorm_0
+  Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/{query,key,value,out}
+  Transformer/encoderblock_{i}/LayerNorm_2
+  Transformer/encoderblock_{i}/MlpBlock_3/Dense_{0,1}
+  Transformer/encoder_norm
+  head                                         (only when num_classes is set)
+
+Prompts are not Flax parameters: they are passed to `__call__` as their own
+pytree (see `vptpc.prompts`), so the frozen backbone and the trainable prompts
+never share a tree. The prompt tree's keys say which VPT variant runs:
+
+* ``{"input": (n, D)}`` is VPT-Shallow: prompts inserted once after the
+  position embedding and carried through every block.
+* ``{"encoderblock_0": (k_0, D), ..., "encoderblock_{L-1}": (k_{L-1}, D)}`` is
+  VPT-Deep: before block l the previous block's prompt outputs are replaced by
+  the layer-l prompts. Counts may differ per layer (zero included), which is
+  what Prompt Condensation produces; shapes are static, so `jit` specialises.
+
+The backbone always runs in inference mode (no dropout), as the official VPT
+code keeps the encoder in `eval()` while training (vpt.md §3). Only prompt
+dropout depends on `train`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+Array = jax.Array
+
+# Model variants as in vit_jax `configs/models.py`; `testing` is vit_jax's
+# tiny test model, `tiny32` the 32-px variant used by the offline suite tests.
+_VARIANTS: dict[str, dict[str, Any]] = {
+  "Ti/16": dict(
+    patch_size=16, hidden_size=192, num_layers=12, num_heads=3, mlp_dim=768
+  ),
+  "S/16": dict(
+    patch_size=16, hidden_size=384, num_layers=12, num_heads=6, mlp_dim=1536
+  ),
+  "B/16": dict(
+    patch_size=16, hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072
+  ),
+  "B/32": dict(
+    patch_size=32, hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072
+  ),
+  "L/16": dict(
+    patch_size=16, hidden_size=1024, num_layers=24, num_heads=16, mlp_dim=4096
+  ),
+  "H/14": dict(
+    patch_size=14, hidden_size=1280, num_layers=32, num_heads=16, mlp_dim=5120
+  ),
+  "testing": dict(
+    patch_size=16, hidden_size=10, num_layers=1, num_heads=2, mlp_dim=10
+  ),
+  "tiny32": dict(
+    patch_size=8, hidden_size=32, num_layers=3, num_heads=2, mlp_dim=64
+  ),
+}
+
+# VPT's head bias: -log((1 - 0.01) / 0.01), a prior of 1% per class (vpt.md §3).
+HEAD_BIAS_INIT = -math.log((1 - 0.01) / 0.01)
+
+
+def model_names() -> tuple[str, ...]:
+  """Returns the names accepted by `get_model_config`."""
+  return tuple(_VARIANTS)
+
+
+def get_model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
+  """Returns the architecture config of a named ViT variant.
+
+  Args:
+    name: one of `model_names()`, e.g. ``"B/16"`` (vit_jax spelling; ``"ViT-B_16"``
+      and ``"ViT-B/16"`` are accepted too).
+    **overrides: replaces fields (patch_size, hidden_size, num_layers,
+      num_heads, mlp_dim, num_classes, ...) to build custom variants.
+
+  Returns:
+    A ConfigDict whose items are `VisionTransformer` keyword arguments.
+
+  Raises:
+    ValueError: the name is unknown, or an override names no field.
+  """
+  key = name.removeprefix("ViT-").replace("_", "/")
+  if key not in _VARIANTS:
+    raise ValueError(
+      f"Unknown ViT variant {name!r}; known: {', '.join(_VARIANTS)}."
+    )
+  cfg = dict(_VARIANTS[key], num_classes=None)
+  allowed = set(cfg) | {"prompt_dropout", "kv_only", "dtype"}
+  bad = sorted(set(overrides) - allowed)
+  if bad:
+    raise ValueError(
+      f"Unknown ViT config field(s) {bad}; known: {sorted(allowed)}."
+    )
+  cfg.update(overrides)
+  return ml_collections.ConfigDict(cfg)
+
+
+class MlpBlock(nn.Module):
+  """Transformer MLP: Dense -> exact GELU -> Dense."""
+
+  mlp_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """Applies the MLP to tokens ``x`` of shape (..., D)."""
+    d = x.shape[-1]
+    init = nn.initializers.xavier_uniform()
+    bias_init = nn.initializers.normal(stddev=1e-6)
+    x = nn.Dense(
+      self.mlp_dim,
+      dtype=self.dtype,
+      kernel_init=init,
+      bias_init=bias_init,
+      name="Dense_0",
+    )(x)
+    # torch's GELU (used by the official VPT) is exact; flax defaults to tanh.
+    x = nn.gelu(x, approximate=False)
+    return nn.Dense(
+      d, dtype=self.dtype, kernel_init=init, bias_init=bias_init, name="Dense_1"
+    )(x)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """Multi-head self-attention with vit_jax parameter names.
+
+  Extra keys and values (the key/value-only prompt path) can be supplied as
+  unprojected tokens in ``kv_extra``; they are projected with the same
+  ``key``/``value`` kernels and attended to by every query but never act as
+  queries themselves.
+  """
+
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self, x: Array, kv_extra: Array | None = None, kv_insert_at: int = 1
+  ) -> Array:
+    """Attends from every token of ``x`` to ``x`` (plus ``kv_extra``).
+
+    Args:
+      x: (B, T, D) tokens (already layer-normed).
+      kv_extra: optional (k, D) or (B, k, D) layer-normed prompt tokens that
+        act only as keys and values.
+      kv_insert_at: where the extra keys go in the key sequence. Attention is
+        permutation-invariant over keys; inserting them where the full path
+        has its prompts keeps the float summation order, hence bitwise-close
+        results.
+
+    Returns:
+      (B, T, D) attention output after the output projection.
+    """
+    d = x.shape[-1]
+    if d % self.num_heads:
+      raise ValueError(
+        f"hidden_size {d} is not divisible by num_heads {self.num_heads}."
+      )
+    head_dim = d // self.num_heads
+
+    def proj(name):
+      return nn.DenseGeneral(
+        (self.num_heads, head_dim),
+        dtype=self.dtype,
+        kernel_init=nn.initializers.xavier_uniform(),
+        name=name,
+      )
+
+    query, key, value = proj("query"), proj("key"), proj("value")
+    q, k, v = query(x), key(x), value(x)
+    if kv_extra is not None and kv_extra.shape[-2] > 0:
+      # Image-independent prompts (k, D) are projected once and broadcast,
+      # which is what makes the key/value path cheap (vpt.md §2).
+      kp, vp = key(kv_extra), value(kv_extra)
+      shape = (x.shape[0],) + kp.shape[-3:]
+      kp, vp = jnp.broadcast_to(kp, shape), jnp.broadcast_to(vp, shape)
+      i = kv_insert_at
+      k = jnp.concatenate([k[:, :i], kp, k[:, i:]], axis=1)
+      v = jnp.concatenate([v[:, :i], vp, v[:, i:]], axis=1)
+    out = jax.nn.dot_product_attention(q, k, v)
+    return nn.DenseGeneral(
+      d,
+      axis=(-2, -1),
+      dtype=self.dtype,
+      kernel_init=nn.initializers.xavier_uniform(),
+      name="out",
+    )(out)
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-LN transformer block (LayerNorm eps 1e-6, as vit_jax)."""
+
+  mlp_dim: int
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, kv_prompts: Array | None = None) -> Array:
+    """Applies the block.
+
+    Args:
+      x: (B, T, D) tokens.
+      kv_prompts: optional (k, D) or (B, k, D) prompts that enter only as
+        keys/values (the exact key/value-only form of VPT-Deep).
+
+    Returns:
+      (B, T, D) tokens.
+    """
+    ln1 = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_0")
+    y = ln1(x)
+    extra = None if kv_prompts is None else ln1(kv_prompts)
+    y = MultiHeadDotProductAttention(
+      self.num_heads, dtype=self.dtype, name="MultiHeadDotProductAttention_1"
+    )(y, extra)
+    x = x + y
+    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_2")(x)
+    y = MlpBlock(self.mlp_dim, dtype=self.dtype, name="MlpBlock_3")(y)
+    return x + y
+
+
+class AddPositionEmbs(nn.Module):
+  """Adds a learned position embedding (vit_jax name `pos_embedding`)."""
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """Adds the (1, T, D) embedding to ``x`` of shape (B, T, D)."""
+    pe = self.param(
+      "pos_embedding",
+      nn.initializers.normal(stddev=0.02),
+      (1,) + x.shape[1:],
+      jnp.float32,
+    )
+    return x + pe.astype(x.dtype)
+
+
+def prompt_variant(prompts: Mapping[str, Array] | None) -> str:
+  """Returns ``"none"``, ``"shallow"`` or ``"deep"`` for a prompt tree.
+
+  Raises:
+    ValueError: the tree mixes ``input`` and ``encoderblock_*`` keys or has
+      other keys.
+  """
+  if not prompts:
+    return "none"
+  keys = set(prompts)
+  if keys == {"input"}:
+    return "shallow"
+  if all(k.startswith("encoderblock_") for k in keys):
+    return "deep"
+  raise ValueError(
+    "A prompt tree holds either {'input'} (VPT-Shallow) or "
+    f"'encoderblock_<i>' keys (VPT-Deep); got {sorted(keys)}."
+  )
+
+
+class Encoder(nn.Module):
+  """The transformer stack with prompt insertion (vit_jax name `Transformer`)."""
+
+  num_layers: int
+  mlp_dim: int
+  num_heads: int
+  kv_only: bool = False
+  prompt_dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  def _prompt(self, p: Array, batch: int, train: bool) -> Array:
+    """Casts one layer's prompts and applies per-example dropout if training.
+
+    The official code broadcasts prompts to the batch before its dropout, so
+    each example gets its own mask (vpt.md §2). Without dropout the prompts
+    stay (k, D) so the key/value path can project them once per batch.
+    """
+    p = p.astype(self.dtype)
+    if train and self.prompt_dropout > 0 and p.shape[0] > 0:
+      p = jnp.broadcast_to(p, (batch,) + p.shape)
+      keep = 1.0 - self.prompt_dropout
+      mask = jax.random.bernoulli(self.make_rng("dropout"), keep, p.shape)
+      p = jnp.where(mask, p / keep, 0).astype(self.dtype)
+    return p
+
+  @nn.compact
+  def __call__(
+    self,
+    x: Array,
+    prompts: Mapping[str, Array] | None = None,
+    *,
+    train: bool = False,
+  ) -> Array:
+    """Runs the blocks on ``[cls, patches]`` tokens with prompts inserted.
+
+    Args:
+      x: (B, 1 + N, D) class token and patch tokens (no prompts yet).
+      prompts: a prompt tree (see module docstring) or None.
+      train: enables prompt dropout.
+
+    Returns:
+      (B, 1 + N, D) encoded class and patch tokens after `encoder_norm`
+      (prompt outputs are dropped).
+    """
+    b = x.shape[0]
+    x = AddPositionEmbs(name="posembed_input")(x)
+    variant = prompt_variant(prompts)
+    if variant == "deep":
+      missing = [
+        f"encoderblock_{i}"
+        for i in range(self.num_layers)
+        if f"encoderblock_{i}" not in prompts
+      ]
+      extra = sorted(
+        set(prompts) - {f"encoderblock_{i}" for i in range(self.num_layers)}
+      )
+      if missing or extra:
+        raise ValueError(
+          f"Deep prompt tree does not fit a {self.num_layers}-block ViT: "
+          f"missing {missing}, unexpected {extra} (use a (0, D) array for a "
+          "layer without prompts)."
+        )
+    if variant == "shallow" and self.kv_only:
+      raise ValueError(
+        "kv_only is exact only for VPT-Deep; shallow prompts are carried "
+        "through the blocks, so they must run the full path."
+      )
+
+    def fit(p):
+      if p.shape[-1] != x.shape[-1]:
+        raise ValueError(
+          f"Prompt width {p.shape[-1]} does not match the ViT width "
+          f"{x.shape[-1]}."
+        )
+      return jnp.broadcast_to(p, (b,) + p.shape[-2:])
+
+    n_prev = 0
+    if variant == "shallow":
+      p = self._prompt(prompts["input"], b, train)
+      x = jnp.concatenate([x[:, :1], fit(p), x[:, 1:]], axis=1)
+    for i in range(self.num_layers):
+      block = Encoder1DBlock(
+        mlp_dim=self.mlp_dim,
+        num_heads=self.num_heads,
+        dtype=self.dtype,
+        name=f"encoderblock_{i}",
+      )
+      if variant == "deep":
+        p = self._prompt(prompts[f"encoderblock_{i}"], b, train)
+        if self.kv_only:
+          x = block(x, kv_prompts=fit(p) if p.ndim == 3 else p)
+          continue
+        # Replace the previous block's prompt outputs (discarded) by this
+        # layer's prompts; sequence length may change when counts are ragged.
+        x = jnp.concatenate([x[:, :1], fit(p), x[:, 1 + n_prev :]], axis=1)
+        n_prev = p.shape[-2]
+      x = block(x)
+    if variant == "deep" and not self.kv_only:
+      x = jnp.concatenate([x[:, :1], x[:, 1 + n_prev :]], axis=1)
+    elif variant == "shallow":
+      n = prompts["input"].shape[-2]
+      x = jnp.concatenate([x[:, :1], x[:, 1 + n :]], axis=1)
+    return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="encoder_norm")(x)
+
+
+class VisionTransformer(nn.Module):
+  """ViT with VPT prompts supplied as a separate pytree.
+
+  Attributes:
+    patch_size: square patch side in pixels.
+    hidden_size: token width D.
+    num_layers: number of transformer blocks L.
+    num_heads: attention heads.
+    mlp_dim: MLP hidden width.
+    num_classes: head outputs; None builds no head (features only).
+    kv_only: run VPT-Deep prompts as extra keys/values only. Exactly equal to
+      the full path (prompt outputs are discarded before every block) and
+      cheaper by the prompts' query, output and MLP work (vpt.md §2).
+    prompt_dropout: dropout rate on prompts while training (official VPT: 0.0
+      default, 0.1 for Deep in its demo).
+    dtype: compute dtype (parameters stay float32).
+  """
+
+  patch_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  num_classes: int | None = None
+  kv_only: bool = False
+  prompt_dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(
+    self,
+    images: Array,
+    prompts: Mapping[str, Array] | None = None,
+    *,
+    train: bool = False,
+    return_features: bool = False,
+  ) -> Array | tuple[Array, Array]:
+    """Classifies images.
+
+    Args:
+      images: (B, H, W, 3) float images, normalised.
+      prompts: prompt tree or None (plain ViT).
+      train: enables prompt dropout (needs a ``dropout`` rng). The backbone
+        itself always runs in inference mode.
+      return_features: also return the class-token features.
+
+    Returns:
+      Logits (B, num_classes), or the class-token features (B, D) when the
+      model has no head; with ``return_features`` a tuple (logits, features).
+    """
+    p = self.patch_size
+    if images.ndim != 4 or images.shape[1] % p or images.shape[2] % p:
+      raise ValueError(
+        f"Expected (B, H, W, C) images with H and W divisible by the patch "
+        f"size {p}; got shape {images.shape}."
+      )
+    x = nn.Conv(
+      self.hidden_size,
+      (p, p),
+      strides=(p, p),
+      padding="VALID",
+      dtype=self.dtype,
+      name="embedding",
+    )(images.astype(self.dtype))
+    b, h, w, d = x.shape
+    x = x.reshape(b, h * w, d)
+    cls = self.param("cls", nn.initializers.zeros, (1, 1, d), jnp.float32)
+    x = jnp.concatenate(
+      [jnp.broadcast_to(cls.astype(x.dtype), (b, 1, d)), x], axis=1
+    )
+    x = Encoder(
+      num_layers=self.num_layers,
+      mlp_dim=self.mlp_dim,
+      num_heads=self.num_heads,
+      kv_only=self.kv_only,
+      prompt_dropout=self.prompt_dropout,
+      dtype=self.dtype,
+      name="Transformer",
+    )(x, prompts, train=train)
+    features = x[:, 0]
+    if self.num_classes is None:
+      return (features, features) if return_features else features
+    # VPT's head: kaiming normal fan_out and a 1%-prior bias (vpt.md §3).
+    logits = nn.Dense(
+      self.num_classes,
+      kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+      bias_init=nn.initializers.constant(HEAD_BIAS_INIT),
+      name="head",
+    )(features.astype(jnp.float32))
+    return (logits, features) if return_features else logits
+
+
+def create_model(name_or_config: str | Mapping[str, Any], **overrides):
+  """Builds a `VisionTransformer` from a variant name or a config mapping.
+
+  Args:
+    name_or_config: a name from `model_names()` or a mapping of
+      `VisionTransformer` keyword arguments (e.g. `get_model_config(...)`).
+    **overrides: field overrides (num_classes, kv_only, ...).
+
+  Returns:
+    The (unbound) Flax module.
+  """
+  if isinstance(name_or_config, str):
+    cfg = get_model_config(name_or_config, **overrides)
+  else:
+    cfg = dict(name_or_config)
+    cfg.update(overrides)
+  return VisionTransformer(**dict(cfg))
+
+
+def init_params(
+  model: VisionTransformer, rng: Array, image_size: int
+) -> dict[str, Any]:
+  """Initialises the backbone (+ head) parameters for a given image size.
+
+  Args:
+    model: the module.
+    rng: PRNG key.
+    image_size: square input side; fixes the position-embedding length.
+
+  Returns:
+    The ``params`` collection as a nested dict.
+  """
+  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  return jax.jit(model.init)(rng, images)["params"]
+
+
+def split_head(params: Mapping[str, Any]) -> tuple[dict, dict | None]:
+  """Splits ``params`` into (backbone, head) so only the head is trainable."""
+  params = dict(params)
+  head = params.pop("head", None)
+  return params, head
+
+
+def merge_head(backbone: Mapping[str, Any], head: Mapping | None) -> dict:
+  """Inverse of `split_head`: the params tree `VisionTransformer` expects."""
+  params = dict(backbone)
+  if head is not None:
+    params["head"] = head
+  return params
+
+
+def count_params(tree: Any) -> int:
+  """Counts the scalars in a pytree (arrays or ShapeDtypeStructs)."""
+  return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
