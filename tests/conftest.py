@@ -5,6 +5,10 @@ import pytest
 
 from vptpc.models import vit
 
+# Eight CPU devices for the pmap tests (style.md §8); must precede any use
+# of the backend. Single-device code still runs on device 0.
+jax.config.update("jax_num_cpu_devices", 8)
+
 TINY = dict(patch_size=8, hidden_size=32, num_layers=3, num_heads=2, mlp_dim=64)
 IMAGE_SIZE = 32
 

@@ -187,3 +187,117 @@ def parse_arg(
       continue
     values[key] = _convert(key, text, default)
   return ml_collections.ConfigDict(values)
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message names the key."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Returns every training key with its default (config files override).
+
+  All keys are declared here so that a locked config rejects typos such as
+  ``--config.base_lrr=1``. Defaults follow the official VPT recipe
+  (vpt.md §§3-5); comments give the source.
+  """
+  c = ml_collections.ConfigDict()
+  c.seed = 42  # VPT final runs use seeds 42, 44, 82, 100, 800.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "B/16"  # See vptpc.models.vit.model_names().
+  # A vit_jax .npz; "" initialises the backbone randomly (tests only).
+  c.model.checkpoint_path = ""
+  c.model.init_seed = 0  # Seed of a random backbone (checkpoint_path "").
+  c.model.kv_only = True  # Exact and cheaper for VPT-Deep (vpt.md §2).
+  c.model.dtype = "float32"  # bfloat16 on TPU/GPU for speed.
+
+  c.prompt = ml_collections.ConfigDict()
+  c.prompt.variant = "deep"  # deep | shallow
+  c.prompt.num_prompts = 10
+  c.prompt.dropout = 0.0  # Official default 0.0; its demo uses 0.1 (Deep).
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "vptpc_toy"  # TFDS name[:version].
+  c.data.data_dir = ""  # "" -> $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  c.data.train_split = "train[:800]"
+  c.data.eval_split = "train[800:1000]"
+  c.data.num_classes = 4
+  c.data.image_size = 224
+  c.data.normalize = "imagenet"  # imagenet (VPT) | minus1_1 (i21k ckpt).
+
+  c.batch_size = 128  # Global; independent of the device count.
+  c.eval_batch_size = 128
+  c.total_epochs = 100
+  c.warmup_epochs = 10
+  c.base_lr = 0.25  # lr = base_lr * batch_size / 256 (vpt.md §4).
+  c.weight_decay = 1e-4  # Coupled L2, not on the head bias.
+  c.momentum = 0.9
+  c.per_step_schedule = False  # Official: LR stepped once per epoch.
+
+  c.parallel = "auto"  # auto | jit | pmap
+  c.log_every_steps = 10
+  c.eval_every_epochs = 0  # 0: evaluate only after the last epoch.
+  c.checkpoint_every_steps = 100
+  c.keep_checkpoints = 3
+  c.eval_only = False  # Restore the latest checkpoint and evaluate.
+  c.progress_bar = True
+  return c
+
+
+_CHOICES = {
+  "prompt.variant": ("deep", "shallow"),
+  "data.normalize": ("imagenet", "minus1_1"),
+  "model.dtype": ("float32", "bfloat16", "float16"),
+  "parallel": ("auto", "jit", "pmap"),
+}
+_POSITIVE = (
+  "batch_size",
+  "eval_batch_size",
+  "total_epochs",
+  "data.image_size",
+  "data.num_classes",
+  "log_every_steps",
+  "checkpoint_every_steps",
+  "keep_checkpoints",
+)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks values a config file or override could get wrong.
+
+  Raises:
+    ConfigError: naming the key, the bad value and what is allowed.
+  """
+
+  def get(path):
+    node = config
+    for part in path.split("."):
+      node = node[part]
+    return node
+
+  for key, allowed in _CHOICES.items():
+    if get(key) not in allowed:
+      raise ConfigError(
+        f"config.{key}={get(key)!r} is not one of {', '.join(allowed)}."
+      )
+  for key in _POSITIVE:
+    if not get(key) > 0:
+      raise ConfigError(f"config.{key} must be > 0, got {get(key)!r}.")
+  if not 0 <= config.prompt.dropout < 1:
+    raise ConfigError(
+      f"config.prompt.dropout must be in [0, 1), got {config.prompt.dropout}."
+    )
+  if config.prompt.num_prompts < 0:
+    raise ConfigError(
+      f"config.prompt.num_prompts must be >= 0, got {config.prompt.num_prompts}."
+    )
+  if config.model.kv_only and config.prompt.variant == "shallow":
+    raise ConfigError(
+      "config.model.kv_only=True is exact only for prompt.variant=deep; set "
+      "config.model.kv_only=False for VPT-Shallow."
+    )
+  if not 0 <= config.warmup_epochs < config.total_epochs:
+    raise ConfigError(
+      f"config.warmup_epochs={config.warmup_epochs} must be in "
+      f"[0, total_epochs={config.total_epochs})."
+    )

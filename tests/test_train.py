@@ -1,0 +1,266 @@
+"""Tests for the train step (jit vs pmap), the loop, resume and the CLI."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import IMAGE_SIZE, TINY
+
+from vptpc import config_util, optim, parallel, train
+from vptpc import prompts as pr
+from vptpc.models import vit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(arg=None, **overrides):
+  spec = importlib.util.spec_from_file_location(
+    "tiny_cfg", os.path.join(ROOT, "configs", "tiny.py")
+  )
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config(arg)
+  c.progress_bar = False
+  for k, v in overrides.items():
+    node = c
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+def test_jit_and_pmap_steps_give_the_same_state(tiny_params):
+  assert jax.local_device_count() == 8
+  model = vit.VisionTransformer(**TINY, num_classes=5)
+  frozen, head = vit.split_head(tiny_params)
+  prompts = pr.init_prompts(
+    jax.random.key(1), num_prompts=3, hidden_size=32, patch_size=8, num_layers=3
+  )
+  schedule = optim.create_lr_schedule(
+    base_lr=5.0,
+    batch_size=16,
+    steps_per_epoch=1,
+    total_epochs=10,
+    warmup_epochs=1,
+  )
+  opt = optim.create_optimizer(schedule, weight_decay=1e-3)
+  step_fn = train.make_train_step(model, opt, schedule)
+  rng = np.random.default_rng(0)
+  batches = [
+    {
+      "image": rng.normal(size=(16, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(
+        np.float32
+      ),
+      "label": rng.integers(0, 5, 16).astype(np.int32),
+      # A padded last batch: masked examples must not count on any device.
+      "mask": np.arange(16) < (16 if i < 3 else 11),
+    }
+    for i in range(4)
+  ]
+  key = jax.random.key(0)
+
+  state0 = jax.device_get(
+    train.create_train_state({"prompts": prompts, "head": head}, opt)
+  )
+  jit_step = parallel.jit_train_step(step_fn)
+  s_jit = jax.device_put(state0)
+  jit_metrics = []
+  for b in batches:
+    s_jit, m = jit_step(s_jit, frozen, b, key)
+    jit_metrics.append(jax.device_get(m))
+
+  pmap_step = parallel.pmap_train_step(step_fn)
+  s_pmap = parallel.replicate(jax.device_get(state0))
+  rep_frozen = parallel.replicate(frozen)
+  for b, mj in zip(batches, jit_metrics, strict=True):
+    s_pmap, m = pmap_step(s_pmap, rep_frozen, parallel.shard_batch(b), key)
+    m = jax.device_get(parallel.unreplicate(m))
+    np.testing.assert_allclose(m["train_loss"], mj["train_loss"], rtol=1e-5)
+    np.testing.assert_allclose(m["l2_grads"], mj["l2_grads"], rtol=1e-4)
+  s_pmap = jax.device_get(parallel.unreplicate(s_pmap))
+  s_jit = jax.device_get(s_jit)
+  assert int(s_pmap.step) == int(s_jit.step) == 4
+  moved = jax.tree_util.tree_map(
+    lambda a, b: np.abs(a - b).max(), s_jit.trainable, state0.trainable
+  )
+  assert max(jax.tree_util.tree_leaves(moved)) > 1e-3  # It did train.
+  jax.tree_util.tree_map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+    s_pmap.trainable,
+    s_jit.trainable,
+  )
+
+
+def test_gradients_reach_only_prompts_and_head(tiny_params):
+  model = vit.VisionTransformer(**TINY, num_classes=5)
+  frozen, head = vit.split_head(tiny_params)
+  prompts = pr.init_prompts(
+    jax.random.key(1), num_prompts=2, hidden_size=32, patch_size=8, num_layers=3
+  )
+  schedule = optim.create_lr_schedule(
+    base_lr=1.0,
+    batch_size=4,
+    steps_per_epoch=1,
+    total_epochs=2,
+    warmup_epochs=0,
+  )
+  opt = optim.create_optimizer(schedule, weight_decay=0.0)
+  state = jax.device_get(
+    train.create_train_state({"prompts": prompts, "head": head}, opt)
+  )
+  # The optimiser state covers exactly the trainable tree, not the backbone.
+  n_opt = vit.count_params(state.opt_state)
+  # (one momentum buffer per trainable scalar, plus the schedule counter)
+  assert n_opt == vit.count_params(state.trainable) + 1
+  batch = {
+    "image": jnp.ones((4, 32, 32, 3)),
+    "label": jnp.arange(4) % 5,
+    "mask": jnp.ones(4, bool),
+  }
+  step = jax.jit(train.make_train_step(model, opt, schedule))
+  frozen_before = jax.tree_util.tree_map(np.array, frozen)
+  new, _ = step(state, frozen, batch, jax.random.key(0))
+  jax.tree_util.tree_map(
+    np.testing.assert_array_equal, frozen_before, jax.device_get(frozen)
+  )
+  assert not np.allclose(
+    new.trainable["prompts"]["encoderblock_2"],
+    state.trainable["prompts"]["encoderblock_2"],
+  )
+
+
+def test_train_and_evaluate_one_step_end_to_end(tmp_path, data_dir):
+  c = tiny_config(
+    "epochs=1,batch_size=64",
+    **{"data.data_dir": data_dir, "data.train_split": "train[:64]"},
+  )
+  c.warmup_epochs = 0
+  res = train.train_and_evaluate(c, str(tmp_path))
+  assert res["step"] == 1
+  assert res["eval_examples"] == 200  # the whole test split, once
+  assert 0.0 <= res["eval_accuracy"] <= 1.0
+  for f in ("config.json", "versions.json", "metrics.jsonl", "results.json"):
+    assert (tmp_path / f).exists(), f
+  versions = json.loads((tmp_path / "versions.json").read_text())
+  assert versions["jax"] == jax.__version__ and "git_sha" in versions
+  assert os.listdir(tmp_path / "tensorboard")
+  assert (tmp_path / "checkpoints" / "1").exists()
+  records = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+  assert {"train_loss", "lr", "l2_grads", "img_per_s"} <= set(records[0])
+  assert records[-1]["eval_num_examples"] == 200
+  # The export is the small standalone prompt file, checked on load.
+  model = train.build_model(c)
+  backbone, _ = train.load_backbone(c, model)
+  p, head, meta = pr.load_prompts(tmp_path / "prompts.npz", backbone=backbone)
+  assert pr.prompts_per_layer(p) == (4, 4, 4) and head["bias"].shape == (4,)
+  assert meta["metadata"]["eval_accuracy"] == res["eval_accuracy"]
+  # No backbone weights are written to the workdir.
+  total = sum(
+    os.path.getsize(os.path.join(d, f))
+    for d, _, fs in os.walk(tmp_path)
+    for f in fs
+  )
+  assert total < 2_000_000
+
+
+def test_resume_after_stop_matches_uninterrupted(tmp_path, data_dir):
+  def cfg():
+    # 800 / 64 -> 13 steps per epoch; checkpoints every 13; stop at 17.
+    return tiny_config(
+      "epochs=2,num_prompts=3,parallel=jit",
+      **{"data.data_dir": data_dir, "prompt.dropout": 0.1},
+    )
+
+  full = train.train_and_evaluate(cfg(), str(tmp_path / "full"))
+  part = train.train_and_evaluate(
+    cfg(), str(tmp_path / "part"), stop_after_steps=17
+  )
+  assert part == {"stopped_at_step": 17}
+  assert not (tmp_path / "part" / "prompts.npz").exists()
+  resumed = train.train_and_evaluate(cfg(), str(tmp_path / "part"))
+  assert resumed["step"] == full["step"] == 26
+  a, ha, _ = pr.load_prompts(tmp_path / "full" / "prompts.npz")
+  b, hb, _ = pr.load_prompts(tmp_path / "part" / "prompts.npz")
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(ha["kernel"], hb["kernel"], rtol=1e-6, atol=1e-7)
+  assert resumed["eval_accuracy"] == full["eval_accuracy"]
+
+
+def test_pmap_run_and_eval_only(tmp_path, data_dir):
+  c = tiny_config("epochs=1", **{"data.data_dir": data_dir})
+  res = train.train_and_evaluate(c, str(tmp_path))  # auto -> pmap on 8
+  assert res["step"] == 13
+  c.eval_only = True
+  again = train.train_and_evaluate(c, str(tmp_path))
+  assert again["step"] == 13
+  assert again["eval_accuracy"] == pytest.approx(res["eval_accuracy"])
+
+
+def test_eval_only_without_checkpoint_is_an_error(tmp_path, data_dir):
+  c = tiny_config("epochs=1", **{"data.data_dir": data_dir})
+  c.eval_only = True
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    train.train_and_evaluate(c, str(tmp_path))
+
+
+def test_non_finite_loss_aborts_with_message(tmp_path, data_dir):
+  c = tiny_config("epochs=2,base_lr=1e30,parallel=jit")
+  c.data.data_dir = data_dir
+  c.warmup_epochs = 0
+  c.log_every_steps = 1
+  with pytest.raises(FloatingPointError, match="Non-finite training loss"):
+    train.train_and_evaluate(c, str(tmp_path))
+
+
+def test_batch_must_split_over_devices():
+  with pytest.raises(
+    ValueError, match="batch_size=12 is not divisible by the 8"
+  ):
+    parallel.resolve_mode("pmap", 12)
+  assert parallel.resolve_mode("auto", 16) == "pmap"
+  assert parallel.resolve_mode("jit", 12) == "jit"
+
+
+def test_unknown_and_bad_config_keys_are_named():
+  with pytest.raises(ValueError, match="bogus"):
+    tiny_config("bogus=1")
+  c = tiny_config()
+  c.lock()
+  with pytest.raises((AttributeError, KeyError), match="base_lrr"):
+    c.base_lrr = 1.0
+  c.unlock()
+  c.data.normalize = "zscore"
+  with pytest.raises(config_util.ConfigError, match="data.normalize"):
+    config_util.validate(c)
+
+
+def test_cli_names_an_unknown_override(tmp_path):
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "vptpc.main",
+      "--config=configs/tiny.py",
+      "--config.modle.name=x",
+      f"--workdir={tmp_path}",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert out.returncode == 2
+  assert "modle" in out.stderr and "Traceback" not in out.stderr

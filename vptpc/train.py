@@ -1,0 +1,626 @@
+"""Prompt tuning end to end: state, the pure train step, evaluation, the loop.
+
+The trainable state is ``TrainState(step, trainable={"prompts", "head"},
+opt_state)``; the backbone is a separate ``frozen`` tree that gradients never
+touch (gradients are taken with respect to ``trainable`` only), that is placed
+on the devices once and never donated, and that is re-read from its
+checkpoint on every start instead of being saved in the workdir.
+
+`train_step(state, frozen, batch, rng)` is one pure function: under `jax.jit`
+it has no collectives; under `jax.pmap` (``axis_name`` set) it sums the
+masked loss, gradients and counts over devices, so the update equals the
+single-device update for the same global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from vptpc import checkpoint, config_util, optim, parallel
+from vptpc import prompts as prompts_lib
+from vptpc.data import pipeline
+from vptpc.metric_writer import MetricWriter
+from vptpc.models import vit
+
+# ---------------------------------------------------------------------------
+# State and steps.
+# ---------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class TrainState:
+  """What trains and what the optimiser needs; nothing of the backbone."""
+
+  step: jax.Array
+  trainable: dict[str, Any]  # {"prompts": prompt tree, "head": {...}}
+  opt_state: Any
+
+
+def create_train_state(
+  trainable: dict[str, Any], optimizer: optax.GradientTransformation
+) -> TrainState:
+  """Builds the initial state (step 0) for a trainable tree."""
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    trainable=trainable,
+    opt_state=optimizer.init(trainable),
+  )
+
+
+def _l2(tree) -> jax.Array:
+  """Global L2 norm of a pytree."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in leaves))
+
+
+def _masked_loss_and_correct(logits, labels, mask):
+  ce = optax.softmax_cross_entropy_with_integer_labels(
+    logits.astype(jnp.float32), labels
+  )
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  return (ce * mask).sum(), (correct * mask).sum()
+
+
+def make_train_step(
+  model: vit.VisionTransformer,
+  optimizer: optax.GradientTransformation,
+  schedule: optax.Schedule,
+) -> Callable:
+  """Returns the pure ``train_step(state, frozen, batch, rng, axis_name=None)``.
+
+  Args:
+    model: the ViT (prompt dropout comes from its ``prompt_dropout``).
+    optimizer: from `vptpc.optim.create_optimizer`.
+    schedule: the same schedule, to report the LR of each step.
+
+  Returns:
+    A function mapping (state, frozen backbone, batch, rng) to
+    (new state, metrics). Metrics are global: loss and accuracy over the
+    unmasked examples of the whole batch, LR, and gradient/parameter norms.
+  """
+
+  def train_step(state, frozen, batch, rng, axis_name=None):
+    # A fresh dropout key per step (and per device) from one run key.
+    rng = jax.random.fold_in(rng, state.step)
+    if axis_name is not None:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    mask = batch["mask"].astype(jnp.float32)
+    count = mask.sum()
+    if axis_name is not None:
+      count = jax.lax.psum(count, axis_name)
+    # Divide by the global count so that summing over devices gives the
+    # global mean (a pmean of per-device means would overweight padding).
+    denom = jnp.maximum(count, 1.0)
+
+    def loss_fn(trainable):
+      logits = model.apply(
+        {"params": vit.merge_head(frozen, trainable["head"])},
+        batch["image"],
+        trainable["prompts"],
+        train=True,
+        rngs={"dropout": rng},
+      )
+      loss_sum, correct = _masked_loss_and_correct(logits, batch["label"], mask)
+      return loss_sum / denom, correct
+
+    (loss, correct), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.trainable
+    )
+    if axis_name is not None:
+      loss, correct, grads = jax.lax.psum((loss, correct, grads), axis_name)
+    updates, opt_state = optimizer.update(
+      grads, state.opt_state, state.trainable
+    )
+    trainable = optax.apply_updates(state.trainable, updates)
+    metrics = {
+      "train_loss": loss,
+      "train_accuracy": correct / denom,
+      "lr": schedule(state.step),
+      "l2_grads": _l2(grads),
+      "l2_params": _l2(trainable),
+    }
+    new_state = state.replace(
+      step=state.step + 1, trainable=trainable, opt_state=opt_state
+    )
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model: vit.VisionTransformer) -> Callable:
+  """Returns ``eval_step(trainable, frozen, batch, axis_name=None)``.
+
+  It returns sums (loss, correct, count) over unmasked examples, summed over
+  devices under pmap, so every example counts exactly once.
+  """
+
+  def eval_step(trainable, frozen, batch, axis_name=None):
+    logits = model.apply(
+      {"params": vit.merge_head(frozen, trainable["head"])},
+      batch["image"],
+      trainable["prompts"],
+      train=False,
+    )
+    mask = batch["mask"].astype(jnp.float32)
+    loss, correct = _masked_loss_and_correct(logits, batch["label"], mask)
+    sums = {"loss": loss, "correct": correct, "count": mask.sum()}
+    if axis_name is not None:
+      sums = jax.lax.psum(sums, axis_name)
+    return sums
+
+  return eval_step
+
+
+# ---------------------------------------------------------------------------
+# Building a run from a config.
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a run needs that is derived from the config."""
+
+  model: vit.VisionTransformer
+  frozen: dict[str, Any]
+  state: TrainState
+  optimizer: optax.GradientTransformation
+  schedule: optax.Schedule
+  train: pipeline.Split
+  eval: pipeline.Split
+  steps_per_epoch: int
+  total_steps: int
+
+
+def build_model(config: ml_collections.ConfigDict) -> vit.VisionTransformer:
+  """Creates the ViT described by ``config.model`` / ``config.prompt``."""
+  return vit.create_model(
+    config.model.name,
+    num_classes=config.data.num_classes,
+    kv_only=config.model.kv_only,
+    prompt_dropout=config.prompt.dropout,
+    dtype=jnp.dtype(config.model.dtype),
+  )
+
+
+def load_backbone(
+  config: ml_collections.ConfigDict, model: vit.VisionTransformer
+) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Returns (frozen backbone, freshly initialised head).
+
+  The head always comes from ``config.seed``; the backbone from
+  ``config.model.checkpoint_path`` (a vit_jax ``.npz``), or, when that is
+  empty, from a random init with ``config.model.init_seed``.
+  """
+  size = config.data.image_size
+  rng = jax.random.key(config.seed)
+  params = vit.init_params(model, rng, size)
+  backbone, head = vit.split_head(params)
+  if config.model.checkpoint_path:
+    backbone = checkpoint.load_pretrained(
+      config.model.checkpoint_path, backbone
+    )
+    logging.info("Backbone loaded from %s", config.model.checkpoint_path)
+  else:
+    logging.warning(
+      "config.model.checkpoint_path is empty: the backbone is RANDOM "
+      "(seed %d). Use a pretrained .npz for real runs.",
+      config.model.init_seed,
+    )
+    rand = vit.init_params(model, jax.random.key(config.model.init_seed), size)
+    backbone = vit.split_head(rand)[0]
+  return backbone, head
+
+
+def setup(config: ml_collections.ConfigDict) -> Setup:
+  """Builds model, data, backbone, initial state and optimiser.
+
+  Raises:
+    ValueError: a bad config value (named), missing data or checkpoint.
+  """
+  config_util.validate(config)
+  data_dir = config.data.data_dir or None
+  kw = dict(
+    image_size=config.data.image_size,
+    data_dir=data_dir,
+    num_classes=config.data.num_classes,
+  )
+  train_split = pipeline.load_split(
+    config.data.name, config.data.train_split, **kw
+  )
+  eval_split = pipeline.load_split(
+    config.data.name, config.data.eval_split, **kw
+  )
+  model = build_model(config)
+  frozen, head = load_backbone(config, model)
+  prompts = prompts_lib.init_prompts(
+    jax.random.fold_in(jax.random.key(config.seed), 1),
+    num_prompts=config.prompt.num_prompts,
+    hidden_size=model.hidden_size,
+    patch_size=model.patch_size,
+    num_layers=model.num_layers,
+    variant=config.prompt.variant,
+  )
+  spe = pipeline.steps_per_epoch(len(train_split), config.batch_size)
+  schedule = optim.create_lr_schedule(
+    base_lr=config.base_lr,
+    batch_size=config.batch_size,
+    steps_per_epoch=spe,
+    total_epochs=config.total_epochs,
+    warmup_epochs=config.warmup_epochs,
+    per_step=config.per_step_schedule,
+  )
+  optimizer = optim.create_optimizer(
+    schedule, weight_decay=config.weight_decay, momentum=config.momentum
+  )
+  state = create_train_state({"prompts": prompts, "head": head}, optimizer)
+  return Setup(
+    model=model,
+    frozen=frozen,
+    state=state,
+    optimizer=optimizer,
+    schedule=schedule,
+    train=train_split,
+    eval=eval_split,
+    steps_per_epoch=spe,
+    total_steps=spe * config.total_epochs,
+  )
+
+
+# ---------------------------------------------------------------------------
+# Runners: the same steps under jit or pmap.
+# ---------------------------------------------------------------------------
+
+
+class Runner:
+  """Places state and batches and calls the jitted or pmapped steps."""
+
+  def __init__(self, mode: str, s: Setup):
+    """Compiles nothing yet; places the frozen backbone once."""
+    self.mode = mode
+    self.sync = parallel.needs_sync(mode)
+    train_step = make_train_step(s.model, s.optimizer, s.schedule)
+    eval_step = make_eval_step(s.model)
+    if mode == "pmap":
+      self._train = parallel.pmap_train_step(train_step)
+      self._eval = parallel.pmap_eval_step(eval_step)
+      self.frozen = parallel.replicate(s.frozen)
+    else:
+      self._train = parallel.jit_train_step(train_step)
+      self._eval = jax.jit(eval_step)
+      self.frozen = jax.device_put(s.frozen)
+
+  def place_state(self, state: TrainState) -> TrainState:
+    """Puts a host/unreplicated state where the step expects it."""
+    if self.mode == "pmap":
+      return parallel.replicate(jax.device_get(state))
+    return jax.device_put(state)
+
+  def host_state(self, state: TrainState) -> TrainState:
+    """Returns one unreplicated copy (for checkpoints and export)."""
+    return parallel.unreplicate(state) if self.mode == "pmap" else state
+
+  def train_step(self, state, batch, rng):
+    """Runs one step; returns (state, metrics on the host's view)."""
+    if self.mode == "pmap":
+      state, metrics = self._train(
+        state, self.frozen, parallel.shard_batch(batch), rng
+      )
+      metrics = parallel.unreplicate(metrics)
+    else:
+      state, metrics = self._train(state, self.frozen, batch, rng)
+    if self.sync:
+      jax.block_until_ready(metrics)
+    return state, metrics
+
+  def evaluate(self, state, split: pipeline.Split, config) -> dict[str, float]:
+    """Top-1 accuracy and mean loss over every example of ``split``."""
+    trainable = state.trainable
+    totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    for batch in pipeline.eval_batches(
+      split,
+      batch_size=config.eval_batch_size,
+      normalization=config.data.normalize,
+    ):
+      if self.mode == "pmap":
+        sums = parallel.unreplicate(
+          self._eval(trainable, self.frozen, parallel.shard_batch(batch))
+        )
+      else:
+        sums = self._eval(trainable, self.frozen, batch)
+      sums = jax.device_get(sums)
+      for k in totals:
+        totals[k] += float(sums[k])
+    n = totals["count"]
+    assert int(n) == len(split), (n, len(split))
+    return {
+      "accuracy": totals["correct"] / n,
+      "loss": totals["loss"] / n,
+      "num_examples": int(n),
+    }
+
+
+# ---------------------------------------------------------------------------
+# Orbax checkpoints of the trainable state.
+# ---------------------------------------------------------------------------
+
+
+def _manager(workdir: str, config) -> Any:
+  import orbax.checkpoint as ocp
+
+  return ocp.CheckpointManager(
+    os.path.join(workdir, "checkpoints"),
+    options=ocp.CheckpointManagerOptions(
+      max_to_keep=config.keep_checkpoints, create=True
+    ),
+  )
+
+
+def _save(mngr, state: TrainState, rng: jax.Array) -> None:
+  import orbax.checkpoint as ocp
+
+  tree = {"state": jax.device_get(state), "rng": jax.random.key_data(rng)}
+  mngr.save(int(tree["state"].step), args=ocp.args.StandardSave(tree))
+
+
+def _restore(mngr, template: TrainState, rng: jax.Array):
+  import orbax.checkpoint as ocp
+
+  step = mngr.latest_step()
+  abstract = jax.tree_util.tree_map(
+    lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+    {"state": template, "rng": jax.random.key_data(rng)},
+  )
+  tree = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+  return tree["state"], jax.random.wrap_key_data(tree["rng"])
+
+
+# ---------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------
+
+
+def versions() -> dict[str, str | None]:
+  """Package versions and the git SHA, for ``versions.json``."""
+  import importlib.metadata as md
+
+  out: dict[str, str | None] = {}
+  for pkg in (
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "orbax-checkpoint",
+    "tensorflow-datasets",
+    "ml-collections",
+    "vptpc",
+  ):
+    try:
+      out[pkg] = md.version(pkg)
+    except md.PackageNotFoundError:
+      out[pkg] = None
+  try:
+    here = os.path.dirname(os.path.abspath(__file__))
+    out["git_sha"] = subprocess.run(
+      ["git", "rev-parse", "HEAD"],
+      cwd=here,
+      capture_output=True,
+      text=True,
+      timeout=5,
+      check=True,
+    ).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    out["git_sha"] = None
+  return out
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def _check_finite(metrics: dict[str, float], step: int, workdir: str) -> None:
+  if not np.isfinite(metrics["train_loss"]):
+    raise FloatingPointError(
+      f"Non-finite training loss {metrics['train_loss']} at step {step}. "
+      f"Checkpoints in {workdir}/checkpoints are kept as they were; lower "
+      "config.base_lr or check the data normalisation."
+    )
+
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  stop_after_steps: int | None = None,
+) -> dict[str, Any]:
+  """Trains prompts + head on ``config``, checkpointing into ``workdir``.
+
+  Resumes automatically from the latest checkpoint in ``workdir``. At the end
+  it evaluates on ``config.data.eval_split``, exports the prompts and head to
+  ``<workdir>/prompts.npz`` (`vptpc.prompts.save_prompts`) and writes
+  ``results.json``.
+
+  Args:
+    config: see `vptpc.config_util.base_config`.
+    workdir: output directory (created).
+    stop_after_steps: stop (after checkpointing) once this global step is
+      reached, as if the job were preempted; for tests and manual resumes.
+
+  Returns:
+    The results dict (also in ``results.json``).
+  """
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  _write_json(os.path.join(workdir, "versions.json"), versions())
+
+  s = setup(config)
+  mode = parallel.resolve_mode(config.parallel, config.batch_size)
+  if mode == "pmap":
+    parallel.resolve_mode("pmap", config.eval_batch_size)
+  counts = prompts_lib.count_prompts(s.state.trainable["prompts"])
+  logging.info(
+    "Devices: %s (%s). Trainable: %d prompt params (%d tokens) + %d head.",
+    jax.local_device_count(),
+    mode,
+    counts["params"],
+    counts["tokens"],
+    vit.count_params(s.state.trainable["head"]),
+  )
+  rng = jax.random.fold_in(jax.random.key(config.seed), 2)
+  mngr = _manager(workdir, config)
+  state = s.state
+  if mngr.latest_step() is not None:
+    state, rng = _restore(mngr, state, rng)
+    logging.info("Resumed from step %d in %s", int(state.step), workdir)
+  elif config.eval_only:
+    raise FileNotFoundError(
+      f"config.eval_only is set but {workdir}/checkpoints has no checkpoint."
+    )
+
+  runner = Runner(mode, s)
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+  start = int(state.step)
+  state = runner.place_state(state)
+  try:
+    if not config.eval_only:
+      state = _train_loop(
+        config,
+        s,
+        runner,
+        state,
+        rng,
+        start,
+        mngr,
+        writer,
+        workdir,
+        stop_after_steps,
+      )
+    host = jax.device_get(runner.host_state(state))
+    step = int(host.step)
+    if stop_after_steps is not None and step < s.total_steps:
+      return {"stopped_at_step": step}
+    ev = runner.evaluate(state, s.eval, config)
+  finally:
+    mngr.wait_until_finished()
+    mngr.close()
+  writer.write(step, {f"eval_{k}": v for k, v in ev.items()})
+  writer.close()
+  export = os.path.join(workdir, "prompts.npz")
+  results = {
+    "step": step,
+    "epochs": step / s.steps_per_epoch,
+    "eval_split": config.data.eval_split,
+    "eval_accuracy": ev["accuracy"],
+    "eval_loss": ev["loss"],
+    "eval_examples": ev["num_examples"],
+    "prompts_per_layer": list(
+      prompts_lib.prompts_per_layer(host.trainable["prompts"])
+    ),
+    "trainable_params": vit.count_params(host.trainable),
+    "export": export,
+  }
+  prompts_lib.save_prompts(
+    export,
+    host.trainable["prompts"],
+    host.trainable["head"],
+    backbone=jax.device_get(s.frozen),
+    metadata={
+      "dataset": config.data.name,
+      "eval_accuracy": ev["accuracy"],
+      "step": step,
+      "model": config.model.name,
+    },
+  )
+  _write_json(os.path.join(workdir, "results.json"), results)
+  _print_table(results)
+  return results
+
+
+def _train_loop(
+  config, s, runner, state, rng, start, mngr, writer, workdir, stop_after
+):
+  spe, total = s.steps_per_epoch, s.total_steps
+  bar = None
+  if config.progress_bar and jax.process_index() == 0:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+  step = start
+  t0, seen = time.perf_counter(), 0
+  for epoch in range(start // spe, config.total_epochs):
+    for batch in pipeline.train_batches(
+      s.train,
+      batch_size=config.batch_size,
+      seed=config.seed,
+      epoch=epoch,
+      normalization=config.data.normalize,
+      start_step=step - epoch * spe,
+    ):
+      state, metrics = runner.train_step(state, batch, rng)
+      step += 1
+      seen += int(batch["mask"].sum())
+      last = step == total or step == stop_after
+      if step % config.log_every_steps == 0 or last:
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        _check_finite(m, step, workdir)
+        m["img_per_s"] = seen / (time.perf_counter() - t0)
+        m["epoch"] = step / spe
+        writer.write(step, m)
+        if bar is not None:
+          bar.set_postfix(
+            loss=f"{m['train_loss']:.4f}",
+            lr=f"{m['lr']:.4g}",
+            img_s=f"{m['img_per_s']:.1f}",
+          )
+        t0, seen = time.perf_counter(), 0
+      if bar is not None:
+        bar.update(1)
+      if step % config.checkpoint_every_steps == 0 or last:
+        _save(mngr, runner.host_state(state), rng)
+      if step == stop_after:
+        break
+    else:
+      if (
+        config.eval_every_epochs and (epoch + 1) % config.eval_every_epochs == 0
+      ):
+        if epoch + 1 < config.total_epochs:
+          ev = runner.evaluate(state, s.eval, config)
+          writer.write(step, {f"eval_{k}": v for k, v in ev.items()})
+      continue
+    break
+  if bar is not None:
+    bar.close()
+  return state
+
+
+def _print_table(results: dict[str, Any]) -> None:
+  rows = [
+    ("step", results["step"]),
+    ("epochs", f"{results['epochs']:.2f}"),
+    ("eval split", results["eval_split"]),
+    ("eval examples", results["eval_examples"]),
+    ("eval top-1", f"{100 * results['eval_accuracy']:.2f}%"),
+    ("eval loss", f"{results['eval_loss']:.4f}"),
+    ("prompts/layer", ",".join(map(str, results["prompts_per_layer"]))),
+    ("trainable params", f"{results['trainable_params']:,}"),
+    ("export", results["export"]),
+  ]
+  w = max(len(k) for k, _ in rows)
+  print("\n".join(f"{k:<{w}}  {v}" for k, v in rows), flush=True)
