@@ -19,14 +19,13 @@ import os
 from collections.abc import Iterator
 
 import numpy as np
-import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
 
-from vptpc.data.toy import VptpcToy
-
-# vptpc's own datasets, generated locally (no network) on first use.
-LOCAL_BUILDERS = {"vptpc_toy": VptpcToy}
+# vptpc's own datasets, generated locally (no network) on first use, as
+# "module:class" so that TFDS is imported only when data is read (the train
+# step and benchmarks run on images that lack TFDS).
+LOCAL_BUILDERS = {"vptpc_toy": "vptpc.data.toy:VptpcToy"}
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -44,9 +43,17 @@ def default_data_dir() -> str:
   )
 
 
-def prepare_local(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
-  """Generates one of vptpc's own datasets into ``data_dir`` if needed."""
-  builder = LOCAL_BUILDERS[name](data_dir=data_dir, file_format="array_record")
+def prepare_local(name: str, data_dir: str):
+  """Generates one of vptpc's own datasets into ``data_dir`` if needed.
+
+  Returns:
+    The prepared `tfds.core.DatasetBuilder`.
+  """
+  import importlib
+
+  module, cls = LOCAL_BUILDERS[name].split(":")
+  builder_cls = getattr(importlib.import_module(module), cls)
+  builder = builder_cls(data_dir=data_dir, file_format="array_record")
   builder.download_and_prepare()
   return builder
 
@@ -65,6 +72,8 @@ def open_source(name: str, split: str, data_dir: str | None = None):
   Raises:
     DataError: the dataset is not prepared there, or the split is invalid.
   """
+  import tensorflow_datasets as tfds
+
   data_dir = data_dir or default_data_dir()
   base = name.split(":")[0]
   if base in LOCAL_BUILDERS:

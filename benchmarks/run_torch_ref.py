@@ -1,0 +1,56 @@
+"""Runs the shared PyTorch VPT reference on a chosen device, timed honestly.
+
+The reference (``shared/bench/torch_vpt_ref.py``) builds its tensors on the
+default device and times with ``time.perf_counter`` alone. This wrapper sets
+the default device and, on CUDA, synchronises before every timer read so
+asynchronous kernels are counted. Its JSON line is printed unchanged plus a
+``device`` field. Run::
+
+  python benchmarks/run_torch_ref.py ../shared/bench/torch_vpt_ref.py \
+      --device=cuda -- --prompts 100 --batch 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import runpy
+import sys
+import time
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("reference")
+  ap.add_argument("--device", default="cpu")
+  argv = sys.argv[1:]
+  cut = argv.index("--") if "--" in argv else len(argv)
+  a = ap.parse_args(argv[:cut])
+  rest = argv[cut + 1 :]
+  import torch
+
+  torch.set_default_device(a.device)
+  if a.device.startswith("cuda"):
+    clock = time.perf_counter
+
+    def synced():
+      torch.cuda.synchronize()
+      return clock()
+
+    time.perf_counter = synced
+  sys.argv = [a.reference, *rest]
+  buf = io.StringIO()
+  with contextlib.redirect_stdout(buf):
+    runpy.run_path(a.reference, run_name="__main__")
+  for line in buf.getvalue().splitlines():
+    rec = json.loads(line)
+    rec["device"] = a.device
+    if a.device.startswith("cuda"):
+      rec["device"] += ":" + torch.cuda.get_device_name()
+    print(json.dumps(rec))
+
+
+if __name__ == "__main__":
+  main()
