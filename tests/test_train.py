@@ -197,6 +197,14 @@ def test_resume_after_stop_matches_uninterrupted(tmp_path, data_dir):
     np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(ha["kernel"], hb["kernel"], rtol=1e-6, atol=1e-7)
   assert resumed["eval_accuracy"] == full["eval_accuracy"]
+  # Each step is logged once, as in the uninterrupted run (plus the stop).
+  steps = [
+    json.loads(x)["step"] for x in open(tmp_path / "part" / "metrics.jsonl")
+  ]
+  full_steps = [
+    json.loads(x)["step"] for x in open(tmp_path / "full" / "metrics.jsonl")
+  ]
+  assert steps == sorted(full_steps[:-1] + [17]) + [26]
 
 
 def test_pmap_run_and_eval_only(tmp_path, data_dir):

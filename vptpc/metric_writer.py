@@ -31,17 +31,43 @@ def _plain(v: Any) -> Any:
   return v
 
 
+def _step_of(line: str) -> float:
+  """The step of a JSON-lines record (unparseable lines sort last)."""
+  try:
+    return json.loads(line)["step"]
+  except (ValueError, KeyError, TypeError):
+    return math.inf
+
+
 class MetricWriter:
   """Appends scalar metrics to ``<workdir>/metrics.jsonl`` and TensorBoard."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
-    """Opens the writers (``enabled=False`` makes every call a no-op)."""
+  def __init__(
+    self, workdir: str, enabled: bool = True, resume_step: int | None = None
+  ):
+    """Opens the writers.
+
+    Args:
+      workdir: output directory.
+      enabled: False makes every call a no-op (non-zero processes).
+      resume_step: when resuming, records after this step (written by the
+        interrupted run past its last checkpoint) are dropped so the file
+        holds each step once.
+    """
     self.enabled = enabled
     self._tb = None
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    path = os.path.join(workdir, "metrics.jsonl")
+    if resume_step is not None and os.path.exists(path):
+      with open(path) as f:
+        keep = [ln for ln in f if _step_of(ln) <= resume_step]
+      tmp = path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(keep)
+      os.replace(tmp, path)
+    self._jsonl = open(path, "a")
     if EventFileWriter is not None:
       self._tb = EventFileWriter(os.path.join(workdir, "tensorboard"))
     else:

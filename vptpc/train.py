@@ -495,8 +495,10 @@ def train_and_evaluate(
     )
 
   runner = Runner(mode, s)
-  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   start = int(state.step)
+  writer = MetricWriter(
+    workdir, enabled=jax.process_index() == 0, resume_step=start
+  )
   state = runner.place_state(state)
   try:
     if not config.eval_only:
