@@ -18,3 +18,9 @@ def tiny_params():
   """Random backbone + 5-class head params of the tiny ViT at 32 px."""
   model = vit.VisionTransformer(**TINY, num_classes=5)
   return vit.init_params(model, jax.random.key(0), IMAGE_SIZE)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """One TFDS data_dir per test session (datasets are generated once)."""
+  return str(tmp_path_factory.mktemp("tfds"))

@@ -224,3 +224,23 @@ def test_optimizer_matches_numpy_torch_sgd():
     -0.1 * 0.5 * params["head"]["kernel"],
     rtol=1e-6,
   )
+
+
+def test_prompt_lr_scale_scales_only_prompt_updates():
+  params = {
+    "prompts": {"encoderblock_0": jnp.ones((2, 3))},
+    "head": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)},
+  }
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+
+  def update(scale):
+    opt = optim.create_optimizer(0.5, weight_decay=0.0, prompt_lr_scale=scale)
+    u, _ = opt.update(grads, opt.init(params), params)
+    return u
+
+  base, scaled = update(1.0), update(0.1)
+  np.testing.assert_allclose(
+    scaled["prompts"]["encoderblock_0"], 0.1 * base["prompts"]["encoderblock_0"]
+  )
+  np.testing.assert_allclose(scaled["head"]["kernel"], base["head"]["kernel"])
+  np.testing.assert_allclose(base["head"]["kernel"], -0.5)

@@ -36,11 +36,6 @@ def tiny_config(arg=None, **overrides):
   return c
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
 def test_jit_and_pmap_steps_give_the_same_state(tiny_params):
   assert jax.local_device_count() == 8
   model = vit.VisionTransformer(**TINY, num_classes=5)
@@ -272,3 +267,17 @@ def test_cli_names_an_unknown_override(tmp_path):
   )
   assert out.returncode == 2
   assert "modle" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_zero_prompt_layers_checkpoint_and_resume(tmp_path, data_dir):
+  # Head-only (linear probe) runs have (0, D) prompt arrays, which Orbax
+  # cannot store; they must still checkpoint and resume.
+  def cfg():
+    return tiny_config(
+      "epochs=2,num_prompts=0,parallel=jit", **{"data.data_dir": data_dir}
+    )
+
+  part = train.train_and_evaluate(cfg(), str(tmp_path), stop_after_steps=13)
+  assert part == {"stopped_at_step": 13}
+  res = train.train_and_evaluate(cfg(), str(tmp_path))
+  assert res["step"] == 26 and res["prompts_per_layer"] == [0, 0, 0]

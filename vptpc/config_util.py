@@ -215,6 +215,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.prompt.variant = "deep"  # deep | shallow
   c.prompt.num_prompts = 10
   c.prompt.dropout = 0.0  # Official default 0.0; its demo uses 0.1 (Deep).
+  # LR multiplier for prompts vs head; 1.0 is the official recipe.
+  c.prompt.lr_scale = 1.0
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "vptpc_toy"  # TFDS name[:version].

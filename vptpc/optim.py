@@ -164,6 +164,7 @@ def create_optimizer(
   *,
   weight_decay: float,
   momentum: float = 0.9,
+  prompt_lr_scale: float = 1.0,
 ) -> optax.GradientTransformation:
   """Creates VPT's SGD with coupled L2 weight decay.
 
@@ -178,6 +179,10 @@ def create_optimizer(
     schedule: The learning rate, a float or an optax schedule.
     weight_decay: Coupled L2 coefficient (>= 0); the head bias is excluded.
     momentum: Momentum coefficient (>= 0).
+    prompt_lr_scale: multiplies the LR of the ``prompts`` subtree. 1.0 is
+      the official recipe (one LR for prompts and head). Not in the paper:
+      on small backbones whose features are far from unit scale, the head
+      needs a much larger LR than the prompts can take, so the knob exists.
 
   Returns:
     An optax gradient transformation.
@@ -189,8 +194,17 @@ def create_optimizer(
     raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}.")
   if momentum < 0:
     raise ValueError(f"momentum must be >= 0, got {momentum!r}.")
-  return optax.chain(
+  parts = [
     # Coupled (L2) decay must precede the momentum trace to match torch SGD.
     optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
     optax.sgd(schedule, momentum=momentum),
-  )
+  ]
+  if prompt_lr_scale != 1.0:
+    # Scaling the final SGD update of a subtree is a per-group LR.
+    parts.append(
+      optax.masked(
+        optax.scale(prompt_lr_scale),
+        lambda p: {k: k == "prompts" for k in p},
+      )
+    )
+  return optax.chain(*parts)

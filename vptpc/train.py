@@ -264,7 +264,10 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     per_step=config.per_step_schedule,
   )
   optimizer = optim.create_optimizer(
-    schedule, weight_decay=config.weight_decay, momentum=config.momentum
+    schedule,
+    weight_decay=config.weight_decay,
+    momentum=config.momentum,
+    prompt_lr_scale=config.prompt.lr_scale,
   )
   state = create_train_state({"prompts": prompts, "head": head}, optimizer)
   return Setup(
@@ -369,22 +372,46 @@ def _manager(workdir: str, config) -> Any:
   )
 
 
+def _flat(tree: Any) -> tuple[dict[str, Any], Any]:
+  """Flattens to ``{path: leaf}`` without zero-size leaves.
+
+  Orbax refuses zero-size arrays, and a condensed layer or a head-only run
+  has (0, D) prompt arrays.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  flat = {jax.tree_util.keystr(p): x for p, x in leaves if np.size(x) > 0}
+  return flat, treedef
+
+
+def _unflat(flat: dict[str, Any], template: Any) -> Any:
+  """Inverse of `_flat`; zero-size leaves come from ``template``."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
+  return jax.tree_util.tree_unflatten(
+    treedef,
+    [flat.get(jax.tree_util.keystr(p), x) for p, x in leaves],
+  )
+
+
 def _save(mngr, state: TrainState, rng: jax.Array) -> None:
   import orbax.checkpoint as ocp
 
-  tree = {"state": jax.device_get(state), "rng": jax.random.key_data(rng)}
-  mngr.save(int(tree["state"].step), args=ocp.args.StandardSave(tree))
+  host = jax.device_get(state)
+  flat, _ = _flat({"state": host, "rng": jax.random.key_data(rng)})
+  mngr.save(int(host.step), args=ocp.args.StandardSave(flat))
 
 
 def _restore(mngr, template: TrainState, rng: jax.Array):
   import orbax.checkpoint as ocp
 
   step = mngr.latest_step()
-  abstract = jax.tree_util.tree_map(
-    lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
-    {"state": template, "rng": jax.random.key_data(rng)},
-  )
-  tree = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+  full = {"state": template, "rng": jax.random.key_data(rng)}
+  flat, _ = _flat(full)
+  abstract = {
+    k: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+    for k, x in flat.items()
+  }
+  restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+  tree = _unflat(restored, jax.device_get(full))
   return tree["state"], jax.random.wrap_key_data(tree["rng"])
 
 

@@ -25,7 +25,13 @@ from PIL import Image
 # vptpc's own datasets, generated locally (no network) on first use, as
 # "module:class" so that TFDS is imported only when data is read (the train
 # step and benchmarks run on images that lack TFDS).
-LOCAL_BUILDERS = {"vptpc_toy": "vptpc.data.toy:VptpcToy"}
+LOCAL_BUILDERS = {
+  "vptpc_toy": "vptpc.data.toy:VptpcToy",
+  "vptpc_digits": "vptpc.data.minivtab:VptpcDigits",
+  "vptpc_dsprites_loc": "vptpc.data.minivtab:VptpcDspritesLoc",
+  "vptpc_dsprites_ori": "vptpc.data.minivtab:VptpcDspritesOri",
+  "vptpc_count": "vptpc.data.minivtab:VptpcCount",
+}
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -51,9 +57,12 @@ def prepare_local(name: str, data_dir: str):
   """
   import importlib
 
+  import tensorflow_datasets as tfds
+
   module, cls = LOCAL_BUILDERS[name].split(":")
   builder_cls = getattr(importlib.import_module(module), cls)
   builder = builder_cls(data_dir=data_dir, file_format="array_record")
+  tfds.disable_progress_bar()
   builder.download_and_prepare()
   return builder
 

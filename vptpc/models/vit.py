@@ -67,6 +67,13 @@ _VARIANTS: dict[str, dict[str, Any]] = {
   "testing": dict(
     patch_size=16, hidden_size=10, num_layers=1, num_heads=2, mlp_dim=10
   ),
+  # vptpc's embedded backbone (32 px, 8 x 8 patches): vptpc.pretrain.
+  "fractal-S/4": dict(
+    patch_size=4, hidden_size=192, num_layers=6, num_heads=3, mlp_dim=768
+  ),
+  "fractal-Ti/4": dict(
+    patch_size=4, hidden_size=128, num_layers=6, num_heads=4, mlp_dim=512
+  ),
   "tiny32": dict(
     patch_size=8, hidden_size=32, num_layers=3, num_heads=2, mlp_dim=64
   ),
@@ -96,7 +103,9 @@ def get_model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
   Raises:
     ValueError: the name is unknown, or an override names no field.
   """
-  key = name.removeprefix("ViT-").replace("_", "/")
+  key = name.removeprefix("ViT-")
+  if key not in _VARIANTS:
+    key = key.replace("_", "/")
   if key not in _VARIANTS:
     raise ValueError(
       f"Unknown ViT variant {name!r}; known: {', '.join(_VARIANTS)}."

@@ -1,0 +1,42 @@
+"""Pretraining of the embedded backbone on FractalDB-style images.
+
+  python -m vptpc.pretrain --config=configs/pretrain.py --workdir=runs/pretrain
+  python -m vptpc.pretrain --config=configs/pretrain.py:smoke --workdir=/tmp/p
+
+The shipped ``vptpc/assets/fractal_vit_ti4.npz`` was made by the first
+command (see its model card, ``vptpc/assets/MODEL_CARD.md``).
+"""
+
+from ml_collections import ConfigDict
+
+from vptpc import config_util
+
+
+def get_config(arg=None):
+  """Returns the pretraining config (``smoke`` shrinks it for CPU tests)."""
+  a = config_util.parse_arg(
+    arg, model="fractal-Ti/4", steps=5000, num_classes=1000, smoke=False
+  )
+  c = ConfigDict()
+  c.model = a.model
+  c.image_size = 32
+  c.num_classes = a.num_classes
+  c.class_seed = 0
+  c.data_seed = 1
+  c.seed = 0
+  c.per_class = 100  # 100k rendered training images
+  c.held_out_per_class = 5
+  c.batch_size = 128
+  c.steps = a.steps
+  c.lr = 1e-3
+  c.warmup_steps = 300
+  c.weight_decay = 0.05
+  c.grad_clip = 1.0
+  c.max_rotation = 0.0  # degrees; FractalDB uses no rotation
+  c.aux_weight = 1.0  # weight of the position cross-entropy
+  c.normalize = "minus1_1"
+  c.log_every = 100
+  if a.smoke:
+    c.num_classes, c.per_class, c.held_out_per_class = 20, 10, 13
+    c.steps, c.warmup_steps, c.log_every = 6, 2, 3
+  return c

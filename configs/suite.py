@@ -1,0 +1,45 @@
+"""The whole mini-VTAB suite: 4 tasks x 4 methods x 3 seeds.
+
+  python -m vptpc.suite --config=configs/suite.py --workdir=runs/suite
+  python -m vptpc.suite --config=configs/suite.py:smoke --workdir=/tmp/s
+
+Writes ``results.md`` / ``results.csv`` (mean ± std per task and method) and
+``runs.csv`` (one row per run). Methods: linear probe (head only), VPT-Shallow,
+VPT-Deep on the embedded backbone, and the same ViT trained from scratch.
+Hyperparameters are fixed here, not tuned per task; VPT runs use
+`vptpc.data.minivtab.task_config` (per-step schedule, prompts at 1/100 of
+the head's LR; its docstring gives the measurements behind that).
+``seeds=42:44`` and ``tasks=digits:count`` narrow a run.
+"""
+
+from ml_collections import ConfigDict
+
+from vptpc import config_util
+from vptpc.data import minivtab
+
+
+def get_config(arg=None):
+  """Returns the suite config."""
+  a = config_util.parse_arg(
+    arg, epochs=10, seeds=(42, 44, 82), tasks="", smoke=False
+  )
+  c = ConfigDict()
+  c.tasks = tuple(a.tasks.split(":")) if a.tasks else tuple(minivtab.TASKS)
+  c.seeds = a.seeds
+  c.method_order = ("linear", "shallow", "deep", "scratch")
+  c.batch_size = 64
+  c.data_dir = ""
+  c.smoke = a.smoke
+  e = 2 if a.smoke else a.epochs
+  c.methods = ConfigDict(
+    {
+      "linear": dict(epochs=e, lr=1.0, weight_decay=1e-4, num_prompts=0),
+      "shallow": dict(epochs=e, lr=1.0, weight_decay=1e-4, num_prompts=10),
+      "deep": dict(epochs=e, lr=1.0, weight_decay=1e-4, num_prompts=10),
+      "scratch": dict(epochs=e, lr=1e-3, weight_decay=0.05),
+    }
+  )
+  if a.smoke:
+    c.tasks = ("digits",)
+    c.seeds = (42,)
+  return c

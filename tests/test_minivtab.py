@@ -1,0 +1,185 @@
+"""Tests for the mini-VTAB suite, fractal generator and embedded backbone."""
+
+import importlib.util
+import itertools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vptpc import assets, checkpoint
+from vptpc.data import fractals, minivtab, pipeline
+from vptpc.models import vit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("name", sorted(minivtab.TASKS))
+def test_builder_splits_and_labels(name, data_dir):
+  task = minivtab.TASKS[name]
+  sizes = {"train800": 800, "val200": 200, "train800val200": 1000}
+  sizes["test"] = task.test_size
+  assert task.test_size >= 500
+  for split, n in sizes.items():
+    src = pipeline.open_source(task.tfds_name, minivtab.SPLITS[split], data_dir)
+    assert len(src) == n, (name, split)
+  s = pipeline.load_split(
+    task.tfds_name,
+    minivtab.SPLITS["train800val200"],
+    image_size=32,
+    data_dir=data_dir,
+    num_classes=task.num_classes,
+  )
+  assert s.images.shape == (1000, 32, 32, 3) and s.images.dtype == np.uint8
+  assert s.labels.min() >= 0 and s.labels.max() < task.num_classes
+  # Every class occurs in the training data.
+  assert len(np.unique(s.labels)) == task.num_classes
+
+
+@pytest.mark.parametrize(
+  "builder,seed",
+  [
+    (minivtab.VptpcDspritesLoc, 10),
+    (minivtab.VptpcDspritesOri, 11),
+    (minivtab.VptpcCount, 20),
+  ],
+)
+def test_generators_are_deterministic(builder, seed, tmp_path):
+  b = builder(data_dir=str(tmp_path), file_format="array_record")
+
+  def first(s):
+    return [ex for _, ex in itertools.islice(b._generate_examples(s, 6), 6)]
+
+  a, again, other = first(seed), first(seed), first(seed + 100)
+  assert [x["image"] for x in a] == [x["image"] for x in again]
+  assert [x["label"] for x in a] == [x["label"] for x in again]
+  assert [x["image"] for x in a] != [x["image"] for x in other]
+
+
+def test_vtab_label_definitions():
+  lat = np.array(
+    [[0, 0, 0, 0, 0], [1, 2, 39, 31, 5], [2, 5, 2, 2, 9], [0, 1, 3, 3, 1]]
+  )
+  # x position: 32 values // 2 -> 16 bins.
+  assert minivtab.dsprites_label(lat, "x").tolist() == [0, 15, 1, 1]
+  # orientation: 40 values -> 16 bins, floor(o * 16 / 40).
+  assert minivtab.dsprites_label(lat, "orientation").tolist() == [0, 15, 0, 1]
+  with pytest.raises(ValueError, match="attribute"):
+    minivtab.dsprites_label(lat, "scale")
+
+
+def test_count_scene_has_the_requested_objects():
+  rng = np.random.default_rng(0)
+  img = minivtab.render_count_scene(rng, 10)
+  assert img.shape == (64, 64, 3) and img.dtype == np.uint8
+
+  # Objects are saturated colours on a grey floor: more colourful pixels
+  # with more objects.
+  def colourful(im):
+    return (im.max(-1).astype(int) - im.min(-1) > 60).mean()
+
+  few = minivtab.render_count_scene(np.random.default_rng(1), 3)
+  assert colourful(img) > colourful(few)
+
+
+def test_digits_are_sklearns():
+  images, labels = minivtab.digits_arrays()
+  assert images.shape == (1797, 8, 8, 1) and labels.max() == 9
+
+
+def test_fractal_codes_are_deterministic_and_contractive():
+  a = fractals.make_class_codes(8, seed=3)
+  b = fractals.make_class_codes(8, seed=3)
+  np.testing.assert_array_equal(a, b)
+  for code in a:
+    used = code[code[:, 6] > 0]
+    assert 2 <= len(used) <= 4
+    np.testing.assert_allclose(used[:, 6].sum(), 1.0)
+    for m in used:
+      assert np.linalg.svd(m[:4].reshape(2, 2), compute_uv=False)[0] < 1
+  imgs, labels, pos = fractals.make_dataset(a, 3, seed=1)
+  assert imgs.shape == (24, 32, 32, 3) and sorted(set(labels)) == list(range(8))
+  assert pos.min() >= 0 and pos.max() < fractals.POSITION_GRID**2
+  again = fractals.make_dataset(a, 3, seed=1)
+  np.testing.assert_array_equal(imgs, again[0])
+
+
+def test_shipped_backbone_loads_through_the_npz_loader():
+  model = vit.create_model(assets.DEFAULT_MODEL, num_classes=7)
+  template = jax.eval_shape(
+    model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3))
+  )["params"]
+  backbone, _ = vit.split_head(template)
+  params = checkpoint.load_pretrained(assets.path(), backbone)
+  assert params["embedding"]["kernel"].shape == (4, 4, 3, 128)
+  assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (
+    1,
+    65,
+    128,
+  )
+  assert vit.count_params(params) == vit.count_params(backbone)
+  assert os.path.getsize(assets.path()) < 20 * 2**20
+  # The file is in Google's layout, head included (1,000 fractal classes).
+  flat = checkpoint.read_npz(assets.path())
+  assert flat["head/kernel"].shape == (128, 1000)
+  # It runs as a headless feature extractor and separates inputs.
+  headless = vit.create_model(assets.DEFAULT_MODEL)
+  x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1)
+  feats = headless.apply({"params": params}, x)
+  assert feats.shape == (2, 128)
+  assert float(jnp.abs(feats[0] - feats[1]).max()) > 1e-3
+
+
+def _load_config(name, arg):
+  spec = importlib.util.spec_from_file_location(
+    name, os.path.join(ROOT, "configs", f"{name}.py")
+  )
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+def test_minivtab_config_rejects_unknown_task():
+  with pytest.raises(ValueError, match="Unknown task 'cifar'"):
+    _load_config("minivtab", "task=cifar")
+
+
+def test_pretrain_smoke_writes_a_loadable_backbone(tmp_path):
+  from vptpc import pretrain
+
+  c = _load_config("pretrain", "smoke")
+  card = pretrain.pretrain(c, str(tmp_path))
+  assert card["steps"] == c.steps and "upstream_held_out" in card
+  model = vit.create_model(c.model, num_classes=c.num_classes)
+  template = vit.init_params(model, jax.random.key(0), 32)
+  loaded = checkpoint.load_pretrained(tmp_path / "backbone.npz", template)
+  assert loaded["head"]["kernel"].shape == (128, c.num_classes)
+
+
+def test_demo_config_runs_end_to_end_in_smoke_mode(tmp_path, data_dir):
+  from vptpc import train
+
+  c = _load_config("demo", "smoke")
+  c.data.data_dir = data_dir
+  c.progress_bar = False
+  res = train.train_and_evaluate(c, str(tmp_path))
+  assert res["eval_examples"] == 64
+  assert res["prompts_per_layer"] == [10] * 6
+  assert (tmp_path / "prompts.npz").exists()
+
+
+def test_suite_smoke_writes_the_tables(tmp_path, data_dir):
+  from vptpc import suite
+
+  c = _load_config("suite", "smoke")
+  c.data_dir = data_dir
+  text = suite.run_suite(c, str(tmp_path))
+  assert "| digits |" in text and "mean over tasks" in text
+  rows = (tmp_path / "runs.csv").read_text().splitlines()
+  assert len(rows) == 1 + 4  # header + 4 methods x 1 task x 1 seed
+  assert {r.split(",")[1] for r in rows[1:]} == set(suite.METHODS)
+  # A finished suite is not recomputed.
+  again = suite.run_suite(c, str(tmp_path))
+  assert again.split("Wall time")[0] == text.split("Wall time")[0]

@@ -1,0 +1,20 @@
+"""Files shipped inside the package: the embedded pretrained backbone."""
+
+from __future__ import annotations
+
+import os
+
+DEFAULT_BACKBONE = "fractal_vit_ti4.npz"
+DEFAULT_MODEL = "fractal-Ti/4"
+
+
+def path(name: str = DEFAULT_BACKBONE) -> str:
+  """Returns the absolute path of a shipped asset file.
+
+  Raises:
+    FileNotFoundError: naming the file, if the package lacks it.
+  """
+  p = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+  if not os.path.exists(p):
+    raise FileNotFoundError(f"vptpc asset {p!r} is missing from the package.")
+  return p

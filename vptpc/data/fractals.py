@@ -1,0 +1,234 @@
+"""FractalDB-style images from iterated function systems (IFS), in numpy.
+
+Formula-driven supervised pretraining (Kataoka et al., "Pre-training without
+Natural Images", ACCV 2020): each class is one random IFS (2-4 contractive
+affine maps); an image renders the IFS attractor by the chaos game. vptpc adds
+what a 32-px backbone needs to transfer to VTAB's structured tasks
+(pretraining.md: class-only fractal features discard position):
+
+* every instance is jittered (map parameters scaled by 1 + N(0, sigma)),
+  optionally rotated, scaled and placed at a random position on a noisy background, in a
+  random colour;
+* besides the class, each image has a position target: the 4 x 4 grid cell
+  of the object's centre, learnt by an auxiliary head during pretraining.
+
+Everything is vectorised over a batch of images and fully determined by the
+seeds, so the pretraining data can be regenerated bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+POSITION_GRID = 4  # position target: a POSITION_GRID x POSITION_GRID cell.
+
+
+def _random_maps(rng: np.random.Generator, n: int) -> np.ndarray:
+  """Samples ``n`` contractive affine maps as rows (a, b, c, d, e, f)."""
+  maps = []
+  while len(maps) < n:
+    m = rng.uniform(-1.0, 1.0, 6)
+    s = np.linalg.svd(m[:4].reshape(2, 2), compute_uv=False)
+    if s[0] < 0.95 and s[1] > 0.05:  # contractive, not collapsed to a line
+      maps.append(m)
+  return np.stack(maps)
+
+
+def _probs(maps: np.ndarray) -> np.ndarray:
+  """Chaos-game map probabilities proportional to |det| (FractalDB)."""
+  det = np.abs(maps[:, 0] * maps[:, 3] - maps[:, 1] * maps[:, 2])
+  det = np.maximum(det, 1e-3)
+  return det / det.sum()
+
+
+def chaos_points(
+  codes: np.ndarray,
+  rng: np.random.Generator,
+  num_points: int,
+  burn_in: int = 20,
+) -> np.ndarray:
+  """Runs the chaos game for a batch of IFS codes.
+
+  Args:
+    codes: (B, M, 7) maps (a, b, c, d, e, f, prob); unused maps prob 0.
+    rng: random generator.
+    num_points: points kept per image.
+    burn_in: first iterations dropped (not yet on the attractor).
+
+  Returns:
+    (B, num_points, 2) float32 points.
+  """
+  b = codes.shape[0]
+  cum = np.cumsum(codes[..., 6], axis=1)
+  cum[:, -1] = 1.0
+  x = np.zeros((b, 2), np.float64)
+  out = np.empty((b, num_points, 2), np.float32)
+  rows = np.arange(b)
+  u = rng.random((burn_in + num_points, b))
+  for t in range(burn_in + num_points):
+    k = (u[t][:, None] > cum).sum(1)
+    m = codes[rows, k]
+    x = np.stack(
+      [
+        m[:, 0] * x[:, 0] + m[:, 1] * x[:, 1] + m[:, 4],
+        m[:, 2] * x[:, 0] + m[:, 3] * x[:, 1] + m[:, 5],
+      ],
+      1,
+    )
+    if t >= burn_in:
+      out[:, t - burn_in] = x
+  return out
+
+
+def filling_ratio(points: np.ndarray, size: int = 32) -> np.ndarray:
+  """Fraction of a size x size grid over each bbox that the points cover."""
+  lo = points.min(1, keepdims=True)
+  ext = np.maximum(
+    (points.max(1, keepdims=True) - lo).max(-1, keepdims=True), 1e-6
+  )
+  ij = np.clip(
+    ((points - lo) / ext * (size - 1)).round().astype(int), 0, size - 1
+  )
+  flat = ij[..., 0] * size + ij[..., 1]
+  occ = np.zeros((points.shape[0], size * size), bool)
+  np.put_along_axis(occ, flat, True, axis=1)
+  return occ.mean(1)
+
+
+def make_class_codes(
+  num_classes: int,
+  seed: int,
+  *,
+  min_fill: float = 0.12,
+  max_maps: int = 4,
+) -> np.ndarray:
+  """Samples one non-degenerate IFS per class.
+
+  Degenerate codes (attractors that collapse to a few points or a thin line)
+  are rejected by a filling-ratio check, as FractalDB does.
+
+  Args:
+    num_classes: number of classes.
+    seed: seed of the class definitions.
+    min_fill: minimum filling ratio of the attractor over its bounding box.
+    max_maps: maximum number of maps (2..max_maps per class).
+
+  Returns:
+    (num_classes, max_maps, 7) codes; unused maps have probability 0.
+  """
+  rng = np.random.default_rng(seed)
+  codes = np.zeros((num_classes, max_maps, 7))
+  filled = 0
+  while filled < num_classes:
+    want = num_classes - filled
+    cand = np.zeros((want * 2, max_maps, 7))
+    for i in range(len(cand)):
+      n = int(rng.integers(2, max_maps + 1))
+      maps = _random_maps(rng, n)
+      cand[i, :n, :6] = maps
+      cand[i, :n, 6] = _probs(maps)
+    fill = filling_ratio(chaos_points(cand, rng, 2000))
+    ok = cand[fill >= min_fill][:want]
+    codes[filled : filled + len(ok)] = ok
+    filled += len(ok)
+  return codes
+
+
+def render(
+  codes: np.ndarray,
+  labels: np.ndarray,
+  rng: np.random.Generator,
+  *,
+  size: int = 32,
+  num_points: int = 800,
+  jitter: float = 0.05,
+  max_rotation: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
+  """Renders one random instance of each requested class.
+
+  Args:
+    codes: (C, M, 7) class codes from `make_class_codes`.
+    labels: (B,) class of each image to render.
+    rng: random generator (all instance randomness comes from it).
+    size: image side.
+    num_points: chaos-game points per image.
+    jitter: std of the multiplicative jitter of the map parameters.
+    max_rotation: instances are rotated uniformly in ±max_rotation degrees
+      (FractalDB uses none; a fractal's identity is its shape at a pose).
+
+  Returns:
+    (images uint8 (B, size, size, 3), position targets int32 (B,)).
+  """
+  b = len(labels)
+  c = codes[labels].copy()
+  c[..., :6] *= 1.0 + jitter * rng.standard_normal(c[..., :6].shape)
+  pts = chaos_points(c, rng, num_points).astype(np.float64)
+  # Random rotation, then scale the longest side to the object size.
+  theta = np.deg2rad(rng.uniform(-max_rotation, max_rotation, b))
+  rot = np.stack(
+    [np.cos(theta), -np.sin(theta), np.sin(theta), np.cos(theta)], -1
+  ).reshape(b, 2, 2)
+  pts = np.einsum("bij,bpj->bpi", rot, pts)
+  lo = pts.min(1, keepdims=True)
+  ext = np.maximum(
+    (pts.max(1, keepdims=True) - lo).max(-1, keepdims=True), 1e-6
+  )
+  obj = rng.uniform(0.3, 0.8, (b, 1, 1)) * size
+  pts = (pts - lo) / ext * obj
+  span = pts.max(1)  # (B, 2) extent in pixels
+  off = rng.uniform(0, 1, (b, 2)) * np.maximum(size - 1 - span, 0)
+  pts = pts + off[:, None, :]
+  # The target bins where the object sits within the room it had to move
+  # (its offset over the free span), so all cells are equally likely.
+  rel = off / np.maximum(size - 1 - span, 1e-6)
+  cell = np.clip((rel * POSITION_GRID).astype(int), 0, POSITION_GRID - 1)
+  position = (cell[:, 0] * POSITION_GRID + cell[:, 1]).astype(np.int32)
+  # Point density -> intensity (log, so thin arms stay visible).
+  ij = np.clip(pts.round().astype(int), 0, size - 1)
+  flat = ij[..., 0] * size + ij[..., 1] + (np.arange(b) * size * size)[:, None]
+  dens = np.bincount(flat.ravel(), minlength=b * size * size).reshape(
+    b, size, size
+  )
+  inten = np.log1p(dens) / np.log1p(
+    np.maximum(dens.max((1, 2), keepdims=True), 1)
+  )
+  fg = rng.uniform(0.35, 1.0, (b, 1, 1, 3))
+  bg = rng.uniform(0.0, 0.3, (b, 1, 1, 3))
+  img = bg + (fg - bg) * inten[..., None]
+  img = img + rng.normal(0, 0.03, img.shape)
+  return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), position
+
+
+def make_dataset(
+  codes: np.ndarray,
+  per_class: int,
+  seed: int,
+  *,
+  size: int = 32,
+  chunk: int = 2000,
+  max_rotation: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Renders ``per_class`` instances of every class, shuffled.
+
+  Args:
+    codes: class codes.
+    per_class: instances per class.
+    seed: instance seed (use different seeds for train and held-out data).
+    size: image side.
+    chunk: images rendered per vectorised call.
+    max_rotation: see `render`.
+
+  Returns:
+    (images uint8 (N, size, size, 3), labels int32 (N,), positions int32).
+  """
+  rng = np.random.default_rng(seed)
+  labels = np.repeat(np.arange(len(codes), dtype=np.int32), per_class)
+  labels = labels[rng.permutation(len(labels))]
+  images = np.empty((len(labels), size, size, 3), np.uint8)
+  positions = np.empty(len(labels), np.int32)
+  for s in range(0, len(labels), chunk):
+    im, pos = render(
+      codes, labels[s : s + chunk], rng, size=size, max_rotation=max_rotation
+    )
+    images[s : s + chunk], positions[s : s + chunk] = im, pos
+  return images, labels, positions

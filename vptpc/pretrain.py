@@ -1,0 +1,244 @@
+"""Pretrains vptpc's small embedded ViT on FractalDB-style images.
+
+  python -m vptpc.pretrain --config=configs/pretrain.py --workdir=runs/pretrain
+
+Data: `vptpc.data.fractals` (one random IFS per class, per-instance jitter,
+random pose, colour and position; an auxiliary 4 x 4 position target).
+Model: the ``fractal-S/4`` variant of `vptpc.models.vit` trained end to end
+(AdamW, warmup + cosine). The result is written in Google's vit_jax `.npz`
+layout (``<workdir>/backbone.npz``, class head included, position head
+dropped), so `vptpc.checkpoint.load_pretrained` is what reads it, and a JSON
+record of the run (``model_card.json``) with the upstream accuracy.
+
+Everything is seeded: the class codes, the rendered pool and the batch order,
+so the command rebuilds the same data; the weights match up to floating-point
+reduction order on another device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from vptpc import checkpoint, train
+from vptpc.data import fractals
+from vptpc.data.pipeline import normalize
+from vptpc.models import vit
+
+
+def _define_flags():
+  """Defines ``--config`` and ``--workdir`` when run as a program.
+
+  Not at import time, so importing this module beside another entry point
+  (as the tests do) does not define the flags twice.
+  """
+  config_flags.DEFINE_config_file("config", None, "Pretrain config.")
+  flags.DEFINE_string("workdir", None, "Output directory.")
+
+
+def _loss(params, model, batch, aux_weight):
+  """Class + auxiliary position cross-entropy; returns (loss, metrics)."""
+  logits, feats = model.apply(
+    {"params": params["vit"]}, batch["image"], return_features=True
+  )
+  pos_logits = feats @ params["pos_head"]["kernel"] + params["pos_head"]["bias"]
+  ce = optax.softmax_cross_entropy_with_integer_labels
+  l_cls = ce(logits, batch["label"]).mean()
+  l_pos = ce(pos_logits, batch["position"]).mean()
+  acc = (logits.argmax(-1) == batch["label"]).mean()
+  pos_acc = (pos_logits.argmax(-1) == batch["position"]).mean()
+  return l_cls + aux_weight * l_pos, {
+    "loss_class": l_cls,
+    "loss_position": l_pos,
+    "accuracy": acc,
+    "position_accuracy": pos_acc,
+  }
+
+
+def make_batch(images, labels, positions, idx, flip, norm):
+  """Gathers a batch; horizontal flips mirror the position target too."""
+  img = images[idx]
+  img = np.where(flip[:, None, None, None], img[:, :, ::-1], img)
+  pos = positions[idx]
+  g = fractals.POSITION_GRID
+  pos = np.where(flip, (pos // g) * g + (g - 1 - pos % g), pos)
+  return {
+    "image": normalize(img, norm),
+    "label": labels[idx],
+    "position": pos,
+  }
+
+
+def evaluate(params, model, data, batch_size, norm) -> dict[str, float]:
+  """Accuracy of both heads on held-out data (no flips)."""
+  images, labels, positions = data
+  fn = jax.jit(lambda p, b: _loss(p, model, b, 1.0)[1])
+  tot = {}
+  n = 0
+  for s in range(0, len(labels) - batch_size + 1, batch_size):
+    idx = np.arange(s, s + batch_size)
+    m = jax.device_get(
+      fn(
+        params,
+        make_batch(
+          images, labels, positions, idx, np.zeros(batch_size, bool), norm
+        ),
+      )
+    )
+    for k, v in m.items():
+      tot[k] = tot.get(k, 0.0) + float(v) * batch_size
+    n += batch_size
+  return {k: v / n for k, v in tot.items()}
+
+
+def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs the pretraining and writes ``backbone.npz`` + ``model_card.json``.
+
+  Args:
+    config: see ``configs/pretrain.py``.
+    workdir: output directory.
+
+  Returns:
+    The model-card record.
+  """
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  t_start = time.time()
+  codes = fractals.make_class_codes(config.num_classes, config.class_seed)
+  t = time.time()
+  kw = dict(size=config.image_size, max_rotation=config.max_rotation)
+  train_data = fractals.make_dataset(
+    codes, config.per_class, config.data_seed, **kw
+  )
+  held_out = fractals.make_dataset(
+    codes, config.held_out_per_class, config.data_seed + 1, **kw
+  )
+  gen_s = time.time() - t
+  logging.info(
+    "Rendered %d + %d images in %.0fs.",
+    len(train_data[1]),
+    len(held_out[1]),
+    gen_s,
+  )
+
+  model = vit.create_model(config.model, num_classes=config.num_classes)
+  rng = jax.random.key(config.seed)
+  vit_params = vit.init_params(model, rng, config.image_size)
+  # From-scratch training starts the class head at zero (vit_jax), not at
+  # VPT's prompt-tuning head init.
+  vit_params["head"] = jax.tree_util.tree_map(
+    jnp.zeros_like, vit_params["head"]
+  )
+  params = {
+    "vit": vit_params,
+    "pos_head": {
+      "kernel": jnp.zeros((model.hidden_size, fractals.POSITION_GRID**2)),
+      "bias": jnp.zeros((fractals.POSITION_GRID**2,)),
+    },
+  }
+  schedule = optax.warmup_cosine_decay_schedule(
+    0.0, config.lr, config.warmup_steps, config.steps, end_value=0.0
+  )
+
+  def decay_mask(p):
+    # Weight decay on matrices only (not biases, norms, cls, posemb).
+    return jax.tree_util.tree_map(lambda x: x.ndim >= 2 and x.shape[0] > 1, p)
+
+  opt = optax.chain(
+    optax.clip_by_global_norm(config.grad_clip),
+    optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask),
+  )
+  opt_state = opt.init(params)
+
+  @jax.jit
+  def step_fn(params, opt_state, batch):
+    (loss, m), g = jax.value_and_grad(_loss, has_aux=True)(
+      params, model, batch, config.aux_weight
+    )
+    upd, opt_state = opt.update(g, opt_state, params)
+    return optax.apply_updates(params, upd), opt_state, dict(m, loss=loss)
+
+  images, labels, positions = train_data
+  n = len(labels)
+  order_rng = np.random.default_rng(config.seed)
+  log = []
+  t = time.time()
+  seen = 0
+  for step in range(1, config.steps + 1):
+    idx = order_rng.integers(0, n, config.batch_size)
+    flip = order_rng.random(config.batch_size) < 0.5
+    batch = make_batch(images, labels, positions, idx, flip, config.normalize)
+    params, opt_state, m = step_fn(params, opt_state, batch)
+    seen += config.batch_size
+    if step % config.log_every == 0 or step == config.steps:
+      m = {k: float(v) for k, v in jax.device_get(m).items()}
+      if not np.isfinite(m["loss"]):
+        raise FloatingPointError(f"Non-finite pretraining loss at step {step}.")
+      m.update(
+        step=step, img_per_s=seen / (time.time() - t), lr=float(schedule(step))
+      )
+      log.append(m)
+      logging.info("%s", json.dumps(m))
+  train_s = time.time() - t
+  ev = evaluate(params, model, held_out, 250, config.normalize)
+  train_acc = evaluate(
+    params,
+    model,
+    tuple(x[:5000] for x in train_data),
+    250,
+    config.normalize,
+  )
+  out = os.path.join(workdir, "backbone.npz")
+  checkpoint.save_npz(out, jax.device_get(params["vit"]))
+  dev = jax.devices()[0]
+  card = {
+    "model": config.model,
+    "architecture": dict(vit.get_model_config(config.model)),
+    "parameters_backbone": vit.count_params(vit.split_head(params["vit"])[0]),
+    "generator": "FractalDB-style IFS (vptpc.data.fractals), class + 4x4 "
+    "position target",
+    "num_classes": config.num_classes,
+    "train_images_rendered": int(n),
+    "held_out_images": int(len(held_out[1])),
+    "images_seen": int(config.steps * config.batch_size),
+    "steps": config.steps,
+    "batch_size": config.batch_size,
+    "config": config.to_dict(),
+    "upstream_held_out": ev,
+    "upstream_train_subset": train_acc,
+    "device": f"{dev.platform}:{dev.device_kind}",
+    "train_seconds": round(train_s, 1),
+    "render_seconds": round(gen_s, 1),
+    "total_seconds": round(time.time() - t_start, 1),
+    "versions": train.versions(),
+    "log": log,
+  }
+  with open(os.path.join(workdir, "model_card.json"), "w") as f:
+    json.dump(card, f, indent=2)
+  logging.info("Held-out accuracy: %s", ev)
+  return card
+
+
+def main(argv):
+  """Entry point."""
+  del argv
+  card = pretrain(flags.FLAGS.config, flags.FLAGS.workdir)
+  print(
+    json.dumps({k: card[k] for k in ("upstream_held_out", "train_seconds")})
+  )
+
+
+if __name__ == "__main__":
+  _define_flags()
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

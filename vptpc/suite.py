@@ -1,0 +1,284 @@
+"""Runs the mini-VTAB suite: methods x tasks x seeds, into one results table.
+
+  python -m vptpc.suite --config=configs/suite.py --workdir=runs/suite
+
+Methods (all on the embedded fractal-pretrained backbone except ``scratch``):
+
+* ``linear``: a linear probe - the head alone on the frozen backbone, trained
+  with VPT's recipe (VPT with zero prompts);
+* ``shallow``: VPT-Shallow; ``deep``: VPT-Deep;
+* ``scratch``: the same ViT architecture randomly initialised and trained end
+  to end (AdamW) on the same 1,000 images - the "no pretraining" baseline.
+
+Every run writes its own workdir (``<workdir>/<task>/<method>/seed<k>``); a
+finished run is not repeated, so an interrupted suite resumes. The table
+(``results.md``, ``results.csv``, ``runs.csv``) gives test top-1 mean ± std
+over seeds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from vptpc import train
+from vptpc.data import minivtab, pipeline
+from vptpc.models import vit
+
+
+def _define_flags():
+  """Defines ``--config`` and ``--workdir`` when run as a program.
+
+  Not at import time, so importing this module beside another entry point
+  (as the tests do) does not define the flags twice.
+  """
+  config_flags.DEFINE_config_file("config", None, "Suite config.")
+  flags.DEFINE_string("workdir", None, "Output directory.")
+
+
+METHODS = ("linear", "shallow", "deep", "scratch")
+
+
+def train_scratch(
+  task: str,
+  *,
+  seed: int,
+  epochs: int,
+  lr: float,
+  weight_decay: float,
+  batch_size: int,
+  data_dir: str | None,
+  smoke: bool = False,
+) -> dict[str, Any]:
+  """Trains the embedded architecture from random init on one task.
+
+  AdamW with warmup + cosine over ``epochs`` on train800val200, evaluated on
+  test; the same data, batches and preprocessing as the VPT runs.
+
+  Returns:
+    ``{"eval_accuracy", "trainable_params", "step"}``.
+  """
+  c = minivtab.task_config(task, seed=seed, smoke=smoke)
+  model = vit.create_model(c.model.name, num_classes=c.data.num_classes)
+  kw = dict(
+    image_size=c.data.image_size,
+    data_dir=data_dir,
+    num_classes=c.data.num_classes,
+  )
+  tr = pipeline.load_split(c.data.name, c.data.train_split, **kw)
+  te = pipeline.load_split(c.data.name, c.data.eval_split, **kw)
+  params = vit.init_params(model, jax.random.key(seed), c.data.image_size)
+  spe = pipeline.steps_per_epoch(len(tr), batch_size)
+  total = spe * epochs
+  sched = optax.warmup_cosine_decay_schedule(
+    0.0, lr, max(1, total // 10), total, end_value=0.0
+  )
+  opt = optax.adamw(
+    sched,
+    weight_decay=weight_decay,
+    mask=lambda p: jax.tree_util.tree_map(lambda x: x.ndim >= 2, p),
+  )
+  opt_state = opt.init(params)
+
+  def loss_fn(p, batch):
+    logits = model.apply({"params": p}, batch["image"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    m = batch["mask"].astype(jnp.float32)
+    return (ce * m).sum() / jnp.maximum(m.sum(), 1.0)
+
+  @jax.jit
+  def step(p, s, batch):
+    g = jax.grad(loss_fn)(p, batch)
+    u, s = opt.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  @jax.jit
+  def correct(p, batch):
+    logits = model.apply({"params": p}, batch["image"])
+    return ((logits.argmax(-1) == batch["label"]) & batch["mask"]).sum()
+
+  for epoch in range(epochs):
+    for batch in pipeline.train_batches(
+      tr,
+      batch_size=batch_size,
+      seed=seed,
+      epoch=epoch,
+      normalization=c.data.normalize,
+    ):
+      params, opt_state = step(params, opt_state, batch)
+  n_correct = sum(
+    int(correct(params, b))
+    for b in pipeline.eval_batches(
+      te, batch_size=256, normalization=c.data.normalize
+    )
+  )
+  return {
+    "eval_accuracy": n_correct / len(te),
+    "trainable_params": vit.count_params(params),
+    "step": total,
+  }
+
+
+def run_one(
+  config: ml_collections.ConfigDict,
+  task: str,
+  method: str,
+  seed: int,
+  workdir: str,
+) -> dict[str, Any]:
+  """Runs (or reads back) one method on one task with one seed."""
+  done = os.path.join(workdir, "suite_result.json")
+  if os.path.exists(done):
+    with open(done) as f:
+      return json.load(f)
+  os.makedirs(workdir, exist_ok=True)
+  m = config.methods[method]
+  data_dir = config.data_dir or None
+  t0 = time.time()
+  if method == "scratch":
+    res = train_scratch(
+      task,
+      seed=seed,
+      epochs=m.epochs,
+      lr=m.lr,
+      weight_decay=m.weight_decay,
+      batch_size=config.batch_size,
+      data_dir=data_dir,
+      smoke=config.smoke,
+    )
+  else:
+    c = minivtab.task_config(
+      task,
+      variant="shallow" if method == "shallow" else "deep",
+      num_prompts=m.num_prompts,
+      seed=seed,
+      epochs=m.epochs,
+      base_lr=m.lr,
+      weight_decay=m.weight_decay,
+      batch_size=config.batch_size,
+      smoke=config.smoke,
+    )
+    c.data.data_dir = config.data_dir
+    c.progress_bar = False
+    res = train.train_and_evaluate(c, workdir)
+  out = {
+    "task": task,
+    "method": method,
+    "seed": seed,
+    "test_accuracy": res["eval_accuracy"],
+    "trainable_params": res["trainable_params"],
+    "seconds": round(time.time() - t0, 1),
+  }
+  with open(done, "w") as f:
+    json.dump(out, f)
+  return out
+
+
+def summarize(rows: list[dict[str, Any]], methods, tasks) -> str:
+  """Markdown table: test top-1 (%) mean ± std over seeds, per task."""
+  header = "| task | " + " | ".join(methods) + " |"
+  lines = [header, "|" + "---|" * (len(methods) + 1)]
+  means = {m: [] for m in methods}
+  for t in tasks:
+    cells = []
+    for m in methods:
+      acc = [
+        100 * r["test_accuracy"]
+        for r in rows
+        if r["task"] == t and r["method"] == m
+      ]
+      if acc:
+        means[m].append(np.mean(acc))
+        cells.append(f"{np.mean(acc):.1f} ± {np.std(acc):.1f} (n={len(acc)})")
+      else:
+        cells.append("–")
+    lines.append(f"| {t} | " + " | ".join(cells) + " |")
+  avg = [
+    f"{np.mean(v):.1f}" if len(v) == len(tasks) else "–" for v in means.values()
+  ]
+  lines.append("| **mean over tasks** | " + " | ".join(avg) + " |")
+  return "\n".join(lines)
+
+
+def run_suite(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Runs every (task, method, seed) and writes the tables.
+
+  Returns:
+    The Markdown table.
+  """
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  rows = []
+  t0 = time.time()
+  for task in config.tasks:
+    for method in config.method_order:
+      for seed in config.seeds:
+        r = run_one(
+          config,
+          task,
+          method,
+          seed,
+          os.path.join(workdir, task, method, f"seed{seed}"),
+        )
+        rows.append(r)
+        logging.info("%s", json.dumps(r))
+        print(json.dumps(r), flush=True)
+  table = summarize(rows, list(config.method_order), list(config.tasks))
+  with open(os.path.join(workdir, "runs.csv"), "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+  with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["task", "method", "mean_accuracy", "std_accuracy", "seeds"])
+    for t in config.tasks:
+      for m in config.method_order:
+        acc = [
+          r["test_accuracy"]
+          for r in rows
+          if r["task"] == t and r["method"] == m
+        ]
+        w.writerow(
+          [t, m, f"{np.mean(acc):.4f}", f"{np.std(acc):.4f}", len(acc)]
+        )
+  desc = ", ".join(
+    f"{m}: {config.methods[m].epochs} epochs, lr {config.methods[m].lr}"
+    + (
+      f", {config.methods[m].num_prompts} prompts"
+      if "num_prompts" in config.methods[m]
+      else ""
+    )
+    for m in config.method_order
+  )
+  text = (
+    "Mini-VTAB test top-1 (%), mean ± std over seeds "
+    f"{list(config.seeds)}; train800val200 -> test; {desc}. "
+    f"Wall time {time.time() - t0:.0f} s.\n\n{table}\n"
+  )
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(text)
+  print(text, flush=True)
+  return text
+
+
+def main(argv):
+  """Entry point."""
+  del argv
+  run_suite(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
