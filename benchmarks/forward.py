@@ -11,11 +11,11 @@ Weights are random (speed does not depend on them); nothing is downloaded.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import jax
 import jax.numpy as jnp
+from table import print_rows
 
 from vptpc import prompts as pr
 from vptpc.models import vit
@@ -112,14 +112,7 @@ def main():
     )
   rows[1]["speedup"] = round(rows[1]["img_s"] / rows[0]["img_s"], 3)
   rows[0]["speedup"] = 1.0
-  cols = list(rows[0])
-  print("| " + " | ".join(cols) + " |")
-  print("|" + "---|" * len(cols))
-  for r in rows:
-    print("| " + " | ".join(str(r[c]) for c in cols) + " |")
-  if a.json:
-    for r in rows:
-      print(json.dumps(r))
+  print_rows(rows, a.json)
 
 
 if __name__ == "__main__":

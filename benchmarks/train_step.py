@@ -14,7 +14,6 @@ Weights and data are random; nothing is downloaded.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 
@@ -35,6 +34,7 @@ def main():
   a = ap.parse_args()
 
   import jax
+  from table import print_rows
 
   if a.cpu_devices > 1:
     jax.config.update("jax_num_cpu_devices", a.cpu_devices)
@@ -127,14 +127,7 @@ def main():
         )
       )
       del state
-  cols = list(rows[0])
-  print("| " + " | ".join(cols) + " |")
-  print("|" + "---|" * len(cols))
-  for r in rows:
-    print("| " + " | ".join(str(r[c]) for c in cols) + " |")
-  if a.json:
-    for r in rows:
-      print(json.dumps(r))
+  print_rows(rows, a.json)
 
 
 if __name__ == "__main__":

@@ -221,9 +221,10 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str) -> str:
   os.makedirs(workdir, exist_ok=True)
   rows = []
   t0 = time.time()
-  for task in config.tasks:
-    for method in config.method_order:
-      for seed in config.seeds:
+  # Seeds outermost: an interrupted suite still covers every task.
+  for seed in config.seeds:
+    for task in config.tasks:
+      for method in config.method_order:
         r = run_one(
           config,
           task,

@@ -64,6 +64,16 @@ def _image_feature(shape):
   return tfds.features.Image(shape=shape)
 
 
+def _info(builder, features: dict) -> tfds.core.DatasetInfo:
+  """DatasetInfo shared by the mini-VTAB builders (image, label, ...)."""
+  return tfds.core.DatasetInfo(
+    builder=builder,
+    description=builder.__doc__,
+    features=tfds.features.FeaturesDict(features),
+    supervised_keys=("image", "label"),
+  )
+
+
 # ---------------------------------------------------------------------------
 # digits: real handwritten digits shipped with scikit-learn.
 # ---------------------------------------------------------------------------
@@ -85,16 +95,12 @@ class VptpcDigits(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "Initial release."}
 
   def _info(self):
-    return tfds.core.DatasetInfo(
-      builder=self,
-      description=self.__doc__,
-      features=tfds.features.FeaturesDict(
-        {
-          "image": _image_feature((8, 8, 1)),
-          "label": tfds.features.ClassLabel(num_classes=10),
-        }
-      ),
-      supervised_keys=("image", "label"),
+    return _info(
+      self,
+      {
+        "image": _image_feature((8, 8, 1)),
+        "label": tfds.features.ClassLabel(num_classes=10),
+      },
     )
 
   def _split_generators(self, dl_manager):
@@ -187,17 +193,13 @@ class _DspritesBase(tfds.core.GeneratorBasedBuilder):
   ATTRIBUTE = "x"
 
   def _info(self):
-    return tfds.core.DatasetInfo(
-      builder=self,
-      description=self.__doc__,
-      features=tfds.features.FeaturesDict(
-        {
-          "image": _image_feature((DSPRITES_SIZE, DSPRITES_SIZE, 1)),
-          "label": tfds.features.ClassLabel(num_classes=16),
-          "latents": tfds.features.Tensor(shape=(5,), dtype=np.int64),
-        }
-      ),
-      supervised_keys=("image", "label"),
+    return _info(
+      self,
+      {
+        "image": _image_feature((DSPRITES_SIZE, DSPRITES_SIZE, 1)),
+        "label": tfds.features.ClassLabel(num_classes=16),
+        "latents": tfds.features.Tensor(shape=(5,), dtype=np.int64),
+      },
     )
 
   def _split_generators(self, dl_manager):
@@ -283,18 +285,14 @@ class VptpcCount(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "Initial release."}
 
   def _info(self):
-    return tfds.core.DatasetInfo(
-      builder=self,
-      description=self.__doc__,
-      features=tfds.features.FeaturesDict(
-        {
-          "image": _image_feature((COUNT_SIZE, COUNT_SIZE, 3)),
-          "label": tfds.features.ClassLabel(
-            num_classes=MAX_OBJECTS - MIN_OBJECTS + 1
-          ),
-        }
-      ),
-      supervised_keys=("image", "label"),
+    return _info(
+      self,
+      {
+        "image": _image_feature((COUNT_SIZE, COUNT_SIZE, 3)),
+        "label": tfds.features.ClassLabel(
+          num_classes=MAX_OBJECTS - MIN_OBJECTS + 1
+        ),
+      },
     )
 
   def _split_generators(self, dl_manager):
