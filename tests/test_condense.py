@@ -189,3 +189,50 @@ def test_gflops_reproduce_the_paper_table():
   assert got[0] < ragged < got[2]
   with pytest.raises(ValueError, match="12 layers"):
     flops.vit_gmacs(**b16, prompts_per_layer=[1, 2])
+
+
+def test_condense_pipeline_end_to_end(tmp_path, data_dir):
+  from test_train import tiny_config
+
+  from vptpc import train
+
+  c = tiny_config("epochs=2,num_prompts=4,parallel=jit")
+  c.data.data_dir = data_dir
+  c.condense.keep = 0.5
+  c.condense.ft_epochs = 1
+  c.condense.ft_head = False
+  res = train.train_and_evaluate(c, str(tmp_path))
+  assert res["full"]["prompts_total"] == 12
+  assert res["condensed"]["prompts_total"] == 6
+  kept = res["kept_indices"]
+  assert [len(kept[k]) for k in sorted(kept)] == res["condensed"][
+    "prompts_per_layer"
+  ]
+  assert res["condensed"]["gflops_naive"] < res["full"]["gflops_naive"]
+  assert res["full"]["eval_img_per_s"] > 0 and res["speedup_eval"] > 0
+  full_p, full_h, _ = pr.load_prompts(tmp_path / "full" / "prompts.npz")
+  cond_p, cond_h, _ = pr.load_prompts(tmp_path / "condensed" / "prompts.npz")
+  # ft_head=False: the head is the full model's, untouched by fine-tuning.
+  np.testing.assert_array_equal(cond_h["kernel"], full_h["kernel"])
+  assert pr.count_prompts(cond_p)["tokens"] == 6
+  assert (tmp_path / "results.json").exists()
+  # Re-running finds both stages done and gives the same numbers.
+  again = train.train_and_evaluate(c, str(tmp_path))
+  assert (
+    again["condensed"]["eval_accuracy"] == res["condensed"]["eval_accuracy"]
+  )
+
+
+def test_condense_config_is_validated():
+  from test_train import tiny_config
+
+  from vptpc import config_util
+
+  c = tiny_config()
+  c.condense.keep = 1.5
+  with pytest.raises(config_util.ConfigError, match="condense.keep"):
+    config_util.validate(c)
+  c.condense.keep = 0.3
+  c.condense.reproject = "merge"
+  with pytest.raises(config_util.ConfigError, match="condense.reproject"):
+    config_util.validate(c)

@@ -235,6 +235,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.weight_decay = 1e-4  # Coupled L2, not on the head bias.
   c.momentum = 0.9
   c.per_step_schedule = False  # Official: LR stepped once per epoch.
+  c.train_head = True
+
+  # Prompt Condensation (vptpc.condense); keep = 0 switches it off. Every
+  # default is an assumption (the paper's method is unverified, pc.md).
+  c.condense = ml_collections.ConfigDict()
+  c.condense.keep = 0.0  # fraction of all prompts kept, e.g. 0.3
+  c.condense.score_fn = "taylor"  # taylor | taylor_abs | grad_norm | random
+  c.condense.aggregation = "abs_of_sum"  # abs_of_sum | sum_of_abs
+  c.condense.scope = "global"  # global | per_layer
+  c.condense.reproject = "none"  # none | distill
+  c.condense.distill_steps = 50
+  c.condense.distill_lr = 1e-2
+  c.condense.ft_epochs = -1  # -1: same as total_epochs
+  c.condense.ft_base_lr = -1.0  # -1: same as base_lr
+  c.condense.ft_head = True  # fine-tune the head with the kept prompts
 
   c.parallel = "auto"  # auto | jit | pmap
   c.log_every_steps = 10
@@ -251,6 +266,10 @@ _CHOICES = {
   "data.normalize": ("imagenet", "minus1_1"),
   "model.dtype": ("float32", "bfloat16", "float16"),
   "parallel": ("auto", "jit", "pmap"),
+  "condense.score_fn": ("taylor", "taylor_abs", "grad_norm", "random"),
+  "condense.aggregation": ("abs_of_sum", "sum_of_abs"),
+  "condense.scope": ("global", "per_layer"),
+  "condense.reproject": ("none", "distill"),
 }
 _POSITIVE = (
   "batch_size",
@@ -297,6 +316,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
       "config.model.kv_only=True is exact only for prompt.variant=deep; set "
       "config.model.kv_only=False for VPT-Shallow."
+    )
+  if not 0.0 <= config.condense.keep <= 1.0:
+    raise ConfigError(
+      f"config.condense.keep must be in [0, 1] (0 = off), got "
+      f"{config.condense.keep}."
+    )
+  if config.condense.keep > 0 and config.prompt.variant != "deep":
+    raise ConfigError(
+      "config.condense.keep needs prompt.variant=deep (PC condenses VPT-Deep)."
+    )
+  if config.condense.ft_epochs == 0 or config.condense.ft_epochs < -1:
+    raise ConfigError(
+      "config.condense.ft_epochs must be >= 1, or -1 for total_epochs; got "
+      f"{config.condense.ft_epochs}."
     )
   if not 0 <= config.warmup_epochs < config.total_epochs:
     raise ConfigError(

@@ -165,6 +165,7 @@ def create_optimizer(
   weight_decay: float,
   momentum: float = 0.9,
   prompt_lr_scale: float = 1.0,
+  train_head: bool = True,
 ) -> optax.GradientTransformation:
   """Creates VPT's SGD with coupled L2 weight decay.
 
@@ -183,6 +184,8 @@ def create_optimizer(
       the official recipe (one LR for prompts and head). Not in the paper:
       on small backbones whose features are far from unit scale, the head
       needs a much larger LR than the prompts can take, so the knob exists.
+    train_head: False freezes the head (its updates are zeroed), e.g. to
+      fine-tune only condensed prompts.
 
   Returns:
     An optax gradient transformation.
@@ -206,5 +209,9 @@ def create_optimizer(
         optax.scale(prompt_lr_scale),
         lambda p: {k: k == "prompts" for k in p},
       )
+    )
+  if not train_head:
+    parts.append(
+      optax.masked(optax.set_to_zero(), lambda p: {k: k == "head" for k in p})
     )
   return optax.chain(*parts)

@@ -225,8 +225,16 @@ def load_backbone(
   return backbone, head
 
 
-def setup(config: ml_collections.ConfigDict) -> Setup:
+def setup(
+  config: ml_collections.ConfigDict,
+  init_trainable: dict[str, Any] | None = None,
+) -> Setup:
   """Builds model, data, backbone, initial state and optimiser.
+
+  Args:
+    config: the run config.
+    init_trainable: start from these ``{"prompts", "head"}`` (e.g. condensed
+      prompts to fine-tune) instead of a fresh init.
 
   Raises:
     ValueError: a bad config value (named), missing data or checkpoint.
@@ -268,8 +276,12 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     weight_decay=config.weight_decay,
     momentum=config.momentum,
     prompt_lr_scale=config.prompt.lr_scale,
+    train_head=config.train_head,
   )
-  state = create_train_state({"prompts": prompts, "head": head}, optimizer)
+  trainable = {"prompts": prompts, "head": head}
+  if init_trainable is not None:
+    trainable = jax.tree_util.tree_map(jnp.asarray, dict(init_trainable))
+  state = create_train_state(trainable, optimizer)
   return Setup(
     model=model,
     frozen=frozen,
@@ -470,11 +482,14 @@ def _check_finite(metrics: dict[str, float], step: int, workdir: str) -> None:
     )
 
 
-def train_and_evaluate(
+def train_stage(
   config: ml_collections.ConfigDict,
   workdir: str,
   *,
+  init_trainable: dict[str, Any] | None = None,
   stop_after_steps: int | None = None,
+  measure_throughput: bool = False,
+  quiet: bool = False,
 ) -> dict[str, Any]:
   """Trains prompts + head on ``config``, checkpointing into ``workdir``.
 
@@ -486,8 +501,12 @@ def train_and_evaluate(
   Args:
     config: see `vptpc.config_util.base_config`.
     workdir: output directory (created).
+    init_trainable: start from these prompts + head (see `setup`).
     stop_after_steps: stop (after checkpointing) once this global step is
       reached, as if the job were preempted; for tests and manual resumes.
+    measure_throughput: also time a second (compiled) pass over the eval
+      split and report ``eval_img_per_s``.
+    quiet: do not print the final table.
 
   Returns:
     The results dict (also in ``results.json``).
@@ -497,7 +516,7 @@ def train_and_evaluate(
   _write_json(os.path.join(workdir, "config.json"), config.to_dict())
   _write_json(os.path.join(workdir, "versions.json"), versions())
 
-  s = setup(config)
+  s = setup(config, init_trainable)
   mode = parallel.resolve_mode(config.parallel, config.batch_size)
   if mode == "pmap":
     parallel.resolve_mode("pmap", config.eval_batch_size)
@@ -546,6 +565,10 @@ def train_and_evaluate(
     if stop_after_steps is not None and step < s.total_steps:
       return {"stopped_at_step": step}
     ev = runner.evaluate(state, s.eval, config)
+    if measure_throughput:
+      t0 = time.perf_counter()
+      runner.evaluate(state, s.eval, config)
+      ev["img_per_s"] = len(s.eval) / (time.perf_counter() - t0)
   finally:
     mngr.wait_until_finished()
     mngr.close()
@@ -565,6 +588,8 @@ def train_and_evaluate(
     "trainable_params": vit.count_params(host.trainable),
     "export": export,
   }
+  if measure_throughput:
+    results["eval_img_per_s"] = ev["img_per_s"]
   prompts_lib.save_prompts(
     export,
     host.trainable["prompts"],
@@ -578,8 +603,189 @@ def train_and_evaluate(
     },
   )
   _write_json(os.path.join(workdir, "results.json"), results)
-  _print_table(results)
+  if not quiet:
+    _print_table(results)
   return results
+
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  stop_after_steps: int | None = None,
+) -> dict[str, Any]:
+  """Trains, evaluates and (with ``config.condense.keep > 0``) condenses.
+
+  Without condensation this is `train_stage` in ``workdir``. With it, the
+  Prompt Condensation pipeline runs, each stage resumable:
+
+  1. train VPT-Deep with the full prompt count in ``<workdir>/full``;
+  2. score every prompt on the training split (`vptpc.condense`), keep the
+     top ``keep`` fraction, optionally re-project;
+  3. fine-tune the kept prompts (and the head, ``condense.ft_head``) in
+     ``<workdir>/condensed``; evaluate both models.
+
+  ``<workdir>/results.json`` then holds both accuracies, the per-layer
+  prompt counts, GFLOPs per image (PC's naive count and the key/value-only
+  count) and the measured eval images/s of both models.
+
+  Args:
+    config: see `vptpc.config_util.base_config`.
+    workdir: output directory.
+    stop_after_steps: see `train_stage` (applies to the first stage).
+
+  Returns:
+    The results dict.
+  """
+  if config.condense.keep <= 0:
+    return train_stage(config, workdir, stop_after_steps=stop_after_steps)
+  return _condense_pipeline(config, workdir, stop_after_steps)
+
+
+def _condense_pipeline(config, workdir, stop_after_steps):
+  import functools
+
+  from vptpc import condense as pc
+  from vptpc import flops
+
+  workdir = os.path.abspath(workdir)
+  cc = config.condense
+  full = train_stage(
+    config,
+    os.path.join(workdir, "full"),
+    stop_after_steps=stop_after_steps,
+    measure_throughput=True,
+    quiet=True,
+  )
+  if "stopped_at_step" in full:
+    return full
+  model = build_model(config)
+  frozen, _ = load_backbone(config, model)
+  prompts, head, _ = prompts_lib.load_prompts(full["export"], backbone=frozen)
+  train_split = pipeline.load_split(
+    config.data.name,
+    config.data.train_split,
+    image_size=config.data.image_size,
+    data_dir=config.data.data_dir or None,
+  )
+
+  def batches():
+    return pipeline.eval_batches(
+      train_split,
+      batch_size=config.eval_batch_size,
+      normalization=config.data.normalize,
+    )
+
+  scores = pc.importance_scores(
+    model,
+    frozen,
+    head,
+    prompts,
+    batches(),
+    score_fn=cc.score_fn,
+    aggregation=cc.aggregation,
+    seed=config.seed,
+  )
+  reproject_fn = None
+  if cc.reproject == "distill":
+    reproject_fn = functools.partial(
+      pc.distill,
+      model,
+      frozen,
+      prompts,
+      [b["image"] for b in batches()],
+      steps=cc.distill_steps,
+      lr=cc.distill_lr,
+    )
+  kept, idx = pc.condense(
+    prompts,
+    scores,
+    keep=float(cc.keep),
+    scope=cc.scope,
+    reproject=cc.reproject,
+    reproject_fn=reproject_fn,
+  )
+  ft = ml_collections.ConfigDict(config.to_dict())
+  if cc.ft_epochs > 0:
+    ft.total_epochs = cc.ft_epochs
+    ft.warmup_epochs = min(config.warmup_epochs, cc.ft_epochs - 1)
+  if cc.ft_base_lr > 0:
+    ft.base_lr = cc.ft_base_lr
+  ft.train_head = cc.ft_head
+  cond = train_stage(
+    ft,
+    os.path.join(workdir, "condensed"),
+    init_trainable={"prompts": kept, "head": head},
+    measure_throughput=True,
+    quiet=True,
+  )
+  dims = dict(
+    hidden_size=model.hidden_size,
+    num_layers=model.num_layers,
+    mlp_dim=model.mlp_dim,
+    num_patches=(config.data.image_size // model.patch_size) ** 2,
+    patch_size=model.patch_size,
+  )
+
+  def summary(r):
+    per_layer = r["prompts_per_layer"]
+    return {
+      "eval_accuracy": r["eval_accuracy"],
+      "prompts_per_layer": per_layer,
+      "prompts_total": sum(per_layer),
+      "gflops_naive": flops.vit_gmacs(**dims, prompts_per_layer=per_layer),
+      "gflops_kv": flops.vit_gmacs(
+        **dims, prompts_per_layer=per_layer, count="kv"
+      ),
+      "eval_img_per_s": r["eval_img_per_s"],
+      "trainable_params": r["trainable_params"],
+    }
+
+  results = {
+    "eval_split": config.data.eval_split,
+    "full": summary(full),
+    "condensed": summary(cond),
+    "keep": cc.keep,
+    "kept_indices": {k: v.tolist() for k, v in idx.items()},
+    "scores": {k: v.tolist() for k, v in scores.items()},
+    "condense_config": cc.to_dict(),
+  }
+  results["speedup_eval"] = (
+    results["condensed"]["eval_img_per_s"] / results["full"]["eval_img_per_s"]
+  )
+  _write_json(os.path.join(workdir, "results.json"), results)
+  _print_condense_table(results)
+  return results
+
+
+def _print_condense_table(r: dict[str, Any]) -> None:
+  f, c = r["full"], r["condensed"]
+  rows = [
+    ("", "full", "condensed"),
+    (
+      "eval top-1",
+      f"{100 * f['eval_accuracy']:.2f}%",
+      f"{100 * c['eval_accuracy']:.2f}%",
+    ),
+    ("prompts", str(f["prompts_total"]), str(c["prompts_total"])),
+    (
+      "prompts/layer",
+      ",".join(map(str, f["prompts_per_layer"])),
+      ",".join(map(str, c["prompts_per_layer"])),
+    ),
+    ("GFLOPs naive", f"{f['gflops_naive']:.4f}", f"{c['gflops_naive']:.4f}"),
+    ("GFLOPs K/V", f"{f['gflops_kv']:.4f}", f"{c['gflops_kv']:.4f}"),
+    (
+      "eval img/s",
+      f"{f['eval_img_per_s']:.1f}",
+      f"{c['eval_img_per_s']:.1f}",
+    ),
+  ]
+  w0 = max(len(x[0]) for x in rows)
+  w1 = max(len(x[1]) for x in rows)
+  print(
+    "\n".join(f"{a:<{w0}}  {b:>{w1}}  {cc}" for a, b, cc in rows), flush=True
+  )
 
 
 def _train_loop(
