@@ -18,26 +18,8 @@ import jax.numpy as jnp
 from table import print_rows
 
 from vptpc import prompts as pr
+from vptpc.flops import vit_gmacs
 from vptpc.models import vit
-
-
-def naive_gflops(width, depth, mlp, tokens, prompts, patch):
-  """PC's naive count: every token, prompts included, through every layer."""
-  n = tokens + prompts
-  per_layer = n * (4 * width * width + 2 * width * mlp) + 2 * n * n * width
-  return (depth * per_layer + (tokens - 1) * 3 * patch * patch * width) / 1e9
-
-
-def kv_gflops(width, depth, mlp, tokens, prompts, patch):
-  """Key/value-only count: prompts only add K/V projections and columns."""
-  n = tokens
-  per_layer = (
-    n * (4 * width * width + 2 * width * mlp)
-    + 2 * n * (n + prompts) * width
-    # Computed once per batch; counted per image here, an upper bound.
-    + prompts * 2 * width * width
-  )
-  return (depth * per_layer + (tokens - 1) * 3 * patch * patch * width) / 1e9
 
 
 def bench(fn, *args, warmup, iters):
@@ -88,13 +70,14 @@ def main():
     model = vit.create_model(cfg, kv_only=kv_only, dtype=dtype)
     fwd = jax.jit(lambda prm, pp, x, m=model: m.apply({"params": prm}, x, pp))
     s = bench(fwd, params, p, images, warmup=a.warmup, iters=a.iters)
-    count = (naive_gflops if path == "full" else kv_gflops)(
-      cfg.hidden_size,
-      cfg.num_layers,
-      cfg.mlp_dim,
-      tokens,
-      a.prompts,
-      cfg.patch_size,
+    count = vit_gmacs(
+      hidden_size=cfg.hidden_size,
+      num_layers=cfg.num_layers,
+      mlp_dim=cfg.mlp_dim,
+      num_patches=tokens - 1,
+      patch_size=cfg.patch_size,
+      prompts_per_layer=a.prompts,
+      count="naive" if path == "full" else "kv",
     )
     rows.append(
       dict(

@@ -165,9 +165,9 @@ def test_demo_config_runs_end_to_end_in_smoke_mode(tmp_path, data_dir):
   c.data.data_dir = data_dir
   c.progress_bar = False
   res = train.train_and_evaluate(c, str(tmp_path))
-  assert res["eval_examples"] == 64
-  assert res["prompts_per_layer"] == [10] * 6
-  assert (tmp_path / "prompts.npz").exists()
+  assert res["full"]["prompts_per_layer"] == [10] * 6
+  assert res["condensed"]["prompts_total"] == 18  # 30% of 60
+  assert (tmp_path / "condensed" / "prompts.npz").exists()
 
 
 def test_suite_smoke_writes_the_tables(tmp_path, data_dir):
