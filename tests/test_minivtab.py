@@ -183,3 +183,22 @@ def test_suite_smoke_writes_the_tables(tmp_path, data_dir):
   # A finished suite is not recomputed.
   again = suite.run_suite(c, str(tmp_path))
   assert again.split("Wall time")[0] == text.split("Wall time")[0]
+
+
+def test_pc_suite_smoke_shares_the_full_model(tmp_path, data_dir):
+  from vptpc import suite
+
+  c = _load_config("pc_suite", "smoke")
+  c.data_dir = data_dir
+  text = suite.run_suite(c, str(tmp_path))
+  assert "| digits |" in text
+  rows = (tmp_path / "runs.csv").read_text().splitlines()
+  assert len(rows) == 1 + 5
+  full = tmp_path / "digits" / "pc30" / "seed42" / "full"
+  assert full.is_symlink() and (full / "results.json").exists()
+  import csv
+
+  recs = {r["method"]: r for r in csv.DictReader(open(tmp_path / "runs.csv"))}
+  assert int(recs["pc30"]["prompts_total"]) == 18
+  assert int(recs["pc50"]["prompts_total"]) == 30
+  assert recs["pc30"]["full_test_accuracy"] == recs["deep"]["test_accuracy"]

@@ -171,7 +171,27 @@ def run_one(
     )
     c.data.data_dir = config.data_dir
     c.progress_bar = False
+    if m.get("keep", 0.0) > 0:
+      c.condense.keep = m.keep
+      c.condense.score_fn = m.get("score_fn", "taylor")
+      c.condense.ft_epochs = m.get("ft_epochs", -1)
+      share = m.get("share_full", "")
+      full_dir = os.path.join(workdir, "full")
+      if share and not os.path.exists(full_dir):
+        # Condensation methods start from the same trained full model:
+        # reuse that method's run instead of training it again.
+        os.symlink(os.path.join("..", "..", share, f"seed{seed}"), full_dir)
     res = train.train_and_evaluate(c, workdir)
+  extra = {}
+  if "condensed" in res:
+    cond = res["condensed"]
+    extra = {
+      "prompts_total": cond["prompts_total"],
+      "full_test_accuracy": res["full"]["eval_accuracy"],
+      "gflops_naive": round(cond["gflops_naive"], 5),
+      "eval_speedup": round(res["speedup_eval"], 3),
+    }
+    res = cond
   out = {
     "task": task,
     "method": method,
@@ -179,6 +199,7 @@ def run_one(
     "test_accuracy": res["eval_accuracy"],
     "trainable_params": res["trainable_params"],
     "seconds": round(time.time() - t0, 1),
+    **extra,
   }
   with open(done, "w") as f:
     json.dump(out, f)
@@ -237,7 +258,8 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str) -> str:
         print(json.dumps(r), flush=True)
   table = summarize(rows, list(config.method_order), list(config.tasks))
   with open(os.path.join(workdir, "runs.csv"), "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    w = csv.DictWriter(f, fieldnames=fields)
     w.writeheader()
     w.writerows(rows)
   with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
