@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from flax import traverse_util
 
 POSEMB_KEY = "Transformer/posembed_input/pos_embedding"
 # Keys a checkpoint may lack (the new task gets a fresh head).
@@ -42,28 +43,14 @@ class CheckpointError(ValueError):
   """A checkpoint file is missing, unreadable, or does not fit the model."""
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
   """Flattens a nested dict into ``{"a/b/c": leaf}`` (vit_jax key layout)."""
-  flat = {}
-  for k, v in tree.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, Mapping):
-      flat.update(flatten(v, key + "/"))
-    else:
-      flat[key] = v
-  return flat
+  return traverse_util.flatten_dict(dict(tree), sep="/")
 
 
 def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
   """Rebuilds the nested dict from `/`-joined keys (vit_jax `recover_tree`)."""
-  tree: dict[str, Any] = {}
-  for key, v in flat.items():
-    node = tree
-    *parents, leaf = key.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return tree
+  return traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
