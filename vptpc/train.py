@@ -344,7 +344,7 @@ class Runner:
   def evaluate(self, state, split: pipeline.Split, config) -> dict[str, float]:
     """Top-1 accuracy and mean loss over every example of ``split``."""
     trainable = state.trainable
-    totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    totals = None
     for batch in pipeline.eval_batches(
       split,
       batch_size=config.eval_batch_size,
@@ -356,9 +356,15 @@ class Runner:
         )
       else:
         sums = self._eval(trainable, self.frozen, batch)
-      sums = jax.device_get(sums)
-      for k in totals:
-        totals[k] += float(sums[k])
+      if self.sync:
+        jax.block_until_ready(sums)
+      # Summed on the device; one host transfer at the end.
+      totals = (
+        sums
+        if totals is None
+        else jax.tree_util.tree_map(jnp.add, totals, sums)
+      )
+    totals = {k: float(v) for k, v in jax.device_get(totals).items()}
     n = totals["count"]
     assert int(n) == len(split), (n, len(split))
     return {
