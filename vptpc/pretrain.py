@@ -79,16 +79,24 @@ def make_batch(images, labels, positions, idx, flip, norm):
   }
 
 
-def evaluate(params, model, data, batch_size, norm) -> dict[str, float]:
-  """Accuracy of both heads on held-out data (no flips)."""
+def evaluate(metrics_fn, params, data, batch_size, norm) -> dict[str, float]:
+  """Accuracy of both heads on held-out data (no flips).
+
+  Args:
+    metrics_fn: jitted ``(params, batch) -> metrics``, compiled once and
+      shared by every call.
+    params: model and position-head params.
+    data: (images, labels, positions).
+    batch_size: evaluation batch.
+    norm: input normalisation.
+  """
   images, labels, positions = data
-  fn = jax.jit(lambda p, b: _loss(p, model, b, 1.0)[1])
   tot = {}
   n = 0
   for s in range(0, len(labels) - batch_size + 1, batch_size):
     idx = np.arange(s, s + batch_size)
     m = jax.device_get(
-      fn(
+      metrics_fn(
         params,
         make_batch(
           images, labels, positions, idx, np.zeros(batch_size, bool), norm
@@ -190,10 +198,11 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       log.append(m)
       logging.info("%s", json.dumps(m))
   train_s = time.time() - t
-  ev = evaluate(params, model, held_out, 250, config.normalize)
+  metrics_fn = jax.jit(lambda p, b: _loss(p, model, b, 1.0)[1])
+  ev = evaluate(metrics_fn, params, held_out, 250, config.normalize)
   train_acc = evaluate(
+    metrics_fn,
     params,
-    model,
     tuple(x[:5000] for x in train_data),
     250,
     config.normalize,

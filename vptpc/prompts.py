@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vptpc.checkpoint import flatten
 from vptpc.models.vit import prompt_variant
 
 Array = jax.Array
@@ -209,8 +210,6 @@ def backbone_fingerprint(backbone: Mapping[str, Any]) -> str:
   Args:
     backbone: params tree (``head`` is ignored).
   """
-  from vptpc.checkpoint import flatten
-
   flat = {
     k: v for k, v in flatten(backbone).items() if not k.startswith("head/")
   }
