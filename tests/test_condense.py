@@ -173,6 +173,36 @@ def test_distill_reprojection_beats_plain_pruning(setup):
     condense.condense(prompts, scores, keep=2, reproject="distill")
 
 
+def test_merge_reprojection_matches_a_numpy_reference(setup):
+  _, _, _, prompts, _ = setup
+  rng = np.random.default_rng(0)
+  scores = {k: rng.uniform(size=len(v)) for k, v in prompts.items()}
+  merged, idx = condense.condense(prompts, scores, keep=4, reproject="merge")
+  plain, _ = condense.condense(prompts, scores, keep=4)
+  assert pr.prompts_per_layer(merged) == pr.prompts_per_layer(plain)
+  for k in pr.layer_keys(prompts):
+    p, s, kept = np.asarray(prompts[k]), scores[k], list(idx[k])
+    if not kept:
+      assert merged[k].shape == (0, p.shape[-1])
+      continue
+    groups = {i: [i] for i in kept}
+    for j in range(len(p)):
+      if j in kept:
+        continue
+      cos = [
+        p[j] @ p[i] / np.linalg.norm(p[j]) / np.linalg.norm(p[i]) for i in kept
+      ]
+      groups[kept[int(np.argmax(cos))]].append(j)
+    want = np.stack(
+      [s[groups[i]] @ p[groups[i]] / s[groups[i]].sum() for i in kept]
+    )
+    np.testing.assert_allclose(merged[k], want, rtol=1e-5, atol=1e-6)
+  # A layer keeping every prompt is unchanged.
+  full, _ = condense.condense(prompts, scores, keep=1.0, reproject="merge")
+  for k in pr.layer_keys(prompts):
+    np.testing.assert_allclose(full[k], prompts[k], rtol=1e-6)
+
+
 def test_gflops_reproduce_the_paper_table():
   b16 = dict(
     hidden_size=768, num_layers=12, mlp_dim=3072, num_patches=196, patch_size=16
@@ -233,6 +263,6 @@ def test_condense_config_is_validated():
   with pytest.raises(config_util.ConfigError, match="condense.keep"):
     config_util.validate(c)
   c.condense.keep = 0.3
-  c.condense.reproject = "merge"
+  c.condense.reproject = "fold"
   with pytest.raises(config_util.ConfigError, match="condense.reproject"):
     config_util.validate(c)

@@ -35,6 +35,13 @@ knob with the default documented as an assumption:
      whole stack, starting from plain pruning, so it can only move towards
      the full model's features on the fitted data. It costs a handful of
      forward/backward passes, far less than fine-tuning.
+   * ``merge``: each discarded prompt is folded into the kept prompt of the
+     same layer it is most similar to (cosine), as an importance-weighted
+     mean (weights |score|), in the spirit of token merging (Bolya et al.,
+     ToMe, 2023). Closed form and data-free, but only approximate: a
+     layer's prompts enter attention through LayerNorm and a softmax, so a
+     mean of two prompts is not the sum of their contributions. Discarded
+     prompts of a layer that keeps none are dropped.
 
 Subtlety (pc.md §3): the Taylor term estimates *zeroing* a prompt vector,
 which in this architecture is not removing the token (LN(0) = beta still
@@ -57,7 +64,7 @@ from vptpc.models import vit
 SCORE_FNS = ("taylor", "taylor_abs", "grad_norm", "random")
 AGGREGATIONS = ("abs_of_sum", "sum_of_abs")
 SCOPES = ("global", "per_layer")
-REPROJECTIONS = ("none", "distill")
+REPROJECTIONS = ("none", "distill", "merge")
 
 
 def _masked_ce(logits, labels, mask):
@@ -257,6 +264,53 @@ def distill(
   return p
 
 
+def merge(
+  prompts: Mapping[str, jax.Array],
+  scores: Mapping[str, np.ndarray],
+  keep_idx: Mapping[str, np.ndarray],
+) -> dict[str, jax.Array]:
+  """Folds every discarded prompt into its most similar kept prompt.
+
+  Per layer: each discarded prompt joins the kept prompt with the highest
+  cosine similarity (ties to the lower kept index); each kept prompt becomes
+  the |score|-weighted mean of itself and the prompts that joined it (equal
+  weights if all of a group's scores are 0).
+
+  Args:
+    prompts: the full prompt tree.
+    scores: per-layer scores (as from `importance_scores`).
+    keep_idx: per-layer kept indices (as from `select`).
+
+  Returns:
+    The merged prompt tree, shaped like ``gather_prompts(prompts, keep_idx)``.
+  """
+  out = {}
+  for k in prompts_lib.layer_keys(prompts):
+    p = np.asarray(prompts[k], np.float64)
+    kept = np.asarray(keep_idx.get(k, []), np.int64)
+    if kept.size == 0:
+      out[k] = jnp.zeros((0, p.shape[-1]), jnp.asarray(prompts[k]).dtype)
+      continue
+    w = np.abs(np.asarray(scores[k], np.float64))
+    unit = p / np.maximum(np.linalg.norm(p, axis=-1, keepdims=True), 1e-12)
+    dropped = np.setdiff1d(np.arange(len(p)), kept)
+    owner = (
+      np.argmax(unit[dropped] @ unit[kept].T, axis=-1)
+      if len(dropped)
+      else np.zeros(0, np.int64)
+    )
+    merged = []
+    for slot, i in enumerate(kept):
+      group = np.concatenate([[i], dropped[owner == slot]])
+      gw = w[group]
+      gw = (
+        gw / gw.sum() if gw.sum() > 0 else np.full(len(group), 1 / len(group))
+      )
+      merged.append(gw @ p[group])
+    out[k] = jnp.asarray(np.stack(merged), jnp.asarray(prompts[k]).dtype)
+  return out
+
+
 def condense(
   prompts: Mapping[str, jax.Array],
   scores: Mapping[str, np.ndarray],
@@ -273,7 +327,7 @@ def condense(
     scores: from `importance_scores`.
     keep: fraction or count (see `select`).
     scope: ``global`` or ``per_layer``.
-    reproject: ``none`` or ``distill``.
+    reproject: ``none``, ``distill`` or ``merge``.
     reproject_fn: for ``distill``, ``fn(kept_prompts) -> prompts``, e.g.
       ``functools.partial(distill, model, frozen, prompts, images)`` (kept
       apart so that this function stays a pure map of its inputs).
@@ -294,4 +348,6 @@ def condense(
     if reproject_fn is None:
       raise ValueError("reproject='distill' needs reproject_fn.")
     kept = reproject_fn(kept)
+  elif reproject == "merge":
+    kept = merge(prompts, scores, idx)
   return kept, idx

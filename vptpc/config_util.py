@@ -244,7 +244,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.condense.score_fn = "taylor"  # taylor | taylor_abs | grad_norm | random
   c.condense.aggregation = "abs_of_sum"  # abs_of_sum | sum_of_abs
   c.condense.scope = "global"  # global | per_layer
-  c.condense.reproject = "none"  # none | distill
+  c.condense.reproject = "none"  # none | distill | merge
   c.condense.distill_steps = 50
   c.condense.distill_lr = 1e-2
   c.condense.ft_epochs = -1  # -1: same as total_epochs
@@ -269,7 +269,7 @@ _CHOICES = {
   "condense.score_fn": ("taylor", "taylor_abs", "grad_norm", "random"),
   "condense.aggregation": ("abs_of_sum", "sum_of_abs"),
   "condense.scope": ("global", "per_layer"),
-  "condense.reproject": ("none", "distill"),
+  "condense.reproject": ("none", "distill", "merge"),
 }
 _POSITIVE = (
   "batch_size",

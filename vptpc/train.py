@@ -752,6 +752,7 @@ def _condense_pipeline(config, workdir, stop_after_steps):
     "full": summary(full),
     "condensed": summary(cond),
     "keep": cc.keep,
+    "seed": config.seed,
     "kept_indices": {k: v.tolist() for k, v in idx.items()},
     "scores": {k: v.tolist() for k, v in scores.items()},
     "condense_config": cc.to_dict(),

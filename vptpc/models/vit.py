@@ -203,6 +203,13 @@ class MultiHeadDotProductAttention(nn.Module):
       i = kv_insert_at
       k = jnp.concatenate([k[:, :i], kp, k[:, i:]], axis=1)
       v = jnp.concatenate([v[:, :i], vp, v[:, i:]], axis=1)
+    if self.is_mutable_collection("intermediates"):
+      # For vptpc.analysis only: the fused kernel below never materialises
+      # the weights, so they are recomputed when a caller asks for them.
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(
+        jnp.asarray(head_dim, q.dtype)
+      )
+      self.sow("intermediates", "attention_weights", jax.nn.softmax(logits))
     out = jax.nn.dot_product_attention(q, k, v)
     return nn.DenseGeneral(
       d,
