@@ -384,12 +384,7 @@ def plot_curve(rows: Sequence[Mapping[str, Any]], path: str) -> None:
 def _images(config, num_images: int) -> np.ndarray:
   from vptpc.data import pipeline
 
-  split = pipeline.load_split(
-    config.data.name,
-    config.data.eval_split,
-    image_size=config.data.image_size,
-    data_dir=config.data.data_dir or None,
-  )
+  split = pipeline.split_from_config(config, "eval")
   batch = next(
     pipeline.eval_batches(
       split,

@@ -226,6 +226,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_classes = 4
   c.data.image_size = 224
   c.data.normalize = "imagenet"  # imagenet (VPT) | minus1_1 (i21k ckpt).
+  # A vptpc.data.vtab key: the task's label rule (e.g. dSprites binning).
+  c.data.task = ""
+  c.data.source = "tfds"  # tfds | folder (extracted VTAB-1k layout)
+  c.data.folder = ""  # folder root; "" -> <data_dir>/vptpc_folders/<task>
+  # vtab: tf.image.resize-style squash; fgvc: VPT's FGVC crops and flips;
+  # crop: shorter side + centre crop (what folder users often do).
+  c.data.preprocess = "vtab"
+  c.data.cache_max_gb = 4.0  # larger splits are decoded per batch
 
   c.batch_size = 128  # Global; independent of the device count.
   c.eval_batch_size = 128
@@ -251,6 +259,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.condense.ft_base_lr = -1.0  # -1: same as base_lr
   c.condense.ft_head = True  # fine-tune the head with the kept prompts
 
+  # VTAB-1k protocol (vpt.md §5; vptpc.protocol): single = one run;
+  # tune = the lr x wd grid on train800 -> val200; final = seeds on
+  # train800val200 -> test with the tuned lr/wd.
+  c.protocol = ml_collections.ConfigDict()
+  c.protocol.mode = "single"
+  # tune_vtab.py::get_lrwd_range('prompt'); FGVC drops 0.05.
+  c.protocol.lrs = (50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05)
+  c.protocol.wds = (0.01, 0.001, 0.0001, 0.0)
+  c.protocol.seeds = (42, 44, 82, 100, 800)
+  c.protocol.tune_splits = ("train[:800]", "train[800:1000]")  # per task
+  c.protocol.final_splits = ("train[:1000]", "test")  # per task
+  # final: tune.json to take lr/wd from ("" -> <workdir>/tune.json if it
+  # exists, else base_lr / weight_decay as given).
+  c.protocol.tuned_from = ""
+
   c.parallel = "auto"  # auto | jit | pmap
   c.log_every_steps = 10
   c.eval_every_epochs = 0  # 0: evaluate only after the last epoch.
@@ -264,8 +287,11 @@ def base_config() -> ml_collections.ConfigDict:
 _CHOICES = {
   "prompt.variant": ("deep", "shallow"),
   "data.normalize": ("imagenet", "minus1_1"),
+  "data.source": ("tfds", "folder"),
+  "data.preprocess": ("vtab", "fgvc", "crop"),
   "model.dtype": ("float32", "bfloat16", "float16"),
   "parallel": ("auto", "jit", "pmap"),
+  "protocol.mode": ("single", "tune", "final"),
   "condense.score_fn": ("taylor", "taylor_abs", "grad_norm", "random"),
   "condense.aggregation": ("abs_of_sum", "sum_of_abs"),
   "condense.scope": ("global", "per_layer"),
@@ -336,3 +362,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
       f"config.warmup_epochs={config.warmup_epochs} must be in "
       f"[0, total_epochs={config.total_epochs})."
     )
+  if config.data.task:
+    from vptpc.data import vtab
+
+    if config.data.task not in vtab.TASKS:
+      raise ConfigError(
+        f"config.data.task={config.data.task!r} is not a known task; known: "
+        f"{', '.join(vtab.TASKS)}."
+      )

@@ -1,7 +1,8 @@
 """Command line: ``python -m vptpc.main --config=configs/x.py --workdir=DIR``.
 
 Kept thin on purpose (as the flax examples): flags, device logging, then
-`vptpc.train.train_and_evaluate`, which notebooks and tests call directly.
+`vptpc.protocol.run` (one run, or VPT's tune / final protocol, by
+``config.protocol.mode``), which notebooks and tests call directly.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def main(argv: list[str]) -> None:
     pass
   import jax
 
-  from vptpc import train
+  from vptpc import protocol
   from vptpc.checkpoint import CheckpointError
   from vptpc.config_util import ConfigError
   from vptpc.data.pipeline import DataError
@@ -76,7 +77,7 @@ def main(argv: list[str]) -> None:
 
   logging.info("JAX devices: %s", jax.devices())
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    protocol.run(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, DataError, CheckpointError, PromptFileError) as e:
     # Input errors get their message, not a traceback; the workdir's
     # checkpoints are untouched by them.

@@ -240,18 +240,8 @@ def setup(
     ValueError: a bad config value (named), missing data or checkpoint.
   """
   config_util.validate(config)
-  data_dir = config.data.data_dir or None
-  kw = dict(
-    image_size=config.data.image_size,
-    data_dir=data_dir,
-    num_classes=config.data.num_classes,
-  )
-  train_split = pipeline.load_split(
-    config.data.name, config.data.train_split, **kw
-  )
-  eval_split = pipeline.load_split(
-    config.data.name, config.data.eval_split, **kw
-  )
+  train_split = pipeline.split_from_config(config, "train")
+  eval_split = pipeline.split_from_config(config, "eval")
   model = build_model(config)
   frozen, head = load_backbone(config, model)
   prompts = prompts_lib.init_prompts(
@@ -523,6 +513,12 @@ def train_stage(
   _write_json(os.path.join(workdir, "versions.json"), versions())
 
   s = setup(config, init_trainable)
+  # The resolved dataset version and split sizes: VTAB-1k subsets depend
+  # on the version (vtab.md).
+  _write_json(
+    os.path.join(workdir, "data.json"),
+    {"train": s.train.info, "eval": s.eval.info},
+  )
   mode = parallel.resolve_mode(config.parallel, config.batch_size)
   if mode == "pmap":
     parallel.resolve_mode("pmap", config.eval_batch_size)
@@ -668,12 +664,8 @@ def _condense_pipeline(config, workdir, stop_after_steps):
   model = build_model(config)
   frozen, _ = load_backbone(config, model)
   prompts, head, _ = prompts_lib.load_prompts(full["export"], backbone=frozen)
-  train_split = pipeline.load_split(
-    config.data.name,
-    config.data.train_split,
-    image_size=config.data.image_size,
-    data_dir=config.data.data_dir or None,
-  )
+  # Scores on the un-augmented training images.
+  train_split = pipeline.split_from_config(config, "train", augment=False)
 
   def batches():
     return pipeline.eval_batches(

@@ -1,9 +1,29 @@
 """Input pipeline: TFDS data sources to fixed-shape, masked numpy batches.
 
-Reading goes through `tfds.data_source` (array_record, no TensorFlow). The
-pipeline never downloads: a dataset that is not prepared in ``data_dir``
-fails in seconds with a message naming it, unless it is one of vptpc's own
-generated datasets (`LOCAL_BUILDERS`), which are prepared on first use.
+Three sources (``config.data.source``):
+
+* ``tfds`` prepared as array_record: `tfds.data_source`, no TensorFlow;
+* ``tfds`` prepared as tfrecord: `tfds.load` with images left encoded (needs
+  the ``tf`` extra; GPUs are hidden from TensorFlow so it cannot take the
+  accelerator's memory);
+* ``folder``: the community "extracted VTAB-1k" layout, ``images/`` plus
+  ``train800.txt`` ... with ``path label`` lines (`FolderSource`).
+
+The pipeline never downloads: a dataset that is not prepared in ``data_dir``
+fails in seconds, before TFDS is asked anything, with a message naming the
+dataset, the version and the command (or manual step) that prepares it;
+vptpc's own generated datasets (`LOCAL_BUILDERS`) are prepared on first use.
+
+Preprocessing (``config.data.preprocess``): ``vtab`` resizes to the model
+size as VTAB's ``tf.image.resize`` does (bilinear, half-pixel centres, no
+antialiasing, aspect ratio not kept; `resize_bilinear`); ``fgvc`` is VPT's
+FGVC recipe (shorter side to 256/224 of the input size, random crop and
+horizontal flip when training, centre crop when evaluating, PIL bilinear as
+torchvision); ``crop`` is the centre-crop recipe folder users often apply
+(shorter side, centre crop, no augmentation; numbers may differ from the
+TFDS pipeline's). Decoded splits are cached in memory as uint8 up to
+``config.data.cache_max_gb``; larger ones (VTAB test sets reach 73,728
+images) are decoded per batch.
 
 Batches are dicts ``{"image": float32 (B, S, S, 3), "label": int32 (B,),
 "mask": bool (B,)}`` with a static batch size: the last partial batch is
@@ -14,13 +34,19 @@ padded and masked, so training keeps VPT's partial batch (1,000 = 7 x 128 +
 from __future__ import annotations
 
 import dataclasses
+import glob
+import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from absl import logging
 from PIL import Image
+
+from vptpc.data import vtab
+from vptpc.data.vtab import decode_image
 
 # vptpc's own datasets, generated locally (no network) on first use, as
 # "module:class" so that TFDS is imported only when data is read (the train
@@ -36,6 +62,11 @@ LOCAL_BUILDERS = {
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 NORMALIZATIONS = ("imagenet", "minus1_1")
+PREPROCESS = ("vtab", "fgvc", "crop")
+SOURCES = ("tfds", "folder")
+# FGVC (VPT): Resize(256) -> RandomCrop(224), i.e. resize to 256/224 of the
+# model input.
+FGVC_RESIZE_RATIO = 256 / 224
 
 
 class DataError(ValueError):
@@ -67,6 +98,91 @@ def prepare_local(name: str, data_dir: str):
   return builder
 
 
+def _split_version(name: str) -> tuple[str, str | None]:
+  """``"a/b:1.2.3"`` -> (``"a/b"``, ``"1.2.3"``); no version -> None."""
+  if ":" in name:
+    base, version = name.split(":", 1)
+    return base, version
+  return name, None
+
+
+def prepared_dir(name: str, data_dir: str) -> str | None:
+  """Returns the prepared TFDS directory of ``name`` in ``data_dir``.
+
+  Looks only at the file system (``<data_dir>/<name>[/<config>]/<version>/
+  dataset_info.json``), so it answers in milliseconds and never touches the
+  network. Without a version, the newest prepared one is returned.
+  """
+  base, version = _split_version(name)
+  root = os.path.join(data_dir, base)
+  if version is not None:
+    d = os.path.join(root, version)
+    return d if os.path.exists(os.path.join(d, "dataset_info.json")) else None
+  found = sorted(
+    glob.glob(os.path.join(root, "*", "dataset_info.json")),
+    key=lambda f: [
+      int(x) if x.isdigit() else 0 for x in f.split(os.sep)[-2].split(".")
+    ],
+  )
+  return os.path.dirname(found[-1]) if found else None
+
+
+def _prepare_hint(name: str, data_dir: str) -> str:
+  """The exact step that makes ``name`` available in ``data_dir``."""
+  base, _ = _split_version(name)
+  for task in vtab.TASKS.values():
+    if task.tfds_name and _split_version(task.tfds_name)[0] == base:
+      if task.manual:
+        return f"Manual step for {task.key}: {task.manual}"
+      return (
+        "Prepare it once (this downloads): python -m vptpc.prepare "
+        f"--tasks={task.key} --data_dir={data_dir}"
+      )
+  return (
+    'Prepare it once (this downloads): python -c "import '
+    f"tensorflow_datasets as tfds; tfds.builder('{name}', data_dir="
+    f"'{data_dir}', file_format='array_record').download_and_prepare()\""
+  )
+
+
+class _TfrecordSource(Sequence):
+  """A tfrecord-prepared split read once through `tfds.load` (needs TF).
+
+  Images stay encoded (``SkipDecoding``) until `vptpc.data.vtab` or
+  `decode_image` decodes them, so holding the examples costs the file size.
+  """
+
+  def __init__(self, name: str, split: str, data_dir: str):
+    try:
+      import tensorflow as tf
+    except ImportError as e:
+      raise DataError(
+        f"Dataset {name!r} in {data_dir!r} is prepared as tfrecord, which "
+        "only TensorFlow reads. Install it (pip install -e '.[tf]') or "
+        "re-prepare as array_record (python -m vptpc.prepare)."
+      ) from e
+    import tensorflow_datasets as tfds
+
+    tf.config.set_visible_devices([], "GPU")  # keep the GPU for JAX
+    ds = tfds.load(
+      name,
+      split=split,
+      data_dir=data_dir,
+      download=False,
+      decoders={"image": tfds.decode.SkipDecoding()},
+    )
+    self._examples = list(tfds.as_numpy(ds))
+
+  def __len__(self) -> int:
+    return len(self._examples)
+
+  def __getitem__(self, i):
+    return self._examples[i]
+
+  def __getitems__(self, idx):
+    return [self._examples[i] for i in idx]
+
+
 def open_source(name: str, split: str, data_dir: str | None = None):
   """Opens a TFDS split as a random-access data source, never downloading.
 
@@ -76,7 +192,8 @@ def open_source(name: str, split: str, data_dir: str | None = None):
     data_dir: where prepared datasets live (default `default_data_dir`).
 
   Returns:
-    A sequence of example dicts (``image`` decoded to uint8, ``label``).
+    A sequence of example dicts (``image`` decoded to uint8, or encoded bytes
+    from a tfrecord copy; ``label`` and the dataset's other features).
 
   Raises:
     DataError: the dataset is not prepared there, or the split is invalid.
@@ -87,6 +204,27 @@ def open_source(name: str, split: str, data_dir: str | None = None):
   base = name.split(":")[0]
   if base in LOCAL_BUILDERS:
     prepare_local(base, data_dir)
+  else:
+    where = prepared_dir(name, data_dir)
+    if where is None:
+      raise DataError(
+        f"Dataset {name!r} is not prepared in data_dir {data_dir!r} (no "
+        f"{os.path.join(data_dir, base, _split_version(name)[1] or '*')}/"
+        "dataset_info.json). vptpc never downloads during a run. "
+        + _prepare_hint(name, data_dir)
+      )
+    with open(os.path.join(where, "dataset_info.json")) as f:
+      fmt = json.load(f).get("fileFormat", "tfrecord")
+    if fmt != "array_record":
+      try:
+        return _TfrecordSource(name, split, data_dir)
+      except DataError:
+        raise
+      except Exception as e:
+        raise DataError(
+          f"Dataset {name!r} split {split!r} could not be read from "
+          f"{where!r} ({type(e).__name__}: {str(e).splitlines()[0]})."
+        ) from e
   try:
     return tfds.data_source(
       name, split=split, data_dir=data_dir, download=False
@@ -100,23 +238,152 @@ def open_source(name: str, split: str, data_dir: str | None = None):
     ) from e
 
 
-def preprocess_image(image: np.ndarray, size: int) -> np.ndarray:
-  """Returns a uint8 (size, size, 3) image: channels tiled, resized.
+def resolved_info(name: str, data_dir: str | None = None) -> dict[str, Any]:
+  """Name, resolved version, file format and split sizes of a dataset.
 
-  Resizing is bilinear with the aspect ratio not kept, as VTAB's
-  ``tf.image.resize`` (vtab.md); PIL's filter matches it for upsampling and
-  antialiases when shrinking.
+  Read from the prepared ``dataset_info.json`` (written to the workdir so a
+  result names the exact data it came from; VTAB-1k subsets depend on the
+  version, vtab.md).
   """
-  image = np.asarray(image)
-  if image.ndim == 2:
-    image = image[..., None]
-  if image.shape[-1] == 1:
-    image = np.repeat(image, 3, axis=-1)
-  if image.shape[0] != size or image.shape[1] != size:
-    image = np.asarray(
-      Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR)
-    )
-  return image
+  data_dir = data_dir or default_data_dir()
+  where = prepared_dir(name, data_dir)
+  if where is None:
+    return {"name": name}
+  with open(os.path.join(where, "dataset_info.json")) as f:
+    info = json.load(f)
+  return {
+    "name": name,
+    "version": info.get("version"),
+    "file_format": info.get("fileFormat", "tfrecord"),
+    "splits": {
+      sp["name"]: sum(int(n) for n in sp.get("shardLengths", []))
+      for sp in info.get("splits", [])
+    },
+    "path": where,
+  }
+
+
+class FolderSource(Sequence):
+  """The "extracted VTAB-1k" folder layout: images + ``<split>.txt`` files.
+
+  ``<root>/<split>.txt`` holds one ``relative/path.jpg <int label>`` per
+  line, paths relative to ``root`` (NOAH / SSF layout, vtab.md).
+  """
+
+  def __init__(self, root: str, split: str):
+    path = os.path.join(root, f"{split}.txt")
+    if not os.path.isdir(root):
+      raise DataError(
+        f"Folder dataset root {root!r} does not exist (expected images/ and "
+        f"{split}.txt there; see vptpc.data.vtab for the layout)."
+      )
+    if not os.path.exists(path):
+      have = sorted(os.path.basename(f) for f in glob.glob(f"{root}/*.txt"))
+      raise DataError(
+        f"Split file {path!r} is missing (found: {have or 'no .txt files'})."
+      )
+    self.root = root
+    self.items: list[tuple[str, int]] = []
+    with open(path) as f:
+      for n, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        parts = line.rsplit(maxsplit=1)
+        try:
+          self.items.append((parts[0], int(parts[1])))
+        except (IndexError, ValueError):
+          raise DataError(
+            f"{path}:{n}: expected 'relative/path <int label>', got "
+            f"{line.strip()!r}."
+          ) from None
+
+  def __len__(self) -> int:
+    return len(self.items)
+
+  def __getitem__(self, i):
+    rel, label = self.items[i]
+    full = os.path.join(self.root, rel)
+    try:
+      with Image.open(full) as im:
+        image = np.asarray(im.convert("RGB"))
+    except (OSError, ValueError) as e:
+      raise DataError(f"Cannot read image {full!r}: {e}") from e
+    return {"image": image, "label": label}
+
+  def __getitems__(self, idx):
+    return [self[i] for i in idx]
+
+
+def default_example_fn(example: Mapping[str, Any]) -> tuple[np.ndarray, int]:
+  """``image`` and ``label`` of an example (datasets without a rule)."""
+  return decode_image(example["image"]), int(example["label"])
+
+
+def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Bilinear resize as TF2's ``tf.image.resize`` (float32 output).
+
+  Half-pixel centres and no antialiasing: output pixel i samples the input
+  at ``(i + 0.5) * in / out - 0.5``, clamped to the border, which is what
+  VTAB's preprocessing does (vtab.md); PIL antialiases when shrinking.
+  """
+  x = np.asarray(image, np.float32)
+
+  def weights(n_in, n_out):
+    pos = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    lo_f = np.floor(pos)
+    lo = np.clip(lo_f.astype(np.int64), 0, n_in - 1)
+    hi = np.clip(np.ceil(pos).astype(np.int64), 0, n_in - 1)
+    return lo, hi, (pos - lo_f).astype(np.float32)
+
+  y0, y1, wy = weights(x.shape[0], height)
+  x0, x1, wx = weights(x.shape[1], width)
+  top = x[y0] * (1 - wy)[:, None, None] + x[y1] * wy[:, None, None]
+  return top[:, x0] * (1 - wx)[None, :, None] + top[:, x1] * wx[None, :, None]
+
+
+def _resize_shorter(image: np.ndarray, size: int) -> np.ndarray:
+  """Shorter side to ``size``, aspect kept (torchvision ``Resize(int)``)."""
+  h, w = image.shape[:2]
+  if h <= w:
+    nh, nw = size, max(1, round(w * size / h))
+  else:
+    nh, nw = max(1, round(h * size / w)), size
+  if (nh, nw) == (h, w):
+    return image
+  return np.asarray(
+    Image.fromarray(image).resize((nw, nh), Image.Resampling.BILINEAR)
+  )
+
+
+def _center_crop(image: np.ndarray, size: int) -> np.ndarray:
+  h, w = image.shape[:2]
+  top, left = (h - size) // 2, (w - size) // 2
+  return image[top : top + size, left : left + size]
+
+
+def preprocess_image(
+  image: np.ndarray, size: int, mode: str = "vtab", train: bool = False
+) -> np.ndarray:
+  """Returns the cached form of one image (uint8, channels tiled).
+
+  ``vtab``: (size, size, 3), `resize_bilinear` rounded to uint8 (at most
+  0.5/255 from TF's float output). ``crop``: shorter side to ``size`` and a
+  centre crop. ``fgvc``: shorter side to ``size * 256 / 224``; evaluation
+  images are centre-cropped here, training images are kept whole for the
+  per-batch random crop.
+  """
+  image = decode_image(image)
+  if mode == "vtab":
+    if image.shape[0] != size or image.shape[1] != size:
+      image = np.clip(np.round(resize_bilinear(image, size, size)), 0, 255)
+      image = image.astype(np.uint8)
+    return image
+  if mode == "crop":
+    return _center_crop(_resize_shorter(image, size), size)
+  if mode == "fgvc":
+    image = _resize_shorter(image, round(size * FGVC_RESIZE_RATIO))
+    return image if train else _center_crop(image, size)
+  raise DataError(f"preprocess must be one of {PREPROCESS}, got {mode!r}.")
 
 
 def normalize(images: np.ndarray, mode: str) -> np.ndarray:
@@ -133,20 +400,99 @@ def normalize(images: np.ndarray, mode: str) -> np.ndarray:
   raise DataError(f"normalize must be one of {NORMALIZATIONS}, got {mode!r}.")
 
 
+def _get_many(source, idx: Sequence[int]) -> list:
+  """Batch read where the source supports it, else one by one."""
+  try:
+    return source.__getitems__(idx)
+  except TypeError:
+    # tfds.testing.mock_data's sources fail on batch reads (TFDS 4.9).
+    return [source[i] for i in idx]
+
+
 @dataclasses.dataclass
 class Split:
-  """A decoded, resized split held in memory as uint8.
+  """A split: decoded and cached in memory, or decoded per batch.
 
   VTAB-1k trains on 1,000 images, so caching them decoded and resized (as
-  task_adaptation and big_vision do) makes every epoch after the first free.
+  task_adaptation and big_vision do) makes every epoch after the first
+  free. Splits over ``cache_max_gb`` keep only the source and decode the
+  examples each batch asks for (`get`).
+
+  Attributes:
+    images: uint8 (N, S, S, 3), or a list of (H, W, 3) arrays (``fgvc``
+      training images, cropped per batch), or None when not cached.
+    labels: int32 (N,), or None when not cached.
+    name: ``dataset:split`` for messages.
+    image_size: side S of the model input.
+    crop: random-crop and flip per batch (``fgvc`` training).
+    source: the source (uncached splits).
+    example_fn: example dict -> (image, label) (uncached splits).
+    preprocess: the `preprocess_image` mode (uncached splits).
+    num_classes: labels are checked against it (uncached splits).
+    info: where the data came from (`resolved_info`), for the workdir.
   """
 
-  images: np.ndarray  # uint8 (N, S, S, 3)
-  labels: np.ndarray  # int32 (N,)
+  images: Any
+  labels: np.ndarray | None
   name: str = ""
+  image_size: int = 0
+  crop: bool = False
+  source: Any = None
+  example_fn: Callable | None = None
+  preprocess: str = "vtab"
+  num_classes: int | None = None
+  info: dict = dataclasses.field(default_factory=dict)
 
   def __len__(self) -> int:
-    return len(self.labels)
+    if self.labels is not None:
+      return len(self.labels)
+    return len(self.source)
+
+  def get(
+    self, idx: np.ndarray, rng: np.random.Generator | None = None
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """Returns uint8 images (n, S, S, 3) and int32 labels for ``idx``."""
+    if self.labels is None:
+      exs = _get_many(self.source, [int(i) for i in idx])
+      pairs = [self.example_fn(e) for e in exs]
+      labels = np.asarray([p[1] for p in pairs], np.int32)
+      _check_labels(labels, self.num_classes, self.name)
+      images = (
+        np.stack(
+          [
+            preprocess_image(p[0], self.image_size, self.preprocess)
+            for p in pairs
+          ]
+        )
+        if pairs
+        else np.zeros((0,) + (self.image_size,) * 2 + (3,), np.uint8)
+      )
+      return images, labels
+    labels = self.labels[idx]
+    if not self.crop:
+      return self.images[idx], labels
+    rng = rng or np.random.default_rng(0)
+    s = self.image_size
+    out = np.empty((len(idx), s, s, 3), np.uint8)
+    for j, i in enumerate(idx):
+      im = self.images[i]
+      top = rng.integers(0, im.shape[0] - s + 1)
+      left = rng.integers(0, im.shape[1] - s + 1)
+      im = im[top : top + s, left : left + s]
+      out[j] = im[:, ::-1] if rng.random() < 0.5 else im
+    return out, labels
+
+
+def _check_labels(labels, num_classes, name) -> None:
+  if (
+    num_classes is not None
+    and len(labels)
+    and (labels.min() < 0 or labels.max() >= num_classes)
+  ):
+    raise DataError(
+      f"{name!r} has labels in [{labels.min()}, {labels.max()}] but "
+      f"config.data.num_classes is {num_classes}."
+    )
 
 
 def load_split(
@@ -156,45 +502,120 @@ def load_split(
   image_size: int,
   data_dir: str | None = None,
   num_classes: int | None = None,
+  example_fn: Callable | None = None,
+  source: str = "tfds",
+  folder: str = "",
+  preprocess: str = "vtab",
+  train: bool = False,
+  cache_max_gb: float = 4.0,
 ) -> Split:
-  """Reads, decodes and resizes a whole split into memory.
+  """Opens a split and, if it fits ``cache_max_gb``, decodes it into memory.
 
   Args:
-    name: TFDS dataset name (``name[:version]``).
-    split: TFDS split string.
+    name: TFDS dataset name (``name[:version]``); for messages only when
+      ``source="folder"``.
+    split: TFDS split string, or the split file stem for ``folder``.
     image_size: side of the square model input.
     data_dir: prepared-data directory.
     num_classes: if given, labels outside ``[0, num_classes)`` are an error.
+    example_fn: example dict -> (image, label), e.g. a VTAB task's label
+      rule (`vptpc.data.vtab`); default `default_example_fn`.
+    source: ``tfds`` or ``folder``.
+    folder: the folder root (``source="folder"``).
+    preprocess: see `preprocess_image`.
+    train: training split (``fgvc`` then crops per batch).
+    cache_max_gb: decode into memory up to this size.
 
   Returns:
-    The cached `Split`.
+    The `Split`.
 
   Raises:
     DataError: the dataset is unavailable, empty, or has bad labels.
   """
-  source = open_source(name, split, data_dir)
-  n = len(source)
+  if preprocess not in PREPROCESS:
+    raise DataError(
+      f"preprocess must be one of {PREPROCESS}, got {preprocess!r}."
+    )
+  if source == "tfds":
+    src = open_source(name, split, data_dir)
+    info = resolved_info(name, data_dir)
+  elif source == "folder":
+    src = FolderSource(folder, split)
+    info = {"name": name, "folder": os.path.abspath(folder)}
+  else:
+    raise DataError(f"data.source must be one of {SOURCES}, got {source!r}.")
+  info["split"] = split
+  example_fn = example_fn or default_example_fn
+  n = len(src)
   if n == 0:
     raise DataError(f"Split {split!r} of {name!r} is empty.")
-  images = np.empty((n, image_size, image_size, 3), np.uint8)
+  info["num_examples"] = n
+  label = f"{name}:{split}"
+  crop = preprocess == "fgvc" and train
+  side = round(image_size * FGVC_RESIZE_RATIO) if crop else image_size
+  if n * side * side * 3 * (2 if crop else 1) > cache_max_gb * 2**30:
+    logging.info("%s: %d examples, decoded per batch (not cached).", label, n)
+    return Split(
+      None,
+      None,
+      label,
+      image_size,
+      source=src,
+      example_fn=example_fn,
+      preprocess=preprocess,
+      num_classes=num_classes,
+      info=info,
+    )
+  images = [] if crop else np.empty((n, image_size, image_size, 3), np.uint8)
   labels = np.empty((n,), np.int32)
   chunk = 256
   for start in range(0, n, chunk):
     idx = list(range(start, min(n, start + chunk)))
-    for j, ex in zip(idx, source.__getitems__(idx), strict=True):
-      images[j] = preprocess_image(ex["image"], image_size)
-      labels[j] = ex["label"]
-  if num_classes is not None and (
-    labels.min() < 0 or labels.max() >= num_classes
-  ):
-    raise DataError(
-      f"{name!r} {split!r} has labels in [{labels.min()}, {labels.max()}] but "
-      f"config.data.num_classes is {num_classes}."
-    )
-  logging.info(
-    "Loaded %s %s: %d examples at %d px.", name, split, n, image_size
+    for j, ex in zip(idx, _get_many(src, idx), strict=True):
+      image, labels[j] = example_fn(ex)
+      image = preprocess_image(image, image_size, preprocess, train)
+      if crop:
+        images.append(image)
+      else:
+        images[j] = image
+  _check_labels(labels, num_classes, label)
+  logging.info("Loaded %s: %d examples at %d px.", label, n, image_size)
+  return Split(images, labels, label, image_size, crop=crop, info=info)
+
+
+def split_from_config(config, which: str, augment: bool = True) -> Split:
+  """Loads ``config.data``'s ``train`` or ``eval`` split.
+
+  ``augment=False`` reads a training split the way evaluation does (no
+  random crops), e.g. for importance scoring.
+
+  ``config.data.task`` (a `vptpc.data.vtab` key) supplies the label rule;
+  ``config.data.source`` picks TFDS or a folder (``config.data.folder``,
+  default ``<data_dir>/vptpc_folders/<task>``).
+  """
+  d = config.data
+  if which not in ("train", "eval"):
+    raise ValueError(f"which must be train or eval, got {which!r}.")
+  data_dir = d.data_dir or default_data_dir()
+  example_fn = None
+  if d.get("task", ""):
+    example_fn = vtab.get_task(d.task).example_fn
+  folder = d.get("folder", "") or (
+    vtab.folder_root(data_dir, d.task) if d.get("task", "") else ""
   )
-  return Split(images, labels, f"{name}:{split}")
+  return load_split(
+    d.name,
+    d.train_split if which == "train" else d.eval_split,
+    image_size=d.image_size,
+    data_dir=data_dir,
+    num_classes=d.num_classes,
+    example_fn=example_fn,
+    source=d.get("source", "tfds"),
+    folder=folder,
+    preprocess=d.get("preprocess", "vtab"),
+    train=which == "train" and augment,
+    cache_max_gb=d.get("cache_max_gb", 4.0),
+  )
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -202,16 +623,19 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   return math.ceil(num_examples / batch_size)
 
 
-def _batch(split: Split, idx: np.ndarray, batch_size: int, norm: str) -> dict:
+def _batch(
+  split: Split,
+  idx: np.ndarray,
+  batch_size: int,
+  norm: str,
+  rng: np.random.Generator | None = None,
+) -> dict:
   """Gathers ``idx`` and pads to ``batch_size`` with masked copies."""
   pad = batch_size - len(idx)
   mask = np.concatenate([np.ones(len(idx), bool), np.zeros(pad, bool)])
   idx = np.concatenate([idx, np.full(pad, idx[0] if len(idx) else 0)])
-  return {
-    "image": normalize(split.images[idx], norm),
-    "label": split.labels[idx],
-    "mask": mask,
-  }
+  images, labels = split.get(idx.astype(np.int64), rng)
+  return {"image": normalize(images, norm), "label": labels, "mask": mask}
 
 
 def train_batches(
@@ -243,6 +667,8 @@ def train_batches(
       perm[s * batch_size : (s + 1) * batch_size],
       batch_size,
       normalization,
+      # Crops depend on (seed, epoch, step) only: resumes see the same ones.
+      np.random.default_rng([seed, epoch, s]) if split.crop else None,
     )
 
 

@@ -1,0 +1,115 @@
+"""VTAB-1k and FGVC with VPT's recipe and protocol (the user's main job).
+
+  # VPT's lr x wd grid on train800 -> val200, then 5 seeds on
+  # train800val200 -> test with the winner:
+  python -m vptpc.main --config=configs/vtab.py:task=dtd,mode=tune \\
+      --workdir=runs/vtab/dtd
+  python -m vptpc.main --config=configs/vtab.py:task=dtd,mode=final \\
+      --workdir=runs/vtab/dtd
+  # one run, with PC on top:
+  python -m vptpc.main \\
+      --config=configs/vtab.py:task=dtd,mode=single,condense_keep=0.3 \\
+      --workdir=runs/vtab/dtd_pc
+  python -m vptpc.protocol report runs/vtab --out=runs/vtab/report
+
+Needs the ViT-B/16 ImageNet-21k checkpoint (``checkpoint=``, default
+``imagenet21k_ViT-B_16.npz`` in the working directory; vptpc never downloads
+it) and the task prepared by ``python -m vptpc.prepare --tasks=<task>``.
+
+Arguments: ``task`` (a `vptpc.data.vtab` key: the 19 VTAB-1k tasks and the
+FGVC datasets cub, nabirds, flowers, dogs, cars); ``mode`` single | tune |
+final; ``variant`` deep | shallow; ``num_prompts`` (-1: the task's default
+from the registry, whose source is noted there — only sun397, eurosat and
+dmlab are confirmed by VPT's demo); ``base_lr`` / ``weight_decay`` (single
+runs, and final runs without a tune.json); ``normalize`` imagenet (VPT) |
+minus1_1; ``source`` tfds | folder; ``condense_keep`` (0 = off);
+``smoke``: a random-init 32-px ``tiny32`` backbone, 1 epoch, two grid
+points and two seeds on tiny slices, for tests on mock data.
+"""
+
+from vptpc import config_util
+from vptpc.data import vtab
+
+
+def get_config(arg=None):
+  """Returns the config for one task; see the module docstring."""
+  a = config_util.parse_arg(
+    arg,
+    task="dtd",
+    mode="final",
+    variant="deep",
+    num_prompts=-1,
+    base_lr=0.25,
+    weight_decay=1e-4,
+    batch_size=128,
+    epochs=100,
+    normalize="imagenet",
+    source="tfds",
+    data_dir="",
+    model="B/16",
+    checkpoint="imagenet21k_ViT-B_16.npz",
+    condense_keep=0.0,
+    dtype="float32",
+    seed=42,
+    smoke=False,
+  )
+  task = vtab.get_task(a.task)
+  c = config_util.base_config()
+  c.seed = a.seed
+  c.model.name = a.model
+  c.model.checkpoint_path = a.checkpoint
+  c.model.kv_only = a.variant == "deep"
+  c.model.dtype = a.dtype
+  c.prompt.variant = a.variant
+  c.prompt.num_prompts = (
+    task.num_prompts if a.num_prompts < 0 else a.num_prompts
+  )
+  c.data.task = task.key
+  c.data.name = task.tfds_name or task.key
+  c.data.source = "folder" if not task.tfds_name else a.source
+  c.data.data_dir = a.data_dir
+  c.data.num_classes = task.num_classes
+  c.data.image_size = 224
+  c.data.normalize = a.normalize
+  if task.benchmark == "vtab":
+    c.data.preprocess = "vtab"
+    tune_splits = (task.splits["train800"], task.splits["val200"])
+    final_splits = (task.splits["train800val200"], task.splits["test"])
+    if c.data.source == "folder":  # split file stems of the folder layout
+      tune_splits, final_splits = (
+        ("train800", "val200"),
+        (
+          "train800val200",
+          "test",
+        ),
+      )
+  else:
+    c.data.preprocess = "fgvc"
+    tune_splits = (task.splits["train"], task.splits["val"])
+    final_splits = (task.splits["trainval"], task.splits["test"])
+    # tune_fgvc.py's grid has no 0.05.
+    c.protocol.lrs = tuple(x for x in c.protocol.lrs if x != 0.05)
+  c.protocol.mode = a.mode
+  c.protocol.tune_splits = tune_splits
+  c.protocol.final_splits = final_splits
+  c.data.train_split, c.data.eval_split = final_splits
+  c.batch_size = a.batch_size
+  c.eval_batch_size = 128
+  c.total_epochs = a.epochs
+  c.warmup_epochs = min(10, a.epochs - 1)
+  c.base_lr = a.base_lr
+  c.weight_decay = a.weight_decay
+  c.condense.keep = a.condense_keep
+  if a.smoke:
+    c.model.name = "tiny32"
+    c.model.checkpoint_path = ""
+    c.data.image_size = 32
+    c.prompt.num_prompts = min(c.prompt.num_prompts, 2)
+    c.batch_size = c.eval_batch_size = 8
+    c.total_epochs, c.warmup_epochs = 1, 0
+    c.protocol.lrs = (1.0, 0.1)
+    c.protocol.wds = (0.0,)
+    c.protocol.seeds = (42, 44)
+    c.log_every_steps = 1
+    c.progress_bar = False
+  return c
