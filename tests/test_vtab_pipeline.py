@@ -163,6 +163,11 @@ def test_prepare_command(tmp_path, capsys, data_dir):
   )
   rc = prepare.main(["--tasks=resisc45", f"--data_dir={tmp_path}"])
   assert rc == 1 and "resisc45: MANUAL" in capsys.readouterr().out
+  # A pinned version this TFDS cannot build is reported, not downloaded.
+  rc = prepare.main(["--tasks=caltech101", f"--data_dir={tmp_path}"])
+  out = capsys.readouterr().out
+  assert rc == 1 and "caltech101: FAILED caltech101:3.0.1" in out
+  assert "tfds_version" in out or "3.0.2" in out
   assert prepare.main([f"--data_dir={data_dir}", "--tasks=digits"]) == 0
   assert prepare.main(["--tasks=bogus"]) == 2
 
@@ -251,3 +256,27 @@ def test_vtab_smoke_protocol_through_main_on_mock_data(tmp_path):
   assert data["train"]["version"] == "2.0.0"
   md = protocol.write_report([str(work)], str(tmp_path / "rep"))
   assert "eurosat" in md
+
+
+def test_a_run_with_missing_data_stops_in_seconds(tmp_path):
+  import subprocess
+  import sys
+
+  t0 = time.perf_counter()
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "vptpc.main",
+      f"--config=configs/vtab.py:task=dtd,smoke,data_dir={tmp_path}",
+      f"--workdir={tmp_path / 'w'}",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert "python -m vptpc.prepare --tasks=dtd" in out.stderr
+  assert "Traceback" not in out.stderr
+  assert time.perf_counter() - t0 < 60  # interpreter + JAX start included

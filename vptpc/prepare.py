@@ -11,7 +11,8 @@ built as array_record (read without TensorFlow) at the version VPT used;
 datasets that need a manual download (Retinopathy, RESISC45) and the
 folder-only ones (Cars, NABirds) are never fetched: the command says which
 file to put where and exits non-zero until it is there. ``--check`` only
-reports. The exit status is 0 when every requested task is ready.
+reports; ``--allow_drift`` builds the current version where the pinned one
+can no longer be built (see `prepare_one`). The exit status is 0 when every requested task is ready.
 """
 
 from __future__ import annotations
@@ -51,9 +52,14 @@ def expand(tasks: str) -> list[str]:
 
 
 def prepare_one(
-  key: str, data_dir: str, check: bool = False
+  key: str, data_dir: str, check: bool = False, allow_drift: bool = False
 ) -> tuple[bool, str]:
   """Prepares (or, with ``check``, inspects) one task.
+
+  With ``allow_drift``, a pinned version that this TFDS can no longer build
+  (caltech101 3.0.1, oxford_iiit_pet 3.2.0, svhn_cropped 3.0.0) is replaced
+  by the version it builds, and the message names the version to pass as
+  ``configs/vtab.py:...,tfds_version=<v>``.
 
   Returns:
     (ready, one-line status message).
@@ -85,10 +91,26 @@ def prepare_one(
     )
   import tensorflow_datasets as tfds
 
+  name = task.tfds_name
   try:
-    builder = tfds.builder(
-      task.tfds_name, data_dir=data_dir, file_format="array_record"
-    )
+    try:
+      builder = tfds.builder(
+        name, data_dir=data_dir, file_format="array_record"
+      )
+    except AssertionError as e:  # "cannot be loaded at version"
+      if not allow_drift:
+        raise
+      name = name.split(":")[0]
+      builder = tfds.builder(
+        name, data_dir=data_dir, file_format="array_record"
+      )
+      drift = (
+        f" DRIFT: built {name}:{builder.version} instead of "
+        f"{task.tfds_name} ({str(e).splitlines()[0]}); train with "
+        f"configs/vtab.py:task={key},tfds_version={builder.version}."
+      )
+    else:
+      drift = ""
     builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
     )
@@ -96,7 +118,7 @@ def prepare_one(
     first = str(e).splitlines()[0] if str(e) else type(e).__name__
     note = f" Note: {task.notes}" if task.notes else ""
     return False, f"{key}: FAILED {task.tfds_name}: {first}.{note}"
-  return True, f"{key}: ready ({task.tfds_name})."
+  return True, f"{key}: ready ({name}).{drift}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -107,6 +129,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--tasks", required=True, help="Keys or groups, a,b,c.")
   ap.add_argument("--data_dir", default=pipeline.default_data_dir())
   ap.add_argument("--check", action="store_true", help="Report only.")
+  ap.add_argument(
+    "--allow_drift",
+    action="store_true",
+    help="Build the current version where the pinned one cannot be built.",
+  )
   a = ap.parse_args(argv)
   data_dir = os.path.expanduser(a.data_dir)
   try:
@@ -116,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   ok = True
   for k in keys:
-    ready, msg = prepare_one(k, data_dir, a.check)
+    ready, msg = prepare_one(k, data_dir, a.check, a.allow_drift)
     ok &= ready
     print(msg, flush=True)
   return 0 if ok else 1
