@@ -381,7 +381,8 @@ def plot_curve(rows: Sequence[Mapping[str, Any]], path: str) -> None:
 # ---------------------------------------------------------------- CLI
 
 
-def _images(config, num_images: int) -> np.ndarray:
+def eval_images(config, num_images: int) -> np.ndarray:
+  """The first ``num_images`` normalised images of the eval split."""
   from vptpc.data import pipeline
 
   split = pipeline.split_from_config(config, "eval")
@@ -439,7 +440,7 @@ def run_command(command: str, flag_values: Any) -> dict[str, Any]:
     rows = rank_table(
       model,
       backbone,
-      _images(config, flag_values.num_images),
+      eval_images(config, flag_values.num_images),
       counts,
       patch_size=model.patch_size,
       seed=config.seed,

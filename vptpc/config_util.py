@@ -370,3 +370,28 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"config.data.task={config.data.task!r} is not a known task; known: "
         f"{', '.join(vtab.TASKS)}."
       )
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads ``path.py[:arg]`` as ``--config`` does (notebooks, scripts).
+
+  Args:
+    spec: a config file path, optionally with its argument string, e.g.
+      ``configs/vtab.py:task=dtd,mode=tune``.
+
+  Returns:
+    The (unlocked) config the file's ``get_config(arg)`` returns.
+
+  Raises:
+    FileNotFoundError: no such config file (named).
+  """
+  import importlib.util
+  import os
+
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"Config file {path!r} does not exist.")
+  mod_spec = importlib.util.spec_from_file_location("vptpc_config", path)
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  return mod.get_config(arg or None)
