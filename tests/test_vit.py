@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import IMAGE_SIZE, TINY
 from scipy.special import erf
@@ -171,6 +172,75 @@ def test_kv_only_with_prompt_dropout_equals_full(tiny_params):
   m = vit.VisionTransformer(**TINY, num_classes=5, prompt_dropout=0.5)
   ref = m.apply({"params": tiny_params}, images, p)
   assert np.abs(np.asarray(outs[0]) - np.asarray(ref)).max() > 1e-4
+
+
+def test_prompt_paths_and_kv_cache_agree_in_forward_and_gradients(
+  tiny_params,
+):
+  images = jax.random.normal(jax.random.key(2), (4, IMAGE_SIZE, IMAGE_SIZE, 3))
+  labels = jnp.array([0, 1, 2, 3])
+  p = pr.init_prompts(
+    jax.random.key(3),
+    num_prompts=(4, 0, 7),
+    hidden_size=32,
+    patch_size=8,
+    num_layers=3,
+  )
+  p = jax.tree_util.tree_map(lambda a: a * 10, p)  # make prompts matter
+  frozen, head = vit.split_head(tiny_params)
+
+  def loss(trainable, model):
+    params = vit.merge_head(frozen, trainable["head"])
+    logits = model.apply({"params": params}, images, trainable["prompts"])
+    return optax.softmax_cross_entropy_with_integer_labels(
+      logits, labels
+    ).mean()
+
+  results = {}
+  for path in vit.PROMPT_PATHS:
+    m = vit.VisionTransformer(**TINY, num_classes=5, **vit.path_overrides(path))
+    results[path] = jax.value_and_grad(loss)({"prompts": p, "head": head}, m)
+  ref_loss, ref_grad = results["full"]
+  for path in ("kv", "kv_per_image"):
+    val, grad = results[path]
+    np.testing.assert_allclose(float(val), float(ref_loss), rtol=1e-5)
+    for a, b in zip(
+      jax.tree_util.tree_leaves(grad),
+      jax.tree_util.tree_leaves(ref_grad),
+      strict=True,
+    ):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  assert float(jnp.abs(ref_grad["prompts"]["encoderblock_2"]).sum()) > 0
+  # The per-task cache gives the same logits as the prompts themselves.
+  kv = vit.VisionTransformer(**TINY, num_classes=5, kv_only=True)
+  cache = vit.build_kv_cache(frozen, p, TINY["num_heads"])
+  assert cache["encoderblock_1"]["key"].shape == (0, 2, 16)
+  assert cache["encoderblock_2"]["value"].shape == (7, 2, 16)
+  want = kv.apply({"params": tiny_params}, images, p)
+  got = jax.jit(lambda c, x: kv.apply({"params": tiny_params}, x, c))(
+    cache, images
+  )
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5)
+  full = vit.VisionTransformer(**TINY, num_classes=5)
+  with pytest.raises(ValueError, match="kv_only"):
+    full.apply({"params": tiny_params}, images, cache)
+  with pytest.raises(ValueError, match="prompt path"):
+    vit.path_overrides("fast")
+
+
+def test_bfloat16_compute_stays_close_to_float32(tiny_params):
+  images = jax.random.normal(jax.random.key(2), (4, IMAGE_SIZE, IMAGE_SIZE, 3))
+  p = pr.init_prompts(
+    jax.random.key(3), num_prompts=3, hidden_size=32, patch_size=8, num_layers=3
+  )
+  f32 = vit.VisionTransformer(**TINY, num_classes=5, kv_only=True)
+  b16 = f32.clone(dtype=jnp.bfloat16)
+  _, a = f32.apply({"params": tiny_params}, images, p, return_features=True)
+  _, b = b16.apply({"params": tiny_params}, images, p, return_features=True)
+  assert b.dtype == jnp.bfloat16
+  # Parameters stay float32: the same tree serves both.
+  rel = jnp.linalg.norm(b.astype(jnp.float32) - a) / jnp.linalg.norm(a)
+  assert float(rel) < 1e-2, float(rel)
 
 
 def test_ragged_prompt_counts_under_jit(tiny_params):

@@ -209,6 +209,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.checkpoint_path = ""
   c.model.init_seed = 0  # Seed of a random backbone (checkpoint_path "").
   c.model.kv_only = True  # Exact and cheaper for VPT-Deep (vpt.md §2).
+  # With kv_only: project prompt keys/values once per batch and share them
+  # (True), or per image (False). Exact either way; prompt dropout forces
+  # per-image keys/values while training.
+  c.model.kv_shared = True
   c.model.dtype = "float32"  # bfloat16 on TPU/GPU for speed.
 
   c.prompt = ml_collections.ConfigDict()

@@ -191,6 +191,7 @@ def build_model(config: ml_collections.ConfigDict) -> vit.VisionTransformer:
     config.model.name,
     num_classes=config.data.num_classes,
     kv_only=config.model.kv_only,
+    kv_shared=config.model.get("kv_shared", True),
     prompt_dropout=config.prompt.dropout,
     dtype=jnp.dtype(config.model.dtype),
   )

@@ -111,7 +111,7 @@ def get_model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
       f"Unknown ViT variant {name!r}; known: {', '.join(_VARIANTS)}."
     )
   cfg = dict(_VARIANTS[key], num_classes=None)
-  allowed = set(cfg) | {"prompt_dropout", "kv_only", "dtype"}
+  allowed = set(cfg) | {"prompt_dropout", "kv_only", "kv_shared", "dtype"}
   bad = sorted(set(overrides) - allowed)
   if bad:
     raise ValueError(
@@ -161,7 +161,11 @@ class MultiHeadDotProductAttention(nn.Module):
 
   @nn.compact
   def __call__(
-    self, x: Array, kv_extra: Array | None = None, kv_insert_at: int = 1
+    self,
+    x: Array,
+    kv_extra: Array | None = None,
+    kv_insert_at: int = 1,
+    kv_cached: tuple[Array, Array] | None = None,
   ) -> Array:
     """Attends from every token of ``x`` to ``x`` (plus ``kv_extra``).
 
@@ -169,6 +173,9 @@ class MultiHeadDotProductAttention(nn.Module):
       x: (B, T, D) tokens (already layer-normed).
       kv_extra: optional (k, D) or (B, k, D) layer-normed prompt tokens that
         act only as keys and values.
+      kv_cached: optional already-projected prompt (keys, values), each
+        (k, heads, head_dim) (`build_kv_cache`); used instead of
+        ``kv_extra``.
       kv_insert_at: where the extra keys go in the key sequence. Attention is
         permutation-invariant over keys; inserting them where the full path
         has its prompts keeps the float summation order, hence bitwise-close
@@ -194,10 +201,14 @@ class MultiHeadDotProductAttention(nn.Module):
 
     query, key, value = proj("query"), proj("key"), proj("value")
     q, k, v = query(x), key(x), value(x)
-    if kv_extra is not None and kv_extra.shape[-2] > 0:
+    kp = vp = None
+    if kv_cached is not None and kv_cached[0].shape[0] > 0:
+      kp, vp = (t.astype(k.dtype) for t in kv_cached)
+    elif kv_extra is not None and kv_extra.shape[-2] > 0:
       # Image-independent prompts (k, D) are projected once and broadcast,
       # which is what makes the key/value path cheap (vpt.md §2).
       kp, vp = key(kv_extra), value(kv_extra)
+    if kp is not None:
       shape = (x.shape[0],) + kp.shape[-3:]
       kp, vp = jnp.broadcast_to(kp, shape), jnp.broadcast_to(vp, shape)
       i = kv_insert_at
@@ -228,13 +239,19 @@ class Encoder1DBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, kv_prompts: Array | None = None) -> Array:
+  def __call__(
+    self,
+    x: Array,
+    kv_prompts: Array | None = None,
+    kv_cached: tuple[Array, Array] | None = None,
+  ) -> Array:
     """Applies the block.
 
     Args:
       x: (B, T, D) tokens.
       kv_prompts: optional (k, D) or (B, k, D) prompts that enter only as
         keys/values (the exact key/value-only form of VPT-Deep).
+      kv_cached: optional precomputed prompt (keys, values) of this block.
 
     Returns:
       (B, T, D) tokens.
@@ -244,7 +261,7 @@ class Encoder1DBlock(nn.Module):
     extra = None if kv_prompts is None else ln1(kv_prompts)
     y = MultiHeadDotProductAttention(
       self.num_heads, dtype=self.dtype, name="MultiHeadDotProductAttention_1"
-    )(y, extra)
+    )(y, extra, kv_cached=kv_cached)
     x = x + y
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_2")(x)
     y = MlpBlock(self.mlp_dim, dtype=self.dtype, name="MlpBlock_3")(y)
@@ -293,6 +310,7 @@ class Encoder(nn.Module):
   mlp_dim: int
   num_heads: int
   kv_only: bool = False
+  kv_shared: bool = True
   prompt_dropout: float = 0.0
   dtype: Any = jnp.float32
 
@@ -374,9 +392,21 @@ class Encoder(nn.Module):
         name=f"encoderblock_{i}",
       )
       if variant == "deep":
-        p = self._prompt(prompts[f"encoderblock_{i}"], b, train)
+        p = prompts[f"encoderblock_{i}"]
+        if isinstance(p, Mapping):  # a key/value cache (build_kv_cache)
+          if not self.kv_only:
+            raise ValueError(
+              "A key/value prompt cache needs kv_only=True (the cache holds "
+              "projected keys/values, not prompt tokens)."
+            )
+          x = block(x, kv_cached=(p["key"], p["value"]))
+          continue
+        p = self._prompt(p, b, train)
         if self.kv_only:
-          x = block(x, kv_prompts=fit(p) if p.ndim == 3 else p)
+          # Shared: one projection per step for the whole batch; per image
+          # (kv_shared=False, or forced by per-example dropout): B copies.
+          per_image = p.ndim == 3 or not self.kv_shared
+          x = block(x, kv_prompts=fit(p) if per_image else p)
           continue
         # Replace the previous block's prompt outputs (discarded) by this
         # layer's prompts; sequence length may change when counts are ragged.
@@ -404,6 +434,11 @@ class VisionTransformer(nn.Module):
     kv_only: run VPT-Deep prompts as extra keys/values only. Exactly equal to
       the full path (prompt outputs are discarded before every block) and
       cheaper by the prompts' query, output and MLP work (vpt.md §2).
+    kv_shared: with ``kv_only``, project each layer's prompts to keys and
+      values once per batch and share them across images (True), or per
+      image (False; what per-example prompt dropout needs anyway). Both are
+      exact; at inference a per-task cache (`build_kv_cache`, passed in
+      place of the prompt tree) skips even the per-batch projection.
     prompt_dropout: dropout rate on prompts while training (official VPT: 0.0
       default, 0.1 for Deep in its demo).
     dtype: compute dtype (parameters stay float32).
@@ -416,6 +451,7 @@ class VisionTransformer(nn.Module):
   mlp_dim: int
   num_classes: int | None = None
   kv_only: bool = False
+  kv_shared: bool = True
   prompt_dropout: float = 0.0
   dtype: Any = jnp.float32
 
@@ -466,6 +502,7 @@ class VisionTransformer(nn.Module):
       mlp_dim=self.mlp_dim,
       num_heads=self.num_heads,
       kv_only=self.kv_only,
+      kv_shared=self.kv_shared,
       prompt_dropout=self.prompt_dropout,
       dtype=self.dtype,
       name="Transformer",
@@ -481,6 +518,67 @@ class VisionTransformer(nn.Module):
       name="head",
     )(features.astype(jnp.float32))
     return (logits, features) if return_features else logits
+
+
+PROMPT_PATHS = ("full", "kv", "kv_per_image")
+
+
+def path_overrides(path: str) -> dict[str, bool]:
+  """Model fields for a VPT-Deep prompt path (``config.model.prompt_path``).
+
+  ``full``: prompts are tokens through every block (the official forward);
+  ``kv``: key/value-only with keys/values projected once per batch and
+  shared; ``kv_per_image``: key/value-only, projected per image. All three
+  compute the same function (tested).
+  """
+  if path not in PROMPT_PATHS:
+    raise ValueError(
+      f"prompt path must be one of {PROMPT_PATHS}, got {path!r}."
+    )
+  return {"kv_only": path != "full", "kv_shared": path == "kv"}
+
+
+def build_kv_cache(
+  backbone: Mapping[str, Any],
+  prompts: Mapping[str, Array],
+  num_heads: int,
+  dtype: Any = jnp.float32,
+) -> dict[str, dict[str, Array]]:
+  """Projects VPT-Deep prompts to each block's keys and values, once per task.
+
+  The keys/values of a deep prompt, ``LN1(p) W_k + b_k`` and
+  ``LN1(p) W_v + b_v``, depend only on the prompt and the frozen weights
+  (vpt.md §2), so for serving they are computed once and passed to the
+  model in place of the prompt tree (``model.apply(params, x, cache)``
+  with ``kv_only=True``); the per-image cost of the prompts is then only
+  the attention columns they add. Uses the model's own LayerNorm and
+  projection modules, so the result equals the ``kv`` path's up to float
+  rounding.
+
+  Args:
+    backbone: frozen ViT parameters (``Transformer/encoderblock_i/...``).
+    prompts: a deep prompt tree ``{"encoderblock_i": (k_i, D)}``.
+    num_heads: attention heads of the ViT.
+    dtype: compute dtype of the model.
+
+  Returns:
+    ``{"encoderblock_i": {"key": (k_i, H, D/H), "value": (k_i, H, D/H)}}``.
+  """
+  if prompt_variant(prompts) != "deep":
+    raise ValueError("A key/value cache exists only for VPT-Deep prompts.")
+  out = {}
+  for name, p in prompts.items():
+    blk = backbone["Transformer"][name]
+    ln = nn.LayerNorm(epsilon=1e-6, dtype=dtype)
+    x = ln.apply({"params": blk["LayerNorm_0"]}, p.astype(dtype))
+    att = blk["MultiHeadDotProductAttention_1"]
+    d = p.shape[-1]
+    proj = nn.DenseGeneral((num_heads, d // num_heads), dtype=dtype)
+    out[name] = {
+      "key": proj.apply({"params": att["key"]}, x),
+      "value": proj.apply({"params": att["value"]}, x),
+    }
+  return out
 
 
 def create_model(name_or_config: str | Mapping[str, Any], **overrides):
