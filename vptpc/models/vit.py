@@ -166,6 +166,7 @@ class MultiHeadDotProductAttention(nn.Module):
     kv_extra: Array | None = None,
     kv_insert_at: int = 1,
     kv_cached: tuple[Array, Array] | None = None,
+    kv_mask: Array | None = None,
   ) -> Array:
     """Attends from every token of ``x`` to ``x`` (plus ``kv_extra``).
 
@@ -174,8 +175,11 @@ class MultiHeadDotProductAttention(nn.Module):
       kv_extra: optional (k, D) or (B, k, D) layer-normed prompt tokens that
         act only as keys and values.
       kv_cached: optional already-projected prompt (keys, values), each
-        (k, heads, head_dim) (`build_kv_cache`); used instead of
+        (k, heads, head_dim) (`build_kv_cache`), or (B, k, heads, head_dim)
+        per example (multi-task serving, `vptpc.serve`); used instead of
         ``kv_extra``.
+      kv_mask: optional (B, k) bool, False for padded per-example prompt
+        keys (they get no attention).
       kv_insert_at: where the extra keys go in the key sequence. Attention is
         permutation-invariant over keys; inserting them where the full path
         has its prompts keeps the float summation order, hence bitwise-close
@@ -202,7 +206,7 @@ class MultiHeadDotProductAttention(nn.Module):
     query, key, value = proj("query"), proj("key"), proj("value")
     q, k, v = query(x), key(x), value(x)
     kp = vp = None
-    if kv_cached is not None and kv_cached[0].shape[0] > 0:
+    if kv_cached is not None and kv_cached[0].shape[-3] > 0:
       kp, vp = (t.astype(k.dtype) for t in kv_cached)
     elif kv_extra is not None and kv_extra.shape[-2] > 0:
       # Image-independent prompts (k, D) are projected once and broadcast,
@@ -214,14 +218,28 @@ class MultiHeadDotProductAttention(nn.Module):
       i = kv_insert_at
       k = jnp.concatenate([k[:, :i], kp, k[:, i:]], axis=1)
       v = jnp.concatenate([v[:, :i], vp, v[:, i:]], axis=1)
+    mask = None
+    if kp is not None and kv_mask is not None:
+      b, t = x.shape[0], x.shape[1]
+      keep = jnp.concatenate(
+        [
+          jnp.ones((b, kv_insert_at), bool),
+          kv_mask.astype(bool),
+          jnp.ones((b, t - kv_insert_at), bool),
+        ],
+        axis=1,
+      )
+      mask = keep[:, None, None, :]  # (B, heads, queries, keys) broadcast
     if self.is_mutable_collection("intermediates"):
       # For vptpc.analysis only: the fused kernel below never materialises
       # the weights, so they are recomputed when a caller asks for them.
       logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(
         jnp.asarray(head_dim, q.dtype)
       )
+      if mask is not None:
+        logits = jnp.where(mask, logits, -jnp.inf)
       self.sow("intermediates", "attention_weights", jax.nn.softmax(logits))
-    out = jax.nn.dot_product_attention(q, k, v)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
     return nn.DenseGeneral(
       d,
       axis=(-2, -1),
@@ -244,6 +262,7 @@ class Encoder1DBlock(nn.Module):
     x: Array,
     kv_prompts: Array | None = None,
     kv_cached: tuple[Array, Array] | None = None,
+    kv_mask: Array | None = None,
   ) -> Array:
     """Applies the block.
 
@@ -252,6 +271,7 @@ class Encoder1DBlock(nn.Module):
       kv_prompts: optional (k, D) or (B, k, D) prompts that enter only as
         keys/values (the exact key/value-only form of VPT-Deep).
       kv_cached: optional precomputed prompt (keys, values) of this block.
+      kv_mask: optional (B, k) validity of per-example cached keys.
 
     Returns:
       (B, T, D) tokens.
@@ -261,7 +281,7 @@ class Encoder1DBlock(nn.Module):
     extra = None if kv_prompts is None else ln1(kv_prompts)
     y = MultiHeadDotProductAttention(
       self.num_heads, dtype=self.dtype, name="MultiHeadDotProductAttention_1"
-    )(y, extra, kv_cached=kv_cached)
+    )(y, extra, kv_cached=kv_cached, kv_mask=kv_mask)
     x = x + y
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_2")(x)
     y = MlpBlock(self.mlp_dim, dtype=self.dtype, name="MlpBlock_3")(y)
@@ -399,7 +419,7 @@ class Encoder(nn.Module):
               "A key/value prompt cache needs kv_only=True (the cache holds "
               "projected keys/values, not prompt tokens)."
             )
-          x = block(x, kv_cached=(p["key"], p["value"]))
+          x = block(x, kv_cached=(p["key"], p["value"]), kv_mask=p.get("mask"))
           continue
         p = self._prompt(p, b, train)
         if self.kv_only:

@@ -1,0 +1,268 @@
+"""Many tasks on one frozen backbone: mixed-task batched inference.
+
+A `TaskBank` holds every task's VPT-Deep prompts as a key/value cache
+(`vptpc.models.vit.build_kv_cache`), stacked over tasks and padded per
+layer to the largest count with a mask (condensed tasks have ragged,
+different counts), plus every task's head padded to the largest class
+count. `classify` then runs one forward pass over a batch whose examples
+belong to different tasks: each example gathers its task's keys/values
+(padded keys get no attention) and its task's head. The result equals
+running each task alone (tested); the backbone is shared, not copied.
+
+  python -m vptpc.serve --task=digits=runs/digits/prompts.npz \\
+      --task=count=runs/count/prompts.npz --images=path/to/folder
+  printf 'digits a.png\\ncount b.png\\n' | python -m vptpc.serve \\
+      --task=digits=... --task=count=...          # "task path" lines
+
+Prints one JSON line per image: path, task, predicted class, its
+probability and the top-5. ``--backbone`` is a vit_jax ``.npz`` (default:
+the embedded fractal ViT, ``--model=fractal-Ti/4``); each prompts file must
+have been trained on that backbone (`vptpc.prompts.load_prompts` checks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vptpc import prompts as prompts_lib
+from vptpc.models import vit
+
+
+@dataclasses.dataclass
+class TaskBank:
+  """Stacked, padded per-task key/value caches and heads.
+
+  Attributes:
+    names: task names, in stacking order (task id = index).
+    cache: ``{"encoderblock_i": {"key", "value": (T, K_i, H, hd), "mask":
+      (T, K_i) bool}}``.
+    kernel: (T, D, C_max) stacked head kernels (zero-padded classes).
+    bias: (T, C_max) head biases, -inf on padded classes.
+    num_classes: (T,) real class counts.
+  """
+
+  names: list[str]
+  cache: dict[str, dict[str, jax.Array]]
+  kernel: jax.Array
+  bias: jax.Array
+  num_classes: np.ndarray
+
+  def task_ids(self, names: Sequence[str]) -> np.ndarray:
+    """Maps task names to ids; unknown names are an error naming them."""
+    index = {n: i for i, n in enumerate(self.names)}
+    bad = sorted({n for n in names if n not in index})
+    if bad:
+      raise KeyError(f"Unknown task(s) {bad}; the bank has {self.names}.")
+    return np.asarray([index[n] for n in names], np.int32)
+
+
+def build_bank(
+  backbone: Mapping[str, Any],
+  tasks: Mapping[str, tuple[Mapping[str, Any], Mapping[str, Any]]],
+  *,
+  num_heads: int,
+  dtype: Any = jnp.float32,
+) -> TaskBank:
+  """Builds a `TaskBank` from ``{name: (deep prompt tree, head params)}``."""
+  if not tasks:
+    raise ValueError("A task bank needs at least one task.")
+  names = list(tasks)
+  caches = [
+    vit.build_kv_cache(backbone, tasks[n][0], num_heads, dtype) for n in names
+  ]
+  layers = prompts_lib.layer_keys(caches[0])
+  for n, c in zip(names, caches, strict=True):
+    if prompts_lib.layer_keys(c) != layers:
+      raise ValueError(f"Task {n!r} has another number of prompt layers.")
+  cache = {}
+  for layer in layers:
+    width = max(c[layer]["key"].shape[0] for c in caches)
+    keys, values, masks = [], [], []
+    for c in caches:
+      k = c[layer]["key"]
+      pad = ((0, width - k.shape[0]), (0, 0), (0, 0))
+      keys.append(jnp.pad(k, pad))
+      values.append(jnp.pad(c[layer]["value"], pad))
+      masks.append(jnp.arange(width) < k.shape[0])
+    cache[layer] = {
+      "key": jnp.stack(keys),
+      "value": jnp.stack(values),
+      "mask": jnp.stack(masks),
+    }
+  heads = [tasks[n][1] for n in names]
+  n_cls = np.asarray([h["kernel"].shape[-1] for h in heads])
+  c_max = int(n_cls.max())
+  kernel = jnp.stack(
+    [
+      jnp.pad(h["kernel"], ((0, 0), (0, c_max - h["kernel"].shape[-1])))
+      for h in heads
+    ]
+  )
+  bias = jnp.stack(
+    [
+      jnp.concatenate(
+        [h["bias"], jnp.full((c_max - h["bias"].shape[-1],), -jnp.inf)]
+      )
+      for h in heads
+    ]
+  )
+  return TaskBank(names, cache, kernel, bias, n_cls)
+
+
+def make_classifier(model: vit.VisionTransformer):
+  """Returns jitted ``logits(backbone, bank arrays, images, task_ids)``.
+
+  ``model`` must have ``kv_only=True`` (any ``num_classes``: its head is
+  not used). Logits are (B, C_max), -inf on classes the task lacks.
+  """
+  feat = model.clone(num_classes=None, kv_only=True)
+
+  @jax.jit
+  def logits(backbone, cache, kernel, bias, images, task_ids):
+    per_example = jax.tree_util.tree_map(lambda a: a[task_ids], cache)
+    f = feat.apply({"params": backbone}, images, per_example)
+    return jnp.einsum("bd,bdc->bc", f, kernel[task_ids]) + bias[task_ids]
+
+  return logits
+
+
+def classify(
+  model: vit.VisionTransformer,
+  backbone: Mapping[str, Any],
+  bank: TaskBank,
+  images: np.ndarray,
+  task_ids: np.ndarray,
+  classifier=None,
+) -> jax.Array:
+  """Logits of a mixed-task batch: example i uses task ``task_ids[i]``."""
+  fn = classifier or make_classifier(model)
+  return fn(
+    backbone, bank.cache, bank.kernel, bank.bias, images, jnp.asarray(task_ids)
+  )
+
+
+def _read_requests(images: str) -> list[tuple[str | None, str]]:
+  """(task or None, path) pairs from a folder or ``task path`` stdin lines."""
+  if images:
+    if not os.path.isdir(images):
+      raise FileNotFoundError(f"--images={images!r} is not a folder.")
+    exts = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+    files = sorted(
+      os.path.join(images, f)
+      for f in os.listdir(images)
+      if f.lower().endswith(exts)
+    )
+    if not files:
+      raise FileNotFoundError(f"No images in {images!r}.")
+    return [(None, f) for f in files]
+  out = []
+  for n, line in enumerate(sys.stdin, 1):
+    if not line.strip():
+      continue
+    parts = line.split(maxsplit=1)
+    if len(parts) != 2:
+      raise ValueError(f"stdin line {n}: expected 'task path', got {line!r}.")
+    out.append((parts[0], parts[1].strip()))
+  return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """The ``python -m vptpc.serve`` command; returns the exit status."""
+  import argparse
+
+  from PIL import Image
+
+  from vptpc import assets, checkpoint
+  from vptpc.data import pipeline
+
+  ap = argparse.ArgumentParser(prog="python -m vptpc.serve")
+  ap.add_argument(
+    "--task",
+    action="append",
+    default=[],
+    help="name=prompts.npz (repeat per task)",
+  )
+  ap.add_argument("--images", default="", help="folder (default: stdin)")
+  ap.add_argument("--model", default=assets.DEFAULT_MODEL)
+  ap.add_argument("--backbone", default="", help="vit_jax .npz")
+  ap.add_argument("--image_size", type=int, default=32)
+  ap.add_argument("--normalize", default="minus1_1")
+  ap.add_argument("--batch_size", type=int, default=64)
+  a = ap.parse_args(argv)
+  try:
+    if not a.task:
+      raise ValueError("Give at least one --task=name=prompts.npz.")
+    model = vit.create_model(a.model, num_classes=None, kv_only=True)
+    template = vit.split_head(
+      vit.init_params(model, jax.random.key(0), a.image_size)
+    )[0]
+    backbone = checkpoint.load_pretrained(a.backbone or assets.path(), template)
+    tasks = {}
+    for spec in a.task:
+      name, sep, path = spec.partition("=")
+      if not sep or not name or not path:
+        raise ValueError(f"--task={spec!r}: expected name=prompts.npz.")
+      prompts, head, _ = prompts_lib.load_prompts(path, backbone=backbone)
+      if head is None:
+        raise ValueError(f"{path!r} has no head; serving needs one.")
+      tasks[name] = (prompts, head)
+    bank = build_bank(backbone, tasks, num_heads=model.num_heads)
+    requests = _read_requests(a.images)
+    default = bank.names[0] if len(bank.names) == 1 else None
+    names = [t or default for t, _ in requests]
+    if None in names:
+      raise ValueError(
+        "Several tasks are loaded: give 'task path' lines on stdin instead "
+        "of --images."
+      )
+    ids = bank.task_ids(names)
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  fn = make_classifier(model)
+  for start in range(0, len(requests), a.batch_size):
+    chunk = requests[start : start + a.batch_size]
+    imgs = []
+    for _, path in chunk:
+      with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"))
+      imgs.append(pipeline.preprocess_image(arr, a.image_size))
+    x = pipeline.normalize(np.stack(imgs), a.normalize)
+    # Pad to a fixed batch so the program compiles once.
+    pad = a.batch_size - len(chunk)
+    x = np.concatenate([x, np.repeat(x[:1], pad, 0)])
+    tid = np.concatenate(
+      [ids[start : start + len(chunk)], np.zeros(pad, np.int32)]
+    )
+    probs = np.asarray(
+      jax.nn.softmax(classify(model, backbone, bank, x, tid, fn), -1)
+    )
+    for j, (_, path) in enumerate(chunk):
+      p = probs[j][: bank.num_classes[tid[j]]]
+      top = np.argsort(-p)[:5]
+      print(
+        json.dumps(
+          {
+            "image": path,
+            "task": bank.names[tid[j]],
+            "label": int(top[0]),
+            "prob": round(float(p[top[0]]), 4),
+            "top5": [[int(c), round(float(p[c]), 4)] for c in top],
+          }
+        ),
+        flush=True,
+      )
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
