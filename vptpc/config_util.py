@@ -277,6 +277,10 @@ def base_config() -> ml_collections.ConfigDict:
   # final: tune.json to take lr/wd from ("" -> <workdir>/tune.json if it
   # exists, else base_lr / weight_decay as given).
   c.protocol.tuned_from = ""
+  # tune: train the whole grid as one vmapped job (vptpc.sweep): one compile
+  # and one pass over the data; vmap_chunk bounds members per job (0 = all).
+  c.protocol.vmap = False
+  c.protocol.vmap_chunk = 0
 
   c.parallel = "auto"  # auto | jit | pmap
   c.log_every_steps = 10

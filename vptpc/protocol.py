@@ -65,7 +65,21 @@ def tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   p = config.protocol
   rows = []
-  for lr in p.lrs:
+  if p.get("vmap", False):
+    from vptpc import sweep
+
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.data.train_split, c.data.eval_split = p.tune_splits
+    members = [(float(lr), float(wd)) for lr in p.lrs for wd in p.wds]
+    for r in sweep.train_grid_chunked(c, members, p.get("vmap_chunk", 0)):
+      rows.append(
+        {
+          "base_lr": r["base_lr"],
+          "weight_decay": r["weight_decay"],
+          "val": r["eval_accuracy"],
+        }
+      )
+  for lr in p.lrs if not p.get("vmap", False) else ():
     for wd in p.wds:
       c = ml_collections.ConfigDict(config.to_dict())
       c.base_lr, c.weight_decay = float(lr), float(wd)
@@ -91,6 +105,7 @@ def tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   out = {
     "task": config.data.get("task", "") or config.data.name,
     "splits": list(p.tune_splits),
+    "vmapped": bool(p.get("vmap", False)),
     "best": best,
     "grid": rows,
   }

@@ -1,0 +1,176 @@
+"""One compile for a whole hyper-parameter grid: vmapped prompt training.
+
+VPT's protocol tunes 10 base LRs x 4 weight decays per task (vpt.md §4):
+40 runs that each re-read the data and re-compile. Prompts and head live in
+their own pytree on a frozen backbone, so the grid's members can be stacked
+along a leading axis and one ``jax.vmap``-ped train step trains them all on
+one pass of the data, the backbone shared rather than copied. Each member's
+base LR and weight decay are part of its optimiser state
+(``optax.inject_hyperparams``), so one program serves every member.
+
+Every member starts from the same prompt and head init and sees the same
+batches as the separate run with the same seed would, so its result equals
+that run's up to float32 rounding (tested). ``config.protocol.vmap=True``
+makes ``mode=tune`` use this (`vptpc.protocol.tune`);
+``config.protocol.vmap_chunk`` bounds how many members share one job
+(memory grows linearly with it). The grid job has no mid-run checkpoints:
+an interrupted grid restarts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from vptpc import optim, train
+from vptpc.data import pipeline
+
+
+def grid_optimizer(
+  unit_schedule: optax.Schedule,
+  *,
+  momentum: float,
+  prompt_lr_scale: float = 1.0,
+  train_head: bool = True,
+):
+  """VPT's SGD with the base LR and weight decay as injected state.
+
+  ``unit_schedule`` is the LR schedule for ``base_lr = 1``; optax's SGD
+  multiplies the momentum trace by the LR last, so scaling its update by
+  ``lr_scale`` is the same optimiser as `vptpc.optim.create_optimizer`
+  with ``base_lr = lr_scale``.
+
+  Returns:
+    ``make(lr_scale=..., weight_decay=...) -> GradientTransformation`` whose
+    state carries both values.
+  """
+
+  def make(lr_scale, weight_decay):
+    parts = [
+      optax.add_decayed_weights(weight_decay, mask=optim.weight_decay_mask),
+      optax.sgd(unit_schedule, momentum=momentum),
+      optax.scale(lr_scale),
+    ]
+    if prompt_lr_scale != 1.0:
+      parts.append(
+        optax.masked(
+          optax.scale(prompt_lr_scale),
+          lambda p: {k: k == "prompts" for k in p},
+        )
+      )
+    if not train_head:
+      parts.append(
+        optax.masked(optax.set_to_zero(), lambda p: {k: k == "head" for k in p})
+      )
+    return optax.chain(*parts)
+
+  return optax.inject_hyperparams(make)
+
+
+def _stack(trees: Sequence[Any]) -> Any:
+  return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def train_grid(
+  config: ml_collections.ConfigDict,
+  members: Sequence[tuple[float, float]],
+) -> list[dict[str, Any]]:
+  """Trains every (base_lr, weight_decay) member in one vmapped job.
+
+  Args:
+    config: a training config (its ``base_lr``/``weight_decay`` are
+      replaced per member; everything else is shared).
+    members: (base_lr, weight_decay) pairs.
+
+  Returns:
+    Per member: ``base_lr``, ``weight_decay``, ``eval_accuracy`` (NaN if
+    the member diverged), ``eval_loss`` and its final ``trainable`` tree
+    (host numpy).
+  """
+  s = train.setup(config)
+  unit = optim.create_lr_schedule(
+    base_lr=1.0,
+    batch_size=config.batch_size,
+    steps_per_epoch=s.steps_per_epoch,
+    total_epochs=config.total_epochs,
+    warmup_epochs=config.warmup_epochs,
+    per_step=config.per_step_schedule,
+  )
+  make = grid_optimizer(
+    unit,
+    momentum=config.momentum,
+    prompt_lr_scale=config.prompt.lr_scale,
+    train_head=config.train_head,
+  )
+  opts = [make(lr_scale=lr, weight_decay=wd) for lr, wd in members]
+  trainable = jax.device_get(s.state.trainable)
+  states = _stack([train.create_train_state(trainable, o) for o in opts])
+  step = train.make_train_step(s.model, opts[0], unit)
+  vstep = jax.jit(
+    jax.vmap(step, in_axes=(0, None, None, None)), donate_argnums=0
+  )
+  veval = jax.jit(
+    jax.vmap(train.make_eval_step(s.model), in_axes=(0, None, None))
+  )
+  frozen = jax.device_put(s.frozen)
+  # The run key of `train.train_stage`, so dropout matches separate runs.
+  rng = jax.random.fold_in(jax.random.key(config.seed), 2)
+  finite = np.ones(len(members), bool)
+  for epoch in range(config.total_epochs):
+    for batch in pipeline.train_batches(
+      s.train,
+      batch_size=config.batch_size,
+      seed=config.seed,
+      epoch=epoch,
+      normalization=config.data.normalize,
+    ):
+      states, metrics = vstep(states, frozen, batch, rng)
+      finite &= np.isfinite(np.asarray(metrics["train_loss"]))
+  totals = None
+  for batch in pipeline.eval_batches(
+    s.eval,
+    batch_size=config.eval_batch_size,
+    normalization=config.data.normalize,
+  ):
+    sums = veval(states.trainable, frozen, batch)
+    totals = (
+      sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+    )
+  totals = jax.device_get(totals)
+  host = jax.device_get(states.trainable)
+  out = []
+  for i, (lr, wd) in enumerate(members):
+    n = float(totals["count"][i])
+    acc = float(totals["correct"][i]) / n if finite[i] else math.nan
+    out.append(
+      {
+        "base_lr": float(lr),
+        "weight_decay": float(wd),
+        "eval_accuracy": acc,
+        "eval_loss": float(totals["loss"][i]) / n,
+        "trainable": jax.tree_util.tree_map(lambda a, i=i: a[i], host),
+      }
+    )
+    logging.info("grid lr=%s wd=%s eval=%.4f", lr, wd, acc)
+  return out
+
+
+def train_grid_chunked(
+  config: ml_collections.ConfigDict,
+  members: Sequence[tuple[float, float]],
+  chunk: int = 0,
+) -> list[dict[str, Any]]:
+  """`train_grid` over chunks of at most ``chunk`` members (0: all)."""
+  chunk = chunk or len(members)
+  out = []
+  for i in range(0, len(members), chunk):
+    out += train_grid(config, members[i : i + chunk])
+  return out
