@@ -6,8 +6,8 @@ import jax
 import numpy as np
 from test_train import tiny_config
 
-from vptpc import protocol, sweep, train
 from vptpc import prompts as pr
+from vptpc import protocol, sweep, train
 
 
 def test_vmapped_grid_equals_separate_runs(tmp_path, data_dir):
