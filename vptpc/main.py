@@ -7,6 +7,7 @@ Kept thin on purpose (as the flax examples): flags, device logging, then
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -19,6 +20,12 @@ _CONFIG = config_flags.DEFINE_config_file(
   lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output and checkpoint dir.")
+_DISTRIBUTED = flags.DEFINE_bool(
+  "distributed",
+  False,
+  "Multi-process run: jax.distributed.initialize() first (also "
+  "VPTPC_DISTRIBUTED=1); see vptpc.distributed.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -69,13 +76,28 @@ def main(argv: list[str]) -> None:
     pass
   import jax
 
+  from vptpc import distributed
+
+  if _DISTRIBUTED.value or distributed.requested():
+    distributed.initialize()  # before any device is touched
+  elif os.environ.get("VPTPC_CPU_DEVICES"):
+    jax.config.update(
+      "jax_num_cpu_devices", int(os.environ["VPTPC_CPU_DEVICES"])
+    )
+
   from vptpc import protocol
   from vptpc.checkpoint import CheckpointError
   from vptpc.config_util import ConfigError
   from vptpc.data.pipeline import DataError
   from vptpc.prompts import PromptFileError
 
-  logging.info("JAX devices: %s", jax.devices())
+  logging.info(
+    "Process %d of %d; devices: %s local, %s global",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
   try:
     protocol.run(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, DataError, CheckpointError, PromptFileError) as e:

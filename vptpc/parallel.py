@@ -34,20 +34,41 @@ def resolve_mode(mode: str, batch_size: int) -> str:
   Raises:
     ValueError: unknown mode, or a batch that does not split over devices.
   """
-  n = jax.local_device_count()
+  n = jax.device_count()  # global: all processes' devices
   if mode not in ("auto", "jit", "pmap"):
     raise ValueError(
       f"config.parallel must be auto, jit or pmap; got {mode!r}."
     )
+  if jax.process_count() > 1:
+    # Every process runs the pmapped step on its local devices; the psum
+    # inside spans all processes' devices.
+    if mode == "jit":
+      raise ValueError(
+        "config.parallel=jit runs on one device; a multi-process run needs "
+        "auto or pmap."
+      )
+    mode = "pmap"
   if mode == "auto":
     mode = "pmap" if n > 1 else "jit"
   if mode == "pmap" and batch_size % n:
     raise ValueError(
-      f"config.batch_size={batch_size} is not divisible by the {n} local "
+      f"config.batch_size={batch_size} is not divisible by the {n} "
       "devices; the global batch is fixed by the config, so pick one that "
       "divides evenly (or config.parallel=jit)."
     )
   return mode
+
+
+def process_slice(batch_size: int) -> tuple[int, int]:
+  """This process's [start, end) rows of every global batch.
+
+  Every process draws the same global batches (same seed and order) and
+  keeps its contiguous share, so the global batch, and the result, do not
+  depend on how many processes run it.
+  """
+  per = batch_size // jax.process_count()
+  i = jax.process_index()
+  return i * per, (i + 1) * per
 
 
 def needs_sync(mode: str) -> bool:

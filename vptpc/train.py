@@ -340,6 +340,7 @@ class Runner:
       split,
       batch_size=config.eval_batch_size,
       normalization=config.data.normalize,
+      rows=_rows(config.eval_batch_size),
     ):
       if self.mode == "pmap":
         sums = parallel.unreplicate(
@@ -405,7 +406,10 @@ def _save(mngr, state: TrainState, rng: jax.Array) -> None:
   import orbax.checkpoint as ocp
 
   host = jax.device_get(state)
-  flat, _ = _flat({"state": host, "rng": jax.random.key_data(rng)})
+  # Host numpy, not device arrays: in a multi-process run Orbax refuses
+  # process-local device arrays, and every process holds the same values.
+  tree = {"state": host, "rng": np.asarray(jax.random.key_data(rng))}
+  flat, _ = _flat(jax.tree_util.tree_map(np.asarray, tree))
   mngr.save(int(host.step), args=ocp.args.StandardSave(flat))
 
 
@@ -463,7 +467,17 @@ def versions() -> dict[str, str | None]:
   return out
 
 
+def _rows(batch_size: int) -> tuple[int, int] | None:
+  """This process's rows of each global batch (None: single process)."""
+  if jax.process_count() == 1:
+    return None
+  return parallel.process_slice(batch_size)
+
+
 def _write_json(path: str, obj: Any) -> None:
+  # Outputs are process 0's; the others would write the same file.
+  if jax.process_index() != 0:
+    return
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True)
@@ -593,20 +607,26 @@ def train_stage(
   }
   if measure_throughput:
     results["eval_img_per_s"] = ev["img_per_s"]
-  prompts_lib.save_prompts(
-    export,
-    host.trainable["prompts"],
-    host.trainable["head"],
-    backbone=jax.device_get(s.frozen),
-    metadata={
-      "dataset": config.data.name,
-      "eval_accuracy": ev["accuracy"],
-      "step": step,
-      "model": config.model.name,
-    },
-  )
+  if jax.process_index() == 0:
+    prompts_lib.save_prompts(
+      export,
+      host.trainable["prompts"],
+      host.trainable["head"],
+      backbone=jax.device_get(s.frozen),
+      metadata={
+        "dataset": config.data.name,
+        "eval_accuracy": ev["accuracy"],
+        "step": step,
+        "model": config.model.name,
+      },
+    )
   _write_json(os.path.join(workdir, "results.json"), results)
-  if not quiet:
+  if jax.process_count() > 1:
+    # Later stages (condensation) read the export on every process.
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(f"vptpc export {workdir}")
+  if not quiet and jax.process_index() == 0:
     _print_table(results)
   return results
 
@@ -807,6 +827,7 @@ def _train_loop(
       epoch=epoch,
       normalization=config.data.normalize,
       start_step=step - epoch * spe,
+      rows=_rows(config.batch_size),
     ):
       state, metrics = runner.train_step(state, batch, rng)
       step += 1

@@ -449,9 +449,17 @@ class Split:
     return len(self.source)
 
   def get(
-    self, idx: np.ndarray, rng: np.random.Generator | None = None
+    self,
+    idx: np.ndarray,
+    crop_key: tuple[int, ...] | None = None,
+    first_row: int = 0,
   ) -> tuple[np.ndarray, np.ndarray]:
-    """Returns uint8 images (n, S, S, 3) and int32 labels for ``idx``."""
+    """Returns uint8 images (n, S, S, 3) and int32 labels for ``idx``.
+
+    Random crops (``crop``) of row r of a batch come from
+    ``(*crop_key, first_row + r)``, so a process holding a slice of the
+    batch crops exactly as the whole batch would.
+    """
     if self.labels is None:
       exs = _get_many(self.source, [int(i) for i in idx])
       pairs = [self.example_fn(e) for e in exs]
@@ -471,10 +479,11 @@ class Split:
     labels = self.labels[idx]
     if not self.crop:
       return self.images[idx], labels
-    rng = rng or np.random.default_rng(0)
+    key = tuple(crop_key or (0,))
     s = self.image_size
     out = np.empty((len(idx), s, s, 3), np.uint8)
     for j, i in enumerate(idx):
+      rng = np.random.default_rng([*key, first_row + j])
       im = self.images[i]
       top = rng.integers(0, im.shape[0] - s + 1)
       left = rng.integers(0, im.shape[1] - s + 1)
@@ -628,13 +637,22 @@ def _batch(
   idx: np.ndarray,
   batch_size: int,
   norm: str,
-  rng: np.random.Generator | None = None,
+  crop_key: tuple[int, ...] | None = None,
+  rows: tuple[int, int] | None = None,
 ) -> dict:
-  """Gathers ``idx`` and pads to ``batch_size`` with masked copies."""
+  """Gathers ``idx`` and pads to ``batch_size`` with masked copies.
+
+  ``rows`` keeps only rows [start, end) of the padded global batch (this
+  process's share in a multi-process run); only those are decoded.
+  """
   pad = batch_size - len(idx)
   mask = np.concatenate([np.ones(len(idx), bool), np.zeros(pad, bool)])
   idx = np.concatenate([idx, np.full(pad, idx[0] if len(idx) else 0)])
-  images, labels = split.get(idx.astype(np.int64), rng)
+  first = 0
+  if rows is not None:
+    first = rows[0]
+    idx, mask = idx[rows[0] : rows[1]], mask[rows[0] : rows[1]]
+  images, labels = split.get(idx.astype(np.int64), crop_key, first)
   return {"image": normalize(images, norm), "label": labels, "mask": mask}
 
 
@@ -646,6 +664,7 @@ def train_batches(
   epoch: int,
   normalization: str,
   start_step: int = 0,
+  rows: tuple[int, int] | None = None,
 ) -> Iterator[dict]:
   """Yields one epoch of shuffled, padded batches.
 
@@ -659,6 +678,8 @@ def train_batches(
     epoch: epoch number (reshuffled every epoch, as VPT).
     normalization: see `normalize`.
     start_step: first step within the epoch to yield (for resuming).
+    rows: keep rows [start, end) of every batch (this process's share,
+      `vptpc.parallel.process_slice`); None keeps the whole batch.
   """
   perm = np.random.default_rng([seed, epoch]).permutation(len(split))
   for s in range(start_step, steps_per_epoch(len(split), batch_size)):
@@ -667,15 +688,25 @@ def train_batches(
       perm[s * batch_size : (s + 1) * batch_size],
       batch_size,
       normalization,
-      # Crops depend on (seed, epoch, step) only: resumes see the same ones.
-      np.random.default_rng([seed, epoch, s]) if split.crop else None,
+      # Crops depend on (seed, epoch, step, row) only: resumes and other
+      # process counts see the same ones.
+      (seed, epoch, s) if split.crop else None,
+      rows,
     )
 
 
 def eval_batches(
-  split: Split, *, batch_size: int, normalization: str
+  split: Split,
+  *,
+  batch_size: int,
+  normalization: str,
+  rows: tuple[int, int] | None = None,
 ) -> Iterator[dict]:
-  """Yields the split in order, the last batch padded and masked."""
+  """Yields the split in order, the last batch padded and masked.
+
+  With ``rows`` (multi-process), each process gets its share of every batch,
+  so across processes every example is counted exactly once.
+  """
   for s in range(steps_per_epoch(len(split), batch_size)):
     idx = np.arange(s * batch_size, min(len(split), (s + 1) * batch_size))
-    yield _batch(split, idx, batch_size, normalization)
+    yield _batch(split, idx, batch_size, normalization, rows=rows)
