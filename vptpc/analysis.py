@@ -305,13 +305,7 @@ def accuracy_curve(
         cfg.condense.keep = 0.0
         res = train.train_stage(cfg, run, quiet=True)
       model = train.build_model(config)
-      dims = dict(
-        hidden_size=model.hidden_size,
-        num_layers=model.num_layers,
-        mlp_dim=model.mlp_dim,
-        num_patches=(config.data.image_size // model.patch_size) ** 2,
-        patch_size=model.patch_size,
-      )
+      dims = flops.model_dims(model, config.data.image_size)
       rows.append(
         dict(
           method="vpt_deep",

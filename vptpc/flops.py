@@ -18,6 +18,7 @@ Per-layer prompt counts may differ (condensed prompts).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 
 def vit_gmacs(
@@ -71,3 +72,14 @@ def vit_gmacs(
     else:
       total += n * proj + 2 * n * (n + p) * d + p * 2 * d * d
   return total / 1e9
+
+
+def model_dims(model: Any, image_size: int) -> dict[str, int]:
+  """The `vit_gmacs` keyword arguments of a ViT module at ``image_size``."""
+  return dict(
+    hidden_size=model.hidden_size,
+    num_layers=model.num_layers,
+    mlp_dim=model.mlp_dim,
+    num_patches=(image_size // model.patch_size) ** 2,
+    patch_size=model.patch_size,
+  )

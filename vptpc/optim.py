@@ -197,11 +197,37 @@ def create_optimizer(
     raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}.")
   if momentum < 0:
     raise ValueError(f"momentum must be >= 0, got {momentum!r}.")
+  return sgd_chain(
+    schedule,
+    weight_decay=weight_decay,
+    momentum=momentum,
+    prompt_lr_scale=prompt_lr_scale,
+    train_head=train_head,
+  )
+
+
+def sgd_chain(
+  schedule: optax.ScalarOrSchedule,
+  *,
+  weight_decay: Any,
+  momentum: float,
+  prompt_lr_scale: float = 1.0,
+  train_head: bool = True,
+  lr_scale: Any = None,
+) -> optax.GradientTransformation:
+  """`create_optimizer`'s chain without the checks, for traced values.
+
+  ``weight_decay`` and ``lr_scale`` may be arrays (``inject_hyperparams``,
+  `vptpc.sweep`); ``lr_scale`` multiplies the final update, which is the
+  same as multiplying the LR because optax's SGD applies the LR last.
+  """
   parts = [
     # Coupled (L2) decay must precede the momentum trace to match torch SGD.
     optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
     optax.sgd(schedule, momentum=momentum),
   ]
+  if lr_scale is not None:
+    parts.append(optax.scale(lr_scale))
   if prompt_lr_scale != 1.0:
     # Scaling the final SGD update of a subtree is a per-group LR.
     parts.append(

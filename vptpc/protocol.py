@@ -229,49 +229,31 @@ def report(finals: Sequence[dict[str, Any]]) -> tuple[str, list[dict]]:
         f"and {r['path']}; pass one."
       )
     by_task[r["task"]] = r
-  rows = []
-  for key, task in vtab.TASKS.items():
-    if key not in by_task:
-      continue
-    r = by_task.pop(key)
-    pub = task.published
-    rows.append(
-      {
-        "benchmark": task.benchmark,
-        "group": task.group,
-        "task": key,
-        "ours_mean": round(100 * r["mean"], 2),
-        "ours_std": round(100 * r["std"], 2),
-        "seeds": len(r["seeds"]),
-        "prompts": r.get("num_prompts", ""),
-        "condense_keep": r.get("condense_keep", 0.0),
-        "base_lr": r["base_lr"],
-        "weight_decay": r["weight_decay"],
-        "normalize": r.get("normalize", ""),
-        "vpt_deep_published": pub.get("vpt_deep", ""),
-        "vpt_shallow_published": pub.get("vpt_shallow", ""),
-        "full_ft_published": pub.get("full_ft", ""),
-      }
-    )
-  for key, r in by_task.items():  # datasets outside the registry
-    rows.append(
-      {
-        "benchmark": "other",
-        "group": "other",
-        "task": key,
-        "ours_mean": round(100 * r["mean"], 2),
-        "ours_std": round(100 * r["std"], 2),
-        "seeds": len(r["seeds"]),
-        "prompts": r.get("num_prompts", ""),
-        "condense_keep": r.get("condense_keep", 0.0),
-        "base_lr": r["base_lr"],
-        "weight_decay": r["weight_decay"],
-        "normalize": r.get("normalize", ""),
-        "vpt_deep_published": "",
-        "vpt_shallow_published": "",
-        "full_ft_published": "",
-      }
-    )
+
+  def row(key, r, task):
+    pub = task.published if task else {}
+    return {
+      "benchmark": task.benchmark if task else "other",
+      "group": task.group if task else "other",
+      "task": key,
+      "ours_mean": round(100 * r["mean"], 2),
+      "ours_std": round(100 * r["std"], 2),
+      "seeds": len(r["seeds"]),
+      "prompts": r.get("num_prompts", ""),
+      "condense_keep": r.get("condense_keep", 0.0),
+      "base_lr": r["base_lr"],
+      "weight_decay": r["weight_decay"],
+      "normalize": r.get("normalize", ""),
+      "vpt_deep_published": pub.get("vpt_deep", ""),
+      "vpt_shallow_published": pub.get("vpt_shallow", ""),
+      "full_ft_published": pub.get("full_ft", ""),
+    }
+
+  # Registry order first, then datasets outside the registry.
+  rows = [
+    row(k, by_task.pop(k), t) for k, t in vtab.TASKS.items() if k in by_task
+  ]
+  rows += [row(k, r, None) for k, r in by_task.items()]
   if not rows:
     raise ValueError("No final runs to report.")
   lines = [

@@ -54,23 +54,14 @@ def grid_optimizer(
   """
 
   def make(lr_scale, weight_decay):
-    parts = [
-      optax.add_decayed_weights(weight_decay, mask=optim.weight_decay_mask),
-      optax.sgd(unit_schedule, momentum=momentum),
-      optax.scale(lr_scale),
-    ]
-    if prompt_lr_scale != 1.0:
-      parts.append(
-        optax.masked(
-          optax.scale(prompt_lr_scale),
-          lambda p: {k: k == "prompts" for k in p},
-        )
-      )
-    if not train_head:
-      parts.append(
-        optax.masked(optax.set_to_zero(), lambda p: {k: k == "head" for k in p})
-      )
-    return optax.chain(*parts)
+    return optim.sgd_chain(
+      unit_schedule,
+      weight_decay=weight_decay,
+      momentum=momentum,
+      prompt_lr_scale=prompt_lr_scale,
+      train_head=train_head,
+      lr_scale=lr_scale,
+    )
 
   return optax.inject_hyperparams(make)
 

@@ -738,13 +738,7 @@ def _condense_pipeline(config, workdir, stop_after_steps):
     measure_throughput=True,
     quiet=True,
   )
-  dims = dict(
-    hidden_size=model.hidden_size,
-    num_layers=model.num_layers,
-    mlp_dim=model.mlp_dim,
-    num_patches=(config.data.image_size // model.patch_size) ** 2,
-    patch_size=model.patch_size,
-  )
+  dims = flops.model_dims(model, config.data.image_size)
 
   def summary(r):
     per_layer = r["prompts_per_layer"]
