@@ -14,13 +14,13 @@ def test_vmapped_grid_equals_separate_runs(tmp_path, data_dir):
   def cfg():
     c = tiny_config("epochs=2,num_prompts=3,parallel=jit")
     c.data.data_dir = data_dir
-    c.data.train_split = "train[:200]"
-    c.data.eval_split = "test[:100]"
+    c.data.train_split = "train[:128]"
+    c.data.eval_split = "test[:64]"
     c.warmup_epochs = 1
     return c
 
-  members = [(1.0, 0.0), (1.0, 1e-2), (0.1, 0.0), (0.1, 1e-2)]
-  grid = sweep.train_grid_chunked(cfg(), members, chunk=3)  # chunks 3 + 1
+  members = [(1.0, 1e-2), (0.1, 0.0), (0.1, 1e-2)]
+  grid = sweep.train_grid_chunked(cfg(), members, chunk=2)  # chunks 2 + 1
   assert [(g["base_lr"], g["weight_decay"]) for g in grid] == members
   for (lr, wd), g in zip(members, grid, strict=True):
     c = cfg()
@@ -33,9 +33,9 @@ def test_vmapped_grid_equals_separate_runs(tmp_path, data_dir):
       strict=True,
     ):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    assert abs(res["eval_accuracy"] - g["eval_accuracy"]) <= 0.011
+    assert abs(res["eval_accuracy"] - g["eval_accuracy"]) <= 1.5 / 64
   # The members really differ (a bug broadcasting one member would not).
-  a, b = grid[0]["trainable"]["head"], grid[2]["trainable"]["head"]
+  a, b = grid[0]["trainable"]["head"], grid[1]["trainable"]["head"]
   assert np.abs(a["kernel"] - b["kernel"]).max() > 1e-3
 
 
