@@ -289,6 +289,7 @@ def accuracy_curve(
   """
   from vptpc import flops, train
 
+  dims = flops.model_dims(train.build_model(config), config.data.image_size)
   rows = []
   for seed in seeds:
     for c in counts:
@@ -304,8 +305,6 @@ def accuracy_curve(
         cfg.prompt.num_prompts = c
         cfg.condense.keep = 0.0
         res = train.train_stage(cfg, run, quiet=True)
-      model = train.build_model(config)
-      dims = flops.model_dims(model, config.data.image_size)
       rows.append(
         dict(
           method="vpt_deep",

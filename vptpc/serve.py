@@ -23,6 +23,7 @@ have been trained on that backbone (`vptpc.prompts.load_prompts` checks).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -118,11 +119,13 @@ def build_bank(
   return TaskBank(names, cache, kernel, bias, n_cls)
 
 
+@functools.cache
 def make_classifier(model: vit.VisionTransformer):
   """Returns jitted ``logits(backbone, bank arrays, images, task_ids)``.
 
   ``model`` must have ``kv_only=True`` (any ``num_classes``: its head is
   not used). Logits are (B, C_max), -inf on classes the task lacks.
+  Cached per model, so repeated `classify` calls compile once.
   """
   feat = model.clone(num_classes=None, kv_only=True)
 

@@ -26,7 +26,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 
@@ -114,7 +113,8 @@ def train_grid(
   frozen = jax.device_put(s.frozen)
   # The run key of `train.train_stage`, so dropout matches separate runs.
   rng = jax.random.fold_in(jax.random.key(config.seed), 2)
-  finite = np.ones(len(members), bool)
+  # Kept on the device: a host read per step would sync every step.
+  finite = jnp.ones(len(members), bool)
   for epoch in range(config.total_epochs):
     for batch in pipeline.train_batches(
       s.train,
@@ -124,7 +124,7 @@ def train_grid(
       normalization=config.data.normalize,
     ):
       states, metrics = vstep(states, frozen, batch, rng)
-      finite &= np.isfinite(np.asarray(metrics["train_loss"]))
+      finite &= jnp.isfinite(metrics["train_loss"])
   totals = None
   for batch in pipeline.eval_batches(
     s.eval,
@@ -135,7 +135,7 @@ def train_grid(
     totals = (
       sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
     )
-  totals = jax.device_get(totals)
+  totals, finite = jax.device_get((totals, finite))
   host = jax.device_get(states.trainable)
   out = []
   for i, (lr, wd) in enumerate(members):
