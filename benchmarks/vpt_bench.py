@@ -108,6 +108,8 @@ def make_row(ctx: dict, what: str, mode: str, s: float, gflops: float):
     pct_peak=round(100 * 2 * gflops * b / s / ctx["peak"], 1),
     device=ctx["device"],
   )
+  if ctx.get("spec"):
+    r["pct_spec"] = round(100 * 2 * gflops * b / s / ctx["spec"], 1)
   print(json.dumps(r), flush=True)
   return r
 
@@ -128,6 +130,15 @@ def main():
   ap.add_argument("--iters", type=int, default=3)
   ap.add_argument("--matmul_n", type=int, default=2048)
   ap.add_argument("--small", action="store_true", help="also fractal-Ti/4")
+  ap.add_argument(
+    "--attention", default="", help="attention_impl: '', xla or cudnn"
+  )
+  ap.add_argument(
+    "--spec_tflops",
+    type=float,
+    default=0.0,
+    help="datasheet dense peak (e.g. 989 for H100 SXM bf16): adds pct_spec",
+  )
   ap.add_argument(
     "--torch_ref",
     default=os.path.join(
@@ -199,12 +210,15 @@ def main():
         paths.append("kv_cache")
       for path in paths:
         over = vit.path_overrides("kv" if path == "kv_cache" else path)
-        model = vit.create_model(cfg, dtype=dtype, **over)
+        model = vit.create_model(
+          cfg, dtype=dtype, attention_impl=a.attention or None, **over
+        )
         actual = naive if path == "full" else kvc
 
         ctx = dict(
           model=name, batch=batch, dtype=a.dtype, prompts=n_p,
           path=path if n_p else "none", naive=naive, peak=peak, device=device,
+          spec=a.spec_tflops * 1e3,
         )  # fmt: skip
 
         # Eval forward (jit).
@@ -344,7 +358,9 @@ def main():
     "achieved_gflop_s",
     "pct_peak",
   ]
-  slim = [{c: r[c] for c in cols} for r in rows]
+  if a.spec_tflops:
+    cols.append("pct_spec")
+  slim = [{c: r.get(c, "") for c in cols} for r in rows]
   import contextlib
   import io
 
@@ -352,7 +368,9 @@ def main():
   with contextlib.redirect_stdout(buf):
     print(
       f"Device: {device}; peak matmul {peak:.1f} GFLOP/s ({a.matmul_n}^2 "
-      f"{a.dtype}, measured in this run). gflops_* are per image in the PC "
+      f"{a.dtype}, measured in this run"
+      + (f"; datasheet {a.spec_tflops:g} TFLOP/s" if a.spec_tflops else "")
+      + "). gflops_* are per image in the PC "
       "paper's convention (multiply-accumulates; train: 2 x forward); "
       "achieved GFLOP/s count 2 FLOPs per multiply-accumulate.\n"
     )

@@ -194,6 +194,7 @@ def build_model(config: ml_collections.ConfigDict) -> vit.VisionTransformer:
     kv_shared=config.model.get("kv_shared", True),
     prompt_dropout=config.prompt.dropout,
     dtype=jnp.dtype(config.model.dtype),
+    attention_impl=config.model.get("attention_impl") or None,
   )
 
 

@@ -111,7 +111,13 @@ def get_model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
       f"Unknown ViT variant {name!r}; known: {', '.join(_VARIANTS)}."
     )
   cfg = dict(_VARIANTS[key], num_classes=None)
-  allowed = set(cfg) | {"prompt_dropout", "kv_only", "kv_shared", "dtype"}
+  allowed = set(cfg) | {
+    "prompt_dropout",
+    "kv_only",
+    "kv_shared",
+    "dtype",
+    "attention_impl",
+  }
   bad = sorted(set(overrides) - allowed)
   if bad:
     raise ValueError(
@@ -158,6 +164,7 @@ class MultiHeadDotProductAttention(nn.Module):
 
   num_heads: int
   dtype: Any = jnp.float32
+  attention_impl: str | None = None
 
   @nn.compact
   def __call__(
@@ -239,7 +246,9 @@ class MultiHeadDotProductAttention(nn.Module):
       if mask is not None:
         logits = jnp.where(mask, logits, -jnp.inf)
       self.sow("intermediates", "attention_weights", jax.nn.softmax(logits))
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    out = jax.nn.dot_product_attention(
+      q, k, v, mask=mask, implementation=self.attention_impl
+    )
     return nn.DenseGeneral(
       d,
       axis=(-2, -1),
@@ -255,6 +264,7 @@ class Encoder1DBlock(nn.Module):
   mlp_dim: int
   num_heads: int
   dtype: Any = jnp.float32
+  attention_impl: str | None = None
 
   @nn.compact
   def __call__(
@@ -280,7 +290,10 @@ class Encoder1DBlock(nn.Module):
     y = ln1(x)
     extra = None if kv_prompts is None else ln1(kv_prompts)
     y = MultiHeadDotProductAttention(
-      self.num_heads, dtype=self.dtype, name="MultiHeadDotProductAttention_1"
+      self.num_heads,
+      dtype=self.dtype,
+      attention_impl=self.attention_impl,
+      name="MultiHeadDotProductAttention_1",
     )(y, extra, kv_cached=kv_cached, kv_mask=kv_mask)
     x = x + y
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_2")(x)
@@ -333,6 +346,7 @@ class Encoder(nn.Module):
   kv_shared: bool = True
   prompt_dropout: float = 0.0
   dtype: Any = jnp.float32
+  attention_impl: str | None = None
 
   def _prompt(self, p: Array, batch: int, train: bool) -> Array:
     """Casts one layer's prompts and applies per-example dropout if training.
@@ -409,6 +423,7 @@ class Encoder(nn.Module):
         mlp_dim=self.mlp_dim,
         num_heads=self.num_heads,
         dtype=self.dtype,
+        attention_impl=self.attention_impl,
         name=f"encoderblock_{i}",
       )
       if variant == "deep":
@@ -462,6 +477,9 @@ class VisionTransformer(nn.Module):
     prompt_dropout: dropout rate on prompts while training (official VPT: 0.0
       default, 0.1 for Deep in its demo).
     dtype: compute dtype (parameters stay float32).
+    attention_impl: ``implementation`` of `jax.nn.dot_product_attention`:
+      None (XLA picks; the default), ``"xla"`` or ``"cudnn"`` (fused flash
+      attention on NVIDIA GPUs, bf16/fp16 only).
   """
 
   patch_size: int
@@ -474,6 +492,7 @@ class VisionTransformer(nn.Module):
   kv_shared: bool = True
   prompt_dropout: float = 0.0
   dtype: Any = jnp.float32
+  attention_impl: str | None = None
 
   @nn.compact
   def __call__(
@@ -525,6 +544,7 @@ class VisionTransformer(nn.Module):
       kv_shared=self.kv_shared,
       prompt_dropout=self.prompt_dropout,
       dtype=self.dtype,
+      attention_impl=self.attention_impl,
       name="Transformer",
     )(x, prompts, train=train)
     features = x[:, 0]
