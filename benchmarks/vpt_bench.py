@@ -131,7 +131,7 @@ def main():
   ap.add_argument("--matmul_n", type=int, default=2048)
   ap.add_argument("--small", action="store_true", help="also fractal-Ti/4")
   ap.add_argument(
-    "--attention", default="", help="attention_impl: '', xla or cudnn"
+    "--attention", default="", help="attention_impl: '', matmul, xla or cudnn"
   )
   ap.add_argument(
     "--spec_tflops",

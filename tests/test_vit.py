@@ -296,3 +296,37 @@ def test_bad_image_shape_is_named(tiny_params):
   model = vit.VisionTransformer(**TINY, num_classes=5)
   with pytest.raises(ValueError, match="divisible by the patch size 8"):
     model.apply({"params": tiny_params}, jnp.ones((1, 30, 30, 3)))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_matmul_attention_equals_xla_in_forward_and_gradients(masked):
+  ks = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(ks[0], (2, 5, 2, 8))
+  k = jax.random.normal(ks[1], (2, 7, 2, 8))
+  v = jax.random.normal(ks[2], (2, 7, 2, 8))
+  mask = None
+  if masked:  # the second example's keys 1..3 are padding (vptpc.serve)
+    keep = jnp.ones((2, 7), bool).at[1, 1:4].set(False)
+    mask = keep[:, None, None, :]
+  w = jax.random.normal(ks[3], (2, 5, 2, 8))
+
+  def loss(impl, q, k, v):
+    return (vit.attention(q, k, v, mask, impl) * w).sum()
+
+  for a, b in zip(
+    jax.grad(lambda *x: loss("matmul", *x), argnums=(0, 1, 2))(q, k, v),
+    jax.grad(lambda *x: loss("xla", *x), argnums=(0, 1, 2))(q, k, v),
+    strict=True,
+  ):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    vit.attention(q, k, v, mask, "matmul"),
+    jax.nn.dot_product_attention(q, k, v, mask=mask),
+    rtol=1e-5,
+    atol=1e-6,
+  )
+  half = vit.attention(*(t.astype(jnp.bfloat16) for t in (q, k, v)), mask)
+  assert half.dtype == jnp.bfloat16
+  ref = vit.attention(q, k, v, mask, "xla")
+  rel = jnp.linalg.norm(half.astype(jnp.float32) - ref) / jnp.linalg.norm(ref)
+  assert rel < 1e-2

@@ -214,7 +214,7 @@ def base_config() -> ml_collections.ConfigDict:
   # per-image keys/values while training.
   c.model.kv_shared = True
   c.model.dtype = "float32"  # bfloat16 on TPU/GPU for speed.
-  # "" lets XLA choose; "cudnn" is fused flash attention (NVIDIA, bf16).
+  # "": matmul on CPU, XLA's elsewhere; "cudnn": flash attention (NVIDIA).
   c.model.attention_impl = ""
 
   c.prompt = ml_collections.ConfigDict()
@@ -300,7 +300,7 @@ _CHOICES = {
   "data.source": ("tfds", "folder"),
   "data.preprocess": ("vtab", "fgvc", "crop"),
   "model.dtype": ("float32", "bfloat16", "float16"),
-  "model.attention_impl": ("", "xla", "cudnn"),
+  "model.attention_impl": ("", "matmul", "xla", "cudnn"),
   "parallel": ("auto", "jit", "pmap"),
   "protocol.mode": ("single", "tune", "final"),
   "condense.score_fn": ("taylor", "taylor_abs", "grad_norm", "random"),
