@@ -6,7 +6,9 @@
 Writes ``results.md`` / ``results.csv`` (mean ± std per task and method) and
 ``runs.csv`` (one row per run). Methods: linear probe (head only), VPT-Shallow,
 VPT-Deep on the embedded backbone, and the same ViT trained from scratch.
-Hyperparameters are fixed here, not tuned per task; VPT runs use
+Hyperparameters are fixed here, except VPT-Deep's prompt count, which is
+chosen per task on val200 from ``deep_prompts`` (VPT's protocol; one seed,
+train800 -> val200, then the final runs use it). VPT runs use
 `vptpc.data.minivtab.task_config` (per-step schedule, prompts at 1/100 of
 the head's LR; its docstring gives the measurements behind that).
 ``seeds=42:44`` and ``tasks=digits:count`` narrow a run.
@@ -21,7 +23,12 @@ from vptpc.data import minivtab
 def get_config(arg=None):
   """Returns the suite config."""
   a = config_util.parse_arg(
-    arg, epochs=10, seeds=(42, 44, 82), tasks="", smoke=False
+    arg,
+    epochs=10,
+    seeds=(42, 44, 82),
+    tasks="",
+    deep_prompts=(1, 3, 10),
+    smoke=False,
   )
   c = ConfigDict()
   c.tasks = tuple(a.tasks.split(":")) if a.tasks else tuple(minivtab.TASKS)
@@ -35,7 +42,14 @@ def get_config(arg=None):
     {
       "linear": dict(epochs=e, lr=1.0, weight_decay=1e-4, num_prompts=0),
       "shallow": dict(epochs=e, lr=1.0, weight_decay=1e-4, num_prompts=10),
-      "deep": dict(epochs=e, lr=1.0, weight_decay=1e-4, num_prompts=10),
+      # VPT's protocol picks the prompt length per task on val200.
+      "deep": dict(
+        epochs=e,
+        lr=1.0,
+        weight_decay=1e-4,
+        num_prompts=10,
+        select_prompts=(1, 2) if a.smoke else a.deep_prompts,
+      ),
       "scratch": dict(epochs=e, lr=1e-3, weight_decay=0.05),
     }
   )

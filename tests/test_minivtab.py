@@ -180,6 +180,15 @@ def test_suite_smoke_writes_the_tables(tmp_path, data_dir):
   rows = (tmp_path / "runs.csv").read_text().splitlines()
   assert len(rows) == 1 + 4  # header + 4 methods x 1 task x 1 seed
   assert {r.split(",")[1] for r in rows[1:]} == set(suite.METHODS)
+  # VPT-Deep's prompt count was chosen on val200 among (1, 2).
+  deep = tmp_path / "digits" / "deep"
+  assert (deep / "select_p1" / "suite_result.json").exists()
+  assert (deep / "select_p2" / "suite_result.json").exists()
+  import csv
+
+  rec = [r for r in csv.DictReader(open(tmp_path / "runs.csv"))]
+  (d,) = [r for r in rec if r["method"] == "deep"]
+  assert d["num_prompts"] in ("1", "2") and "chosen on val200" in text
   # A finished suite is not recomputed.
   again = suite.run_suite(c, str(tmp_path))
   assert again.split("Wall time")[0] == text.split("Wall time")[0]

@@ -223,6 +223,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.prompt.dropout = 0.0  # Official default 0.0; its demo uses 0.1 (Deep).
   # LR multiplier for prompts vs head; 1.0 is the official recipe.
   c.prompt.lr_scale = 1.0
+  # "vpt": VPT's uniform init; "tokens": draws of the frozen ViT's own input
+  # tokens per layer on `init_images` training images (SPT-style; not VPT).
+  c.prompt.init = "vpt"
+  c.prompt.init_images = 64
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "vptpc_toy"  # TFDS name[:version].
@@ -296,6 +300,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 _CHOICES = {
   "prompt.variant": ("deep", "shallow"),
+  "prompt.init": ("vpt", "tokens"),
   "data.normalize": ("imagenet", "minus1_1"),
   "data.source": ("tfds", "folder"),
   "data.preprocess": ("vtab", "fgvc", "crop"),

@@ -131,6 +131,71 @@ def init_prompts(
   return {layer_key(i): draw(keys[i], int(c)) for i, c in enumerate(counts)}
 
 
+def init_prompts_from_tokens(
+  rng: Array,
+  tokens: Mapping[str, Array],
+  *,
+  num_prompts: int | Sequence[int],
+  variant: str = "deep",
+) -> PromptTree:
+  """Initialises prompts as tokens the frozen ViT itself produces.
+
+  Each layer's prompts are distinct tokens drawn at random from that
+  layer's input tokens on training images (``tokens["encoderblock_i"]``;
+  ``"input"`` for VPT-Shallow), in the spirit of SPT (Wang et al., "Revisiting
+  the Power of Prompt for Visual Tuning", ICML 2024, which uses k-means
+  prototypes; a random sample is the cheaper variant). Not VPT's recipe:
+  random prompts act as out-of-distribution keys and can disturb a small
+  backbone's features (measured on the embedded backbone, see
+  `vptpc.data.minivtab.task_config`), prompts drawn from its own tokens do
+  not. Selected by ``config.prompt.init = "tokens"``.
+
+  Args:
+    rng: PRNG key.
+    tokens: layer key -> (N, D) pool of that layer's input tokens.
+    num_prompts: prompts per layer (an int, or per-layer counts for deep).
+    variant: ``"deep"`` or ``"shallow"``.
+
+  Returns:
+    The prompt tree (float32).
+
+  Raises:
+    ValueError: a pool smaller than its prompt count, or a missing layer.
+  """
+  if variant == "shallow":
+    keys = ["input"]
+    counts = [num_prompts]
+  else:
+    keys = sorted(
+      (k for k in tokens if k.startswith("encoderblock_")),
+      key=lambda k: int(k.rsplit("_", 1)[1]),
+    )
+    counts = (
+      [num_prompts] * len(keys)
+      if isinstance(num_prompts, int)
+      else list(num_prompts)
+    )
+    if len(counts) != len(keys):
+      raise ValueError(
+        f"{len(counts)} prompt counts for {len(keys)} token pools."
+      )
+  out = {}
+  for i, (k, n) in enumerate(zip(keys, counts, strict=True)):
+    if k not in tokens:
+      raise ValueError(f"No token pool for prompt layer {k!r}.")
+    pool = jnp.asarray(tokens[k], jnp.float32)
+    if pool.shape[0] < n:
+      raise ValueError(
+        f"Layer {k!r} needs {n} prompts but its token pool has only "
+        f"{pool.shape[0]} tokens."
+      )
+    idx = jax.random.choice(
+      jax.random.fold_in(rng, i), pool.shape[0], (n,), replace=False
+    )
+    out[k] = pool[idx]
+  return out
+
+
 def prompts_per_layer(prompts: Mapping[str, Any]) -> tuple[int, ...]:
   """Returns the static prompt count of each layer, in layer order."""
   return tuple(int(prompts[k].shape[0]) for k in layer_keys(prompts))

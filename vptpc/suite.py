@@ -130,20 +130,63 @@ def train_scratch(
   }
 
 
+def select_num_prompts(
+  config: ml_collections.ConfigDict, task: str, method: str, workdir: str
+) -> dict[str, Any]:
+  """Chooses a VPT method's prompt count for one task on val200.
+
+  VPT's protocol (vpt.md): the prompt length is a per-task hyperparameter
+  picked on the validation split. Each count in the method's
+  ``select_prompts`` is trained on train800 and evaluated on val200 with the
+  first suite seed (``<workdir>/select_p<n>``, resumable); the best val
+  accuracy wins, ties to the smaller count.
+
+  Returns:
+    ``{"num_prompts": chosen, "val_accuracy": {count: accuracy}}``.
+  """
+  m = config.methods[method]
+  val = {}
+  for n in m.select_prompts:
+    sub = dict(m.to_dict(), num_prompts=int(n), mode="tune")
+    sub.pop("select_prompts")
+    r = run_one(
+      config,
+      task,
+      method,
+      config.seeds[0],
+      os.path.join(workdir, f"select_p{n}"),
+      overrides=sub,
+    )
+    val[int(n)] = r["test_accuracy"]  # the eval split here is val200
+  best = max(val, key=lambda n: (val[n], -n))
+  return {"num_prompts": best, "val_accuracy": val}
+
+
 def run_one(
   config: ml_collections.ConfigDict,
   task: str,
   method: str,
   seed: int,
   workdir: str,
+  overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-  """Runs (or reads back) one method on one task with one seed."""
+  """Runs (or reads back) one method on one task with one seed.
+
+  ``overrides`` replaces the method's settings (the prompt-count selection
+  uses it for its val200 runs).
+  """
   done = os.path.join(workdir, "suite_result.json")
   if os.path.exists(done):
     with open(done) as f:
       return json.load(f)
   os.makedirs(workdir, exist_ok=True)
-  m = config.methods[method]
+  m = ml_collections.ConfigDict(overrides or config.methods[method])
+  selected = None
+  if m.get("select_prompts"):
+    selected = select_num_prompts(
+      config, task, method, os.path.dirname(workdir)
+    )
+    m.num_prompts = selected["num_prompts"]
   data_dir = config.data_dir or None
   t0 = time.time()
   if method == "scratch":
@@ -162,6 +205,7 @@ def run_one(
       task,
       variant="shallow" if method == "shallow" else "deep",
       num_prompts=m.num_prompts,
+      mode=m.get("mode", "final"),
       seed=seed,
       epochs=m.epochs,
       base_lr=m.lr,
@@ -201,6 +245,9 @@ def run_one(
     "seconds": round(time.time() - t0, 1),
     **extra,
   }
+  if selected is not None:
+    out["num_prompts"] = selected["num_prompts"]
+    out["val200_by_prompts"] = json.dumps(selected["val_accuracy"])
   with open(done, "w") as f:
     json.dump(out, f)
   return out
@@ -275,13 +322,23 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str) -> str:
         w.writerow(
           [t, m, f"{np.mean(acc):.4f}", f"{np.std(acc):.4f}", len(acc)]
         )
+
+  def prompts_desc(m):
+    mc = config.methods[m]
+    if mc.get("select_prompts"):
+      chosen = {r["task"]: r["num_prompts"] for r in rows if r["method"] == m}
+      counts = "/".join(str(n) for n in mc.select_prompts)
+      return (
+        f", prompts per task chosen on val200 from {counts} "
+        f"({', '.join(f'{t} {n}' for t, n in chosen.items())})"
+      )
+    if "num_prompts" in mc:
+      return f", {mc.num_prompts} prompts"
+    return ""
+
   desc = ", ".join(
     f"{m}: {config.methods[m].epochs} epochs, lr {config.methods[m].lr}"
-    + (
-      f", {config.methods[m].num_prompts} prompts"
-      if "num_prompts" in config.methods[m]
-      else ""
-    )
+    + prompts_desc(m)
     for m in config.method_order
   )
   text = (

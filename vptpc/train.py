@@ -227,6 +227,43 @@ def load_backbone(
   return backbone, head
 
 
+def token_pools(
+  model: vit.VisionTransformer,
+  params: dict[str, Any],
+  split: pipeline.Split,
+  config: ml_collections.ConfigDict,
+) -> dict[str, jax.Array]:
+  """Each block's input patch tokens on the first training images.
+
+  Returns ``{"encoderblock_i": (N, D), "input": (N, D)}`` with N =
+  ``config.prompt.init_images`` x patches: the pools that
+  `vptpc.prompts.init_prompts_from_tokens` draws prompts from.
+  """
+  batch = next(
+    pipeline.eval_batches(
+      split,
+      batch_size=min(config.prompt.init_images, len(split)),
+      normalization=config.data.normalize,
+    )
+  )
+  n = int(batch["mask"].sum())
+  _, inter = model.apply(
+    {"params": params},
+    jnp.asarray(batch["image"][:n]),
+    None,
+    mutable=["intermediates"],
+  )
+  found = inter["intermediates"]["Transformer"]
+  pools = {
+    f"encoderblock_{i}": found[f"block_input_{i}"][0].reshape(
+      -1, model.hidden_size
+    )
+    for i in range(model.num_layers)
+  }
+  pools["input"] = pools["encoderblock_0"]
+  return pools
+
+
 def setup(
   config: ml_collections.ConfigDict,
   init_trainable: dict[str, Any] | None = None,
@@ -246,14 +283,23 @@ def setup(
   eval_split = pipeline.split_from_config(config, "eval")
   model = build_model(config)
   frozen, head = load_backbone(config, model)
-  prompts = prompts_lib.init_prompts(
-    jax.random.fold_in(jax.random.key(config.seed), 1),
-    num_prompts=config.prompt.num_prompts,
-    hidden_size=model.hidden_size,
-    patch_size=model.patch_size,
-    num_layers=model.num_layers,
-    variant=config.prompt.variant,
-  )
+  prompt_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+  if config.prompt.get("init", "vpt") == "tokens" and init_trainable is None:
+    prompts = prompts_lib.init_prompts_from_tokens(
+      prompt_rng,
+      token_pools(model, vit.merge_head(frozen, head), train_split, config),
+      num_prompts=config.prompt.num_prompts,
+      variant=config.prompt.variant,
+    )
+  else:
+    prompts = prompts_lib.init_prompts(
+      prompt_rng,
+      num_prompts=config.prompt.num_prompts,
+      hidden_size=model.hidden_size,
+      patch_size=model.patch_size,
+      num_layers=model.num_layers,
+      variant=config.prompt.variant,
+    )
   spe = pipeline.steps_per_epoch(len(train_split), config.batch_size)
   schedule = optim.create_lr_schedule(
     base_lr=config.base_lr,

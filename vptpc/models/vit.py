@@ -468,6 +468,10 @@ class Encoder(nn.Module):
       p = self._prompt(prompts["input"], b, train)
       x = jnp.concatenate([x[:, :1], fit(p), x[:, 1:]], axis=1)
     for i in range(self.num_layers):
+      if self.is_mutable_collection("intermediates"):
+        # Each block's image tokens (class token and prompts excluded), for
+        # prompts initialised from tokens (`prompts.init_prompts_from_tokens`).
+        self.sow("intermediates", f"block_input_{i}", x[:, 1 + n_prev :])
       block = Encoder1DBlock(
         mlp_dim=self.mlp_dim,
         num_heads=self.num_heads,
