@@ -19,7 +19,13 @@ from vptpc.data import minivtab
 def get_config(arg=None):
   """Returns the PC suite config."""
   a = config_util.parse_arg(
-    arg, epochs=10, ft_epochs=10, seeds=(42, 44, 82), tasks="", smoke=False
+    arg,
+    epochs=10,
+    ft_epochs=10,
+    seeds=(42, 44, 82),
+    tasks="",
+    workers=2,
+    smoke=False,
   )
   c = ConfigDict()
   c.tasks = tuple(a.tasks.split(":")) if a.tasks else tuple(minivtab.TASKS)
@@ -28,6 +34,8 @@ def get_config(arg=None):
   c.batch_size = 64
   c.data_dir = ""
   c.smoke = a.smoke
+  # Tasks spread over single-thread worker processes (`vptpc.suite`).
+  c.workers = 1 if a.smoke else a.workers
   e = 2 if a.smoke else a.epochs
   ft = 1 if a.smoke else a.ft_epochs
   common = dict(epochs=e, lr=1.0, weight_decay=1e-4, num_prompts=10)

@@ -28,6 +28,7 @@ def get_config(arg=None):
     seeds=(42, 44, 82),
     tasks="",
     deep_prompts=(1, 3, 10),
+    workers=2,
     smoke=False,
   )
   c = ConfigDict()
@@ -37,6 +38,8 @@ def get_config(arg=None):
   c.batch_size = 64
   c.data_dir = ""
   c.smoke = a.smoke
+  # Tasks spread over single-thread worker processes (`vptpc.suite`).
+  c.workers = 1 if a.smoke else a.workers
   e = 2 if a.smoke else a.epochs
   c.methods = ConfigDict(
     {

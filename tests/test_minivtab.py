@@ -213,3 +213,19 @@ def test_pc_suite_smoke_shares_the_full_model(tmp_path, data_dir):
   assert int(recs["pc30"]["prompts_total"]) == 18
   assert int(recs["pc50"]["prompts_total"]) == 30
   assert recs["pc30"]["full_test_accuracy"] == recs["deep"]["test_accuracy"]
+
+
+def test_suite_workers_split_the_tasks_and_build_one_table(tmp_path, data_dir):
+  from vptpc import suite
+
+  c = _load_config("suite", "smoke")
+  c.data_dir = data_dir
+  c.tasks = ("digits", "count")
+  c.method_order = ("linear",)
+  c.workers = 2
+  text = suite.run_suite(c, str(tmp_path))
+  for t in c.tasks:
+    assert (tmp_path / t / "linear" / "seed42" / "suite_result.json").exists()
+    assert f"| {t} |" in text
+  rows = (tmp_path / "runs.csv").read_text().splitlines()
+  assert len(rows) == 1 + 2

@@ -225,6 +225,7 @@ class MultiHeadDotProductAttention(nn.Module):
     kv_insert_at: int = 1,
     kv_cached: tuple[Array, Array] | None = None,
     kv_mask: Array | None = None,
+    num_queries: int | None = None,
   ) -> Array:
     """Attends from every token of ``x`` to ``x`` (plus ``kv_extra``).
 
@@ -242,9 +243,12 @@ class MultiHeadDotProductAttention(nn.Module):
         permutation-invariant over keys; inserting them where the full path
         has its prompts keeps the float summation order, hence bitwise-close
         results.
+      num_queries: only the first ``num_queries`` tokens query (all tokens
+        are still keys and values); None: all of them.
 
     Returns:
-      (B, T, D) attention output after the output projection.
+      (B, T, D) attention output after the output projection ((B,
+      num_queries, D) with ``num_queries``).
     """
     d = x.shape[-1]
     if d % self.num_heads:
@@ -262,7 +266,8 @@ class MultiHeadDotProductAttention(nn.Module):
       )
 
     query, key, value = proj("query"), proj("key"), proj("value")
-    q, k, v = query(x), key(x), value(x)
+    q = query(x if num_queries is None else x[:, :num_queries])
+    k, v = key(x), value(x)
     kp = vp = None
     if kv_cached is not None and kv_cached[0].shape[-3] > 0:
       kp, vp = (t.astype(k.dtype) for t in kv_cached)
@@ -278,7 +283,7 @@ class MultiHeadDotProductAttention(nn.Module):
       v = jnp.concatenate([v[:, :i], vp, v[:, i:]], axis=1)
     mask = None
     if kp is not None and kv_mask is not None:
-      b, t = x.shape[0], x.shape[1]
+      b, t = x.shape[0], x.shape[1]  # keys: all T tokens + the prompts
       keep = jnp.concatenate(
         [
           jnp.ones((b, kv_insert_at), bool),
@@ -322,6 +327,7 @@ class Encoder1DBlock(nn.Module):
     kv_prompts: Array | None = None,
     kv_cached: tuple[Array, Array] | None = None,
     kv_mask: Array | None = None,
+    cls_only: bool = False,
   ) -> Array:
     """Applies the block.
 
@@ -331,9 +337,12 @@ class Encoder1DBlock(nn.Module):
         keys/values (the exact key/value-only form of VPT-Deep).
       kv_cached: optional precomputed prompt (keys, values) of this block.
       kv_mask: optional (B, k) validity of per-example cached keys.
+      cls_only: compute only the class token's output (the last block of a
+        classifier: no other output is read). Every token is still a key
+        and value, so the class token is exactly what the full block gives.
 
     Returns:
-      (B, T, D) tokens.
+      (B, T, D) tokens ((B, 1, D) with ``cls_only``).
     """
     ln1 = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_0")
     y = ln1(x)
@@ -343,8 +352,14 @@ class Encoder1DBlock(nn.Module):
       dtype=self.dtype,
       attention_impl=self.attention_impl,
       name="MultiHeadDotProductAttention_1",
-    )(y, extra, kv_cached=kv_cached, kv_mask=kv_mask)
-    x = x + y
+    )(
+      y,
+      extra,
+      kv_cached=kv_cached,
+      kv_mask=kv_mask,
+      num_queries=1 if cls_only else None,
+    )
+    x = (x[:, :1] if cls_only else x) + y
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_2")(x)
     y = MlpBlock(self.mlp_dim, dtype=self.dtype, name="MlpBlock_3")(y)
     return x + y
@@ -419,6 +434,7 @@ class Encoder(nn.Module):
     prompts: Mapping[str, Array] | None = None,
     *,
     train: bool = False,
+    cls_only: bool = False,
   ) -> Array:
     """Runs the blocks on ``[cls, patches]`` tokens with prompts inserted.
 
@@ -426,10 +442,13 @@ class Encoder(nn.Module):
       x: (B, 1 + N, D) class token and patch tokens (no prompts yet).
       prompts: a prompt tree (see module docstring) or None.
       train: enables prompt dropout.
+      cls_only: the last block computes only the class token's output
+        (exact for it; what a classifier reads). Ignored while
+        intermediates are collected, so analyses see every token.
 
     Returns:
       (B, 1 + N, D) encoded class and patch tokens after `encoder_norm`
-      (prompt outputs are dropped).
+      (prompt outputs are dropped); (B, 1, D) with ``cls_only``.
     """
     b = x.shape[0]
     x = AddPositionEmbs(name="posembed_input")(x)
@@ -467,7 +486,9 @@ class Encoder(nn.Module):
     if variant == "shallow":
       p = self._prompt(prompts["input"], b, train)
       x = jnp.concatenate([x[:, :1], fit(p), x[:, 1:]], axis=1)
+    cls_only = cls_only and not self.is_mutable_collection("intermediates")
     for i in range(self.num_layers):
+      last = cls_only and i == self.num_layers - 1
       if self.is_mutable_collection("intermediates"):
         # Each block's image tokens (class token and prompts excluded), for
         # prompts initialised from tokens (`prompts.init_prompts_from_tokens`).
@@ -487,21 +508,28 @@ class Encoder(nn.Module):
               "A key/value prompt cache needs kv_only=True (the cache holds "
               "projected keys/values, not prompt tokens)."
             )
-          x = block(x, kv_cached=(p["key"], p["value"]), kv_mask=p.get("mask"))
+          x = block(
+            x,
+            kv_cached=(p["key"], p["value"]),
+            kv_mask=p.get("mask"),
+            cls_only=last,
+          )
           continue
         p = self._prompt(p, b, train)
         if self.kv_only:
           # Shared: one projection per step for the whole batch; per image
           # (kv_shared=False, or forced by per-example dropout): B copies.
           per_image = p.ndim == 3 or not self.kv_shared
-          x = block(x, kv_prompts=fit(p) if per_image else p)
+          x = block(x, kv_prompts=fit(p) if per_image else p, cls_only=last)
           continue
         # Replace the previous block's prompt outputs (discarded) by this
         # layer's prompts; sequence length may change when counts are ragged.
         x = jnp.concatenate([x[:, :1], fit(p), x[:, 1 + n_prev :]], axis=1)
         n_prev = p.shape[-2]
-      x = block(x)
-    if variant == "deep" and not self.kv_only:
+      x = block(x, cls_only=last)
+    if cls_only:
+      pass  # only the class token is left
+    elif variant == "deep" and not self.kv_only:
       x = jnp.concatenate([x[:, :1], x[:, 1 + n_prev :]], axis=1)
     elif variant == "shallow":
       n = prompts["input"].shape[-2]
@@ -600,7 +628,7 @@ class VisionTransformer(nn.Module):
       dtype=self.dtype,
       attention_impl=self.attention_impl,
       name="Transformer",
-    )(x, prompts, train=train)
+    )(x, prompts, train=train, cls_only=True)
     features = x[:, 0]
     if self.num_classes is None:
       return (features, features) if return_features else features
