@@ -11,7 +11,8 @@ chosen per task on val200 from ``deep_prompts`` (VPT's protocol; one seed,
 train800 -> val200, then the final runs use it). VPT runs use
 `vptpc.data.minivtab.task_config` (per-step schedule, prompts at 1/100 of
 the head's LR; its docstring gives the measurements behind that).
-``seeds=42:44`` and ``tasks=digits:count`` narrow a run.
+``seeds=42:44``, ``tasks=digits:count`` and ``methods=linear:deep`` narrow a
+run; ``deep_prompts=3`` fixes VPT-Deep's count (no selection).
 """
 
 from ml_collections import ConfigDict
@@ -27,6 +28,7 @@ def get_config(arg=None):
     epochs=10,
     seeds=(42, 44, 82),
     tasks="",
+    methods="",
     deep_prompts=(1, 3, 10),
     workers=2,
     smoke=False,
@@ -35,6 +37,13 @@ def get_config(arg=None):
   c.tasks = tuple(a.tasks.split(":")) if a.tasks else tuple(minivtab.TASKS)
   c.seeds = a.seeds
   c.method_order = ("linear", "shallow", "deep", "scratch")
+  if a.methods:
+    bad = sorted(set(a.methods.split(":")) - set(c.method_order))
+    if bad:
+      raise ValueError(
+        f"Unknown suite method(s) {bad}; known: {c.method_order}."
+      )
+    c.method_order = tuple(a.methods.split(":"))
   c.batch_size = 64
   c.data_dir = ""
   c.smoke = a.smoke

@@ -182,7 +182,9 @@ def run_one(
   os.makedirs(workdir, exist_ok=True)
   m = ml_collections.ConfigDict(overrides or config.methods[method])
   selected = None
-  if m.get("select_prompts"):
+  if len(m.get("select_prompts", ())) == 1:
+    m.num_prompts = int(m.select_prompts[0])
+  elif m.get("select_prompts"):
     selected = select_num_prompts(
       config, task, method, os.path.dirname(workdir)
     )
