@@ -192,3 +192,31 @@ def test_mixed_tree_is_rejected():
     pr.count_prompts(
       {"input": jnp.zeros((1, 4)), "encoderblock_0": jnp.zeros((1, 4))}
     )
+
+
+def test_init_from_tokens_draws_distinct_rows_of_each_pool():
+  pools = {
+    f"encoderblock_{i}": jnp.arange(20 * 4, dtype=jnp.float32).reshape(20, 4)
+    + 1000 * i
+    for i in range(3)
+  }
+  p = pr.init_prompts_from_tokens(
+    jax.random.key(0), pools, num_prompts=(5, 0, 2)
+  )
+  assert pr.prompts_per_layer(p) == (5, 0, 2)
+  for k, v in p.items():
+    rows = {tuple(r) for r in np.asarray(pools[k]).tolist()}
+    got = [tuple(r) for r in np.asarray(v).tolist()]
+    assert set(got) <= rows and len(set(got)) == len(got)
+  again = pr.init_prompts_from_tokens(
+    jax.random.key(0), pools, num_prompts=(5, 0, 2)
+  )
+  for k in p:
+    np.testing.assert_array_equal(p[k], again[k])
+  shallow = pr.init_prompts_from_tokens(
+    jax.random.key(0), {"input": pools["encoderblock_0"]}, num_prompts=3,
+    variant="shallow",
+  )  # fmt: skip
+  assert shallow["input"].shape == (3, 4)
+  with pytest.raises(ValueError, match="encoderblock_0.*only 20"):
+    pr.init_prompts_from_tokens(jax.random.key(0), pools, num_prompts=21)

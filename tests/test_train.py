@@ -281,3 +281,16 @@ def test_zero_prompt_layers_checkpoint_and_resume(tmp_path, data_dir):
   assert part == {"stopped_at_step": 13}
   res = train.train_and_evaluate(cfg(), str(tmp_path))
   assert res["step"] == 26 and res["prompts_per_layer"] == [0, 0, 0]
+
+
+def test_prompts_initialised_from_the_backbones_tokens(data_dir):
+  c = tiny_config(**{"data.data_dir": data_dir, "prompt.init": "tokens"})
+  c.prompt.init_images = 4
+  s = train.setup(c)
+  params = vit.merge_head(s.frozen, s.state.trainable["head"])
+  pools = train.token_pools(s.model, params, s.train, c)
+  for k, p in s.state.trainable["prompts"].items():
+    pool = np.asarray(pools[k])
+    assert pool.shape[0] == 4 * (c.data.image_size // s.model.patch_size) ** 2
+    for row in np.asarray(p):
+      assert np.isclose(pool, row, atol=1e-6).all(axis=1).any()
