@@ -280,3 +280,17 @@ def test_a_run_with_missing_data_stops_in_seconds(tmp_path):
   assert "python -m vptpc.prepare --tasks=dtd" in out.stderr
   assert "Traceback" not in out.stderr
   assert time.perf_counter() - t0 < 60  # interpreter + JAX start included
+
+
+def test_normalize_matches_the_textbook_formulas():
+  img = np.arange(256, dtype=np.uint8).reshape(1, 1, -1, 1).repeat(3, axis=-1)
+  x = img.astype(np.float64) / 255.0
+  want = (x - pipeline.IMAGENET_MEAN) / pipeline.IMAGENET_STD
+  got = pipeline.normalize(img, "imagenet")
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    pipeline.normalize(img, "minus1_1"), 2 * x - 1, atol=1e-6
+  )
+  with pytest.raises(pipeline.DataError, match="normalize must be one of"):
+    pipeline.normalize(img, "zscore")
