@@ -152,7 +152,14 @@ def test_condense_is_pure_jittable_and_loadable(setup, tmp_path):
 
 def test_distill_reprojection_beats_plain_pruning(setup):
   model, frozen, head, prompts, batch = setup
-  scores = condense.importance_scores(model, frozen, head, prompts, [batch])
+  # Fixed scores: this tiny model's Taylor scores are ~1e-8, so which two
+  # prompts they keep is decided by float rounding (two exact attention
+  # implementations kept different ones). Scoring is tested above.
+  scores = {
+    "encoderblock_0": jnp.array([0.1, 0.2, 0.0, 0.9]),
+    "encoderblock_1": jnp.zeros((0,)),
+    "encoderblock_2": jnp.array([0.0, 0.5, 0.3]),
+  }
   feat = model.clone(num_classes=None)
 
   def feature_error(p):
