@@ -74,8 +74,8 @@ def main():
   w_kv = rnd(d, 2 * d)
   w_o = rnd(d, d)
   w1, w2 = rnd(d, mlp), rnd(mlp, d)
-  q4, k4, v4 = rnd(b, t, heads, hd), rnd(b, t + k, heads, hd), None
-  v4 = rnd(b, t + k, heads, hd)
+  q4 = rnd(b, t, heads, hd)
+  k4, v4 = rnd(b, t + k, heads, hd), rnd(b, t + k, heads, hd)
   h = rnd(b, t, mlp)
   scale, bias = rnd(d), rnd(d)
 

@@ -2,6 +2,7 @@
 
 import importlib.util
 import itertools
+import json
 import os
 
 import jax
@@ -229,3 +230,16 @@ def test_suite_workers_split_the_tasks_and_build_one_table(tmp_path, data_dir):
     assert f"| {t} |" in text
   rows = (tmp_path / "runs.csv").read_text().splitlines()
   assert len(rows) == 1 + 2
+
+
+def test_suite_table_with_a_fixed_deep_prompt_count(tmp_path):
+  from vptpc import suite
+
+  c = _load_config("suite", "methods=deep,deep_prompts=3,tasks=digits,seeds=42")
+  run = tmp_path / "digits" / "deep" / "seed42"
+  run.mkdir(parents=True)
+  rec = dict(task="digits", method="deep", seed=42, test_accuracy=0.5)
+  (run / "suite_result.json").write_text(json.dumps(rec))
+  text = suite.run_suite(c, str(tmp_path))  # reads the finished run back
+  assert "deep: 10 epochs, lr 1.0, 3 prompts" in text
+  assert "| digits | 50.0 ± 0.0 (n=1) |" in text

@@ -401,9 +401,12 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str) -> str:
 
   def prompts_desc(m):
     mc = config.methods[m]
-    if mc.get("select_prompts"):
+    sel = mc.get("select_prompts", ())
+    if len(sel) == 1:  # a fixed count: no selection ran
+      return f", {sel[0]} prompts"
+    if sel:
       chosen = {r["task"]: r["num_prompts"] for r in rows if r["method"] == m}
-      counts = "/".join(str(n) for n in mc.select_prompts)
+      counts = "/".join(str(n) for n in sel)
       return (
         f", prompts per task chosen on val200 from {counts} "
         f"({', '.join(f'{t} {n}' for t, n in chosen.items())})"
