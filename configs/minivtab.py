@@ -31,5 +31,6 @@ def get_config(arg=None):
     batch_size=64,
     prompt_lr_scale=0.01,
     smoke=False,
+    backbone="",
   )
   return minivtab.task_config(**a)

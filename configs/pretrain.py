@@ -15,7 +15,12 @@ from vptpc import config_util
 def get_config(arg=None):
   """Returns the pretraining config (``smoke`` shrinks it for CPU tests)."""
   a = config_util.parse_arg(
-    arg, model="fractal-Ti/4", steps=5000, num_classes=1000, smoke=False
+    arg,
+    model="fractal-Ti/4",
+    steps=5000,
+    num_classes=1000,
+    orientation_bins=0,
+    smoke=False,
   )
   c = ConfigDict()
   c.model = a.model
@@ -34,6 +39,10 @@ def get_config(arg=None):
   c.grad_clip = 1.0
   c.max_rotation = 0.0  # degrees; FractalDB uses no rotation
   c.aux_weight = 1.0  # weight of the position cross-entropy
+  # > 0: rotate over the full circle and predict the rotation in this many
+  # bins (an auxiliary head, like position).
+  c.orientation_bins = a.orientation_bins
+  c.orientation_weight = 1.0
   c.normalize = "minus1_1"
   c.log_every = 100
   if a.smoke:

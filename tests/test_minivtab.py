@@ -100,8 +100,9 @@ def test_fractal_codes_are_deterministic_and_contractive():
     np.testing.assert_allclose(used[:, 6].sum(), 1.0)
     for m in used:
       assert np.linalg.svd(m[:4].reshape(2, 2), compute_uv=False)[0] < 1
-  imgs, labels, pos = fractals.make_dataset(a, 3, seed=1)
+  imgs, labels, aux = fractals.make_dataset(a, 3, seed=1)
   assert imgs.shape == (24, 32, 32, 3) and sorted(set(labels)) == list(range(8))
+  pos = aux["position"]
   assert pos.min() >= 0 and pos.max() < fractals.POSITION_GRID**2
   again = fractals.make_dataset(a, 3, seed=1)
   np.testing.assert_array_equal(imgs, again[0])
@@ -150,9 +151,13 @@ def test_minivtab_config_rejects_unknown_task():
 def test_pretrain_smoke_writes_a_loadable_backbone(tmp_path):
   from vptpc import pretrain
 
-  c = _load_config("pretrain", "smoke")
+  c = _load_config("pretrain", "smoke,orientation_bins=8")
   card = pretrain.pretrain(c, str(tmp_path))
   assert card["steps"] == c.steps and "upstream_held_out" in card
+  # Both auxiliary heads trained and were scored.
+  assert {"position_accuracy", "orientation_accuracy"} <= set(
+    card["upstream_held_out"]
+  )
   model = vit.create_model(c.model, num_classes=c.num_classes)
   template = vit.init_params(model, jax.random.key(0), 32)
   loaded = checkpoint.load_pretrained(tmp_path / "backbone.npz", template)
@@ -181,15 +186,23 @@ def test_suite_smoke_writes_the_tables(tmp_path, data_dir):
   rows = (tmp_path / "runs.csv").read_text().splitlines()
   assert len(rows) == 1 + 4  # header + 4 methods x 1 task x 1 seed
   assert {r.split(",")[1] for r in rows[1:]} == set(suite.METHODS)
-  # VPT-Deep's prompt count was chosen on val200 among (1, 2).
+  # VPT-Deep's prompt count was chosen on val200 among (1, 2), the linear
+  # probe's LR among (0.1, 1.0).
   deep = tmp_path / "digits" / "deep"
-  assert (deep / "select_p1" / "suite_result.json").exists()
-  assert (deep / "select_p2" / "suite_result.json").exists()
+  assert (deep / "select_p1_lr1" / "suite_result.json").exists()
+  assert (deep / "select_p2_lr1" / "suite_result.json").exists()
+  for lr in ("0.1", "1"):
+    sel = tmp_path / "digits" / "linear" / f"select_p0_lr{lr}"
+    assert json.loads((sel / "suite_result.json").read_text())["lr"] == float(
+      lr
+    )
   import csv
 
-  rec = [r for r in csv.DictReader(open(tmp_path / "runs.csv"))]
-  (d,) = [r for r in rec if r["method"] == "deep"]
-  assert d["num_prompts"] in ("1", "2") and "chosen on val200" in text
+  rec = {r["method"]: r for r in csv.DictReader(open(tmp_path / "runs.csv"))}
+  assert rec["deep"]["num_prompts"] in ("1", "2")
+  assert rec["linear"]["lr"] in ("0.1", "1.0")
+  assert set(json.loads(rec["linear"]["val200_grid"])) == {"p0_lr0.1", "p0_lr1"}
+  assert "chosen per task on val200" in text
   # A finished suite is not recomputed.
   again = suite.run_suite(c, str(tmp_path))
   assert again.split("Wall time")[0] == text.split("Wall time")[0]
@@ -235,7 +248,9 @@ def test_suite_workers_split_the_tasks_and_build_one_table(tmp_path, data_dir):
 def test_suite_table_with_a_fixed_deep_prompt_count(tmp_path):
   from vptpc import suite
 
-  c = _load_config("suite", "methods=deep,deep_prompts=3,tasks=digits,seeds=42")
+  c = _load_config(
+    "suite", "methods=deep,deep_prompts=3,lrs=1.0,tasks=digits,seeds=42"
+  )
   run = tmp_path / "digits" / "deep" / "seed42"
   run.mkdir(parents=True)
   rec = dict(task="digits", method="deep", seed=42, test_accuracy=0.5)
@@ -243,3 +258,84 @@ def test_suite_table_with_a_fixed_deep_prompt_count(tmp_path):
   text = suite.run_suite(c, str(tmp_path))  # reads the finished run back
   assert "deep: 10 epochs, lr 1.0, 3 prompts" in text
   assert "| digits | 50.0 ± 0.0 (n=1) |" in text
+
+
+def test_select_hparams_takes_the_best_val_point_ties_to_the_cheaper(
+  tmp_path, monkeypatch
+):
+  from vptpc import suite, sweep
+
+  # Fake val200 accuracies per (prompt count, LR); one LR diverges (NaN).
+  val = {
+    (1, 0.1): 0.50,
+    (1, 1.0): 0.60,
+    (3, 0.1): 0.60,
+    (3, 1.0): np.nan,
+    (10, 0.1): 0.55,
+    (10, 1.0): 0.40,
+  }
+  jobs = []
+
+  def fake_grid(config, members):
+    n = config.prompt.num_prompts
+    assert config.data.eval_split == minivtab.SPLITS["val200"]
+    jobs.append((n, [lr for lr, _ in members]))
+    return [{"eval_accuracy": val[(n, lr)]} for lr, _ in members]
+
+  monkeypatch.setattr(sweep, "train_grid", fake_grid)
+  c = _load_config("suite", "deep_prompts=1:3:10,lrs=0.1:1.0")
+  got = suite.select_hparams(c, "digits", "deep", str(tmp_path))
+  # 0.60 at (1, 1.0) and (3, 0.1): the tie goes to fewer prompts.
+  assert (got["num_prompts"], got["lr"]) == (1, 1.0)
+  assert got["val_accuracy"]["p3_lr1"] == -1.0  # diverged
+  assert jobs == [(1, [0.1, 1.0]), (3, [0.1, 1.0]), (10, [0.1, 1.0])]
+  # Finished points are read back, not retrained.
+  assert suite.select_hparams(c, "digits", "deep", str(tmp_path)) == got
+  assert len(jobs) == 3
+  # Equal prompts, equal accuracy: the smaller LR.
+  val[(1, 0.1)] = 0.60
+  got = suite.select_hparams(c, "digits", "deep", str(tmp_path / "again"))
+  assert (got["num_prompts"], got["lr"]) == (1, 0.1)
+
+
+def test_orientation_target_is_the_rotation_the_image_shows():
+  # An elongated class rendered without jitter: the principal axis of the
+  # ink must turn with the orientation target (mod 180 degrees).
+  codes = fractals.make_class_codes(40, seed=5)
+  rng = np.random.default_rng(0)
+
+  def axis_deg(img):
+    w = img.astype(float).mean(-1)
+    w = np.clip(w - np.median(w), 0, None)
+    i, j = np.mgrid[: w.shape[0], : w.shape[1]]
+    mi, mj = (w * i).sum() / w.sum(), (w * j).sum() / w.sum()
+    cii = (w * (i - mi) ** 2).sum()
+    cjj = (w * (j - mj) ** 2).sum()
+    cij = (w * (i - mi) * (j - mj)).sum()
+    aniso = np.hypot(cii - cjj, 2 * cij) / (cii + cjj)
+    return np.rad2deg(0.5 * np.arctan2(2 * cij, cii - cjj)), aniso
+
+  # The most elongated class (at its canonical pose).
+  canon = fractals.render(codes, np.arange(40), rng, jitter=0.0)[0]
+  cls = int(np.argmax([axis_deg(im)[1] for im in canon]))
+  imgs, aux = fractals.render(
+    codes,
+    np.full(64, cls),
+    rng,
+    jitter=0.0,
+    num_points=3000,
+    orientation_bins=16,
+  )
+  ori = aux["orientation"]
+  assert ori.min() >= 0 and ori.max() < 16 and len(set(ori)) > 8
+  axes = np.array([axis_deg(im)[0] for im in imgs])
+  # Angle doubling makes the axis (mod 180) a point on the circle; the axis
+  # minus the bin centre must be one constant, up to the bin's half-width
+  # and rendering noise. Independent angles would spread round the circle.
+  centre = (ori + 0.5) * 360 / 16
+  d = np.deg2rad(2 * (axes - centre))
+  resultant = np.abs(np.mean(np.exp(1j * d)))
+  assert resultant > 0.6, resultant  # measured 0.83; shuffled ~0.1
+  # Shuffling the targets breaks it.
+  d = np.deg2rad(2 * (axes - rng.permutation(centre)))
+  assert np.abs(np.mean(np.exp(1j * d))) < 0.5

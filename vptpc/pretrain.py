@@ -3,10 +3,11 @@
   python -m vptpc.pretrain --config=configs/pretrain.py --workdir=runs/pretrain
 
 Data: `vptpc.data.fractals` (one random IFS per class, per-instance jitter,
-random pose, colour and position; an auxiliary 4 x 4 position target).
+random pose, colour and position; an auxiliary 4 x 4 position target and,
+with ``orientation_bins``, a binned full-circle rotation target).
 Model: the ``fractal-S/4`` variant of `vptpc.models.vit` trained end to end
 (AdamW, warmup + cosine). The result is written in Google's vit_jax `.npz`
-layout (``<workdir>/backbone.npz``, class head included, position head
+layout (``<workdir>/backbone.npz``, class head included, auxiliary heads
 dropped), so `vptpc.checkpoint.load_pretrained` is what reads it, and a JSON
 record of the run (``model_card.json``) with the upstream accuracy.
 
@@ -46,37 +47,62 @@ def _define_flags():
   flags.DEFINE_string("workdir", None, "Output directory.")
 
 
-def _loss(params, model, batch, aux_weight):
-  """Class + auxiliary position cross-entropy; returns (loss, metrics)."""
+def aux_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """Auxiliary targets of a pretraining config and their class counts."""
+  sizes = {"position": fractals.POSITION_GRID**2}
+  if config.get("orientation_bins", 0) > 0:
+    sizes["orientation"] = config.orientation_bins
+  return sizes
+
+
+def _loss(params, model, batch, weights):
+  """Class + weighted auxiliary cross-entropies; returns (loss, metrics).
+
+  Every auxiliary head (``params["aux_heads"][name]``) is linear on the
+  class-token features, like the class head, so what it asks for has to be
+  linearly readable there, which is also what a linear probe reads.
+  """
   logits, feats = model.apply(
     {"params": params["vit"]}, batch["image"], return_features=True
   )
-  pos_logits = feats @ params["pos_head"]["kernel"] + params["pos_head"]["bias"]
   ce = optax.softmax_cross_entropy_with_integer_labels
   l_cls = ce(logits, batch["label"]).mean()
-  l_pos = ce(pos_logits, batch["position"]).mean()
-  acc = (logits.argmax(-1) == batch["label"]).mean()
-  pos_acc = (pos_logits.argmax(-1) == batch["position"]).mean()
-  return l_cls + aux_weight * l_pos, {
+  metrics = {
     "loss_class": l_cls,
-    "loss_position": l_pos,
-    "accuracy": acc,
-    "position_accuracy": pos_acc,
+    "accuracy": (logits.argmax(-1) == batch["label"]).mean(),
   }
+  loss = l_cls
+  for name, head in params["aux_heads"].items():
+    aux_logits = feats @ head["kernel"] + head["bias"]
+    l_aux = ce(aux_logits, batch[name]).mean()
+    metrics[f"loss_{name}"] = l_aux
+    metrics[f"{name}_accuracy"] = (aux_logits.argmax(-1) == batch[name]).mean()
+    loss = loss + weights[name] * l_aux
+  return loss, metrics
 
 
-def make_batch(images, labels, positions, idx, flip, norm):
-  """Gathers a batch; horizontal flips mirror the position target too."""
+def make_batch(images, labels, targets, idx, flip, norm):
+  """Gathers a batch; horizontal flips mirror the auxiliary targets too.
+
+  A flip maps a rotation by theta of a shape to a rotation by -theta of its
+  mirror image, so orientation bin k of ``bins`` becomes ``bins - 1 - k``
+  (``bins`` is ``targets["orientation"]``'s class count, passed as
+  ``targets["orientation_bins"]``).
+  """
   img = images[idx]
   img = np.where(flip[:, None, None, None], img[:, :, ::-1], img)
-  pos = positions[idx]
-  g = fractals.POSITION_GRID
-  pos = np.where(flip, (pos // g) * g + (g - 1 - pos % g), pos)
-  return {
-    "image": normalize(img, norm),
-    "label": labels[idx],
-    "position": pos,
-  }
+  batch = {"image": normalize(img, norm), "label": labels[idx]}
+  for name, t in targets.items():
+    if name == "orientation_bins":
+      continue
+    t = t[idx]
+    if name == "position":
+      g = fractals.POSITION_GRID
+      t = np.where(flip, (t // g) * g + (g - 1 - t % g), t)
+    elif name == "orientation":
+      t = np.where(flip, targets["orientation_bins"] - 1 - t, t)
+    batch[name] = t
+  return batch
 
 
 def evaluate(metrics_fn, params, data, batch_size, norm) -> dict[str, float]:
@@ -86,11 +112,11 @@ def evaluate(metrics_fn, params, data, batch_size, norm) -> dict[str, float]:
     metrics_fn: jitted ``(params, batch) -> metrics``, compiled once and
       shared by every call.
     params: model and position-head params.
-    data: (images, labels, positions).
+    data: (images, labels, targets), as `make_batch` takes them.
     batch_size: evaluation batch.
     norm: input normalisation.
   """
-  images, labels, positions = data
+  images, labels, targets = data
   tot = {}
   n = 0
   for s in range(0, len(labels) - batch_size + 1, batch_size):
@@ -99,7 +125,7 @@ def evaluate(metrics_fn, params, data, batch_size, norm) -> dict[str, float]:
       metrics_fn(
         params,
         make_batch(
-          images, labels, positions, idx, np.zeros(batch_size, bool), norm
+          images, labels, targets, idx, np.zeros(batch_size, bool), norm
         ),
       )
     )
@@ -124,7 +150,12 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   t_start = time.time()
   codes = fractals.make_class_codes(config.num_classes, config.class_seed)
   t = time.time()
-  kw = dict(size=config.image_size, max_rotation=config.max_rotation)
+  sizes = aux_sizes(config)
+  kw = dict(
+    size=config.image_size,
+    max_rotation=config.max_rotation,
+    orientation_bins=sizes.get("orientation", 0),
+  )
   train_data = fractals.make_dataset(
     codes, config.per_class, config.data_seed, **kw
   )
@@ -149,11 +180,21 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   )
   params = {
     "vit": vit_params,
-    "pos_head": {
-      "kernel": jnp.zeros((model.hidden_size, fractals.POSITION_GRID**2)),
-      "bias": jnp.zeros((fractals.POSITION_GRID**2,)),
+    "aux_heads": {
+      name: {
+        "kernel": jnp.zeros((model.hidden_size, n)),
+        "bias": jnp.zeros((n,)),
+      }
+      for name, n in sizes.items()
     },
   }
+  weights = {
+    "position": config.aux_weight,
+    "orientation": config.get("orientation_weight", 1.0),
+  }
+  for data in (train_data, held_out):
+    if "orientation" in sizes:
+      data[2]["orientation_bins"] = sizes["orientation"]
   schedule = optax.warmup_cosine_decay_schedule(
     0.0, config.lr, config.warmup_steps, config.steps, end_value=0.0
   )
@@ -171,12 +212,12 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   @jax.jit
   def step_fn(params, opt_state, batch):
     (loss, m), g = jax.value_and_grad(_loss, has_aux=True)(
-      params, model, batch, config.aux_weight
+      params, model, batch, weights
     )
     upd, opt_state = opt.update(g, opt_state, params)
     return optax.apply_updates(params, upd), opt_state, dict(m, loss=loss)
 
-  images, labels, positions = train_data
+  images, labels, targets = train_data
   n = len(labels)
   order_rng = np.random.default_rng(config.seed)
   log = []
@@ -185,7 +226,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   for step in range(1, config.steps + 1):
     idx = order_rng.integers(0, n, config.batch_size)
     flip = order_rng.random(config.batch_size) < 0.5
-    batch = make_batch(images, labels, positions, idx, flip, config.normalize)
+    batch = make_batch(images, labels, targets, idx, flip, config.normalize)
     params, opt_state, m = step_fn(params, opt_state, batch)
     seen += config.batch_size
     if step % config.log_every == 0 or step == config.steps:
@@ -198,12 +239,16 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       log.append(m)
       logging.info("%s", json.dumps(m))
   train_s = time.time() - t
-  metrics_fn = jax.jit(lambda p, b: _loss(p, model, b, 1.0)[1])
+  metrics_fn = jax.jit(lambda p, b: _loss(p, model, b, weights)[1])
   ev = evaluate(metrics_fn, params, held_out, 250, config.normalize)
   train_acc = evaluate(
     metrics_fn,
     params,
-    tuple(x[:5000] for x in train_data),
+    (
+      train_data[0][:5000],
+      train_data[1][:5000],
+      {k: v if np.isscalar(v) else v[:5000] for k, v in targets.items()},
+    ),
     250,
     config.normalize,
   )
@@ -214,8 +259,9 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     "model": config.model,
     "architecture": dict(vit.get_model_config(config.model)),
     "parameters_backbone": vit.count_params(vit.split_head(params["vit"])[0]),
-    "generator": "FractalDB-style IFS (vptpc.data.fractals), class + 4x4 "
-    "position target",
+    "generator": "FractalDB-style IFS (vptpc.data.fractals), class + "
+    + " + ".join(f"{k} ({n}-way)" for k, n in sizes.items())
+    + " targets",
     "num_classes": config.num_classes,
     "train_images_rendered": int(n),
     "held_out_images": int(len(held_out[1])),

@@ -130,36 +130,115 @@ def train_scratch(
   }
 
 
-def select_num_prompts(
+def _grid(m: ml_collections.ConfigDict) -> list[tuple[int, float]]:
+  """A method's (prompt count, LR) candidates; one point means no search."""
+  counts = tuple(m.get("select_prompts", ())) or (m.get("num_prompts", 0),)
+  lrs = tuple(m.get("select_lr", ())) or (m.lr,)
+  return [(int(n), float(lr)) for n in counts for lr in lrs]
+
+
+def _grid_key(n: int, lr: float) -> str:
+  """Names one grid point in ``runs.csv`` and in the selection workdirs."""
+  return f"p{n}_lr{lr:g}"
+
+
+def _vpt_config(
+  config: ml_collections.ConfigDict,
+  task: str,
+  method: str,
+  m: ml_collections.ConfigDict,
+  seed: int,
+) -> ml_collections.ConfigDict:
+  """The training config of one VPT-recipe run (linear, shallow or deep)."""
+  c = minivtab.task_config(
+    task,
+    variant="shallow" if method == "shallow" else "deep",
+    num_prompts=m.num_prompts,
+    mode=m.get("mode", "final"),
+    seed=seed,
+    epochs=m.epochs,
+    base_lr=m.lr,
+    weight_decay=m.weight_decay,
+    batch_size=config.batch_size,
+    smoke=config.smoke,
+    backbone=config.get("backbone", ""),
+  )
+  c.data.data_dir = config.data_dir
+  c.progress_bar = False
+  return c
+
+
+def select_hparams(
   config: ml_collections.ConfigDict, task: str, method: str, workdir: str
 ) -> dict[str, Any]:
-  """Chooses a VPT method's prompt count for one task on val200.
+  """Chooses a VPT method's prompt count and LR for one task on val200.
 
-  VPT's protocol (vpt.md): the prompt length is a per-task hyperparameter
-  picked on the validation split. Each count in the method's
-  ``select_prompts`` is trained on train800 and evaluated on val200 with the
-  first suite seed (``<workdir>/select_p<n>``, resumable); the best val
-  accuracy wins, ties to the smaller count.
+  VPT's protocol (vpt.md): the prompt length and the learning rate are
+  per-task hyperparameters picked on the validation split. Every point of
+  the method's ``select_prompts`` x ``select_lr`` grid (a missing one is
+  the method's fixed ``num_prompts`` / ``lr``) is trained on train800 and
+  evaluated on val200 with the first suite seed; the best val accuracy
+  wins, ties to fewer prompts, then to the smaller LR. A diverged point
+  scores -1.
+
+  The LRs of one prompt count train together as one vmapped job
+  (`vptpc.sweep.train_grid`: one compile and one pass over the data, each
+  member equal to its separate run up to float32 rounding; for the linear
+  probe the frozen backbone's forward is shared by the members). Each point's
+  accuracy is kept in ``<workdir>/select_<point>/suite_result.json``, so an
+  interrupted selection resumes.
 
   Returns:
-    ``{"num_prompts": chosen, "val_accuracy": {count: accuracy}}``.
+    ``{"num_prompts": n, "lr": lr, "val_accuracy": {point: accuracy}}``.
   """
+  from vptpc import sweep
+
   m = config.methods[method]
-  val = {}
-  for n in m.select_prompts:
-    sub = dict(m.to_dict(), num_prompts=int(n), mode="tune")
-    sub.pop("select_prompts")
-    r = run_one(
-      config,
-      task,
-      method,
-      config.seeds[0],
-      os.path.join(workdir, f"select_p{n}"),
-      overrides=sub,
-    )
-    val[int(n)] = r["test_accuracy"]  # the eval split here is val200
-  best = max(val, key=lambda n: (val[n], -n))
-  return {"num_prompts": best, "val_accuracy": val}
+  scores = {}
+  counts = dict.fromkeys(n for n, _ in _grid(m))
+  for n in counts:
+    lrs = [lr for k, lr in _grid(m) if k == n]
+    done = {}
+    for lr in lrs:
+      f = os.path.join(
+        workdir, f"select_{_grid_key(n, lr)}", "suite_result.json"
+      )
+      if os.path.exists(f):
+        with open(f) as fh:
+          done[lr] = json.load(fh)["test_accuracy"]
+    todo = [lr for lr in lrs if lr not in done]
+    if todo:
+      t0 = time.time()
+      sub = ml_collections.ConfigDict(dict(m.to_dict(), num_prompts=n))
+      sub.mode = "tune"
+      c = _vpt_config(config, task, method, sub, config.seeds[0])
+      res = sweep.train_grid(c, [(lr, m.weight_decay) for lr in todo])
+      for lr, r in zip(todo, res, strict=True):
+        acc = r["eval_accuracy"]  # the eval split here is val200
+        acc = -1.0 if not np.isfinite(acc) else acc
+        d = os.path.join(workdir, f"select_{_grid_key(n, lr)}")
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "suite_result.json"), "w") as fh:
+          json.dump(
+            {
+              "task": task,
+              "method": method,
+              "num_prompts": n,
+              "lr": lr,
+              "test_accuracy": acc,
+              "split": c.data.eval_split,
+              "seconds_grid_job": round(time.time() - t0, 1),
+            },
+            fh,
+          )
+        done[lr] = acc
+    scores.update({(n, lr): done[lr] for lr in lrs})
+  n, lr = max(scores, key=lambda k: (scores[k], -k[0], -k[1]))
+  return {
+    "num_prompts": n,
+    "lr": lr,
+    "val_accuracy": {_grid_key(*k): v for k, v in scores.items()},
+  }
 
 
 def run_one(
@@ -172,8 +251,9 @@ def run_one(
 ) -> dict[str, Any]:
   """Runs (or reads back) one method on one task with one seed.
 
-  ``overrides`` replaces the method's settings (the prompt-count selection
-  uses it for its val200 runs).
+  ``overrides`` replaces the method's settings (the hyperparameter
+  selection uses it for its val200 runs). A method with more than one
+  (prompt count, LR) candidate is first tuned by `select_hparams`.
   """
   done = os.path.join(workdir, "suite_result.json")
   if os.path.exists(done):
@@ -182,13 +262,12 @@ def run_one(
   os.makedirs(workdir, exist_ok=True)
   m = ml_collections.ConfigDict(overrides or config.methods[method])
   selected = None
-  if len(m.get("select_prompts", ())) == 1:
-    m.num_prompts = int(m.select_prompts[0])
-  elif m.get("select_prompts"):
-    selected = select_num_prompts(
-      config, task, method, os.path.dirname(workdir)
-    )
-    m.num_prompts = selected["num_prompts"]
+  grid = _grid(m) if method != "scratch" else []
+  if len(grid) == 1:
+    m.num_prompts, m.lr = grid[0]
+  elif grid:
+    selected = select_hparams(config, task, method, os.path.dirname(workdir))
+    m.num_prompts, m.lr = selected["num_prompts"], selected["lr"]
   data_dir = config.data_dir or None
   t0 = time.time()
   if method == "scratch":
@@ -203,20 +282,7 @@ def run_one(
       smoke=config.smoke,
     )
   else:
-    c = minivtab.task_config(
-      task,
-      variant="shallow" if method == "shallow" else "deep",
-      num_prompts=m.num_prompts,
-      mode=m.get("mode", "final"),
-      seed=seed,
-      epochs=m.epochs,
-      base_lr=m.lr,
-      weight_decay=m.weight_decay,
-      batch_size=config.batch_size,
-      smoke=config.smoke,
-    )
-    c.data.data_dir = config.data_dir
-    c.progress_bar = False
+    c = _vpt_config(config, task, method, m, seed)
     if m.get("keep", 0.0) > 0:
       c.condense.keep = m.keep
       c.condense.score_fn = m.get("score_fn", "taylor")
@@ -249,7 +315,8 @@ def run_one(
   }
   if selected is not None:
     out["num_prompts"] = selected["num_prompts"]
-    out["val200_by_prompts"] = json.dumps(selected["val_accuracy"])
+    out["lr"] = selected["lr"]
+    out["val200_grid"] = json.dumps(selected["val_accuracy"])
   with open(done, "w") as f:
     json.dump(out, f)
   return out
@@ -399,27 +466,24 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str) -> str:
           [t, m, f"{np.mean(acc):.4f}", f"{np.std(acc):.4f}", len(acc)]
         )
 
-  def prompts_desc(m):
+  def method_desc(m):
     mc = config.methods[m]
-    sel = mc.get("select_prompts", ())
-    if len(sel) == 1:  # a fixed count: no selection ran
-      return f", {sel[0]} prompts"
-    if sel:
-      chosen = {r["task"]: r["num_prompts"] for r in rows if r["method"] == m}
-      counts = "/".join(str(n) for n in sel)
-      return (
-        f", prompts per task chosen on val200 from {counts} "
-        f"({', '.join(f'{t} {n}' for t, n in chosen.items())})"
-      )
-    if "num_prompts" in mc:
-      return f", {mc.num_prompts} prompts"
-    return ""
+    grid = _grid(mc) if m != "scratch" else []
+    if len(grid) <= 1:
+      n = f", {grid[0][0]} prompts" if grid and grid[0][0] else ""
+      return f"{m}: {mc.epochs} epochs, lr {mc.lr}{n}"
+    chosen = {
+      r["task"]: _grid_key(r["num_prompts"], r["lr"])
+      for r in rows
+      if r["method"] == m
+    }
+    points = "/".join(_grid_key(*k) for k in grid)
+    return (
+      f"{m}: {mc.epochs} epochs, prompts and lr chosen per task on val200 "
+      f"from {points} ({', '.join(f'{t} {k}' for t, k in chosen.items())})"
+    )
 
-  desc = ", ".join(
-    f"{m}: {config.methods[m].epochs} epochs, lr {config.methods[m].lr}"
-    + prompts_desc(m)
-    for m in config.method_order
-  )
+  desc = "; ".join(method_desc(m) for m in config.method_order)
   text = (
     "Mini-VTAB test top-1 (%), mean ± std over seeds "
     f"{list(config.seeds)}; train800val200 -> test; {desc}. "

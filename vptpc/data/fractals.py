@@ -10,7 +10,12 @@ what a 32-px backbone needs to transfer to VTAB's structured tasks
   optionally rotated, scaled and placed at a random position on a noisy background, in a
   random colour;
 * besides the class, each image has a position target: the 4 x 4 grid cell
-  of the object's centre, learnt by an auxiliary head during pretraining.
+  of the object's centre, learnt by an auxiliary head during pretraining;
+* optionally (``orientation_bins > 0``) each instance is rotated uniformly
+  over the full circle and the rotation, binned, is a second auxiliary
+  target. Class-only and position-only features left VTAB-style orientation
+  near chance (MODEL_CARD.md), and rotating without asking for the angle
+  would teach the opposite: invariance to it.
 
 Everything is vectorised over a batch of images and fully determined by the
 seeds, so the pretraining data can be regenerated bit for bit.
@@ -143,7 +148,8 @@ def render(
   num_points: int = 800,
   jitter: float = 0.05,
   max_rotation: float = 0.0,
-) -> tuple[np.ndarray, np.ndarray]:
+  orientation_bins: int = 0,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """Renders one random instance of each requested class.
 
   Args:
@@ -155,16 +161,24 @@ def render(
     jitter: std of the multiplicative jitter of the map parameters.
     max_rotation: instances are rotated uniformly in ±max_rotation degrees
       (FractalDB uses none; a fractal's identity is its shape at a pose).
+      Ignored when ``orientation_bins > 0``.
+    orientation_bins: if > 0, rotate uniformly in [0, 360) degrees and
+      return the rotation's bin (``angle * bins // 360``) as a target.
 
   Returns:
-    (images uint8 (B, size, size, 3), position targets int32 (B,)).
+    images uint8 (B, size, size, 3) and the auxiliary targets, int32 (B,):
+    ``{"position": ...}``, plus ``"orientation"`` if ``orientation_bins``.
   """
   b = len(labels)
   c = codes[labels].copy()
   c[..., :6] *= 1.0 + jitter * rng.standard_normal(c[..., :6].shape)
   pts = chaos_points(c, rng, num_points).astype(np.float64)
   # Random rotation, then scale the longest side to the object size.
-  theta = np.deg2rad(rng.uniform(-max_rotation, max_rotation, b))
+  if orientation_bins > 0:
+    degrees = rng.uniform(0.0, 360.0, b)
+  else:
+    degrees = rng.uniform(-max_rotation, max_rotation, b)
+  theta = np.deg2rad(degrees)
   rot = np.stack(
     [np.cos(theta), -np.sin(theta), np.sin(theta), np.cos(theta)], -1
   ).reshape(b, 2, 2)
@@ -196,7 +210,11 @@ def render(
   bg = rng.uniform(0.0, 0.3, (b, 1, 1, 3))
   img = bg + (fg - bg) * inten[..., None]
   img = img + rng.normal(0, 0.03, img.shape)
-  return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), position
+  targets = {"position": position}
+  if orientation_bins > 0:
+    ori = (degrees * orientation_bins // 360).astype(np.int32)
+    targets["orientation"] = np.minimum(ori, orientation_bins - 1)
+  return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), targets
 
 
 def make_dataset(
@@ -207,7 +225,8 @@ def make_dataset(
   size: int = 32,
   chunk: int = 2000,
   max_rotation: float = 0.0,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  orientation_bins: int = 0,
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
   """Renders ``per_class`` instances of every class, shuffled.
 
   Args:
@@ -217,18 +236,27 @@ def make_dataset(
     size: image side.
     chunk: images rendered per vectorised call.
     max_rotation: see `render`.
+    orientation_bins: see `render`.
 
   Returns:
-    (images uint8 (N, size, size, 3), labels int32 (N,), positions int32).
+    (images uint8 (N, size, size, 3), labels int32 (N,), auxiliary targets:
+    a dict of int32 (N,) arrays, as `render` returns them).
   """
   rng = np.random.default_rng(seed)
   labels = np.repeat(np.arange(len(codes), dtype=np.int32), per_class)
   labels = labels[rng.permutation(len(labels))]
   images = np.empty((len(labels), size, size, 3), np.uint8)
-  positions = np.empty(len(labels), np.int32)
+  targets: dict[str, np.ndarray] = {}
   for s in range(0, len(labels), chunk):
-    im, pos = render(
-      codes, labels[s : s + chunk], rng, size=size, max_rotation=max_rotation
+    im, aux = render(
+      codes,
+      labels[s : s + chunk],
+      rng,
+      size=size,
+      max_rotation=max_rotation,
+      orientation_bins=orientation_bins,
     )
-    images[s : s + chunk], positions[s : s + chunk] = im, pos
-  return images, labels, positions
+    images[s : s + chunk] = im
+    for k, v in aux.items():
+      targets.setdefault(k, np.empty(len(labels), np.int32))[s : s + chunk] = v
+  return images, labels, targets

@@ -328,6 +328,7 @@ def task_config(
   batch_size: int = 64,
   prompt_lr_scale: float = 0.01,
   smoke: bool = False,
+  backbone: str = "",
 ):
   """The training config of one mini-VTAB run on the embedded backbone.
 
@@ -353,6 +354,8 @@ def task_config(
     batch_size: global batch.
     prompt_lr_scale: LR multiplier of the prompts (``config.prompt.lr_scale``).
     smoke: shrink to a few steps for tests.
+    backbone: a fractal-Ti/4 ``.npz`` to use instead of the shipped one
+      (e.g. a ``vptpc.pretrain`` result).
 
   Returns:
     A `vptpc.config_util.base_config` with the fields set.
@@ -370,7 +373,7 @@ def task_config(
   c = config_util.base_config()
   c.seed = seed
   c.model.name = assets.DEFAULT_MODEL
-  c.model.checkpoint_path = assets.path()
+  c.model.checkpoint_path = backbone or assets.path()
   c.model.kv_only = variant == "deep"
   c.prompt.variant = variant
   c.prompt.num_prompts = num_prompts

@@ -1,0 +1,108 @@
+"""Frozen-feature probe of fractal-Ti/4 backbones on mini-VTAB.
+
+For each backbone ``.npz`` and each task, extracts class-token features of
+train800val200 and test, standardises them and fits scikit-learn's logistic
+regression: the "what does this pretraining transfer" table of
+``vptpc/assets/MODEL_CARD.md``. ``--prompts=0,1,3`` also inserts that many
+untrained VPT-Deep prompts (VPT's init) per layer, to show how much random
+prompts disturb the features before any training.
+
+  python benchmarks/probe_features.py --backbone=vptpc/assets/fractal_vit_ti4.npz
+  python benchmarks/probe_features.py --arrays=minivtab32.npz --backbone=a.npz,b.npz
+
+``--export=F`` writes the 32-px uint8 splits to ``F`` (for machines without
+TensorFlow Datasets); ``--arrays=F`` reads them back instead of TFDS.
+Prints a Markdown table (rows: backbone x prompts; columns: tasks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import jax
+import numpy as np
+
+from vptpc import assets, checkpoint
+from vptpc import prompts as pr
+from vptpc.data import minivtab, pipeline
+from vptpc.models import vit
+
+
+def load_arrays(path: str) -> dict[str, np.ndarray]:
+  """Returns ``{task/split/images|labels: array}`` from TFDS or ``path``."""
+  if path:
+    with np.load(path) as f:
+      return dict(f)
+  out = {}
+  for name, t in minivtab.TASKS.items():
+    for split, spec in (("train", "train[:1000]"), ("test", "test")):
+      s = pipeline.load_split(t.tfds_name, spec, image_size=32)
+      out[f"{name}/{split}/images"] = s.images
+      out[f"{name}/{split}/labels"] = s.labels
+  return out
+
+
+def probe(backbone: str, arrays, num_prompts: int, seed: int = 0) -> dict:
+  """Test accuracy (%) per task of a logistic regression on CLS features."""
+  from sklearn.linear_model import LogisticRegression
+  from sklearn.preprocessing import StandardScaler
+
+  model = vit.create_model(assets.DEFAULT_MODEL, num_classes=None)
+  cfg = vit.get_model_config(assets.DEFAULT_MODEL)
+  tmpl = jax.eval_shape(lambda: vit.init_params(model, jax.random.key(0), 32))
+  params = checkpoint.load_pretrained(backbone, tmpl)
+  prompts = None
+  if num_prompts:
+    prompts = pr.init_prompts(
+      jax.random.key(seed),
+      num_prompts=num_prompts,
+      hidden_size=cfg.hidden_size,
+      patch_size=cfg.patch_size,
+      num_layers=cfg.num_layers,
+    )
+  fwd = jax.jit(lambda x: model.apply({"params": params}, x, prompts))
+
+  def feats(images):
+    x = pipeline.normalize(images, "minus1_1")
+    return np.concatenate(
+      [np.asarray(fwd(x[i : i + 250])) for i in range(0, len(x), 250)]
+    )
+
+  acc = {}
+  for task in minivtab.TASKS:
+    a = feats(arrays[f"{task}/train/images"])
+    b = feats(arrays[f"{task}/test/images"])
+    sc = StandardScaler().fit(a)
+    clf = LogisticRegression(max_iter=3000).fit(
+      sc.transform(a), arrays[f"{task}/train/labels"]
+    )
+    acc[task] = 100 * clf.score(sc.transform(b), arrays[f"{task}/test/labels"])
+  return acc
+
+
+def main():
+  """Parses flags, prints the table."""
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--backbone", default=assets.path())
+  ap.add_argument("--prompts", default="0")
+  ap.add_argument("--arrays", default="")
+  ap.add_argument("--export", default="")
+  args = ap.parse_args()
+  arrays = load_arrays(args.arrays)
+  if args.export:
+    np.savez_compressed(args.export, **arrays)
+    return
+  tasks = list(minivtab.TASKS)
+  print("| backbone | random prompts/layer | " + " | ".join(tasks) + " |")
+  print("|---|---|" + "---|" * len(tasks))
+  for path in args.backbone.split(","):
+    for n in (int(v) for v in args.prompts.split(",")):
+      acc = probe(path, arrays, n)
+      cells = " | ".join(f"{acc[t]:.1f}" for t in tasks)
+      name = os.path.basename(os.path.dirname(path)) or path
+      print(f"| {name}/{os.path.basename(path)} | {n} | {cells} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()
