@@ -247,20 +247,18 @@ def run_one(
   method: str,
   seed: int,
   workdir: str,
-  overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
   """Runs (or reads back) one method on one task with one seed.
 
-  ``overrides`` replaces the method's settings (the hyperparameter
-  selection uses it for its val200 runs). A method with more than one
-  (prompt count, LR) candidate is first tuned by `select_hparams`.
+  A method with more than one (prompt count, LR) candidate is first tuned
+  on val200 by `select_hparams`.
   """
   done = os.path.join(workdir, "suite_result.json")
   if os.path.exists(done):
     with open(done) as f:
       return json.load(f)
   os.makedirs(workdir, exist_ok=True)
-  m = ml_collections.ConfigDict(overrides or config.methods[method])
+  m = ml_collections.ConfigDict(config.methods[method].to_dict())
   selected = None
   grid = _grid(m) if method != "scratch" else []
   if len(grid) == 1:
