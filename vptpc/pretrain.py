@@ -111,7 +111,7 @@ def evaluate(metrics_fn, params, data, batch_size, norm) -> dict[str, float]:
   Args:
     metrics_fn: jitted ``(params, batch) -> metrics``, compiled once and
       shared by every call.
-    params: model and position-head params.
+    params: model and auxiliary-head params.
     data: (images, labels, targets), as `make_batch` takes them.
     batch_size: evaluation batch.
     norm: input normalisation.
