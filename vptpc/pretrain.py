@@ -81,26 +81,23 @@ def _loss(params, model, batch, weights):
   return loss, metrics
 
 
-def make_batch(images, labels, targets, idx, flip, norm):
+def make_batch(images, labels, targets, idx, flip, norm, orientation_bins=0):
   """Gathers a batch; horizontal flips mirror the auxiliary targets too.
 
   A flip maps a rotation by theta of a shape to a rotation by -theta of its
-  mirror image, so orientation bin k of ``bins`` becomes ``bins - 1 - k``
-  (``bins`` is ``targets["orientation"]``'s class count, passed as
-  ``targets["orientation_bins"]``).
+  mirror image, so orientation bin k of ``orientation_bins`` becomes
+  ``orientation_bins - 1 - k``.
   """
   img = images[idx]
   img = np.where(flip[:, None, None, None], img[:, :, ::-1], img)
   batch = {"image": normalize(img, norm), "label": labels[idx]}
   for name, t in targets.items():
-    if name == "orientation_bins":
-      continue
     t = t[idx]
     if name == "position":
       g = fractals.POSITION_GRID
       t = np.where(flip, (t // g) * g + (g - 1 - t % g), t)
     elif name == "orientation":
-      t = np.where(flip, targets["orientation_bins"] - 1 - t, t)
+      t = np.where(flip, orientation_bins - 1 - t, t)
     batch[name] = t
   return batch
 
@@ -192,9 +189,6 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     "position": config.aux_weight,
     "orientation": config.get("orientation_weight", 1.0),
   }
-  for data in (train_data, held_out):
-    if "orientation" in sizes:
-      data[2]["orientation_bins"] = sizes["orientation"]
   schedule = optax.warmup_cosine_decay_schedule(
     0.0, config.lr, config.warmup_steps, config.steps, end_value=0.0
   )
@@ -226,7 +220,15 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   for step in range(1, config.steps + 1):
     idx = order_rng.integers(0, n, config.batch_size)
     flip = order_rng.random(config.batch_size) < 0.5
-    batch = make_batch(images, labels, targets, idx, flip, config.normalize)
+    batch = make_batch(
+      images,
+      labels,
+      targets,
+      idx,
+      flip,
+      config.normalize,
+      orientation_bins=sizes.get("orientation", 0),
+    )
     params, opt_state, m = step_fn(params, opt_state, batch)
     seen += config.batch_size
     if step % config.log_every == 0 or step == config.steps:
@@ -247,7 +249,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     (
       train_data[0][:5000],
       train_data[1][:5000],
-      {k: v if np.isscalar(v) else v[:5000] for k, v in targets.items()},
+      {k: v[:5000] for k, v in targets.items()},
     ),
     250,
     config.normalize,

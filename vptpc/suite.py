@@ -194,10 +194,10 @@ def select_hparams(
   from vptpc import sweep
 
   m = config.methods[method]
+  grid = _grid(m)
   scores = {}
-  counts = dict.fromkeys(n for n, _ in _grid(m))
-  for n in counts:
-    lrs = [lr for k, lr in _grid(m) if k == n]
+  for n in dict.fromkeys(k for k, _ in grid):
+    lrs = [lr for k, lr in grid if k == n]
     done = {}
     for lr in lrs:
       f = os.path.join(
@@ -260,10 +260,10 @@ def run_one(
   os.makedirs(workdir, exist_ok=True)
   m = ml_collections.ConfigDict(config.methods[method].to_dict())
   selected = None
-  grid = _grid(m) if method != "scratch" else []
+  grid = _grid(m)  # scratch: one point, its fixed LR
   if len(grid) == 1:
     m.num_prompts, m.lr = grid[0]
-  elif grid:
+  else:
     selected = select_hparams(config, task, method, os.path.dirname(workdir))
     m.num_prompts, m.lr = selected["num_prompts"], selected["lr"]
   data_dir = config.data_dir or None
@@ -466,10 +466,12 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str) -> str:
 
   def method_desc(m):
     mc = config.methods[m]
-    grid = _grid(mc) if m != "scratch" else []
-    if len(grid) <= 1:
-      n = f", {grid[0][0]} prompts" if grid and grid[0][0] else ""
-      return f"{m}: {mc.epochs} epochs, lr {mc.lr}{n}"
+    grid = _grid(mc)
+    if len(grid) == 1:
+      ((n, lr),) = grid
+      return f"{m}: {mc.epochs} epochs, lr {lr}" + (
+        f", {n} prompts" if n else ""
+      )
     chosen = {
       r["task"]: _grid_key(r["num_prompts"], r["lr"])
       for r in rows
