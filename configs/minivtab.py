@@ -29,8 +29,9 @@ def get_config(arg=None):
     base_lr=1.0,
     weight_decay=1e-4,
     batch_size=64,
-    prompt_lr_scale=0.01,
+    prompt_lr_scale=minivtab.PROMPT_LR_SCALE,
     smoke=False,
     backbone="",
+    head_init="vpt",
   )
   return minivtab.task_config(**a)

@@ -17,6 +17,15 @@ the head's LR; its docstring gives the measurements behind that).
 run; ``deep_prompts=3`` fixes VPT-Deep's count and ``lrs=1.0`` the LR;
 ``backbone=runs/pretrain/backbone.npz`` evaluates another pretraining.
 
+Heads start at zero (``head_init=zeros``, as vit_jax and big_vision
+fine-tune), not with VPT's kaiming init (``head_init=vpt``): the embedded
+backbone's features have norm ~27, so VPT's init starts at a loss of 10-20,
+and in 10 epochs the head spent its budget undoing that. On dsprites_ori at
+LR 0.1 the linear probe's training loss ended at 2.5 (chance is 2.77) with
+VPT's init and at 1.6 from zero; at LR 1.0 VPT-Deep diverged from VPT's init
+(val200 7.0%) and trained from zero. ``prompt_lr_scales=0.01:0.1`` adds the
+prompts' LR multiplier to VPT-Deep's search (default: fixed at 0.01).
+
 Why an LR search: with the one LR used before (1.0, chosen on
 dsprites_loc), VPT-Deep's training loss spiked to ~300 on dsprites_ori and
 count and val200 stayed near chance for every prompt count; at LR 0.1 the
@@ -41,6 +50,8 @@ def get_config(arg=None):
     methods="",
     deep_prompts=(1, 10),
     lrs=(0.1, 1.0),
+    prompt_lr_scales=(minivtab.PROMPT_LR_SCALE,),
+    head_init="zeros",
     workers=2,
     backbone="",
     smoke=False,
@@ -60,6 +71,8 @@ def get_config(arg=None):
   c.data_dir = ""
   # "" -> the shipped backbone; else a fractal-Ti/4 .npz (vptpc.pretrain).
   c.backbone = a.backbone
+  # "zeros" or "vpt" (VPT's kaiming head init): see the module docstring.
+  c.head_init = a.head_init
   c.smoke = a.smoke
   # Tasks spread over single-thread worker processes (`vptpc.suite`).
   c.workers = 1 if a.smoke else a.workers
@@ -80,6 +93,7 @@ def get_config(arg=None):
         num_prompts=10,
         select_prompts=(1, 2) if a.smoke else a.deep_prompts,
         select_lr=(lrs[-1],) if a.smoke else lrs,
+        select_prompt_lr_scale=tuple(float(x) for x in a.prompt_lr_scales),
       ),
       "scratch": dict(epochs=e, lr=1e-3, weight_decay=0.05),
     }

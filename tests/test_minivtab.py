@@ -296,6 +296,52 @@ def test_select_hparams_takes_the_best_val_point_ties_to_the_cheaper(
   val[(1, 0.1)] = 0.60
   got = suite.select_hparams(c, "digits", "deep", str(tmp_path / "again"))
   assert (got["num_prompts"], got["lr"]) == (1, 0.1)
+  assert got["prompt_lr_scale"] == minivtab.PROMPT_LR_SCALE
+
+
+def test_select_hparams_searches_the_prompt_lr_scale(tmp_path, monkeypatch):
+  from vptpc import suite, sweep
+
+  jobs = []
+
+  def fake_grid(config, members):
+    n, s = config.prompt.num_prompts, config.prompt.lr_scale
+    jobs.append((n, s, [lr for lr, _ in members]))
+    # Best: 3 prompts at scale 0.1 and LR 1.0; the linear probe has no
+    # prompts, so its scale is not searched.
+    return [
+      {"eval_accuracy": 0.9 if (n, s, lr) == (3, 0.1, 1.0) else 0.5}
+      for lr, _ in members
+    ]
+
+  monkeypatch.setattr(sweep, "train_grid", fake_grid)
+  c = _load_config("suite", "deep_prompts=1:3,prompt_lr_scales=0.01:0.1")
+  got = suite.select_hparams(c, "digits", "deep", str(tmp_path))
+  assert (got["num_prompts"], got["lr"], got["prompt_lr_scale"]) == (
+    3,
+    1.0,
+    0.1,
+  )
+  assert jobs == [
+    (1, 0.01, [0.1, 1.0]),
+    (1, 0.1, [0.1, 1.0]),
+    (3, 0.01, [0.1, 1.0]),
+    (3, 0.1, [0.1, 1.0]),
+  ]
+  assert set(got["val_accuracy"]) == {
+    "p1_lr0.1",
+    "p1_lr1",
+    "p1_lr0.1_ps0.1",
+    "p1_lr1_ps0.1",
+    "p3_lr0.1",
+    "p3_lr1",
+    "p3_lr0.1_ps0.1",
+    "p3_lr1_ps0.1",
+  }
+  sel = tmp_path / "select_p3_lr1_ps0.1" / "suite_result.json"
+  assert json.loads(sel.read_text())["prompt_lr_scale"] == 0.1
+  got = suite.select_hparams(c, "digits", "linear", str(tmp_path / "lin"))
+  assert got["num_prompts"] == 0 and len(jobs) == 5
 
 
 def test_orientation_target_is_the_rotation_the_image_shows():

@@ -294,3 +294,19 @@ def test_prompts_initialised_from_the_backbones_tokens(data_dir):
     assert pool.shape[0] == 4 * (c.data.image_size // s.model.patch_size) ** 2
     for row in np.asarray(p):
       assert np.isclose(pool, row, atol=1e-6).all(axis=1).any()
+
+
+def test_head_init_vpt_or_zeros_and_a_bad_value_is_named():
+  c = tiny_config()
+  model = train.build_model(c)
+  _, head = train.load_backbone(c, model)
+  # VPT's init: a random kernel and the 1%-prior bias.
+  assert np.asarray(head["kernel"]).std() > 0
+  np.testing.assert_allclose(head["bias"], vit.HEAD_BIAS_INIT, rtol=1e-6)
+  c.model.head_init = "zeros"
+  _, head = train.load_backbone(c, model)
+  assert not np.asarray(head["kernel"]).any()
+  assert not np.asarray(head["bias"]).any()
+  c.model.head_init = "xavier"
+  with pytest.raises(ValueError, match="head_init.*'xavier'"):
+    train.load_backbone(c, model)

@@ -216,6 +216,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # bfloat16 on TPU/GPU for speed.
   # "": matmul on CPU, XLA's elsewhere; "cudnn": flash attention (NVIDIA).
   c.model.attention_impl = ""
+  # "vpt": VPT's head init (kaiming normal fan_out, 1%-prior bias);
+  # "zeros": kernel and bias zero, as vit_jax and big_vision fine-tune.
+  c.model.head_init = "vpt"
 
   c.prompt = ml_collections.ConfigDict()
   c.prompt.variant = "deep"  # deep | shallow

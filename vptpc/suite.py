@@ -130,16 +130,33 @@ def train_scratch(
   }
 
 
-def _grid(m: ml_collections.ConfigDict) -> list[tuple[int, float]]:
-  """A method's (prompt count, LR) candidates; one point means no search."""
+def _grid(m: ml_collections.ConfigDict) -> list[tuple[int, float, float]]:
+  """A method's (prompt count, LR, prompt LR scale) candidates.
+
+  One point means no search. The prompt LR scale only matters with
+  prompts, so a linear probe's points all carry the first scale.
+  """
   counts = tuple(m.get("select_prompts", ())) or (m.get("num_prompts", 0),)
   lrs = tuple(m.get("select_lr", ())) or (m.lr,)
-  return [(int(n), float(lr)) for n in counts for lr in lrs]
+  scales = tuple(m.get("select_prompt_lr_scale", ())) or (
+    m.get("prompt_lr_scale", minivtab.PROMPT_LR_SCALE),
+  )
+  return [
+    (int(n), float(lr), float(s))
+    for n in counts
+    for s in (scales if n else scales[:1])
+    for lr in lrs
+  ]
 
 
-def _grid_key(n: int, lr: float) -> str:
-  """Names one grid point in ``runs.csv`` and in the selection workdirs."""
-  return f"p{n}_lr{lr:g}"
+def _grid_key(n: int, lr: float, scale: float) -> str:
+  """Names one grid point in ``runs.csv`` and in the selection workdirs.
+
+  The prompt LR scale is named only where it differs from the default, so
+  the names of earlier suites' points still read back.
+  """
+  key = f"p{n}_lr{lr:g}"
+  return key if scale == minivtab.PROMPT_LR_SCALE else f"{key}_ps{scale:g}"
 
 
 def _vpt_config(
@@ -160,6 +177,8 @@ def _vpt_config(
     base_lr=m.lr,
     weight_decay=m.weight_decay,
     batch_size=config.batch_size,
+    prompt_lr_scale=m.get("prompt_lr_scale", minivtab.PROMPT_LR_SCALE),
+    head_init=config.get("head_init", "vpt"),
     smoke=config.smoke,
     backbone=config.get("backbone", ""),
   )
@@ -171,17 +190,18 @@ def _vpt_config(
 def select_hparams(
   config: ml_collections.ConfigDict, task: str, method: str, workdir: str
 ) -> dict[str, Any]:
-  """Chooses a VPT method's prompt count and LR for one task on val200.
+  """Chooses a VPT method's prompt count and LRs for one task on val200.
 
   VPT's protocol (vpt.md): the prompt length and the learning rate are
   per-task hyperparameters picked on the validation split. Every point of
-  the method's ``select_prompts`` x ``select_lr`` grid (a missing one is
-  the method's fixed ``num_prompts`` / ``lr``) is trained on train800 and
-  evaluated on val200 with the first suite seed; the best val accuracy
-  wins, ties to fewer prompts, then to the smaller LR. A diverged point
-  scores -1.
+  the method's ``select_prompts`` x ``select_prompt_lr_scale`` x
+  ``select_lr`` grid (a missing axis is the method's fixed ``num_prompts``
+  / ``prompt_lr_scale`` / ``lr``) is trained on train800 and evaluated on
+  val200 with the first suite seed; the best val accuracy wins, ties to
+  fewer prompts, then to the smaller LR, then to the smaller prompt scale.
+  A diverged point scores -1.
 
-  The LRs of one prompt count train together as one vmapped job
+  The LRs of one prompt count and scale train together as one vmapped job
   (`vptpc.sweep.train_grid`: one compile and one pass over the data, each
   member equal to its separate run up to float32 rounding; for the linear
   probe the frozen backbone's forward is shared by the members). Each point's
@@ -189,19 +209,21 @@ def select_hparams(
   interrupted selection resumes.
 
   Returns:
-    ``{"num_prompts": n, "lr": lr, "val_accuracy": {point: accuracy}}``.
+    ``{"num_prompts": n, "lr": lr, "prompt_lr_scale": s,
+    "val_accuracy": {point: accuracy}}``.
   """
   from vptpc import sweep
 
   m = config.methods[method]
   grid = _grid(m)
   scores = {}
-  for n in dict.fromkeys(k for k, _ in grid):
-    lrs = [lr for k, lr in grid if k == n]
+  # One vmapped job per (prompt count, prompt LR scale): its LRs.
+  for n, scale in dict.fromkeys((k, s) for k, _, s in grid):
+    lrs = [lr for k, lr, s in grid if (k, s) == (n, scale)]
     done = {}
     for lr in lrs:
       f = os.path.join(
-        workdir, f"select_{_grid_key(n, lr)}", "suite_result.json"
+        workdir, f"select_{_grid_key(n, lr, scale)}", "suite_result.json"
       )
       if os.path.exists(f):
         with open(f) as fh:
@@ -209,14 +231,16 @@ def select_hparams(
     todo = [lr for lr in lrs if lr not in done]
     if todo:
       t0 = time.time()
-      sub = ml_collections.ConfigDict(dict(m.to_dict(), num_prompts=n))
+      sub = ml_collections.ConfigDict(
+        dict(m.to_dict(), num_prompts=n, prompt_lr_scale=scale)
+      )
       sub.mode = "tune"
       c = _vpt_config(config, task, method, sub, config.seeds[0])
       res = sweep.train_grid(c, [(lr, m.weight_decay) for lr in todo])
       for lr, r in zip(todo, res, strict=True):
         acc = r["eval_accuracy"]  # the eval split here is val200
         acc = -1.0 if not np.isfinite(acc) else acc
-        d = os.path.join(workdir, f"select_{_grid_key(n, lr)}")
+        d = os.path.join(workdir, f"select_{_grid_key(n, lr, scale)}")
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, "suite_result.json"), "w") as fh:
           json.dump(
@@ -225,6 +249,7 @@ def select_hparams(
               "method": method,
               "num_prompts": n,
               "lr": lr,
+              "prompt_lr_scale": scale,
               "test_accuracy": acc,
               "split": c.data.eval_split,
               "seconds_grid_job": round(time.time() - t0, 1),
@@ -232,11 +257,13 @@ def select_hparams(
             fh,
           )
         done[lr] = acc
-    scores.update({(n, lr): done[lr] for lr in lrs})
-  n, lr = max(scores, key=lambda k: (scores[k], -k[0], -k[1]))
+    scores.update({(n, lr, scale): done[lr] for lr in lrs})
+  # Ties: fewer prompts, then the smaller LR, then the smaller prompt scale.
+  n, lr, scale = max(scores, key=lambda k: (scores[k], -k[0], -k[1], -k[2]))
   return {
     "num_prompts": n,
     "lr": lr,
+    "prompt_lr_scale": scale,
     "val_accuracy": {_grid_key(*k): v for k, v in scores.items()},
   }
 
@@ -262,10 +289,11 @@ def run_one(
   selected = None
   grid = _grid(m)  # scratch: one point, its fixed LR
   if len(grid) == 1:
-    m.num_prompts, m.lr = grid[0]
+    m.num_prompts, m.lr, m.prompt_lr_scale = grid[0]
   else:
     selected = select_hparams(config, task, method, os.path.dirname(workdir))
     m.num_prompts, m.lr = selected["num_prompts"], selected["lr"]
+    m.prompt_lr_scale = selected["prompt_lr_scale"]
   data_dir = config.data_dir or None
   t0 = time.time()
   if method == "scratch":
@@ -314,6 +342,7 @@ def run_one(
   if selected is not None:
     out["num_prompts"] = selected["num_prompts"]
     out["lr"] = selected["lr"]
+    out["prompt_lr_scale"] = selected["prompt_lr_scale"]
     out["val200_grid"] = json.dumps(selected["val_accuracy"])
   with open(done, "w") as f:
     json.dump(out, f)
@@ -468,12 +497,16 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str) -> str:
     mc = config.methods[m]
     grid = _grid(mc)
     if len(grid) == 1:
-      ((n, lr),) = grid
+      ((n, lr, _),) = grid
       return f"{m}: {mc.epochs} epochs, lr {lr}" + (
         f", {n} prompts" if n else ""
       )
     chosen = {
-      r["task"]: _grid_key(r["num_prompts"], r["lr"])
+      r["task"]: _grid_key(
+        r["num_prompts"],
+        r["lr"],
+        r.get("prompt_lr_scale", minivtab.PROMPT_LR_SCALE),
+      )
       for r in rows
       if r["method"] == m
     }
@@ -486,7 +519,8 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str) -> str:
   desc = "; ".join(method_desc(m) for m in config.method_order)
   text = (
     "Mini-VTAB test top-1 (%), mean ± std over seeds "
-    f"{list(config.seeds)}; train800val200 -> test; {desc}. "
+    f"{list(config.seeds)}; train800val200 -> test; "
+    f"VPT heads init {config.get('head_init', 'vpt')}; {desc}. "
     f"Wall time {time.time() - t0:.0f} s.\n\n{table}\n"
   )
   with open(os.path.join(workdir, "results.md"), "w") as f:

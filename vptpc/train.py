@@ -203,14 +203,25 @@ def load_backbone(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
   """Returns (frozen backbone, freshly initialised head).
 
-  The head always comes from ``config.seed``; the backbone from
+  The head always comes from ``config.seed``, with VPT's init, or all zeros
+  when ``config.model.head_init`` is ``zeros``; the backbone from
   ``config.model.checkpoint_path`` (a vit_jax ``.npz``), or, when that is
   empty, from a random init with ``config.model.init_seed``.
+
+  Raises:
+    ValueError: an unknown ``config.model.head_init`` (named).
   """
   size = config.data.image_size
   rng = jax.random.key(config.seed)
   params = vit.init_params(model, rng, size)
   backbone, head = vit.split_head(params)
+  head_init = config.model.get("head_init", "vpt")
+  if head_init == "zeros":
+    head = jax.tree.map(jnp.zeros_like, head)
+  elif head_init != "vpt":
+    raise ValueError(
+      f"config.model.head_init must be 'vpt' or 'zeros', got {head_init!r}."
+    )
   if config.model.checkpoint_path:
     backbone = checkpoint.load_pretrained(
       config.model.checkpoint_path, backbone

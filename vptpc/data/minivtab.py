@@ -36,6 +36,9 @@ SPLITS = {
 }
 TRAIN_SIZE = 1000
 TEST_SIZE = 1000
+# Prompts' LR as a fraction of the head's on the embedded backbone
+# (`task_config` gives the measurement behind it).
+PROMPT_LR_SCALE = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,9 +329,10 @@ def task_config(
   base_lr: float = 0.1,
   weight_decay: float = 1e-4,
   batch_size: int = 64,
-  prompt_lr_scale: float = 0.01,
+  prompt_lr_scale: float = PROMPT_LR_SCALE,
   smoke: bool = False,
   backbone: str = "",
+  head_init: str = "vpt",
 ):
   """The training config of one mini-VTAB run on the embedded backbone.
 
@@ -356,6 +360,7 @@ def task_config(
     smoke: shrink to a few steps for tests.
     backbone: a fractal-Ti/4 ``.npz`` to use instead of the shipped one
       (e.g. a ``vptpc.pretrain`` result).
+    head_init: ``vpt`` or ``zeros`` (``config.model.head_init``).
 
   Returns:
     A `vptpc.config_util.base_config` with the fields set.
@@ -375,6 +380,7 @@ def task_config(
   c.model.name = assets.DEFAULT_MODEL
   c.model.checkpoint_path = backbone or assets.path()
   c.model.kv_only = variant == "deep"
+  c.model.head_init = head_init
   c.prompt.variant = variant
   c.prompt.num_prompts = num_prompts
   c.data.name = t.tfds_name
