@@ -8,13 +8,13 @@ Writes ``results.md`` / ``results.csv`` (mean ± std per task and method) and
 VPT-Deep on the embedded backbone, and the same ViT trained from scratch.
 Epochs and weight decay are fixed here; as in VPT's protocol, the learning
 rate of every VPT-recipe method (linear probe, VPT-Shallow, VPT-Deep) is
-chosen per task on val200 from ``lrs``, jointly with VPT-Deep's prompt count
-from ``deep_prompts`` (one seed, train800 -> val200, then the final runs use
-the best point). From-scratch training keeps its fixed AdamW recipe. VPT runs use
+chosen per task on val200 from ``lrs``, VPT-Deep's jointly with its prompt
+count and prompt LR scale from ``deep_points`` (one seed, train800 -> val200,
+then the final runs use the best point). From-scratch training keeps its fixed AdamW recipe. VPT runs use
 `vptpc.data.minivtab.task_config` (per-step schedule, prompts at 1/100 of
 the head's LR; its docstring gives the measurements behind that).
 ``seeds=42:44``, ``tasks=digits:count`` and ``methods=linear:deep`` narrow a
-run; ``deep_prompts=3`` fixes VPT-Deep's count and ``lrs=1.0`` the LR;
+run; ``deep_points=,deep_prompts=3,lrs=1.0`` fixes VPT-Deep's count and LR;
 ``backbone=runs/pretrain/backbone.npz`` evaluates another pretraining.
 
 Heads start at zero (``head_init=zeros``, as vit_jax and big_vision
@@ -23,8 +23,19 @@ backbone's features have norm ~27, so VPT's init starts at a loss of 10-20,
 and in 10 epochs the head spent its budget undoing that. On dsprites_ori at
 LR 0.1 the linear probe's training loss ended at 2.5 (chance is 2.77) with
 VPT's init and at 1.6 from zero; at LR 1.0 VPT-Deep diverged from VPT's init
-(val200 7.0%) and trained from zero. ``prompt_lr_scales=0.01:0.1`` adds the
-prompts' LR multiplier to VPT-Deep's search (default: fixed at 0.01).
+(val200 7.0%) and trained from zero.
+
+VPT-Deep's candidates (``deep_points``, each prompts/LR/prompt LR scale):
+1 prompt per layer at LR 0.1 and 1.0 with prompts at 1/100 of the LR, and
+10 prompts at LR 0.1 with prompts at 0.1 and 1.0 of it (1.0 is VPT's one
+LR). Why: with the 1/100 scale the prompts barely train in 10 epochs, and
+the previous suite chose 1 prompt on every task (10 were worse wherever the
+count mattered, e.g. dsprites_loc at LR 0.1: 52.5% vs 70.5% on val200);
+from a zero head, raising the 10 prompts' scale at LR 0.1 helped on val200
+on all four tasks, while at LR 1.0 scale 1.0 diverged on dsprites_loc
+(`results/prompt_lr_scale/`). Four points, as many as the 2 x 2 grid they
+replace. ``deep_points=`` (empty) searches the product of
+``deep_prompts`` x ``prompt_lr_scales`` x ``lrs`` instead.
 
 Why an LR search: with the one LR used before (1.0, chosen on
 dsprites_loc), VPT-Deep's training loss spiked to ~300 on dsprites_ori and
@@ -40,6 +51,21 @@ from vptpc import config_util
 from vptpc.data import minivtab
 
 
+def _points(specs) -> tuple:
+  """Parses ``prompts/lr/prompt_lr_scale`` strings into typed triples."""
+  out = []
+  for spec in specs:
+    try:
+      n, lr, scale = spec.split("/")
+      out.append((int(n), float(lr), float(scale)))
+    except ValueError:
+      raise ValueError(
+        f"deep_points item {spec!r} must be prompts/lr/prompt_lr_scale, "
+        "e.g. 10/0.1/1.0."
+      ) from None
+  return tuple(out)
+
+
 def get_config(arg=None):
   """Returns the suite config."""
   a = config_util.parse_arg(
@@ -51,6 +77,7 @@ def get_config(arg=None):
     deep_prompts=(1, 10),
     lrs=(0.1, 1.0),
     prompt_lr_scales=(minivtab.PROMPT_LR_SCALE,),
+    deep_points=("1/0.1/0.01", "1/1.0/0.01", "10/0.1/0.1", "10/0.1/1.0"),
     head_init="zeros",
     workers=2,
     backbone="",
@@ -94,6 +121,7 @@ def get_config(arg=None):
         select_prompts=(1, 2) if a.smoke else a.deep_prompts,
         select_lr=(lrs[-1],) if a.smoke else lrs,
         select_prompt_lr_scale=tuple(float(x) for x in a.prompt_lr_scales),
+        select_points=() if a.smoke else _points(a.deep_points),
       ),
       "scratch": dict(epochs=e, lr=1e-3, weight_decay=0.05),
     }

@@ -249,7 +249,8 @@ def test_suite_table_with_a_fixed_deep_prompt_count(tmp_path):
   from vptpc import suite
 
   c = _load_config(
-    "suite", "methods=deep,deep_prompts=3,lrs=1.0,tasks=digits,seeds=42"
+    "suite",
+    "methods=deep,deep_points=,deep_prompts=3,lrs=1.0,tasks=digits,seeds=42",
   )
   run = tmp_path / "digits" / "deep" / "seed42"
   run.mkdir(parents=True)
@@ -283,7 +284,7 @@ def test_select_hparams_takes_the_best_val_point_ties_to_the_cheaper(
     return [{"eval_accuracy": val[(n, lr)]} for lr, _ in members]
 
   monkeypatch.setattr(sweep, "train_grid", fake_grid)
-  c = _load_config("suite", "deep_prompts=1:3:10,lrs=0.1:1.0")
+  c = _load_config("suite", "deep_points=,deep_prompts=1:3:10,lrs=0.1:1.0")
   got = suite.select_hparams(c, "digits", "deep", str(tmp_path))
   # 0.60 at (1, 1.0) and (3, 0.1): the tie goes to fewer prompts.
   assert (got["num_prompts"], got["lr"]) == (1, 1.0)
@@ -315,7 +316,9 @@ def test_select_hparams_searches_the_prompt_lr_scale(tmp_path, monkeypatch):
     ]
 
   monkeypatch.setattr(sweep, "train_grid", fake_grid)
-  c = _load_config("suite", "deep_prompts=1:3,prompt_lr_scales=0.01:0.1")
+  c = _load_config(
+    "suite", "deep_points=,deep_prompts=1:3,prompt_lr_scales=0.01:0.1"
+  )
   got = suite.select_hparams(c, "digits", "deep", str(tmp_path))
   assert (got["num_prompts"], got["lr"], got["prompt_lr_scale"]) == (
     3,
@@ -338,10 +341,24 @@ def test_select_hparams_searches_the_prompt_lr_scale(tmp_path, monkeypatch):
     "p3_lr0.1_ps0.1",
     "p3_lr1_ps0.1",
   }
+  # The shipped grid lists its points: one job per (prompts, scale).
+  jobs.clear()
+  got = suite.select_hparams(
+    _load_config("suite", ""), "digits", "deep", str(tmp_path / "points")
+  )
+  assert jobs == [(1, 0.01, [0.1, 1.0]), (10, 0.1, [0.1]), (10, 1.0, [0.1])]
+  assert set(got["val_accuracy"]) == {
+    "p1_lr0.1",
+    "p1_lr1",
+    "p10_lr0.1_ps0.1",
+    "p10_lr0.1_ps1",
+  }
+  with pytest.raises(ValueError, match="deep_points item '3/1.0'"):
+    _load_config("suite", "deep_points=3/1.0")
   sel = tmp_path / "select_p3_lr1_ps0.1" / "suite_result.json"
   assert json.loads(sel.read_text())["prompt_lr_scale"] == 0.1
   got = suite.select_hparams(c, "digits", "linear", str(tmp_path / "lin"))
-  assert got["num_prompts"] == 0 and len(jobs) == 5
+  assert got["num_prompts"] == 0 and len(jobs) == 4
 
 
 def test_orientation_target_is_the_rotation_the_image_shows():

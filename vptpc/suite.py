@@ -133,9 +133,13 @@ def train_scratch(
 def _grid(m: ml_collections.ConfigDict) -> list[tuple[int, float, float]]:
   """A method's (prompt count, LR, prompt LR scale) candidates.
 
-  One point means no search. The prompt LR scale only matters with
-  prompts, so a linear probe's points all carry the first scale.
+  ``select_points`` lists them explicitly; otherwise they are the product
+  of ``select_prompts``, ``select_prompt_lr_scale`` and ``select_lr``. One
+  point means no search. The prompt LR scale only matters with prompts, so
+  a linear probe's points all carry the first scale.
   """
+  if m.get("select_points"):
+    return [(int(n), float(lr), float(s)) for n, lr, s in m.select_points]
   counts = tuple(m.get("select_prompts", ())) or (m.get("num_prompts", 0),)
   lrs = tuple(m.get("select_lr", ())) or (m.lr,)
   scales = tuple(m.get("select_prompt_lr_scale", ())) or (
