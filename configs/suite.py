@@ -9,10 +9,12 @@ VPT-Deep on the embedded backbone, and the same ViT trained from scratch.
 Epochs and weight decay are fixed here; as in VPT's protocol, the learning
 rate of every VPT-recipe method (linear probe, VPT-Shallow, VPT-Deep) is
 chosen per task on val200 from ``lrs``, VPT-Deep's jointly with its prompt
-count and prompt LR scale from ``deep_points`` (one seed, train800 -> val200,
-then the final runs use the best point). From-scratch training keeps its fixed AdamW recipe. VPT runs use
+count and prompt LR scale from ``deep_points`` (one seed, train800 ->
+val200, then the final runs use the best point). From-scratch training
+keeps its fixed AdamW recipe. VPT runs use
 `vptpc.data.minivtab.task_config` (per-step schedule, prompts at 1/100 of
-the head's LR; its docstring gives the measurements behind that).
+the head's LR unless a point says otherwise; its docstring gives the
+measurements behind that).
 ``seeds=42:44``, ``tasks=digits:count`` and ``methods=linear:deep`` narrow a
 run; ``deep_points=,deep_prompts=3,lrs=1.0`` fixes VPT-Deep's count and LR;
 ``backbone=runs/pretrain/backbone.npz`` evaluates another pretraining.
