@@ -198,9 +198,10 @@ def select_hparams(
 
   VPT's protocol (vpt.md): the prompt length and the learning rate are
   per-task hyperparameters picked on the validation split. Every point of
-  the method's ``select_prompts`` x ``select_prompt_lr_scale`` x
-  ``select_lr`` grid (a missing axis is the method's fixed ``num_prompts``
-  / ``prompt_lr_scale`` / ``lr``) is trained on train800 and evaluated on
+  the method's `_grid` (its ``select_points``, or else the
+  ``select_prompts`` x ``select_prompt_lr_scale`` x ``select_lr`` product,
+  a missing axis being the method's fixed ``num_prompts`` /
+  ``prompt_lr_scale`` / ``lr``) is trained on train800 and evaluated on
   val200 with the first suite seed; the best val accuracy wins, ties to
   fewer prompts, then to the smaller LR, then to the smaller prompt scale.
   A diverged point scores -1.
@@ -281,8 +282,8 @@ def run_one(
 ) -> dict[str, Any]:
   """Runs (or reads back) one method on one task with one seed.
 
-  A method with more than one (prompt count, LR) candidate is first tuned
-  on val200 by `select_hparams`.
+  A method with more than one (prompt count, LR, prompt LR scale)
+  candidate is first tuned on val200 by `select_hparams`.
   """
   done = os.path.join(workdir, "suite_result.json")
   if os.path.exists(done):
