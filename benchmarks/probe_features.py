@@ -10,6 +10,12 @@ prompts disturb the features before any training.
   python benchmarks/probe_features.py --backbone=vptpc/assets/fractal_vit_ti4.npz
   python benchmarks/probe_features.py --arrays=minivtab32.npz --backbone=a.npz,b.npz
 
+``--readouts=3,5`` instead asks where in the frozen ViT a task's labels
+are linearly readable: the final CLS features, and at the input of each
+listed block its CLS token, its mean patch token and all its patch tokens
+(standardised, PCA to 256 dimensions), beside raw pixels (PCA 256). What
+no readout holds, prompts on a frozen backbone have to compute, not find.
+
 ``--export=F`` writes the 32-px uint8 splits to ``F`` (for machines without
 TensorFlow Datasets); ``--arrays=F`` reads them back instead of TFDS.
 Prints a Markdown table (rows: backbone x prompts; columns: tasks).
@@ -81,6 +87,67 @@ def probe(backbone: str, arrays, num_prompts: int, seed: int = 0) -> dict:
   return acc
 
 
+def _fit(a, ya, b, yb, pca: int = 0) -> float:
+  """Test accuracy (%) of a logistic regression on standardised features."""
+  from sklearn.decomposition import PCA
+  from sklearn.linear_model import LogisticRegression
+  from sklearn.preprocessing import StandardScaler
+
+  sc = StandardScaler().fit(a)
+  a, b = sc.transform(a), sc.transform(b)
+  if pca:
+    p = PCA(pca, random_state=0).fit(a)
+    a, b = p.transform(a), p.transform(b)
+  return 100 * LogisticRegression(max_iter=2000).fit(a, ya).score(b, yb)
+
+
+def probe_readouts(backbone: str, arrays, blocks) -> dict:
+  """Per task, test accuracy (%) of each readout (see the module doc)."""
+  model = vit.create_model(assets.DEFAULT_MODEL, num_classes=None)
+  tmpl = jax.eval_shape(lambda: vit.init_params(model, jax.random.key(0), 32))
+  params = checkpoint.load_pretrained(backbone, tmpl)
+
+  @jax.jit
+  def fwd(x):
+    f, inter = model.apply(
+      {"params": params}, x, None, mutable=["intermediates"]
+    )
+    t = inter["intermediates"]["Transformer"]
+    return f, [t[f"block_input_{i}"][0] for i in blocks]
+
+  def feats(images):
+    x = pipeline.normalize(images, "minus1_1")
+    outs = [jax.device_get(fwd(x[i : i + 250])) for i in range(0, len(x), 250)]
+    cls = np.concatenate([o[0] for o in outs])
+    toks = [np.concatenate([o[1][j] for o in outs]) for j in range(len(blocks))]
+    return cls, toks
+
+  out = {}
+  for task in minivtab.TASKS:
+    ia, ib = (arrays[f"{task}/{s}/images"] for s in ("train", "test"))
+    ya, yb = (arrays[f"{task}/{s}/labels"] for s in ("train", "test"))
+    (ca, ta), (cb, tb) = feats(ia), feats(ib)
+    r = {"final CLS": _fit(ca, ya, cb, yb)}
+    for j, i in enumerate(blocks):
+      a, b = ta[j], tb[j]
+      r[f"block {i} CLS"] = _fit(a[:, 0], ya, b[:, 0], yb)
+      r[f"block {i} mean patch"] = _fit(
+        a[:, 1:].mean(1), ya, b[:, 1:].mean(1), yb
+      )
+      r[f"block {i} all patches"] = _fit(
+        a[:, 1:].reshape(len(a), -1), ya, b[:, 1:].reshape(len(b), -1), yb, 256
+      )
+    r["pixels"] = _fit(
+      ia.reshape(len(ia), -1).astype(np.float32),
+      ya,
+      ib.reshape(len(ib), -1).astype(np.float32),
+      yb,
+      256,
+    )
+    out[task] = r
+  return out
+
+
 def main():
   """Parses flags, prints the table."""
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -88,10 +155,20 @@ def main():
   ap.add_argument("--prompts", default="0")
   ap.add_argument("--arrays", default="")
   ap.add_argument("--export", default="")
+  ap.add_argument("--readouts", default="")
   args = ap.parse_args()
   arrays = load_arrays(args.arrays)
   if args.export:
     np.savez_compressed(args.export, **arrays)
+    return
+  if args.readouts:
+    blocks = [int(v) for v in args.readouts.split(",")]
+    res = probe_readouts(args.backbone, arrays, blocks)
+    cols = list(next(iter(res.values())))
+    print("| task | " + " | ".join(cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    for task, r in res.items():
+      print(f"| {task} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + " |")
     return
   tasks = list(minivtab.TASKS)
   print("| backbone | random prompts/layer | " + " | ".join(tasks) + " |")

@@ -33,5 +33,6 @@ def get_config(arg=None):
     smoke=False,
     backbone="",
     head_init="vpt",
+    prelogit_norm="none",
   )
   return minivtab.task_config(**a)

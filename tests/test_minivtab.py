@@ -346,11 +346,11 @@ def test_select_hparams_searches_the_prompt_lr_scale(tmp_path, monkeypatch):
   got = suite.select_hparams(
     _load_config("suite", ""), "digits", "deep", str(tmp_path / "points")
   )
-  assert jobs == [(1, 0.01, [0.1, 1.0]), (10, 0.1, [0.1]), (10, 1.0, [0.1])]
+  assert jobs == [(1, 0.01, [0.1, 1.0]), (10, 1.0, [0.1]), (10, 0.1, [1.0])]
   assert set(got["val_accuracy"]) == {
     "p1_lr0.1",
     "p1_lr1",
-    "p10_lr0.1_ps0.1",
+    "p10_lr1_ps0.1",
     "p10_lr0.1_ps1",
   }
   with pytest.raises(ValueError, match="deep_points item '3/1.0'"):

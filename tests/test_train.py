@@ -14,6 +14,7 @@ from conftest import IMAGE_SIZE, TINY
 
 from vptpc import config_util, optim, parallel, train
 from vptpc import prompts as pr
+from vptpc.data import pipeline
 from vptpc.models import vit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -310,3 +311,82 @@ def test_head_init_vpt_or_zeros_and_a_bad_value_is_named():
   c.model.head_init = "xavier"
   with pytest.raises(ValueError, match="head_init.*'xavier'"):
     train.load_backbone(c, model)
+
+
+def test_prelogit_standardization_is_exact_and_exports_a_raw_head(
+  tmp_path, data_dir
+):
+  c = tiny_config(
+    "epochs=2,batch_size=64",
+    **{
+      "data.data_dir": data_dir,
+      "data.train_split": "train[:128]",
+      "model.prelogit_norm": "standardize",
+    },
+  )
+  c.model.prelogit_norm_images = 100  # crosses an eval batch (64)
+  s = train.setup(c)
+  mean, std = s.prelogit_stats
+  assert mean.shape == std.shape == (s.model.hidden_size,)
+  # The folded backbone standardises the first 100 training images' features.
+  batch = next(
+    pipeline.eval_batches(
+      s.train, batch_size=100, normalization=c.data.normalize
+    )
+  )
+  head = s.state.trainable["head"]
+
+  def feats(backbone):
+    return np.asarray(
+      s.model.apply(
+        {"params": vit.merge_head(backbone, head)},
+        jnp.asarray(batch["image"]),
+        None,
+        return_features=True,
+      )[1]
+    )
+
+  f = feats(s.frozen)
+  np.testing.assert_allclose(f.mean(0), 0.0, atol=1e-3)
+  np.testing.assert_allclose(f.std(0), 1.0, atol=1e-3)
+  np.testing.assert_allclose(
+    (feats(s.checkpoint_backbone) - mean) / std, f, atol=1e-3
+  )
+  # A head on standardised features is the same map as its raw form.
+  h = {
+    "kernel": jax.random.normal(jax.random.key(0), head["kernel"].shape),
+    "bias": jax.random.normal(jax.random.key(1), head["bias"].shape),
+  }
+  raw = train.head_to_raw(h, mean, std)
+  x = jnp.asarray(batch["image"][:8])
+  np.testing.assert_allclose(
+    s.model.apply({"params": vit.merge_head(s.frozen, h)}, x, None),
+    s.model.apply(
+      {"params": vit.merge_head(s.checkpoint_backbone, raw)}, x, None
+    ),
+    rtol=1e-4,
+    atol=1e-4,
+  )
+  back = train.head_from_raw(raw, mean, std)
+  for k in h:
+    np.testing.assert_allclose(back[k], h[k], rtol=1e-4, atol=1e-4)
+  # The export is for the checkpoint's backbone: loaded beside it, it
+  # reproduces the run's evaluation.
+  res = train.train_and_evaluate(c, str(tmp_path))
+  model = train.build_model(c)
+  backbone, _ = train.load_backbone(c, model)
+  p, head, _ = pr.load_prompts(tmp_path / "prompts.npz", backbone=backbone)
+  eval_step = jax.jit(train.make_eval_step(model))
+  sums = {"correct": 0.0, "count": 0.0, "loss": 0.0}
+  for b in pipeline.eval_batches(
+    s.eval, batch_size=64, normalization=c.data.normalize
+  ):
+    out = eval_step({"prompts": p, "head": head}, backbone, b)
+    sums = {k: sums[k] + float(out[k]) for k in sums}
+  assert sums["correct"] / sums["count"] == res["eval_accuracy"]
+  np.testing.assert_allclose(
+    sums["loss"] / sums["count"], res["eval_loss"], rtol=1e-4
+  )
+  c.model.prelogit_norm = "whiten"
+  with pytest.raises(config_util.ConfigError, match="prelogit_norm='whiten'"):
+    train.setup(c)

@@ -219,6 +219,13 @@ def base_config() -> ml_collections.ConfigDict:
   # "vpt": VPT's head init (kaiming normal fan_out, 1%-prior bias);
   # "zeros": kernel and bias zero, as vit_jax and big_vision fine-tune.
   c.model.head_init = "vpt"
+  # "standardize": the head reads pre-logits standardised per feature with
+  # the frozen backbone's statistics on the first `prelogit_norm_images`
+  # training images (no prompts), folded into `encoder_norm`; exports fold
+  # it back into the head. MAE's linear-probe protocol (a BatchNorm without
+  # affine before the head); not VPT's, hence "none" by default.
+  c.model.prelogit_norm = "none"
+  c.model.prelogit_norm_images = 1000
 
   c.prompt = ml_collections.ConfigDict()
   c.prompt.variant = "deep"  # deep | shallow
@@ -304,6 +311,7 @@ def base_config() -> ml_collections.ConfigDict:
 _CHOICES = {
   "prompt.variant": ("deep", "shallow"),
   "prompt.init": ("vpt", "tokens"),
+  "model.prelogit_norm": ("none", "standardize"),
   "data.normalize": ("imagenet", "minus1_1"),
   "data.source": ("tfds", "folder"),
   "data.preprocess": ("vtab", "fgvc", "crop"),

@@ -183,6 +183,7 @@ def _vpt_config(
     batch_size=config.batch_size,
     prompt_lr_scale=m.get("prompt_lr_scale", minivtab.PROMPT_LR_SCALE),
     head_init=config.get("head_init", "vpt"),
+    prelogit_norm=config.get("prelogit_norm", "none"),
     smoke=config.smoke,
     backbone=config.get("backbone", ""),
   )
@@ -525,7 +526,8 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str) -> str:
   text = (
     "Mini-VTAB test top-1 (%), mean ± std over seeds "
     f"{list(config.seeds)}; train800val200 -> test; "
-    f"VPT heads init {config.get('head_init', 'vpt')}; {desc}. "
+    f"VPT heads init {config.get('head_init', 'vpt')}, pre-logits "
+    f"{config.get('prelogit_norm', 'none')}; {desc}. "
     f"Wall time {time.time() - t0:.0f} s.\n\n{table}\n"
   )
   with open(os.path.join(workdir, "results.md"), "w") as f:

@@ -83,7 +83,7 @@ def train_grid(
   Returns:
     Per member: ``base_lr``, ``weight_decay``, ``eval_accuracy`` (NaN if
     the member diverged), ``eval_loss`` and its final ``trainable`` tree
-    (host numpy).
+    (its head for the checkpoint's backbone, `train.Setup.export_trainable`).
   """
   s = train.setup(config)
   unit = optim.create_lr_schedule(
@@ -147,7 +147,9 @@ def train_grid(
         "weight_decay": float(wd),
         "eval_accuracy": acc,
         "eval_loss": float(totals["loss"][i]) / n,
-        "trainable": jax.tree_util.tree_map(lambda a, i=i: a[i], host),
+        "trainable": s.export_trainable(
+          jax.tree_util.tree_map(lambda a, i=i: a[i], host)
+        ),
       }
     )
     logging.info("grid lr=%s wd=%s eval=%.4f", lr, wd, acc)

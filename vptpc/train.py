@@ -183,6 +183,23 @@ class Setup:
   eval: pipeline.Split
   steps_per_epoch: int
   total_steps: int
+  # The backbone as its checkpoint holds it; `frozen` differs from it only
+  # with ``config.model.prelogit_norm = "standardize"``.
+  checkpoint_backbone: dict[str, Any] | None = None
+  # (mean, std) of the pre-logits folded into `frozen`, or None.
+  prelogit_stats: tuple[np.ndarray, np.ndarray] | None = None
+
+  def export_trainable(self, trainable: dict[str, Any]) -> dict[str, Any]:
+    """``trainable`` with its head for `checkpoint_backbone` (raw features).
+
+    What is saved with the prompts: exports work with the checkpoint's
+    backbone whether or not the run standardised the pre-logits.
+    """
+    if self.prelogit_stats is None:
+      return trainable
+    return dict(
+      trainable, head=head_to_raw(trainable["head"], *self.prelogit_stats)
+    )
 
 
 def build_model(config: ml_collections.ConfigDict) -> vit.VisionTransformer:
@@ -236,6 +253,90 @@ def load_backbone(
     rand = vit.init_params(model, jax.random.key(config.model.init_seed), size)
     backbone = vit.split_head(rand)[0]
   return backbone, head
+
+
+# `setup`'s cache of `prelogit_stats`, keyed by the model and data configs.
+_PRELOGIT_STATS: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def prelogit_stats(
+  model: vit.VisionTransformer,
+  params: dict[str, Any],
+  split: pipeline.Split,
+  config: ml_collections.ConfigDict,
+) -> tuple[np.ndarray, np.ndarray]:
+  """Per-feature mean and std of the frozen pre-logits on training images.
+
+  The class-token features after ``encoder_norm``, without prompts, on the
+  first ``config.model.prelogit_norm_images`` images of ``split`` (in
+  order, un-augmented), accumulated in float64. The std is floored at 1e-6
+  so that a constant feature does not divide by zero.
+  """
+  n_max = min(int(config.model.get("prelogit_norm_images", 1000)), len(split))
+  fwd = jax.jit(
+    lambda x: model.apply({"params": params}, x, None, return_features=True)[1]
+  )
+  total = np.zeros(model.hidden_size)
+  total_sq = np.zeros(model.hidden_size)
+  n = 0
+  for batch in pipeline.eval_batches(
+    split,
+    batch_size=config.eval_batch_size,
+    normalization=config.data.normalize,
+  ):
+    take = min(int(batch["mask"].sum()), n_max - n)
+    if take <= 0:
+      break
+    f = np.asarray(fwd(jnp.asarray(batch["image"])), np.float64)[:take]
+    total += f.sum(0)
+    total_sq += (f * f).sum(0)
+    n += take
+  mean = total / n
+  std = np.sqrt(np.maximum(total_sq / n - mean * mean, 0.0))
+  return mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
+
+
+def standardize_prelogits(
+  backbone: dict[str, Any], mean: np.ndarray, std: np.ndarray
+) -> dict[str, Any]:
+  """Folds ``(features - mean) / std`` into the backbone's ``encoder_norm``.
+
+  LayerNorm ends in ``scale * x_hat + bias``, so dividing both by ``std``
+  and shifting the bias by ``-mean / std`` standardises the pre-logits
+  exactly, with no change to the model code or its shapes.
+  """
+  norm = backbone["Transformer"]["encoder_norm"]
+  new_norm = {
+    "scale": jnp.asarray(norm["scale"] / std, norm["scale"].dtype),
+    "bias": jnp.asarray((norm["bias"] - mean) / std, norm["bias"].dtype),
+  }
+  tr = dict(backbone["Transformer"], encoder_norm=new_norm)
+  return dict(backbone, Transformer=tr)
+
+
+def head_to_raw(
+  head: dict[str, Any], mean: np.ndarray, std: np.ndarray
+) -> dict[str, Any]:
+  """A head on standardised pre-logits as the same map on raw ones.
+
+  ``((f - mean) / std) @ W + b == f @ (W / std) + (b - (mean / std) @ W)``.
+  """
+  w = jnp.asarray(head["kernel"])
+  return {
+    "kernel": w / std[:, None],
+    "bias": jnp.asarray(head["bias"]) - (mean / std) @ w,
+  }
+
+
+def head_from_raw(
+  head: dict[str, Any], mean: np.ndarray, std: np.ndarray
+) -> dict[str, Any]:
+  """The inverse of `head_to_raw`."""
+  w = jnp.asarray(head["kernel"])
+  return {
+    "kernel": w * std[:, None],
+    "bias": jnp.asarray(head["bias"]) + mean @ w,
+  }
 
 
 def token_pools(
@@ -330,6 +431,27 @@ def setup(
   trainable = {"prompts": prompts, "head": head}
   if init_trainable is not None:
     trainable = jax.tree_util.tree_map(jnp.asarray, dict(init_trainable))
+  checkpoint_backbone, stats = frozen, None
+  if config.model.get("prelogit_norm", "none") == "standardize":
+    # Cached per process: a suite's runs share a task's training images.
+    key = json.dumps(
+      [
+        config.model.to_dict(),
+        config.data.to_dict(),
+        config.eval_batch_size,
+      ],
+      sort_keys=True,
+      default=str,
+    )
+    if key not in _PRELOGIT_STATS:
+      _PRELOGIT_STATS[key] = prelogit_stats(
+        model, vit.merge_head(frozen, head), train_split, config
+      )
+    stats = _PRELOGIT_STATS[key]
+    frozen = standardize_prelogits(frozen, *stats)
+    if init_trainable is not None:
+      # Given heads (e.g. a condensed export) read raw pre-logits.
+      trainable["head"] = head_from_raw(trainable["head"], *stats)
   state = create_train_state(trainable, optimizer)
   return Setup(
     model=model,
@@ -341,6 +463,8 @@ def setup(
     eval=eval_split,
     steps_per_epoch=spe,
     total_steps=spe * config.total_epochs,
+    checkpoint_backbone=checkpoint_backbone,
+    prelogit_stats=stats,
   )
 
 
@@ -666,11 +790,12 @@ def train_stage(
   if measure_throughput:
     results["eval_img_per_s"] = ev["img_per_s"]
   if jax.process_index() == 0:
+    exported = s.export_trainable(host.trainable)
     prompts_lib.save_prompts(
       export,
-      host.trainable["prompts"],
-      host.trainable["head"],
-      backbone=jax.device_get(s.frozen),
+      exported["prompts"],
+      exported["head"],
+      backbone=jax.device_get(s.checkpoint_backbone),
       metadata={
         "dataset": config.data.name,
         "eval_accuracy": ev["accuracy"],

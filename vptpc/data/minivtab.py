@@ -333,6 +333,7 @@ def task_config(
   smoke: bool = False,
   backbone: str = "",
   head_init: str = "vpt",
+  prelogit_norm: str = "none",
 ):
   """The training config of one mini-VTAB run on the embedded backbone.
 
@@ -361,6 +362,8 @@ def task_config(
     backbone: a fractal-Ti/4 ``.npz`` to use instead of the shipped one
       (e.g. a ``vptpc.pretrain`` result).
     head_init: ``vpt`` or ``zeros`` (``config.model.head_init``).
+    prelogit_norm: ``none`` or ``standardize``
+      (``config.model.prelogit_norm``).
 
   Returns:
     A `vptpc.config_util.base_config` with the fields set.
@@ -381,6 +384,7 @@ def task_config(
   c.model.checkpoint_path = backbone or assets.path()
   c.model.kv_only = variant == "deep"
   c.model.head_init = head_init
+  c.model.prelogit_norm = prelogit_norm
   c.prompt.variant = variant
   c.prompt.num_prompts = num_prompts
   c.data.name = t.tfds_name
