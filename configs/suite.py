@@ -97,6 +97,17 @@ def get_config(arg=None):
     backbone="",
     smoke=False,
   )
+  defaults = {
+    "deep_prompts": (1, 10),
+    "prompt_lr_scales": (minivtab.PROMPT_LR_SCALE,),
+  }
+  for key, default in defaults.items():
+    if a.deep_points and tuple(a[key]) != default:
+      raise ValueError(
+        f"{key}={a[key]!r} only shapes VPT-Deep's product grid, which "
+        f"deep_points={a.deep_points!r} replaces; pass deep_points= (empty) "
+        f"with {key}, or list the points in deep_points."
+      )
   c = ConfigDict()
   c.tasks = tuple(a.tasks.split(":")) if a.tasks else tuple(minivtab.TASKS)
   c.seeds = a.seeds

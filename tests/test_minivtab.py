@@ -355,6 +355,11 @@ def test_select_hparams_searches_the_prompt_lr_scale(tmp_path, monkeypatch):
   }
   with pytest.raises(ValueError, match="deep_points item '3/1.0'"):
     _load_config("suite", "deep_points=3/1.0")
+  # A count or scale that the listed points would silently override.
+  with pytest.raises(ValueError, match="deep_prompts=.*deep_points="):
+    _load_config("suite", "deep_prompts=3")
+  with pytest.raises(ValueError, match="prompt_lr_scales="):
+    _load_config("suite", "prompt_lr_scales=0.1")
   sel = tmp_path / "select_p3_lr1_ps0.1" / "suite_result.json"
   assert json.loads(sel.read_text())["prompt_lr_scale"] == 0.1
   got = suite.select_hparams(c, "digits", "linear", str(tmp_path / "lin"))
