@@ -44,8 +44,9 @@ VPT-Deep's candidates (``deep_points``, each prompts/LR/prompt LR scale):
 1.0 with prompts at 0.1 of it. Why: with the 1/100 scale the prompts barely
 train in 10 epochs; 10 prompts were worse than 1 wherever the count
 mattered (dsprites_loc, val200: 50-60% vs 73%) except on digits, where 10
-prompts at LR 1.0 and scale 0.1 led (95.0% vs 92.5%) on standardised
-pre-logits (`results/prelogit_norm/`; the earlier grid and its evidence:
+prompts at LR 1.0 and scale 0.1 led (95.0% vs 92.5% for the best
+1-prompt point listed) on standardised pre-logits
+(`results/prelogit_norm/`; the earlier grid and its evidence:
 `results/prompt_lr_scale/`). Four points, as many as the 2 x 2 grid
 they replace. ``deep_points=`` (empty) searches the product of
 ``deep_prompts`` x ``prompt_lr_scales`` x ``lrs`` instead.
