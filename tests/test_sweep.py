@@ -17,6 +17,9 @@ def test_vmapped_grid_equals_separate_runs(tmp_path, data_dir):
     c.data.train_split = "train[:128]"
     c.data.eval_split = "test[:64]"
     c.warmup_epochs = 1
+    # Standardised pre-logits: both paths must export heads for the
+    # checkpoint's backbone (`train.Setup.export_trainable`).
+    c.model.prelogit_norm = "standardize"
     return c
 
   members = [(1.0, 1e-2), (0.1, 0.0), (0.1, 1e-2)]
