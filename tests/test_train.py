@@ -387,6 +387,17 @@ def test_prelogit_standardization_is_exact_and_exports_a_raw_head(
   np.testing.assert_allclose(
     sums["loss"] / sums["count"], res["eval_loss"], rtol=1e-4
   )
+  # Restarting from the export (as PC's fine-tuning does) converts its head
+  # back: the same evaluation on the standardised backbone.
+  s2 = train.setup(c, init_trainable={"prompts": p, "head": head})
+  again = {"correct": 0.0, "count": 0.0, "loss": 0.0}
+  for b in pipeline.eval_batches(
+    s2.eval, batch_size=64, normalization=c.data.normalize
+  ):
+    out = eval_step(s2.state.trainable, s2.frozen, b)
+    again = {k: again[k] + float(out[k]) for k in again}
+  assert again["correct"] == sums["correct"]
+  np.testing.assert_allclose(again["loss"], sums["loss"], rtol=1e-4)
   c.model.prelogit_norm = "whiten"
   with pytest.raises(config_util.ConfigError, match="prelogit_norm='whiten'"):
     train.setup(c)

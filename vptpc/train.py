@@ -434,11 +434,15 @@ def setup(
   checkpoint_backbone, stats = frozen, None
   if config.model.get("prelogit_norm", "none") == "standardize":
     # Cached per process: a suite's runs share a task's training images.
+    # The checkpoint's mtime is in the key, so a checkpoint rewritten in
+    # place (a notebook re-running pretraining) is not read stale.
+    ckpt = config.model.checkpoint_path
     key = json.dumps(
       [
         config.model.to_dict(),
         config.data.to_dict(),
         config.eval_batch_size,
+        os.stat(ckpt).st_mtime_ns if ckpt and os.path.exists(ckpt) else 0,
       ],
       sort_keys=True,
       default=str,
@@ -795,7 +799,9 @@ def train_stage(
       export,
       exported["prompts"],
       exported["head"],
-      backbone=jax.device_get(s.checkpoint_backbone),
+      backbone=jax.device_get(
+        s.frozen if s.checkpoint_backbone is None else s.checkpoint_backbone
+      ),
       metadata={
         "dataset": config.data.name,
         "eval_accuracy": ev["accuracy"],
