@@ -49,15 +49,17 @@ def load_arrays(path: str) -> dict[str, np.ndarray]:
   return out
 
 
+def _load(backbone: str):
+  """(headless fractal-Ti/4 model, its params from ``backbone``)."""
+  model = vit.create_model(assets.DEFAULT_MODEL, num_classes=None)
+  tmpl = jax.eval_shape(lambda: vit.init_params(model, jax.random.key(0), 32))
+  return model, checkpoint.load_pretrained(backbone, tmpl)
+
+
 def probe(backbone: str, arrays, num_prompts: int, seed: int = 0) -> dict:
   """Test accuracy (%) per task of a logistic regression on CLS features."""
-  from sklearn.linear_model import LogisticRegression
-  from sklearn.preprocessing import StandardScaler
-
-  model = vit.create_model(assets.DEFAULT_MODEL, num_classes=None)
+  model, params = _load(backbone)
   cfg = vit.get_model_config(assets.DEFAULT_MODEL)
-  tmpl = jax.eval_shape(lambda: vit.init_params(model, jax.random.key(0), 32))
-  params = checkpoint.load_pretrained(backbone, tmpl)
   prompts = None
   if num_prompts:
     prompts = pr.init_prompts(
@@ -77,17 +79,17 @@ def probe(backbone: str, arrays, num_prompts: int, seed: int = 0) -> dict:
 
   acc = {}
   for task in minivtab.TASKS:
-    a = feats(arrays[f"{task}/train/images"])
-    b = feats(arrays[f"{task}/test/images"])
-    sc = StandardScaler().fit(a)
-    clf = LogisticRegression(max_iter=3000).fit(
-      sc.transform(a), arrays[f"{task}/train/labels"]
+    acc[task] = _fit(
+      feats(arrays[f"{task}/train/images"]),
+      arrays[f"{task}/train/labels"],
+      feats(arrays[f"{task}/test/images"]),
+      arrays[f"{task}/test/labels"],
+      max_iter=3000,
     )
-    acc[task] = 100 * clf.score(sc.transform(b), arrays[f"{task}/test/labels"])
   return acc
 
 
-def _fit(a, ya, b, yb, pca: int = 0) -> float:
+def _fit(a, ya, b, yb, pca: int = 0, max_iter: int = 2000) -> float:
   """Test accuracy (%) of a logistic regression on standardised features."""
   from sklearn.decomposition import PCA
   from sklearn.linear_model import LogisticRegression
@@ -98,14 +100,12 @@ def _fit(a, ya, b, yb, pca: int = 0) -> float:
   if pca:
     p = PCA(pca, random_state=0).fit(a)
     a, b = p.transform(a), p.transform(b)
-  return 100 * LogisticRegression(max_iter=2000).fit(a, ya).score(b, yb)
+  return 100 * LogisticRegression(max_iter=max_iter).fit(a, ya).score(b, yb)
 
 
 def probe_readouts(backbone: str, arrays, blocks) -> dict:
   """Per task, test accuracy (%) of each readout (see the module doc)."""
-  model = vit.create_model(assets.DEFAULT_MODEL, num_classes=None)
-  tmpl = jax.eval_shape(lambda: vit.init_params(model, jax.random.key(0), 32))
-  params = checkpoint.load_pretrained(backbone, tmpl)
+  model, params = _load(backbone)
 
   @jax.jit
   def fwd(x):

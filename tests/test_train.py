@@ -1,5 +1,6 @@
 """Tests for the train step (jit vs pmap), the loop, resume and the CLI."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -373,31 +374,24 @@ def test_prelogit_standardization_is_exact_and_exports_a_raw_head(
   # The export is for the checkpoint's backbone: loaded beside it, it
   # reproduces the run's evaluation.
   res = train.train_and_evaluate(c, str(tmp_path))
-  model = train.build_model(c)
-  backbone, _ = train.load_backbone(c, model)
+  backbone, _ = train.load_backbone(c, s.model)
   p, head, _ = pr.load_prompts(tmp_path / "prompts.npz", backbone=backbone)
-  eval_step = jax.jit(train.make_eval_step(model))
-  sums = {"correct": 0.0, "count": 0.0, "loss": 0.0}
-  for b in pipeline.eval_batches(
-    s.eval, batch_size=64, normalization=c.data.normalize
-  ):
-    out = eval_step({"prompts": p, "head": head}, backbone, b)
-    sums = {k: sums[k] + float(out[k]) for k in sums}
-  assert sums["correct"] / sums["count"] == res["eval_accuracy"]
-  np.testing.assert_allclose(
-    sums["loss"] / sums["count"], res["eval_loss"], rtol=1e-4
+
+  def evaluate(setup, trainable):
+    state = train.create_train_state(trainable, setup.optimizer)
+    return train.Runner("jit", setup).evaluate(state, setup.eval, c)
+
+  pristine = evaluate(
+    dataclasses.replace(s, frozen=backbone), {"prompts": p, "head": head}
   )
+  assert pristine["accuracy"] == res["eval_accuracy"]
+  np.testing.assert_allclose(pristine["loss"], res["eval_loss"], rtol=1e-4)
   # Restarting from the export (as PC's fine-tuning does) converts its head
   # back: the same evaluation on the standardised backbone.
   s2 = train.setup(c, init_trainable={"prompts": p, "head": head})
-  again = {"correct": 0.0, "count": 0.0, "loss": 0.0}
-  for b in pipeline.eval_batches(
-    s2.eval, batch_size=64, normalization=c.data.normalize
-  ):
-    out = eval_step(s2.state.trainable, s2.frozen, b)
-    again = {k: again[k] + float(out[k]) for k in again}
-  assert again["correct"] == sums["correct"]
-  np.testing.assert_allclose(again["loss"], sums["loss"], rtol=1e-4)
+  again = evaluate(s2, s2.state.trainable)
+  assert again["accuracy"] == pristine["accuracy"]
+  np.testing.assert_allclose(again["loss"], pristine["loss"], rtol=1e-4)
   c.model.prelogit_norm = "whiten"
   with pytest.raises(config_util.ConfigError, match="prelogit_norm='whiten'"):
     train.setup(c)

@@ -273,8 +273,10 @@ def prelogit_stats(
   so that a constant feature does not divide by zero.
   """
   n_max = min(int(config.model.get("prelogit_norm_images", 1000)), len(split))
+  # Params as an argument, not a closure: closed-over arrays would be
+  # embedded in the compiled program as constants (350 MB for ViT-B).
   fwd = jax.jit(
-    lambda x: model.apply({"params": params}, x, None, return_features=True)[1]
+    lambda p, x: model.apply({"params": p}, x, None, return_features=True)[1]
   )
   total = np.zeros(model.hidden_size)
   total_sq = np.zeros(model.hidden_size)
@@ -287,7 +289,7 @@ def prelogit_stats(
     take = min(int(batch["mask"].sum()), n_max - n)
     if take <= 0:
       break
-    f = np.asarray(fwd(jnp.asarray(batch["image"])), np.float64)[:take]
+    f = np.asarray(fwd(params, batch["image"]), np.float64)[:take]
     total += f.sum(0)
     total_sq += (f * f).sum(0)
     n += take
