@@ -20,6 +20,14 @@ def get_config(arg=None):
     steps=5000,
     num_classes=1000,
     orientation_bins=0,
+    init_from="",
+    lr=1e-3,
+    warmup_steps=300,
+    hog_bins=0,
+    hog_block=3,
+    hog_weight=1.0,
+    axis_bins=0,
+    rotate_fraction=0.0,
     smoke=False,
   )
   c = ConfigDict()
@@ -33,8 +41,8 @@ def get_config(arg=None):
   c.held_out_per_class = 5
   c.batch_size = 128
   c.steps = a.steps
-  c.lr = 1e-3
-  c.warmup_steps = 300
+  c.lr = a.lr
+  c.warmup_steps = a.warmup_steps
   c.weight_decay = 0.05
   c.grad_clip = 1.0
   c.max_rotation = 0.0  # degrees; FractalDB uses no rotation
@@ -45,6 +53,23 @@ def get_config(arg=None):
   # (results/pretrain_orientation/).
   c.orientation_bins = a.orientation_bins
   c.orientation_weight = 1.0
+  # A second stage continues from this vit_jax .npz (e.g. the shipped
+  # backbone) instead of a random init; "" trains from scratch.
+  c.init_from = a.init_from
+  # > 0: MaskFeat-style target on patch tokens (vptpc.pretrain.hog_targets):
+  # the patch tokens at the input of block ``hog_block`` regress their
+  # patch's histogram of gradient orientations, so the tokens VPT-Deep's
+  # prompts read carry local orientation. Off (0) for the first stage.
+  c.hog_bins = a.hog_bins
+  c.hog_block = a.hog_block
+  c.hog_weight = a.hog_weight
+  # > 0: class-token target, the object's principal-axis angle in this many
+  # bins (vptpc.data.fractals.principal_axis_bins).
+  c.axis_bins = a.axis_bins
+  c.axis_weight = 1.0
+  # This fraction of instances is rotated over the full circle and left out
+  # of the class loss (pose targets still use them).
+  c.rotate_fraction = a.rotate_fraction
   c.normalize = "minus1_1"
   c.log_every = 100
   if a.smoke:

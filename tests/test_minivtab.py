@@ -407,3 +407,76 @@ def test_orientation_target_is_the_rotation_the_image_shows():
   # Shuffling the targets breaks it.
   d = np.deg2rad(2 * (axes - rng.permutation(centre)))
   assert np.abs(np.mean(np.exp(1j * d))) < 0.5
+
+
+def test_hog_targets_mirror_under_a_flip_and_find_stripes():
+  from vptpc import pretrain
+
+  rng = np.random.default_rng(0)
+  img = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32)
+  h = pretrain.hog_targets(img, 4, 8)
+  assert h.shape == (2, 4, 8)
+  np.testing.assert_allclose(
+    (np.asarray(h) ** 2).sum(-1).mean(-1), 1.0, rtol=1e-4
+  )
+  # A column flip turns gradient angle t into 180 - t: bin k -> 7 - k, and
+  # patch (i, j) -> (i, 1 - j).
+  hf = pretrain.hog_targets(img[:, :, ::-1], 4, 8)
+  mirrored = (
+    np.asarray(h).reshape(2, 2, 2, 8)[:, :, ::-1, ::-1].reshape(2, 4, 8)
+  )
+  np.testing.assert_allclose(hf, mirrored, atol=1e-5)
+  # Stripes along the rows (intensity varies down the columns) have
+  # vertical gradients (90 degrees): all mass in the two middle bins.
+  stripes = jnp.broadcast_to(
+    jnp.sin(jnp.arange(8.0))[None, :, None, None], (1, 8, 8, 3)
+  )
+  hs = np.asarray(pretrain.hog_targets(stripes, 4, 8))
+  assert np.all(hs[..., 3:5].sum(-1) > 0.99 * np.linalg.norm(hs, axis=-1))
+
+
+def test_principal_axis_bins_follow_the_blob_and_ignore_round_ones():
+  i, j = np.mgrid[:32, :32] - 15.5
+
+  def blob(angle_deg, ratio=4.0):
+    t = np.deg2rad(angle_deg)
+    u = np.cos(t) * j + np.sin(t) * i  # along the axis (column -> row)
+    v = -np.sin(t) * j + np.cos(t) * i
+    return np.exp(-(u**2) / (2 * 6.0**2) - v**2 / (2 * (6.0 / ratio) ** 2))
+
+  # Bin centres (8 bins of 22.5 degrees), away from the edges.
+  w = np.stack(
+    [blob(a) for a in (11.25, 56.25, 101.25, 146.25)] + [blob(30, 1.0)]
+  )
+  np.testing.assert_array_equal(
+    fractals.principal_axis_bins(w, 8, 0.6), [0, 2, 4, 6, -1]
+  )
+
+
+def test_second_stage_pretraining_continues_from_a_backbone(tmp_path):
+  from vptpc import pretrain
+
+  first = pretrain.pretrain(
+    _load_config("pretrain", "smoke"), str(tmp_path / "a")
+  )
+  c = _load_config(
+    "pretrain",
+    f"smoke,init_from={tmp_path / 'a' / 'backbone.npz'},hog_bins=8,"
+    "axis_bins=8,rotate_fraction=0.5",
+  )
+  card = pretrain.pretrain(c, str(tmp_path / "b"))
+  ev = card["upstream_held_out"]
+  assert {"axis_accuracy", "loss_hog", "hog_r2"} <= set(ev)
+  assert "continued from" in card["generator"]
+  model = vit.create_model(c.model, num_classes=c.num_classes)
+  template = vit.init_params(model, jax.random.key(0), 32)
+  checkpoint.load_pretrained(tmp_path / "b" / "backbone.npz", template)
+  # At learning rate 0 the second stage writes back the first stage's
+  # weights exactly: it starts from them, not from a random init.
+  c.lr = 0.0
+  pretrain.pretrain(c, str(tmp_path / "c"))
+  a = checkpoint.read_npz(tmp_path / "a" / "backbone.npz")
+  b = checkpoint.read_npz(tmp_path / "c" / "backbone.npz")
+  assert a.keys() == b.keys() and first["steps"] == c.steps
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -4,8 +4,11 @@
 
 Data: `vptpc.data.fractals` (one random IFS per class, per-instance jitter,
 random pose, colour and position; an auxiliary 4 x 4 position target and,
-with ``orientation_bins``, a binned full-circle rotation target).
-Model: the ``fractal-S/4`` variant of `vptpc.models.vit` trained end to end
+with ``orientation_bins``, a binned full-circle rotation target; with
+``axis_bins``, the object's binned principal axis).
+A second stage (``init_from``) continues from a backbone; ``hog_bins`` adds
+a MaskFeat-style target on patch tokens (`hog_targets`).
+Model: the ``config.model`` variant (``fractal-Ti/4``) of `vptpc.models.vit` trained end to end
 (AdamW, warmup + cosine). The result is written in Google's vit_jax `.npz`
 layout (``<workdir>/backbone.npz``, class head included, auxiliary heads
 dropped), so `vptpc.checkpoint.load_pretrained` is what reads it, and a JSON
@@ -52,41 +55,110 @@ def aux_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
   sizes = {"position": fractals.POSITION_GRID**2}
   if config.get("orientation_bins", 0) > 0:
     sizes["orientation"] = config.orientation_bins
+  if config.get("axis_bins", 0) > 0:
+    sizes["axis"] = config.axis_bins
   return sizes
 
 
-def _loss(params, model, batch, weights):
-  """Class + weighted auxiliary cross-entropies; returns (loss, metrics).
+def hog_targets(images: jax.Array, patch: int, bins: int) -> jax.Array:
+  """Per-patch histograms of gradient orientation, (B, N, bins).
+
+  MaskFeat's target (Wei et al., CVPR 2022) in its simplest form: central
+  differences of the grey image, orientation modulo 180 degrees split
+  linearly between the two nearest of ``bins`` bins, weighted by gradient
+  magnitude and summed over each ``patch`` x ``patch`` patch, then scaled
+  so that the patches' mean squared norm is 1 per image. Computed from
+  the (flipped) batch inside the step, so flips need no bookkeeping.
+  """
+  grey = images.mean(-1)
+  gy, gx = jnp.gradient(grey, axis=(1, 2))
+  mag = jnp.sqrt(gx**2 + gy**2)
+  pos = (jnp.arctan2(gy, gx) % jnp.pi) / jnp.pi * bins - 0.5
+  lo = jnp.floor(pos)
+  frac = pos - lo
+  lo = lo.astype(jnp.int32) % bins
+  hist = (
+    jax.nn.one_hot(lo, bins) * ((1 - frac) * mag)[..., None]
+    + jax.nn.one_hot((lo + 1) % bins, bins) * (frac * mag)[..., None]
+  )
+  b, h, w, _ = hist.shape
+  hist = hist.reshape(b, h // patch, patch, w // patch, patch, bins).sum((2, 4))
+  hist = hist.reshape(b, -1, bins)
+  # Normalised per image, not per patch as MaskFeat does: at 32 px most
+  # patches are background whose per-patch-normalised histograms are pure
+  # noise (the first run, per patch, explained 4% of the target's variance).
+  rms = jnp.sqrt(jnp.mean(jnp.sum(hist**2, -1), -1))[:, None, None]
+  return hist / (rms + 1e-6)
+
+
+def _loss(params, model, batch, weights, hog_block=None):
+  """Class + weighted auxiliary losses; returns (loss, metrics).
 
   Every auxiliary head (``params["aux_heads"][name]``) is linear on the
   class-token features, like the class head, so what it asks for has to be
-  linearly readable there, which is also what a linear probe reads.
+  linearly readable there, which is also what a linear probe reads. Targets
+  of -1 are ignored; ``batch["class_weight"]`` (if present) leaves images
+  out of the class loss. ``params["hog_head"]`` (if present) is linear on
+  the patch tokens at the input of block ``hog_block`` and regresses
+  `hog_targets` (squared error), so the tokens that VPT-Deep's prompts
+  attend to carry local orientation, not only the class token.
   """
-  logits, feats = model.apply(
-    {"params": params["vit"]}, batch["image"], return_features=True
-  )
+  variables = {"params": params["vit"]}
+  hog = "hog_head" in params
+  if hog:
+    (logits, feats), state = model.apply(
+      variables, batch["image"], return_features=True, mutable=["intermediates"]
+    )
+    tokens = state["intermediates"]["Transformer"][f"block_input_{hog_block}"][
+      0
+    ]
+  else:
+    logits, feats = model.apply(variables, batch["image"], return_features=True)
   ce = optax.softmax_cross_entropy_with_integer_labels
-  l_cls = ce(logits, batch["label"]).mean()
+  cw = batch.get("class_weight", jnp.ones(logits.shape[:1]))
+  cn = jnp.maximum(cw.sum(), 1.0)
+  l_cls = (ce(logits, batch["label"]) * cw).sum() / cn
   metrics = {
     "loss_class": l_cls,
-    "accuracy": (logits.argmax(-1) == batch["label"]).mean(),
+    "accuracy": ((logits.argmax(-1) == batch["label"]) * cw).sum() / cn,
   }
   loss = l_cls
   for name, head in params["aux_heads"].items():
     aux_logits = feats @ head["kernel"] + head["bias"]
-    l_aux = ce(aux_logits, batch[name]).mean()
+    t = batch[name]
+    valid = (t >= 0).astype(jnp.float32)
+    vn = jnp.maximum(valid.sum(), 1.0)
+    l_aux = (ce(aux_logits, jnp.maximum(t, 0)) * valid).sum() / vn
     metrics[f"loss_{name}"] = l_aux
-    metrics[f"{name}_accuracy"] = (aux_logits.argmax(-1) == batch[name]).mean()
+    metrics[f"{name}_accuracy"] = (
+      (aux_logits.argmax(-1) == t) * valid
+    ).sum() / vn
     loss = loss + weights[name] * l_aux
+  if hog:
+    head = params["hog_head"]
+    target = hog_targets(
+      batch["image"], model.patch_size, head["bias"].shape[0]
+    )
+    pred = tokens @ head["kernel"] + head["bias"]
+    l_hog = jnp.mean(jnp.sum((pred - target) ** 2, -1))
+    metrics["loss_hog"] = l_hog
+    # 1 - this over the target's variance: how much of it the tokens explain.
+    metrics["hog_r2"] = 1.0 - l_hog / jnp.mean(
+      jnp.sum((target - target.mean((0, 1))) ** 2, -1)
+    )
+    loss = loss + weights["hog"] * l_hog
   return loss, metrics
 
 
-def make_batch(images, labels, targets, idx, flip, norm, orientation_bins=0):
+def make_batch(
+  images, labels, targets, idx, flip, norm, orientation_bins=0, axis_bins=0
+):
   """Gathers a batch; horizontal flips mirror the auxiliary targets too.
 
   A flip maps a rotation by theta of a shape to a rotation by -theta of its
   mirror image, so orientation bin k of ``orientation_bins`` becomes
-  ``orientation_bins - 1 - k``.
+  ``orientation_bins - 1 - k``; likewise for the principal axis (-1, ignore,
+  stays). Rotated instances (``targets["rotated"]``) get class weight 0.
   """
   img = images[idx]
   img = np.where(flip[:, None, None, None], img[:, :, ::-1], img)
@@ -98,6 +170,11 @@ def make_batch(images, labels, targets, idx, flip, norm, orientation_bins=0):
       t = np.where(flip, (t // g) * g + (g - 1 - t % g), t)
     elif name == "orientation":
       t = np.where(flip, orientation_bins - 1 - t, t)
+    elif name == "axis":
+      t = np.where(flip & (t >= 0), axis_bins - 1 - t, t)
+    elif name == "rotated":
+      batch["class_weight"] = (1 - t).astype(np.float32)
+      continue
     batch[name] = t
   return batch
 
@@ -152,6 +229,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     size=config.image_size,
     max_rotation=config.max_rotation,
     orientation_bins=sizes.get("orientation", 0),
+    rotate_fraction=config.get("rotate_fraction", 0.0),
+    axis_bins=sizes.get("axis", 0),
   )
   train_data = fractals.make_dataset(
     codes, config.per_class, config.data_seed, **kw
@@ -175,6 +254,10 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   vit_params["head"] = jax.tree_util.tree_map(
     jnp.zeros_like, vit_params["head"]
   )
+  if config.get("init_from"):
+    # A second stage: continue from a backbone (its class head included
+    # when it has config.num_classes outputs); new auxiliary heads at zero.
+    vit_params = checkpoint.load_pretrained(config.init_from, vit_params)
   params = {
     "vit": vit_params,
     "aux_heads": {
@@ -185,9 +268,18 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       for name, n in sizes.items()
     },
   }
+  hog_bins = config.get("hog_bins", 0)
+  if hog_bins > 0:
+    params["hog_head"] = {
+      "kernel": jnp.zeros((model.hidden_size, hog_bins)),
+      "bias": jnp.zeros((hog_bins,)),
+    }
+  hog_block = config.get("hog_block", 3)
   weights = {
     "position": config.aux_weight,
     "orientation": config.get("orientation_weight", 1.0),
+    "axis": config.get("axis_weight", 1.0),
+    "hog": config.get("hog_weight", 1.0),
   }
   schedule = optax.warmup_cosine_decay_schedule(
     0.0, config.lr, config.warmup_steps, config.steps, end_value=0.0
@@ -206,7 +298,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   @jax.jit
   def step_fn(params, opt_state, batch):
     (loss, m), g = jax.value_and_grad(_loss, has_aux=True)(
-      params, model, batch, weights
+      params, model, batch, weights, hog_block
     )
     upd, opt_state = opt.update(g, opt_state, params)
     return optax.apply_updates(params, upd), opt_state, dict(m, loss=loss)
@@ -228,6 +320,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       flip,
       config.normalize,
       orientation_bins=sizes.get("orientation", 0),
+      axis_bins=sizes.get("axis", 0),
     )
     params, opt_state, m = step_fn(params, opt_state, batch)
     seen += config.batch_size
@@ -241,7 +334,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       log.append(m)
       logging.info("%s", json.dumps(m))
   train_s = time.time() - t
-  metrics_fn = jax.jit(lambda p, b: _loss(p, model, b, weights)[1])
+  metrics_fn = jax.jit(lambda p, b: _loss(p, model, b, weights, hog_block)[1])
   ev = evaluate(metrics_fn, params, held_out, 250, config.normalize)
   train_acc = evaluate(
     metrics_fn,
@@ -263,7 +356,15 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     "parameters_backbone": vit.count_params(vit.split_head(params["vit"])[0]),
     "generator": "FractalDB-style IFS (vptpc.data.fractals), class + "
     + " + ".join(f"{k} ({n}-way)" for k, n in sizes.items())
-    + " targets",
+    + (
+      f" + patch HOG ({hog_bins} bins, block {hog_block} input)"
+      if hog_bins
+      else ""
+    )
+    + " targets"
+    + (
+      f", continued from {config.init_from}" if config.get("init_from") else ""
+    ),
     "num_classes": config.num_classes,
     "train_images_rendered": int(n),
     "held_out_images": int(len(held_out[1])),

@@ -17,7 +17,11 @@ what a 32-px backbone needs to transfer to VTAB's structured tasks
   weakly (probe 18.3%, chance 6.25%; MODEL_CARD.md), and rotating without
   asking for the angle would teach the opposite: invariance to it. Measured
   once at the shipped schedule (results/pretrain_orientation/), 16 bins made
-  things worse (class 2.1%, orientation at chance), so it is off by default.
+  things worse (class 2.1%, orientation at chance), so it is off by default;
+* optionally (``axis_bins > 0``) the binned principal axis of the rendered
+  object, a pose target read off the image alone, with ``rotate_fraction``
+  of the instances rotated over the full circle (``"rotated"`` marks them,
+  so a trainer can keep them out of the class loss).
 
 Everything is vectorised over a batch of images and fully determined by the
 seeds, so the pretraining data can be regenerated bit for bit.
@@ -151,6 +155,9 @@ def render(
   jitter: float = 0.05,
   max_rotation: float = 0.0,
   orientation_bins: int = 0,
+  rotate_fraction: float = 0.0,
+  axis_bins: int = 0,
+  axis_max_isotropy: float = 0.6,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """Renders one random instance of each requested class.
 
@@ -166,10 +173,22 @@ def render(
       Ignored when ``orientation_bins > 0``.
     orientation_bins: if > 0, rotate uniformly in [0, 360) degrees and
       return the rotation's bin (``angle * bins // 360``) as a target.
+    rotate_fraction: this fraction of instances (drawn per image) is rotated
+      uniformly over the full circle instead; their ``"rotated"`` target is
+      1, so a trainer can leave them out of the class loss (a fractal class
+      is a shape at its pose) while its pose targets still use them.
+    axis_bins: if > 0, the ``"axis"`` target: the angle of the rendered
+      object's principal axis (intensity-weighted second moments, modulo
+      180 degrees, measured from the column axis towards the row axis) in
+      this many bins; -1 (ignore) where the object is nearly isotropic
+      (minor / major moment above ``axis_max_isotropy``), as its axis is
+      then noise. Unlike a rotation angle, it is read off the image alone.
+    axis_max_isotropy: see ``axis_bins``.
 
   Returns:
     images uint8 (B, size, size, 3) and the auxiliary targets, int32 (B,):
-    ``{"position": ...}``, plus ``"orientation"`` if ``orientation_bins``.
+    ``{"position": ...}``, plus ``"orientation"`` if ``orientation_bins``,
+    ``"rotated"`` if ``rotate_fraction`` and ``"axis"`` if ``axis_bins``.
   """
   b = len(labels)
   c = codes[labels].copy()
@@ -180,6 +199,10 @@ def render(
     degrees = rng.uniform(0.0, 360.0, b)
   else:
     degrees = rng.uniform(-max_rotation, max_rotation, b)
+  if rotate_fraction > 0:
+    # Drawn only when asked for, so the default data stay bit-identical.
+    rotated = rng.random(b) < rotate_fraction
+    degrees = np.where(rotated, rng.uniform(0.0, 360.0, b), degrees)
   theta = np.deg2rad(degrees)
   rot = np.stack(
     [np.cos(theta), -np.sin(theta), np.sin(theta), np.cos(theta)], -1
@@ -216,7 +239,39 @@ def render(
   if orientation_bins > 0:
     ori = (degrees * orientation_bins // 360).astype(np.int32)
     targets["orientation"] = np.minimum(ori, orientation_bins - 1)
+  if rotate_fraction > 0:
+    targets["rotated"] = rotated.astype(np.int32)
+  if axis_bins > 0:
+    targets["axis"] = principal_axis_bins(inten, axis_bins, axis_max_isotropy)
   return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), targets
+
+
+def principal_axis_bins(
+  weights: np.ndarray, bins: int, max_isotropy: float
+) -> np.ndarray:
+  """Binned principal-axis angle of (B, H, W) intensity maps; -1 if isotropic.
+
+  The angle is ``0.5 * atan2(2 C_rc, C_cc - C_rr)`` of the intensity-weighted
+  covariance of (row, column) pixel coordinates, taken modulo 180 degrees.
+  A horizontal flip maps it to ``180 - angle``, i.e. bin k to ``bins-1-k``.
+  """
+  _, h, w = weights.shape
+  r, c = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+  m = np.maximum(weights.sum((1, 2)), 1e-9)
+
+  def mean(f):
+    return (weights * f).sum((1, 2)) / m
+
+  mr, mc = mean(r), mean(c)
+  crr = mean(r * r) - mr**2
+  ccc = mean(c * c) - mc**2
+  crc = mean(r * c) - mr * mc
+  angle = np.rad2deg(0.5 * np.arctan2(2 * crc, ccc - crr)) % 180.0
+  tr, det = crr + ccc, crr * ccc - crc**2
+  disc = np.sqrt(np.maximum(tr**2 / 4 - det, 0.0))
+  iso = (tr / 2 - disc) / np.maximum(tr / 2 + disc, 1e-9)
+  out = np.minimum((angle * bins / 180.0).astype(np.int32), bins - 1)
+  return np.where(iso > max_isotropy, -1, out).astype(np.int32)
 
 
 def make_dataset(
@@ -228,6 +283,9 @@ def make_dataset(
   chunk: int = 2000,
   max_rotation: float = 0.0,
   orientation_bins: int = 0,
+  rotate_fraction: float = 0.0,
+  axis_bins: int = 0,
+  axis_max_isotropy: float = 0.6,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
   """Renders ``per_class`` instances of every class, shuffled.
 
@@ -239,6 +297,9 @@ def make_dataset(
     chunk: images rendered per vectorised call.
     max_rotation: see `render`.
     orientation_bins: see `render`.
+    rotate_fraction: see `render`.
+    axis_bins: see `render`.
+    axis_max_isotropy: see `render`.
 
   Returns:
     (images uint8 (N, size, size, 3), labels int32 (N,), auxiliary targets:
@@ -257,6 +318,9 @@ def make_dataset(
       size=size,
       max_rotation=max_rotation,
       orientation_bins=orientation_bins,
+      rotate_fraction=rotate_fraction,
+      axis_bins=axis_bins,
+      axis_max_isotropy=axis_max_isotropy,
     )
     images[s : s + chunk] = im
     for k, v in aux.items():
