@@ -42,7 +42,16 @@ def run_fold(task: str, name: str, kw: dict, k: int, workdir: str) -> float:
   out = os.path.join(workdir, name, f"f{k}", "acc.json")
   if os.path.exists(out):
     with open(out) as f:
-      return json.load(f)["acc"]
+      done = json.load(f)
+    # A name reused for another recipe or task must not pass off the old
+    # result as the new one's.
+    if done.get("task") != task or done.get("recipe") != kw:
+      raise SystemExit(
+        f"{out} holds recipe {name!r} as {done.get('recipe')!r} on "
+        f"{done.get('task')!r}, not {kw!r} on {task!r}: pick another name "
+        "or another --workdir."
+      )
+    return done["acc"]
   from vptpc import train
   from vptpc.data import minivtab
 

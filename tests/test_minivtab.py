@@ -480,3 +480,25 @@ def test_second_stage_pretraining_continues_from_a_backbone(tmp_path):
   assert a.keys() == b.keys() and first["steps"] == c.steps
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_cv_recipe_refuses_a_finished_fold_of_another_recipe(tmp_path):
+  path = os.path.join(
+    os.path.dirname(__file__), "..", "benchmarks", "cv_recipe.py"
+  )
+  spec = importlib.util.spec_from_file_location("cv_recipe", path)
+  cv = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(cv)
+  assert cv.fold_splits(0) == ("train[200:1000]", "train[0:200]")
+  assert cv.fold_splits(4) == ("train[0:800]", "train[800:1000]")
+  kw = {"num_prompts": 0, "base_lr": 1.0}
+  os.makedirs(tmp_path / "lin" / "f2")
+  with open(tmp_path / "lin" / "f2" / "acc.json", "w") as f:
+    json.dump({"acc": 0.5, "task": "digits", "recipe": kw}, f)
+  assert cv.run_fold("digits", "lin", kw, 2, str(tmp_path)) == 0.5
+  with pytest.raises(SystemExit, match=r"acc.json holds recipe 'lin'.*0\.1"):
+    cv.run_fold(
+      "digits", "lin", {"num_prompts": 0, "base_lr": 0.1}, 2, str(tmp_path)
+    )
+  with pytest.raises(SystemExit, match="'count'"):
+    cv.run_fold("count", "lin", kw, 2, str(tmp_path))
