@@ -4,7 +4,11 @@
   python -m vptpc.pretrain --config=configs/pretrain.py:smoke --workdir=/tmp/p
 
 The shipped ``vptpc/assets/fractal_vit_ti4.npz`` was made by the first
-command (see its model card, ``vptpc/assets/MODEL_CARD.md``).
+command (see its model card, ``vptpc/assets/MODEL_CARD.md``). A second
+stage continues from a backbone, optionally with new targets (measured, not
+shipped: ``results/pretrain_stage2/``):
+
+  python -m vptpc.pretrain --config=configs/pretrain.py:init_from=vptpc/assets/fractal_vit_ti4.npz,steps=600,lr=3e-4,warmup_steps=50,hog_bins=8 --workdir=runs/pt2
 """
 
 from ml_collections import ConfigDict
