@@ -8,8 +8,8 @@ with ``orientation_bins``, a binned full-circle rotation target; with
 ``axis_bins``, the object's binned principal axis).
 A second stage (``init_from``) continues from a backbone; ``hog_bins`` adds
 a MaskFeat-style target on patch tokens (`hog_targets`).
-Model: the ``config.model`` variant (``fractal-Ti/4``) of `vptpc.models.vit` trained end to end
-(AdamW, warmup + cosine). The result is written in Google's vit_jax `.npz`
+Model: the ``config.model`` variant (``fractal-Ti/4``) of `vptpc.models.vit`
+trained end to end (AdamW, warmup + cosine). The result is written in Google's vit_jax `.npz`
 layout (``<workdir>/backbone.npz``, class head included, auxiliary heads
 dropped), so `vptpc.checkpoint.load_pretrained` is what reads it, and a JSON
 record of the run (``model_card.json``) with the upstream accuracy.
@@ -109,9 +109,8 @@ def _loss(params, model, batch, weights, hog_block=None):
     (logits, feats), state = model.apply(
       variables, batch["image"], return_features=True, mutable=["intermediates"]
     )
-    tokens = state["intermediates"]["Transformer"][f"block_input_{hog_block}"][
-      0
-    ]
+    sown = state["intermediates"]["Transformer"]
+    tokens = sown[f"block_input_{hog_block}"][0]
   else:
     logits, feats = model.apply(variables, batch["image"], return_features=True)
   ce = optax.softmax_cross_entropy_with_integer_labels
