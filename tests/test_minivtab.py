@@ -502,3 +502,19 @@ def test_cv_recipe_refuses_a_finished_fold_of_another_recipe(tmp_path):
     )
   with pytest.raises(SystemExit, match="'count'"):
     cv.run_fold("count", "lin", kw, 2, str(tmp_path))
+
+
+@pytest.mark.parametrize(
+  "arg, key",
+  [
+    ("hog_bins=8,hog_block=6", "hog_block=6"),
+    ("rotate_fraction=1.5", "rotate_fraction=1.5"),
+    ("axis_bins=-2", "axis_bins=-2"),
+  ],
+)
+def test_pretrain_names_an_out_of_range_key(tmp_path, arg, key):
+  from vptpc import pretrain
+
+  with pytest.raises(ValueError, match=key):
+    pretrain.pretrain(_load_config("pretrain", f"smoke,{arg}"), str(tmp_path))
+  assert not os.listdir(tmp_path)  # refused before writing anything

@@ -208,6 +208,26 @@ def evaluate(metrics_fn, params, data, batch_size, norm) -> dict[str, float]:
   return {k: v / n for k, v in tot.items()}
 
 
+def _check(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first out-of-range second-stage key."""
+  layers = vit.get_model_config(config.model).num_layers
+  if (
+    config.get("hog_bins", 0) > 0
+    and not 0 <= config.get("hog_block", 3) < layers
+  ):
+    raise ValueError(
+      f"hog_block={config.hog_block} is not a block of {config.model} "
+      f"(0..{layers - 1})."
+    )
+  if not 0.0 <= config.get("rotate_fraction", 0.0) <= 1.0:
+    raise ValueError(
+      f"rotate_fraction={config.rotate_fraction} must be in [0, 1]."
+    )
+  for key in ("hog_bins", "axis_bins", "orientation_bins"):
+    if config.get(key, 0) < 0:
+      raise ValueError(f"{key}={config.get(key)} must be >= 0 (0 = off).")
+
+
 def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs the pretraining and writes ``backbone.npz`` + ``model_card.json``.
 
@@ -218,6 +238,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   Returns:
     The model-card record.
   """
+  _check(config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   t_start = time.time()
