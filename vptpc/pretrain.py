@@ -106,6 +106,9 @@ def _loss(params, model, batch, weights, hog_block=None):
   variables = {"params": params["vit"]}
   hog = "hog_head" in params
   if hog:
+    # Collecting intermediates also sows every block's attention and runs the
+    # last block on all tokens: on one CPU core the HOG runs trained at 100-105
+    # images/s against 121 without (results/pretrain_stage2/).
     (logits, feats), state = model.apply(
       variables, batch["image"], return_features=True, mutable=["intermediates"]
     )
