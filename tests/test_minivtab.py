@@ -164,6 +164,19 @@ def test_pretrain_smoke_writes_a_loadable_backbone(tmp_path):
   assert loaded["head"]["kernel"].shape == (128, c.num_classes)
 
 
+def test_pretrain_position_weight_zero_trains_on_class_labels_alone(tmp_path):
+  from vptpc import pretrain
+
+  c = _load_config("pretrain", "smoke,position_weight=0")
+  card = pretrain.pretrain(c, str(tmp_path))
+  # The position head is still scored, but its loss adds nothing.
+  assert card["log"] and "position_accuracy" in card["upstream_held_out"]
+  for row in card["log"]:
+    assert row["loss_position"] > 0
+    np.testing.assert_allclose(row["loss"], row["loss_class"], rtol=1e-6)
+  assert "weight 0: scored, not trained" in card["generator"]
+
+
 def test_demo_config_runs_end_to_end_in_smoke_mode(tmp_path, data_dir):
   from vptpc import train
 
@@ -510,6 +523,7 @@ def test_cv_recipe_refuses_a_finished_fold_of_another_recipe(tmp_path):
     ("hog_bins=8,hog_block=6", "hog_block=6"),
     ("rotate_fraction=1.5", "rotate_fraction=1.5"),
     ("axis_bins=-2", "axis_bins=-2"),
+    ("position_weight=-1.0", "position_weight=-1.0"),
   ],
 )
 def test_pretrain_names_an_out_of_range_key(tmp_path, arg, key):

@@ -226,6 +226,11 @@ def _check(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
       f"rotate_fraction={config.rotate_fraction} must be in [0, 1]."
     )
+  if config.get("aux_weight", 1.0) < 0:
+    raise ValueError(
+      f"position_weight={config.aux_weight} must be >= 0 (0 = class labels "
+      "only)."
+    )
   for key in ("hog_bins", "axis_bins", "orientation_bins"):
     if config.get(key, 0) < 0:
       raise ValueError(f"{key}={config.get(key)} must be >= 0 (0 = off).")
@@ -378,7 +383,10 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     "architecture": dict(vit.get_model_config(config.model)),
     "parameters_backbone": vit.count_params(vit.split_head(params["vit"])[0]),
     "generator": "FractalDB-style IFS (vptpc.data.fractals), class + "
-    + " + ".join(f"{k} ({n}-way)" for k, n in sizes.items())
+    + " + ".join(
+      f"{k} ({n}-way{'' if weights[k] else ', weight 0: scored, not trained'})"
+      for k, n in sizes.items()
+    )
     + (
       f" + patch HOG ({hog_bins} bins, block {hog_block} input)"
       if hog_bins
