@@ -9,6 +9,9 @@ stage continues from a backbone, optionally with new targets (measured, not
 shipped: ``results/pretrain_stage2/``):
 
   python -m vptpc.pretrain --config=configs/pretrain.py:init_from=vptpc/assets/fractal_vit_ti4.npz,steps=600,lr=3e-4,warmup_steps=50,hog_bins=8 --workdir=runs/pt2
+
+``position_weight=0`` trains on the class labels alone, FractalDB's recipe
+(measured, not shipped: ``results/pretrain_class_only/``).
 """
 
 from ml_collections import ConfigDict
