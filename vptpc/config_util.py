@@ -214,8 +214,11 @@ def base_config() -> ml_collections.ConfigDict:
   # per-image keys/values while training.
   c.model.kv_shared = True
   c.model.dtype = "float32"  # bfloat16 on TPU/GPU for speed.
-  # "": matmul on CPU, XLA's elsewhere; "cudnn": flash attention (NVIDIA).
+  # "": per backend (vptpc.models.vit.resolve_attention_impl): matmul on
+  # CPU, cuDNN flash attention on NVIDIA GPUs in bf16/fp16, XLA's elsewhere.
   c.model.attention_impl = ""
+  # One matmul for the query, key and value projections (same parameters).
+  c.model.fuse_qkv = False
   # "vpt": VPT's head init (kaiming normal fan_out, 1%-prior bias);
   # "zeros": kernel and bias zero, as vit_jax and big_vision fine-tune.
   c.model.head_init = "vpt"
@@ -254,6 +257,11 @@ def base_config() -> ml_collections.ConfigDict:
   # crop: shorter side + centre crop (what folder users often do).
   c.data.preprocess = "vtab"
   c.data.cache_max_gb = 4.0  # larger splits are decoded per batch
+  # auto: cached splits up to device_max_gb live on the accelerator and
+  # batches are gathered, cropped and normalised there (one process, jit
+  # mode; vptpc.data.device); never: batches are built on the host.
+  c.data.on_device = "auto"
+  c.data.device_max_gb = 4.0
 
   c.batch_size = 128  # Global; independent of the device count.
   c.eval_batch_size = 128
@@ -299,6 +307,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.protocol.vmap_chunk = 0
 
   c.parallel = "auto"  # auto | jit | pmap
+  # With data on the device, run each epoch's steps as one lax.scan (no
+  # host round trip per step); a checkpoint due mid-epoch is then written
+  # at the epoch's end. False: one call per step.
+  c.scan_steps = True
   c.log_every_steps = 10
   c.eval_every_epochs = 0  # 0: evaluate only after the last epoch.
   c.checkpoint_every_steps = 100
@@ -315,6 +327,7 @@ _CHOICES = {
   "data.normalize": ("imagenet", "minus1_1"),
   "data.source": ("tfds", "folder"),
   "data.preprocess": ("vtab", "fgvc", "crop"),
+  "data.on_device": ("auto", "never"),
   "model.dtype": ("float32", "bfloat16", "float16"),
   "model.attention_impl": ("", "matmul", "xla", "cudnn"),
   "parallel": ("auto", "jit", "pmap"),

@@ -30,7 +30,9 @@ import optax
 from absl import logging
 
 from vptpc import optim, train
+from vptpc.data import device as device_data
 from vptpc.data import pipeline
+from vptpc.models import vit
 
 
 def grid_optimizer(
@@ -69,6 +71,57 @@ def _stack(trees: Sequence[Any]) -> Any:
   return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
 
 
+# Compiled grid programs of this process, newest last: the chunks of a grid
+# (same size) share one compile.
+_GRID_PROGRAMS: dict[str, dict[str, Any]] = {}
+
+
+def _grid_programs(config, s, optimizer, unit_schedule) -> dict[str, Any]:
+  """The vmapped, jitted grid steps for ``config``, shared across chunks.
+
+  A member's LR and weight decay live in its optimiser state, so they are
+  not part of the program (nor of its cache key).
+  """
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.base_lr, c.weight_decay = 0.0, 0.0
+  key = train.program_key(c, s.steps_per_epoch)
+  if key in _GRID_PROGRAMS:
+    _GRID_PROGRAMS[key] = _GRID_PROGRAMS.pop(key)
+    return _GRID_PROGRAMS[key]
+  step = train.make_train_step(s.model, optimizer, unit_schedule)
+  vstep = jax.vmap(step, in_axes=(0, None, None, None))
+  veval = jax.vmap(train.make_eval_step(s.model), in_axes=(0, None, None))
+  norm = dict(
+    normalization=config.data.normalize, image_size=s.train.image_size
+  )
+
+  def steps(states, frozen, arrays, plan, rng, finite):
+    def body(carry, row):
+      st, ok = carry
+      # One gather per step, shared by every member.
+      batch = device_data.gather(arrays, row, **norm)
+      st, metrics = vstep(st, frozen, batch, rng)
+      return (st, ok & jnp.isfinite(metrics["train_loss"])), None
+
+    return jax.lax.scan(body, (states, finite), plan)[0]
+
+  progs = {
+    "step": jax.jit(vstep, donate_argnums=0),
+    "eval": jax.jit(veval),
+    "steps": jax.jit(steps, donate_argnums=0),
+    "eval_all": jax.jit(
+      jax.vmap(
+        train.make_device_eval(train.make_eval_step(s.model), **norm),
+        in_axes=(0, None, None, None),
+      )
+    ),
+  }
+  _GRID_PROGRAMS[key] = progs
+  while len(_GRID_PROGRAMS) > train.PROGRAM_CACHE_SIZE:
+    _GRID_PROGRAMS.pop(next(iter(_GRID_PROGRAMS)))
+  return progs
+
+
 def train_grid(
   config: ml_collections.ConfigDict,
   members: Sequence[tuple[float, float]],
@@ -103,19 +156,23 @@ def train_grid(
   opts = [make(lr_scale=lr, weight_decay=wd) for lr, wd in members]
   trainable = jax.device_get(s.state.trainable)
   states = _stack([train.create_train_state(trainable, o) for o in opts])
-  step = train.make_train_step(s.model, opts[0], unit)
-  vstep = jax.jit(
-    jax.vmap(step, in_axes=(0, None, None, None)), donate_argnums=0
-  )
-  veval = jax.jit(
-    jax.vmap(train.make_eval_step(s.model), in_axes=(0, None, None))
-  )
-  frozen = jax.device_put(s.frozen)
+  progs = _grid_programs(config, s, make(lr_scale=1.0, weight_decay=0.0), unit)
+  frozen = jax.device_put(vit.cast_backbone(s.frozen, s.model.dtype))
   # The run key of `train.train_stage`, so dropout matches separate runs.
   rng = jax.random.fold_in(jax.random.key(config.seed), 2)
   # Kept on the device: a host read per step would sync every step.
   finite = jnp.ones(len(members), bool)
+  dtrain = train._device_split(s, s.train, "jit")
+  deval = train._device_split(s, s.eval, "jit")
   for epoch in range(config.total_epochs):
+    if dtrain is not None:
+      plan = device_data.epoch_plan(
+        dtrain, batch_size=config.batch_size, seed=config.seed, epoch=epoch
+      )
+      states, finite = progs["steps"](
+        states, frozen, dtrain.arrays, plan, rng, finite
+      )
+      continue
     for batch in pipeline.train_batches(
       s.train,
       batch_size=config.batch_size,
@@ -123,18 +180,24 @@ def train_grid(
       epoch=epoch,
       normalization=config.data.normalize,
     ):
-      states, metrics = vstep(states, frozen, batch, rng)
+      states, metrics = progs["step"](states, frozen, batch, rng)
       finite &= jnp.isfinite(metrics["train_loss"])
-  totals = None
-  for batch in pipeline.eval_batches(
-    s.eval,
-    batch_size=config.eval_batch_size,
-    normalization=config.data.normalize,
-  ):
-    sums = veval(states.trainable, frozen, batch)
-    totals = (
-      sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
-    )
+  if deval is not None:
+    plan = device_data.eval_plan(deval, batch_size=config.eval_batch_size)
+    totals = progs["eval_all"](states.trainable, frozen, deval.arrays, plan)
+  else:
+    totals = None
+    for batch in pipeline.eval_batches(
+      s.eval,
+      batch_size=config.eval_batch_size,
+      normalization=config.data.normalize,
+    ):
+      sums = progs["eval"](states.trainable, frozen, batch)
+      totals = (
+        sums
+        if totals is None
+        else jax.tree_util.tree_map(jnp.add, totals, sums)
+      )
   totals, finite = jax.device_get((totals, finite))
   host = jax.device_get(states.trainable)
   out = []

@@ -32,6 +32,7 @@ from absl import logging
 
 from vptpc import checkpoint, config_util, optim, parallel
 from vptpc import prompts as prompts_lib
+from vptpc.data import device as device_data
 from vptpc.data import pipeline
 from vptpc.metric_writer import MetricWriter
 from vptpc.models import vit
@@ -188,6 +189,15 @@ class Setup:
   checkpoint_backbone: dict[str, Any] | None = None
   # (mean, std) of the pre-logits folded into `frozen`, or None.
   prelogit_stats: tuple[np.ndarray, np.ndarray] | None = None
+  # What the compiled steps depend on (`program_key`); runs with equal keys
+  # (the seeds of a final run) share their compiled programs.
+  program_key: str = ""
+  # Where batches come from: "device" (splits placed on the accelerator,
+  # `vptpc.data.device`) or "host"; and whether an epoch is one lax.scan.
+  data_on_device: str = "auto"
+  device_max_gb: float = 4.0
+  scan_steps: bool = True
+  normalization: str = "imagenet"
 
   def export_trainable(self, trainable: dict[str, Any]) -> dict[str, Any]:
     """``trainable`` with its head for `checkpoint_backbone` (raw features).
@@ -212,7 +222,96 @@ def build_model(config: ml_collections.ConfigDict) -> vit.VisionTransformer:
     prompt_dropout=config.prompt.dropout,
     dtype=jnp.dtype(config.model.dtype),
     attention_impl=config.model.get("attention_impl") or None,
+    fuse_qkv=config.model.get("fuse_qkv", False),
   )
+
+
+# Config keys that never reach a compiled step: the seed (the rng is an
+# argument), bookkeeping, and where data and weights come from.
+_NOT_IN_PROGRAM = (
+  "seed",
+  "protocol",
+  "condense",
+  "log_every_steps",
+  "eval_every_epochs",
+  "checkpoint_every_steps",
+  "keep_checkpoints",
+  "eval_only",
+  "progress_bar",
+  "parallel",
+)
+
+
+def program_key(config: ml_collections.ConfigDict, steps_per_epoch: int) -> str:
+  """What the jitted train and eval steps of a run are a function of.
+
+  The whole config except `_NOT_IN_PROGRAM`, the checkpoint path and the
+  data's location and split names, plus the steps per epoch (the LR
+  schedule's unit). Shapes (prompt counts, batch) are not in it: jit
+  specialises on them by itself.
+  """
+  d = config.to_dict()
+  for k in _NOT_IN_PROGRAM:
+    d.pop(k, None)
+  d["model"] = {
+    k: v
+    for k, v in d["model"].items()
+    if k not in ("checkpoint_path", "init_seed", "prelogit_norm_images")
+  }
+  d["data"] = {
+    k: d["data"].get(k) for k in ("normalize", "image_size", "num_classes")
+  }
+  return json.dumps([d, steps_per_epoch], sort_keys=True, default=str)
+
+
+# Checkpoints read in this process, newest last (`load_backbone`): the seeds
+# of a final run and the chunks of a grid share one read.
+_BACKBONES: dict[str, dict[str, Any]] = {}
+BACKBONE_CACHE_SIZE = 2
+# Jitted initialisers per (model, image size): one compile per process.
+_INIT_FNS: dict[Any, Callable] = {}
+
+
+def _init_fn(model: vit.VisionTransformer, size: int, part: str) -> Callable:
+  """``rng -> params`` (``part="all"``) or ``rng -> head`` (``"head"``).
+
+  The head comes out of the full ``model.init`` (Flax draws each
+  parameter's key in creation order, so only the full init reproduces it);
+  returning only the head lets XLA drop the rest of the initialisation.
+  """
+  key = (model, size, part)
+  if key not in _INIT_FNS:
+    images = jnp.zeros((1, size, size, 3), jnp.float32)
+
+    def init(rng):
+      params = model.init(rng, images)["params"]
+      return params if part == "all" else params.get("head")
+
+    _INIT_FNS[key] = jax.jit(init)
+  return _INIT_FNS[key]
+
+
+def _read_backbone(path: str, template: dict[str, Any]) -> dict[str, Any]:
+  """`checkpoint.load_pretrained`, cached per process by path and mtime."""
+  st = os.stat(path) if os.path.exists(path) else None
+  shapes = jax.tree_util.tree_map(lambda x: tuple(x.shape), template)
+  key = json.dumps(
+    [
+      os.path.abspath(path),
+      st and (st.st_mtime_ns, st.st_size),
+      jax.tree_util.tree_leaves_with_path(shapes).__repr__(),
+    ]
+  )
+  if key in _BACKBONES:
+    _BACKBONES[key] = _BACKBONES.pop(key)
+    return _BACKBONES[key]
+  t0 = time.perf_counter()
+  backbone = checkpoint.load_pretrained(path, template)
+  logging.info("Read %s in %.1f s.", path, time.perf_counter() - t0)
+  _BACKBONES[key] = backbone
+  while len(_BACKBONES) > BACKBONE_CACHE_SIZE:
+    _BACKBONES.pop(next(iter(_BACKBONES)))
+  return backbone
 
 
 def load_backbone(
@@ -225,32 +324,40 @@ def load_backbone(
   ``config.model.checkpoint_path`` (a vit_jax ``.npz``), or, when that is
   empty, from a random init with ``config.model.init_seed``.
 
+  A checkpoint is read once per process (kept, keyed by its path, size and
+  modification time); its template comes from `jax.eval_shape`, so no
+  initialisation of the backbone is compiled or run for it.
+
   Raises:
     ValueError: an unknown ``config.model.head_init`` (named).
   """
   size = config.data.image_size
   rng = jax.random.key(config.seed)
-  params = vit.init_params(model, rng, size)
-  backbone, head = vit.split_head(params)
   head_init = config.model.get("head_init", "vpt")
-  if head_init == "zeros":
-    head = jax.tree.map(jnp.zeros_like, head)
-  elif head_init != "vpt":
+  if head_init not in ("vpt", "zeros"):
     raise ValueError(
       f"config.model.head_init must be 'vpt' or 'zeros', got {head_init!r}."
     )
+  t0 = time.perf_counter()
+  head = _init_fn(model, size, "head")(rng)
+  if head_init == "zeros":
+    head = jax.tree.map(jnp.zeros_like, head)
   if config.model.checkpoint_path:
-    backbone = checkpoint.load_pretrained(
-      config.model.checkpoint_path, backbone
+    shapes = jax.eval_shape(_init_fn(model, size, "all"), rng)
+    template, _ = vit.split_head(shapes)
+    backbone = _read_backbone(config.model.checkpoint_path, template)
+    logging.info(
+      "Backbone loaded from %s (%.1f s with the head's init).",
+      config.model.checkpoint_path,
+      time.perf_counter() - t0,
     )
-    logging.info("Backbone loaded from %s", config.model.checkpoint_path)
   else:
     logging.warning(
       "config.model.checkpoint_path is empty: the backbone is RANDOM "
       "(seed %d). Use a pretrained .npz for real runs.",
       config.model.init_seed,
     )
-    rand = vit.init_params(model, jax.random.key(config.model.init_seed), size)
+    rand = _init_fn(model, size, "all")(jax.random.key(config.model.init_seed))
     backbone = vit.split_head(rand)[0]
   return backbone, head
 
@@ -471,6 +578,11 @@ def setup(
     total_steps=spe * config.total_epochs,
     checkpoint_backbone=checkpoint_backbone,
     prelogit_stats=stats,
+    program_key=program_key(config, spe),
+    data_on_device=config.data.get("on_device", "auto"),
+    device_max_gb=config.data.get("device_max_gb", 4.0),
+    scan_steps=config.get("scan_steps", True),
+    normalization=config.data.normalize,
   )
 
 
@@ -478,24 +590,131 @@ def setup(
 # Runners: the same steps under jit or pmap.
 # ---------------------------------------------------------------------------
 
+# Compiled programs of this process by (program key, mode), newest last.
+_PROGRAMS: dict[tuple[str, str], dict[str, Callable]] = {}
+PROGRAM_CACHE_SIZE = 4
+
+
+def make_device_steps(
+  train_step: Callable, *, normalization: str, image_size: int
+) -> Callable:
+  """``steps(state, frozen, arrays, plan, rng)``: a plan's steps in one call.
+
+  Each step gathers its batch from the device-resident split
+  (`vptpc.data.device.gather`) and runs ``train_step``; the steps run as
+  one `jax.lax.scan`, so an epoch needs no host round trip. Returns the
+  final state and the metrics of every step, stacked.
+  """
+
+  def steps(state, frozen, arrays, plan, rng):
+    def body(st, row):
+      batch = device_data.gather(
+        arrays, row, normalization=normalization, image_size=image_size
+      )
+      return train_step(st, frozen, batch, rng)
+
+    return jax.lax.scan(body, state, plan)
+
+  return steps
+
+
+def make_device_eval(
+  eval_step: Callable, *, normalization: str, image_size: int
+) -> Callable:
+  """``evaluate(trainable, frozen, arrays, plan)``: summed eval, one call."""
+
+  def evaluate(trainable, frozen, arrays, plan):
+    def body(totals, row):
+      batch = device_data.gather(
+        arrays, row, normalization=normalization, image_size=image_size
+      )
+      sums = eval_step(trainable, frozen, batch)
+      return jax.tree_util.tree_map(jnp.add, totals, sums), None
+
+    zero = {k: jnp.zeros((), jnp.float32) for k in ("loss", "correct", "count")}
+    return jax.lax.scan(body, zero, plan)[0]
+
+  return evaluate
+
+
+def _programs(mode: str, s: Setup) -> dict[str, Callable]:
+  """The jitted (or pmapped) steps for ``s``, shared by equal programs."""
+  key = (s.program_key, mode)
+  if s.program_key and key in _PROGRAMS:
+    _PROGRAMS[key] = _PROGRAMS.pop(key)
+    return _PROGRAMS[key]
+  train_step = make_train_step(s.model, s.optimizer, s.schedule)
+  eval_step = make_eval_step(s.model)
+  if mode == "pmap":
+    progs = {
+      "train": parallel.pmap_train_step(train_step),
+      "eval": parallel.pmap_eval_step(eval_step),
+    }
+  else:
+    norm = dict(normalization=s.normalization, image_size=s.train.image_size)
+    progs = {
+      "train": parallel.jit_train_step(train_step),
+      "eval": jax.jit(eval_step),
+      "train_steps": jax.jit(
+        make_device_steps(train_step, **norm), donate_argnums=(0,)
+      ),
+      "eval_all": jax.jit(make_device_eval(eval_step, **norm)),
+    }
+  if s.program_key:
+    _PROGRAMS[key] = progs
+    while len(_PROGRAMS) > PROGRAM_CACHE_SIZE:
+      _PROGRAMS.pop(next(iter(_PROGRAMS)))
+  return progs
+
+
+def _device_split(s: Setup, split: pipeline.Split, mode: str):
+  """``split`` placed on the device, or None where the host path serves.
+
+  The device path needs one process, jit mode and a decoded split within
+  ``config.data.device_max_gb``; ``config.data.on_device=never`` keeps
+  every split on the host.
+  """
+  if s.data_on_device == "never" or mode != "jit":
+    return None
+  if jax.process_count() > 1:
+    return None
+  size = device_data.nbytes(split)
+  if not size or size > s.device_max_gb * 2**30:
+    return None
+  return device_data.place(split)
+
 
 class Runner:
-  """Places state and batches and calls the jitted or pmapped steps."""
+  """Places state, backbone and data, and calls the jitted or pmapped steps.
+
+  In jit mode the frozen backbone is kept on the device in the compute
+  dtype (`vptpc.models.vit.cast_backbone`: the same function, without a
+  per-step cast), and cached splits are placed on the device
+  (`vptpc.data.device`) unless ``config.data.on_device=never``.
+  """
 
   def __init__(self, mode: str, s: Setup):
-    """Compiles nothing yet; places the frozen backbone once."""
+    """Compiles nothing yet; places the frozen backbone (and data) once."""
     self.mode = mode
     self.sync = parallel.needs_sync(mode)
-    train_step = make_train_step(s.model, s.optimizer, s.schedule)
-    eval_step = make_eval_step(s.model)
+    self.scan_steps = s.scan_steps
+    progs = _programs(mode, s)
+    self._train, self._eval = progs["train"], progs["eval"]
+    self._train_steps = progs.get("train_steps")
+    self._eval_all = progs.get("eval_all")
     if mode == "pmap":
-      self._train = parallel.pmap_train_step(train_step)
-      self._eval = parallel.pmap_eval_step(eval_step)
       self.frozen = parallel.replicate(s.frozen)
     else:
-      self._train = parallel.jit_train_step(train_step)
-      self._eval = jax.jit(eval_step)
-      self.frozen = jax.device_put(s.frozen)
+      self.frozen = jax.device_put(vit.cast_backbone(s.frozen, s.model.dtype))
+    self.dtrain = _device_split(s, s.train, mode)
+    self.deval = _device_split(s, s.eval, mode)
+    self._deval_of = s.eval
+    logging.info(
+      "Data: train on the %s, eval on the %s%s.",
+      "device" if self.dtrain else "host",
+      "device" if self.deval else "host",
+      " (one lax.scan per epoch)" if self.dtrain and self.scan_steps else "",
+    )
 
   def place_state(self, state: TrainState) -> TrainState:
     """Puts a host/unreplicated state where the step expects it."""
@@ -520,9 +739,19 @@ class Runner:
       jax.block_until_ready(metrics)
     return state, metrics
 
+  def train_steps(self, state, plan, rng):
+    """Runs a plan's steps on the device split; metrics are stacked."""
+    return self._train_steps(state, self.frozen, self.dtrain.arrays, plan, rng)
+
   def evaluate(self, state, split: pipeline.Split, config) -> dict[str, float]:
     """Top-1 accuracy and mean loss over every example of ``split``."""
     trainable = state.trainable
+    if self.deval is not None and split is self._deval_of:
+      plan = device_data.eval_plan(
+        self.deval, batch_size=config.eval_batch_size
+      )
+      totals = self._eval_all(trainable, self.frozen, self.deval.arrays, plan)
+      return _accuracy_of(jax.device_get(totals), len(split))
     totals = None
     for batch in pipeline.eval_batches(
       split,
@@ -544,14 +773,18 @@ class Runner:
         if totals is None
         else jax.tree_util.tree_map(jnp.add, totals, sums)
       )
-    totals = {k: float(v) for k, v in jax.device_get(totals).items()}
-    n = totals["count"]
-    assert int(n) == len(split), (n, len(split))
-    return {
-      "accuracy": totals["correct"] / n,
-      "loss": totals["loss"] / n,
-      "num_examples": int(n),
-    }
+    return _accuracy_of(jax.device_get(totals), len(split))
+
+
+def _accuracy_of(totals: dict[str, Any], n_split: int) -> dict[str, float]:
+  totals = {k: float(v) for k, v in totals.items()}
+  n = totals["count"]
+  assert int(n) == n_split, (n, n_split)
+  return {
+    "accuracy": totals["correct"] / n,
+    "loss": totals["loss"] / n,
+    "num_examples": int(n),
+  }
 
 
 # ---------------------------------------------------------------------------
@@ -1003,49 +1236,83 @@ def _train_loop(
 
     bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
   step = start
-  t0, seen = time.perf_counter(), 0
-  for epoch in range(start // spe, config.total_epochs):
-    for batch in pipeline.train_batches(
-      s.train,
-      batch_size=config.batch_size,
-      seed=config.seed,
-      epoch=epoch,
-      normalization=config.data.normalize,
-      start_step=step - epoch * spe,
-      rows=_rows(config.batch_size),
-    ):
-      state, metrics = runner.train_step(state, batch, rng)
-      step += 1
-      seen += int(batch["mask"].sum())
-      last = step == total or step == stop_after
-      if step % config.log_every_steps == 0 or last:
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        _check_finite(m, step, workdir)
-        m["img_per_s"] = seen / (time.perf_counter() - t0)
-        m["epoch"] = step / spe
-        writer.write(step, m)
+  clock = {"t0": time.perf_counter(), "seen": 0}
+
+  def after(prev, state, metrics, seen, stacked):
+    """Logging, finiteness and checkpoints for the steps (prev, step]."""
+    clock["seen"] += seen
+    logged = [
+      t
+      for t in range(prev + 1, step + 1)
+      if t % config.log_every_steps == 0 or t == total or t == stop_after
+    ]
+    if logged:
+      host = jax.device_get(metrics)
+      for t in logged:
+        m = {
+          k: float(v[t - prev - 1] if stacked else v) for k, v in host.items()
+        }
+        _check_finite(m, t, workdir)
+        m["img_per_s"] = clock["seen"] / (time.perf_counter() - clock["t0"])
+        m["epoch"] = t / spe
+        writer.write(t, m)
         if bar is not None:
           bar.set_postfix(
             loss=f"{m['train_loss']:.4f}",
             lr=f"{m['lr']:.4g}",
             img_s=f"{m['img_per_s']:.1f}",
           )
-        t0, seen = time.perf_counter(), 0
-      if bar is not None:
-        bar.update(1)
-      if step % config.checkpoint_every_steps == 0 or last:
-        _save(mngr, runner.host_state(state), rng)
-      if step == stop_after:
-        break
+      clock["t0"], clock["seen"] = time.perf_counter(), 0
+    if bar is not None:
+      bar.update(step - prev)
+    # With a scanned epoch, a checkpoint due inside it is written at its end.
+    due = any(
+      t % config.checkpoint_every_steps == 0 for t in range(prev + 1, step + 1)
+    )
+    if due or step == total or step == stop_after:
+      _save(mngr, runner.host_state(state), rng)
+
+  for epoch in range(start // spe, config.total_epochs):
+    first = step - epoch * spe
+    last = spe if stop_after is None else min(spe, stop_after - epoch * spe)
+    if runner.dtrain is not None:
+      if runner.scan_steps:
+        chunks = [(first, last)]
+      else:
+        chunks = [(i, i + 1) for i in range(first, last)]
+      for a, b in chunks:
+        plan = device_data.epoch_plan(
+          runner.dtrain,
+          batch_size=config.batch_size,
+          seed=config.seed,
+          epoch=epoch,
+          start_step=a,
+          stop_step=b,
+        )
+        state, metrics = runner.train_steps(state, plan, rng)
+        prev, step = step, step + (b - a)
+        after(prev, state, metrics, int(plan["mask"].sum()), True)
     else:
-      if (
-        config.eval_every_epochs and (epoch + 1) % config.eval_every_epochs == 0
+      for batch in pipeline.train_batches(
+        s.train,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        epoch=epoch,
+        normalization=config.data.normalize,
+        start_step=first,
+        rows=_rows(config.batch_size),
       ):
-        if epoch + 1 < config.total_epochs:
-          ev = runner.evaluate(state, s.eval, config)
-          writer.write(step, {f"eval_{k}": v for k, v in ev.items()})
-      continue
-    break
+        state, metrics = runner.train_step(state, batch, rng)
+        prev, step = step, step + 1
+        after(prev, state, metrics, int(batch["mask"].sum()), False)
+        if step == stop_after:
+          break
+    if step == stop_after:
+      break
+    if config.eval_every_epochs and (epoch + 1) % config.eval_every_epochs == 0:
+      if epoch + 1 < config.total_epochs:
+        ev = runner.evaluate(state, s.eval, config)
+        writer.write(step, {f"eval_{k}": v for k, v in ev.items()})
   if bar is not None:
     bar.close()
   return state

@@ -491,13 +491,25 @@ class Split:
     s = self.image_size
     out = np.empty((len(idx), s, s, 3), np.uint8)
     for j, i in enumerate(idx):
-      rng = np.random.default_rng([*key, first_row + j])
       im = self.images[i]
-      top = rng.integers(0, im.shape[0] - s + 1)
-      left = rng.integers(0, im.shape[1] - s + 1)
+      top, left, flip = crop_params(key, first_row + j, *im.shape[:2], s)
       im = im[top : top + s, left : left + s]
-      out[j] = im[:, ::-1] if rng.random() < 0.5 else im
+      out[j] = im[:, ::-1] if flip else im
     return out, labels
+
+
+def crop_params(
+  key: tuple[int, ...], row: int, height: int, width: int, size: int
+) -> tuple[int, int, int]:
+  """(top, left, flip) of the random crop of batch row ``row``.
+
+  Drawn from ``default_rng([*key, row])``, so the host pipeline and the
+  on-device one (`vptpc.data.device`) crop every row identically.
+  """
+  rng = np.random.default_rng([*key, row])
+  top = int(rng.integers(0, height - size + 1))
+  left = int(rng.integers(0, width - size + 1))
+  return top, left, int(rng.random() < 0.5)
 
 
 def _check_labels(labels, num_classes, name) -> None:
@@ -600,11 +612,52 @@ def load_split(
   return Split(images, labels, label, image_size, crop=crop, info=info)
 
 
+# Decoded splits of this process, newest last: the seeds of a final run and
+# the chunks of a tuning grid read the same splits (`split_from_config`).
+_SPLIT_CACHE: dict[str, Split] = {}
+SPLIT_CACHE_SIZE = 4
+
+
+def _split_key(d, which: str, augment: bool) -> str:
+  """A split's cache key: the data config, and when its files last changed.
+
+  The modification time of the folder layout's split file, or of the
+  prepared TFDS dataset's ``dataset_info.json``, is part of the key, so a
+  dataset rewritten in place is read again.
+  """
+  data_dir = d.data_dir or default_data_dir()
+  split = d.train_split if which == "train" else d.eval_split
+  if d.get("source", "tfds") == "folder":
+    root = d.get("folder", "") or (
+      vtab.folder_root(data_dir, d.task) if d.get("task", "") else ""
+    )
+    stamp_file = os.path.join(root, f"{split}.txt")
+  else:
+    where = prepared_dir(d.name, data_dir)
+    stamp_file = os.path.join(where or "", "dataset_info.json")
+  stamp = (
+    os.stat(stamp_file).st_mtime_ns if os.path.exists(stamp_file) else None
+  )
+  return json.dumps(
+    [d.to_dict(), which, augment, stamp], sort_keys=True, default=str
+  )
+
+
+def clear_split_cache() -> None:
+  """Forgets the decoded splits this process keeps (`split_from_config`)."""
+  _SPLIT_CACHE.clear()
+
+
 def split_from_config(config, which: str, augment: bool = True) -> Split:
   """Loads ``config.data``'s ``train`` or ``eval`` split.
 
   ``augment=False`` reads a training split the way evaluation does (no
   random crops), e.g. for importance scoring.
+
+  Decoded splits are kept per process (the last `SPLIT_CACHE_SIZE`, keyed
+  by the whole ``config.data``, the split and the data directories'
+  modification times), so the seeds of ``protocol.mode=final`` and the
+  chunks of a vmapped grid decode their images once.
 
   ``config.data.task`` (a `vptpc.data.vtab` key) supplies the label rule;
   ``config.data.source`` picks TFDS or a folder (``config.data.folder``,
@@ -613,6 +666,19 @@ def split_from_config(config, which: str, augment: bool = True) -> Split:
   d = config.data
   if which not in ("train", "eval"):
     raise ValueError(f"which must be train or eval, got {which!r}.")
+  key = _split_key(d, which, augment)
+  if key in _SPLIT_CACHE:
+    _SPLIT_CACHE[key] = _SPLIT_CACHE.pop(key)  # newest last
+    return _SPLIT_CACHE[key]
+  split = _load_split_from_config(d, which, augment)
+  if split.labels is not None:  # only decoded splits are worth keeping
+    _SPLIT_CACHE[key] = split
+    while len(_SPLIT_CACHE) > SPLIT_CACHE_SIZE:
+      _SPLIT_CACHE.pop(next(iter(_SPLIT_CACHE)))
+  return split
+
+
+def _load_split_from_config(d, which: str, augment: bool) -> Split:
   data_dir = d.data_dir or default_data_dir()
   example_fn = None
   if d.get("task", ""):
@@ -664,6 +730,11 @@ def _batch(
   return {"image": normalize(images, norm), "label": labels, "mask": mask}
 
 
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+  """The example order of one training epoch (depends on seed and epoch)."""
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
 def train_batches(
   split: Split,
   *,
@@ -689,7 +760,7 @@ def train_batches(
     rows: keep rows [start, end) of every batch (this process's share,
       `vptpc.parallel.process_slice`); None keeps the whole batch.
   """
-  perm = np.random.default_rng([seed, epoch]).permutation(len(split))
+  perm = epoch_permutation(len(split), seed, epoch)
   for s in range(start_step, steps_per_epoch(len(split), batch_size)):
     yield _batch(
       split,

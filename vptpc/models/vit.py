@@ -117,6 +117,7 @@ def get_model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
     "kv_shared",
     "dtype",
     "attention_impl",
+    "fuse_qkv",
   }
   bad = sorted(set(overrides) - allowed)
   if bad:
@@ -153,6 +154,74 @@ class MlpBlock(nn.Module):
     )(x)
 
 
+ATTENTION_IMPLS = ("matmul", "xla", "cudnn")
+# cuDNN's fused kernel refuses odd sequence lengths in training (jax 0.11.2
+# on an H100: "Unsupported sequence length Q 197, KV 297"), so queries and
+# keys are zero-padded to a multiple of this and masked by length.
+CUDNN_PAD = 8
+
+
+def resolve_attention_impl(implementation: str | None, dtype: Any) -> str:
+  """The attention implementation a model runs for a config value.
+
+  None or ``""`` picks per backend: ``"matmul"`` on CPU (fastest there,
+  ``benchmarks/profile_forward.py``), ``"cudnn"`` on an NVIDIA GPU when the
+  compute dtype is bfloat16 or float16 (fused flash attention; cuDNN has no
+  float32 kernel), and XLA's own everywhere else, TPU included, so no
+  backend is handed a kernel it lacks.
+  """
+  if implementation:
+    if implementation not in ATTENTION_IMPLS:
+      raise ValueError(
+        f"attention_impl must be one of {ATTENTION_IMPLS} or empty, got "
+        f"{implementation!r}."
+      )
+    return implementation
+  backend = jax.default_backend()
+  if backend == "cpu":
+    return "matmul"
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  if backend == "gpu" and half and _is_nvidia():
+    return "cudnn"
+  return "xla"
+
+
+def _is_nvidia() -> bool:
+  """Whether the default GPU backend is CUDA (cuDNN exists there only)."""
+  try:
+    return "cuda" in jax.devices()[0].client.platform_version.lower()
+  except Exception:  # noqa: BLE001 - any failure means "do not assume".
+    return False
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def _cudnn_attention(q: Array, k: Array, v: Array) -> Array:
+  """Flash attention (cuDNN) at any sequence length, by padding + lengths.
+
+  Padded keys are excluded by ``key_value_seq_lengths`` and padded query
+  rows are sliced off, so the result is attention over the true keys.
+  """
+  b, t = q.shape[:2]
+  s = k.shape[1]
+  tp, sp = _round_up(t, CUDNN_PAD), _round_up(s, CUDNN_PAD)
+  kw = {}
+  if (tp, sp) != (t, s):
+
+    def pad(x, n):
+      return jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
+
+    q, k, v = pad(q, tp), pad(k, sp), pad(v, sp)
+    kw = dict(
+      query_seq_lengths=jnp.full((b,), t, jnp.int32),
+      key_value_seq_lengths=jnp.full((b,), s, jnp.int32),
+    )
+  out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn", **kw)
+  return out[:, :t]
+
+
 def attention(
   q: Array,
   k: Array,
@@ -162,15 +231,21 @@ def attention(
 ) -> Array:
   """Scaled dot-product attention, (B, T, heads, d) layout in and out.
 
-  ``implementation``: ``"matmul"`` computes it as batched matmuls in
-  (B, heads, T, d) layout with the softmax normalisation deferred until
-  after the AV product (exact: the max shift and the division commute with
-  AV). On XLA:CPU, at ViT-B/16 shapes with 100 prompt keys, it ran 3.0x
-  faster forward and 1.7x faster forward + backward than
-  `jax.nn.dot_product_attention` (``benchmarks/profile_forward.py`` times
-  both). ``"xla"`` and ``"cudnn"`` call `jax.nn.dot_product_attention` with
-  that implementation; None picks ``"matmul"`` on CPU and XLA's own
-  elsewhere (not yet measured on GPU).
+  ``implementation`` (`resolve_attention_impl` picks one for None):
+
+  * ``"matmul"``: batched matmuls in (B, heads, T, d) layout with the
+    softmax normalisation deferred until after the AV product (exact: the
+    max shift and the division commute with AV). On XLA:CPU, at ViT-B/16
+    shapes with 100 prompt keys, it ran 3.0x faster forward and 1.7x
+    faster forward + backward than `jax.nn.dot_product_attention`
+    (``benchmarks/profile_forward.py`` times both).
+  * ``"xla"``: `jax.nn.dot_product_attention` as XLA compiles it.
+  * ``"cudnn"``: cuDNN's fused flash attention (NVIDIA GPUs, bf16/fp16),
+    with queries and keys padded to a multiple of `CUDNN_PAD` and masked
+    by length, since cuDNN refuses ViT's odd lengths (197 queries) in
+    training. A boolean ``mask`` (per-example padded prompts when serving)
+    falls back to ``"xla"``.
+
   Logits, exponentials and their sums are float32 for any compute dtype.
 
   Args:
@@ -184,12 +259,12 @@ def attention(
   Returns:
     (B, T, heads, d) in ``q``'s dtype.
   """
-  if implementation is None:
-    cpu = jax.default_backend() == "cpu"
-    implementation = "matmul" if cpu else "xla"
+  implementation = resolve_attention_impl(implementation, q.dtype)
+  if implementation == "cudnn" and mask is None:
+    return _cudnn_attention(q, k, v)
   if implementation != "matmul":
     return jax.nn.dot_product_attention(
-      q, k, v, mask=mask, implementation=implementation
+      q, k, v, mask=mask, implementation="xla"
     )
   scale = 1.0 / math.sqrt(q.shape[-1])
   qh = (q * jnp.asarray(scale, q.dtype)).transpose(0, 2, 1, 3)
@@ -217,6 +292,7 @@ class MultiHeadDotProductAttention(nn.Module):
   num_heads: int
   dtype: Any = jnp.float32
   attention_impl: str | None = None
+  fuse_qkv: bool = False
 
   @nn.compact
   def __call__(
@@ -267,8 +343,31 @@ class MultiHeadDotProductAttention(nn.Module):
       )
 
     query, key, value = proj("query"), proj("key"), proj("value")
-    q = query(x if num_queries is None else x[:, :num_queries])
-    k, v = key(x), value(x)
+    xq = x if num_queries is None else x[:, :num_queries]
+    if self.fuse_qkv:
+      # One matmul against the stacked kernels instead of three: the same
+      # dot products, in one wider GEMM (and one in the backward pass).
+      if self.is_initializing():
+        query(xq), key(x), value(x)
+      mods = ([query] if num_queries is None else []) + [key, value]
+      w = jnp.stack([m.variables["params"]["kernel"] for m in mods], 1)
+      bias = jnp.stack([m.variables["params"]["bias"] for m in mods])
+
+      def fused(t):
+        t, wt, bt = nn.dtypes.promote_dtype(t, w, bias, dtype=self.dtype)
+        out = jnp.einsum("...d,dshe->s...he", t, wt) + bt.reshape(
+          (len(mods),) + (1,) * (t.ndim - 1) + bt.shape[1:]
+        )
+        return list(out)
+
+      outs = fused(x)
+      if num_queries is None:
+        q, k, v = outs
+      else:
+        q, (k, v) = query(xq), outs
+    else:
+      q = query(xq)
+      k, v = key(x), value(x)
     kp = vp = None
     if kv_cached is not None and kv_cached[0].shape[-3] > 0:
       kp, vp = (t.astype(k.dtype) for t in kv_cached)
@@ -320,6 +419,7 @@ class Encoder1DBlock(nn.Module):
   num_heads: int
   dtype: Any = jnp.float32
   attention_impl: str | None = None
+  fuse_qkv: bool = False
 
   @nn.compact
   def __call__(
@@ -352,6 +452,7 @@ class Encoder1DBlock(nn.Module):
       self.num_heads,
       dtype=self.dtype,
       attention_impl=self.attention_impl,
+      fuse_qkv=self.fuse_qkv,
       name="MultiHeadDotProductAttention_1",
     )(
       y,
@@ -412,6 +513,7 @@ class Encoder(nn.Module):
   prompt_dropout: float = 0.0
   dtype: Any = jnp.float32
   attention_impl: str | None = None
+  fuse_qkv: bool = False
 
   def _prompt(self, p: Array, batch: int, train: bool) -> Array:
     """Casts one layer's prompts and applies per-example dropout if training.
@@ -499,6 +601,7 @@ class Encoder(nn.Module):
         num_heads=self.num_heads,
         dtype=self.dtype,
         attention_impl=self.attention_impl,
+        fuse_qkv=self.fuse_qkv,
         name=f"encoderblock_{i}",
       )
       if variant == "deep":
@@ -559,10 +662,12 @@ class VisionTransformer(nn.Module):
     prompt_dropout: dropout rate on prompts while training (official VPT: 0.0
       default, 0.1 for Deep in its demo).
     dtype: compute dtype (parameters stay float32).
-    attention_impl: see `attention`: None (the default: ``"matmul"`` on
-      CPU, XLA's elsewhere), ``"matmul"``, ``"xla"`` or ``"cudnn"`` (fused
-      flash attention on NVIDIA GPUs, bf16/fp16; in jax 0.11.2 it refused
-      ViT-B/16's 197-token sequences except in the forward with 297 keys).
+    attention_impl: see `attention` and `resolve_attention_impl`: None
+      (the default: ``"matmul"`` on CPU, ``"cudnn"`` on NVIDIA GPUs in
+      bf16/fp16, XLA's elsewhere), ``"matmul"``, ``"xla"`` or ``"cudnn"``.
+    fuse_qkv: compute the query, key and value projections as one matmul
+      against the three stacked kernels (same parameters and names; the
+      same function up to float summation order).
   """
 
   patch_size: int
@@ -576,6 +681,7 @@ class VisionTransformer(nn.Module):
   prompt_dropout: float = 0.0
   dtype: Any = jnp.float32
   attention_impl: str | None = None
+  fuse_qkv: bool = False
 
   @nn.compact
   def __call__(
@@ -628,6 +734,7 @@ class VisionTransformer(nn.Module):
       prompt_dropout=self.prompt_dropout,
       dtype=self.dtype,
       attention_impl=self.attention_impl,
+      fuse_qkv=self.fuse_qkv,
       name="Transformer",
     )(x, prompts, train=train, cls_only=True)
     features = x[:, 0]
@@ -758,3 +865,25 @@ def merge_head(backbone: Mapping[str, Any], head: Mapping | None) -> dict:
 def count_params(tree: Any) -> int:
   """Counts the scalars in a pytree (arrays or ShapeDtypeStructs)."""
   return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def cast_backbone(params: Mapping[str, Any], dtype: Any) -> dict[str, Any]:
+  """The frozen backbone with its matmul/conv weights stored in ``dtype``.
+
+  A model with compute ``dtype`` casts every Dense/Conv kernel and bias,
+  the class token and the position embedding to ``dtype`` on each call
+  anyway, so storing them cast once computes the same function bit for
+  bit while saving a float32 read and a cast per weight per step.
+  LayerNorm parameters stay float32: LayerNorm applies them in float32.
+  """
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.float32:
+    return dict(params)
+
+  def cast(path, x):
+    names = [getattr(k, "key", str(k)) for k in path]
+    if any(n.startswith("LayerNorm") or n == "encoder_norm" for n in names):
+      return x
+    return jnp.asarray(x, dtype)
+
+  return jax.tree_util.tree_map_with_path(cast, dict(params))
