@@ -1,57 +1,139 @@
 #!/usr/bin/env bash
-# The accelerator run of the benchmark, as one short script (issue 8):
-# benchmarks/vpt_bench.py at batch 128 in bf16 compute on every prompt path
-# with XLA's attention, then the key/value path with cuDNN's fused attention,
-# and the PyTorch reference on the same GPU. Rows stream to $OUT/*.jsonl
-# as they are measured, so a run cut short still reports what it measured.
+# The GPU run of issue 20, as one script, in this order, rows streamed as
+# they are measured:
+#   1. the PyTorch peer (torch_peer.py: bf16 autocast, SDPA), eager, then
+#      torch.compile, on ViT-B/16 at batch 128 with 0 and 100 deep prompts;
+#   2. gpu_ablation.py: vptpc's levers one at a time (attention kernel,
+#      bf16-resident backbone, fused QKV) on the train step, a per-kernel
+#      profile, and bf16-vs-fp32 logits; the fastest variant is used below;
+#   3. vpt_bench.py on the peer's settings (eval and train, 0/10/100
+#      prompts, key/value and full paths) with that variant;
+#   4. e2e_bench.py: `python -m vptpc.main` tune (vmapped grid) and final
+#      on a VTAB-shaped folder task, with the projection of VPT's protocol;
+#   5. gpu_table.py: the table with the ratios, to $OUT/table.md.
+# Everything also goes to $OUT/log.txt; the per-stage files are packed into
+# $OUT/runs.tgz at the end (the device tool returns at most 8 files).
 #
 # Usage, in the repository root of the device machine:
-#   bash benchmarks/device_check.sh PATH/TO/torch_vpt_ref.py [WHEEL ...]
-# WHEELs (e.g. ml_collections, which the GPU image lacks) are installed to
-# /tmp/site first. BENCH_ARGS overrides the model arguments for a dry run on
-# a CPU, e.g. BENCH_ARGS="--model=testing --image_size=32 --batch=4".
+#   bash benchmarks/device_check.sh PATH/TO/torch_peer.py [WHEEL ...]
+# WHEELs (ml_collections, which the GPU image lacks) are installed to
+# /tmp/site first. For a CPU dry run (no peer, tiny model):
+#   DRY=1 bash benchmarks/device_check.sh none
+# STAGES (default "peer ablation bench e2e") picks stages for a rerun;
+# *_S variables bound each stage's seconds.
 set -uo pipefail
-ref=${1:?path to torch_vpt_ref.py}
+peer=${1:?path to torch_peer.py (or none)}
 shift
 out=${OUT:-/tmp/vptpc_device_check}
-mkdir -p "$out"
+work=/tmp/vdc
+mkdir -p "$out" "$work"
+exec > >(tee -a "$out/log.txt") 2>&1
 if [ "$#" -gt 0 ]; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site "$@" \
-    && export PYTHONPATH=/tmp/site
+  python3 -m pip install -q --no-index --no-deps --no-compile \
+    --target /tmp/site "$@" && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm \
+stages=${STAGES:-"peer ablation bench e2e"}
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm \
   --format=csv 2>/dev/null
-python3 -c "import jax, flax, optax; print('jax', jax.__version__, \
-'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
-model=${BENCH_ARGS:-"--batch=128 --matmul_n=8192 --spec_tflops=989"}
-common="--dtype=bfloat16 --modes=jit --warmup=2 --iters=10 $model"
-# shellcheck disable=SC2086
-timeout "${XLA_S:-400}" python3 benchmarks/vpt_bench.py --out="$out/xla" \
-  --prompts=0,30,100 --small --torch_ref="$ref" $common \
-  2>"$out/xla.err" | tee "$out/xla.jsonl"
-tail -3 "$out/xla.err"
-# shellcheck disable=SC2086
-timeout "${CUDNN_S:-120}" python3 benchmarks/vpt_bench.py \
-  --out="$out/cudnn" --attention=cudnn --prompts=0,100 --paths=kv \
-  --torch_ref= $common 2>"$out/cudnn.err" | tee "$out/cudnn.jsonl"
-tail -3 "$out/cudnn.err"
-# cuDNN attention must compute what XLA's does: one bf16 forward of each.
-timeout "${CHECK_S:-60}" python3 - <<'PY' 2>&1 | tail -2
-import jax, jax.numpy as jnp
-from vptpc import prompts as pr
-from vptpc.models import vit
-cfg = vit.get_model_config("B/16", num_classes=100)
-params = vit.init_params(vit.create_model(cfg), jax.random.key(0), 224)
-p = pr.init_prompts(jax.random.key(1), num_prompts=100, hidden_size=768,
-                    patch_size=16, num_layers=12)
-x = jax.random.normal(jax.random.key(2), (32, 224, 224, 3))
-out = {}
-for impl in ("xla", "cudnn"):
-  m = vit.create_model(cfg, dtype=jnp.bfloat16, kv_only=True,
-                       attention_impl=impl)
-  out[impl] = jax.jit(m.apply)({"params": params}, x, p).astype(jnp.float32)
-err = jnp.linalg.norm(out["cudnn"] - out["xla"]) / jnp.linalg.norm(out["xla"])
-print(f"cudnn vs xla logits, B/16 kv bf16, 100 prompts: rel err {err:.2e}")
+python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', \
+flax.__version__, 'optax', optax.__version__, jax.devices())"
+python3 -c "import torch; print('torch', torch.__version__)" 2>/dev/null
+git log -1 --format='commit %h %s' 2>/dev/null
+if [ "${DRY:-0}" = 1 ]; then
+  model="--model=testing --image_size=32 --batch=4 --matmul_n=256"
+  abl="--model=testing --image_size=32 --batch=4 --prompts=3 --iters=2"
+  abl_variants="xla:0:0,matmul:1:1"
+  e2e="--model=tiny32 --image_size=32 --px=40 --train=120 --test=60 \
+    --tune_epochs=2 --final_epochs=2 --lrs=1:0.1 --wds=0 --vmap_chunk=1 \
+    --seeds=42:44 --dtype=float32"
+  prompts=0,3,10
+  full_at=10
+else
+  model="--batch=128 --matmul_n=8192 --spec_tflops=989 --dtype=bfloat16"
+  abl="--batch=128 --prompts=100 --iters=10"
+  abl_variants="xla:0:0,cudnn:1:0,cudnn:1:1,xla:1:1"
+  e2e="--tune_epochs=3 --final_epochs=5 --vmap_chunk=8"
+  prompts=0,10,100
+  full_at=100
+fi
+stamp() { echo "== $(date +%T) $*"; }
+
+if [[ $stages == *peer* && $peer != none ]]; then
+  stamp "peer eager"
+  timeout "${PEER_S:-60}" python3 "$peer" --batch 128 --prompts 0,100 \
+    --paths kv --steps 10 --warmup 3 | tee "$work/peer_eager.jsonl"
+  stamp "peer compile"
+  timeout "${PEERC_S:-200}" python3 "$peer" --batch 128 --prompts 0,100 \
+    --paths full,kv --steps 10 --warmup 3 --compile \
+    | tee "$work/peer_compile.jsonl"
+fi
+
+# A persistent compile cache shared by the ablation and the bench: the same
+# programs (same variant, shapes, optimiser) are compiled once.
+export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
+attn=cudnn
+fuse=1
+if [[ $stages == *ablation* ]]; then
+  stamp "ablation"
+  # shellcheck disable=SC2086
+  (cd benchmarks && timeout "${ABL_S:-150}" python3 gpu_ablation.py \
+    --out="$work/ablation" --variants="$abl_variants" --eval_variants=0 \
+    --profile=2 --budget_s="${ABL_BUDGET_S:-110}" $abl)
+  best=$(python3 - "$work/ablation/ablation.json" <<'PY'
+import json, sys
+try:
+  rows = json.load(open(sys.argv[1]))["rows"]
+  best = max((r for r in rows if r.get("what") == "train"), key=lambda r: r["img_s"])
+  v = dict(kv.split("=") for kv in best["name"].split())
+  print(v["attention"], v["fuse_qkv"])
+except Exception:
+  print("")
 PY
+)
+  if [ -n "$best" ]; then
+    read -r attn fuse <<<"$best"
+  fi
+fi
+if [ "${DRY:-0}" = 1 ]; then attn=matmul; fi
+stamp "chosen: attention=$attn fuse_qkv=$fuse"
+
+if [[ $stages == *bench* ]]; then
+  stamp "vpt_bench"
+  # shellcheck disable=SC2086
+  timeout "${BENCH_S:-200}" python3 benchmarks/vpt_bench.py \
+    --out="$work/bench" --prompts=$prompts --paths=full,kv --full_at=$full_at \
+    --kv_cache=0 --modes=jit --warmup=2 --iters=10 --torch_ref= \
+    --attention="$attn" --fuse_qkv="$fuse" $model \
+    2>"$work/bench.err" | tee "$work/bench.jsonl"
+  tail -3 "$work/bench.err"
+fi
+unset JAX_COMPILATION_CACHE_DIR
+
+if [[ $stages == *e2e* ]]; then
+  stamp "e2e"
+  rates=$(python3 - "$work/bench/bench.json" <<'PY'
+import json, sys
+try:
+  rows = json.load(open(sys.argv[1]))["rows"]
+  r = {x["prompts"]: x["img_s"] for x in rows if x.get("what") == "train"
+       and x.get("mode") == "jit" and x.get("path") in ("kv", "none")}
+  print(",".join(f"{k}:{v}" for k, v in sorted(r.items()) if k != ""))
+except Exception:
+  print("")
+PY
+)
+  step10=$(echo "$rates" | tr ',' '\n' | grep '^10:' | cut -d: -f2)
+  # shellcheck disable=SC2086
+  timeout "${E2E_S:-170}" python3 benchmarks/e2e_bench.py \
+    --out="$work/e2e" --root=/tmp/e2e_work --step_img_s="${step10:-0}" \
+    --step_rates="$rates" \
+    --extra="--config.model.attention_impl=$attn --config.model.fuse_qkv=$fuse" \
+    $e2e
+fi
+
+stamp "table"
+python3 benchmarks/gpu_table.py "$work" | tee "$out/table.md"
+tar czf "$out/runs.tgz" -C "$work" . 2>/dev/null
+stamp "done"

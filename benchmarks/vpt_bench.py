@@ -133,6 +133,17 @@ def main():
   ap.add_argument(
     "--attention", default="", help="attention_impl: '', matmul, xla or cudnn"
   )
+  ap.add_argument("--fuse_qkv", type=int, default=0, help="model.fuse_qkv")
+  ap.add_argument(
+    "--full_at", default="", help="prompt counts of the full path ('': all)"
+  )
+  ap.add_argument("--kv_cache", type=int, default=1, help="time kv_cache eval")
+  ap.add_argument(
+    "--cast_backbone",
+    type=int,
+    default=1,
+    help="keep the frozen backbone in the compute dtype (as train.Runner)",
+  )
   ap.add_argument(
     "--spec_tflops",
     type=float,
@@ -206,12 +217,18 @@ def main():
       naive = flops.vit_gmacs(**dims, prompts_per_layer=n_p)
       kvc = flops.vit_gmacs(**dims, prompts_per_layer=n_p, count="kv")
       paths = ["full"] if n_p == 0 else a.paths.split(",")
-      if n_p and "kv" in paths:
+      if n_p and a.full_at and str(n_p) not in a.full_at.split(","):
+        paths = [p for p in paths if p != "full"]
+      if n_p and "kv" in paths and a.kv_cache:
         paths.append("kv_cache")
       for path in paths:
         over = vit.path_overrides("kv" if path == "kv_cache" else path)
         model = vit.create_model(
-          cfg, dtype=dtype, attention_impl=a.attention or None, **over
+          cfg,
+          dtype=dtype,
+          attention_impl=a.attention or None,
+          fuse_qkv=bool(a.fuse_qkv),
+          **over,
         )
         actual = naive if path == "full" else kvc
 
@@ -222,7 +239,10 @@ def main():
         )  # fmt: skip
 
         # Eval forward (jit).
-        fp = {"params": params}
+        run_frozen = frozen
+        if a.cast_backbone:
+          run_frozen = vit.cast_backbone(frozen, dtype)
+        fp = {"params": vit.merge_head(run_frozen, head)}
         arg = prompts
         if path == "kv_cache":
           arg = vit.build_kv_cache(frozen, prompts, cfg.num_heads, dtype)
@@ -252,16 +272,19 @@ def main():
           )
           if mode == "jit":
             step = parallel.jit_train_step(step_fn)
-            st, fz = jax.device_put(state), jax.device_put(frozen)
+            dev = jax.devices()[0]
+            st = jax.device_put(state, dev)
+            fz = jax.device_put(run_frozen, dev)
             # On the device already, as the prefetching loop leaves it: a
             # host batch would time its own transfer (77 MB at B/16 b128).
-            dd = jax.device_put(data)
+            dd = jax.device_put(data, dev)
 
             def run(st, step=step, fz=fz, d=dd, k=key):
               return step(st, fz, d, k)
           else:
             step = parallel.pmap_train_step(step_fn)
-            st, fz = parallel.replicate(state), parallel.replicate(frozen)
+            st = parallel.replicate(state)
+            fz = parallel.replicate(run_frozen)
             sharded = parallel.shard_batch(data)
 
             def run(st, step=step, fz=fz, sh=sharded, k=key):
@@ -307,6 +330,45 @@ def main():
         achieved_gflop_s="",
         pct_peak="",
         device="host CPU",
+      )
+    )
+    # The same split on the device: gather + normalise inside jit
+    # (vptpc.data.device), as train.Runner runs it.
+    from vptpc.data import device as device_data
+
+    dsplit = device_data.place(split)
+    plan = device_data.epoch_plan(dsplit, batch_size=batch, seed=0, epoch=0)
+
+    def gather_all(arr, p, size=size):
+      # Each batch reduced to a scalar so that nothing but the gather runs.
+      return jax.lax.map(
+        lambda r: device_data.gather(
+          arr, r, normalization="imagenet", image_size=size
+        )["image"].sum(),
+        p,
+      )
+
+    gather = jax.jit(gather_all)
+    s = median_seconds(
+      lambda g=gather, d=dsplit, p=plan: jax.block_until_ready(g(d.arrays, p)),
+      1,
+      3,
+    )
+    rows.append(
+      dict(
+        model=name,
+        batch=batch,
+        dtype="uint8->float32",
+        prompts="",
+        path="",
+        what="input pipeline (cached 1k)",
+        mode="device",
+        img_s=round(int(plan["mask"].sum()) / s, 1),
+        gflops_naive="",
+        gflops_actual="",
+        achieved_gflop_s="",
+        pct_peak="",
+        device=device,
       )
     )
   torch_rows = []

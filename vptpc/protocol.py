@@ -28,6 +28,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -64,7 +65,7 @@ def tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   from vptpc import train
 
   p = config.protocol
-  rows = []
+  rows, chunks = [], []
   if p.get("vmap", False):
     from vptpc import sweep
 
@@ -72,6 +73,8 @@ def tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     c.data.train_split, c.data.eval_split = p.tune_splits
     members = [(float(lr), float(wd)) for lr in p.lrs for wd in p.wds]
     for r in sweep.train_grid_chunked(c, members, p.get("vmap_chunk", 0)):
+      if not any(t is r["timing"] for t in chunks):
+        chunks.append(r["timing"])
       rows.append(
         {
           "base_lr": r["base_lr"],
@@ -109,6 +112,10 @@ def tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     "best": best,
     "grid": rows,
   }
+  if chunks:
+    out["chunks"] = chunks  # wall time of each vmapped job
+  # A vmapped grid writes no run directories, so the workdir may not exist.
+  os.makedirs(workdir, exist_ok=True)
   train._write_json(os.path.join(workdir, "tune.json"), out)
   with open(os.path.join(workdir, "tune.csv"), "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=["base_lr", "weight_decay", "val"])
@@ -150,9 +157,18 @@ def final(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     c.data.train_split, c.data.eval_split = p.final_splits
     c.protocol.mode = "single"
     run = os.path.join(workdir, "final", f"seed{seed}")
+    t0 = time.perf_counter()
     res = _run(c, run)
     accs.append(_accuracy(res))
-    runs.append({"seed": int(seed), "test": accs[-1], "workdir": run})
+    runs.append(
+      {
+        "seed": int(seed),
+        "test": accs[-1],
+        "workdir": run,
+        "wall_s": round(time.perf_counter() - t0, 2),
+        "train_img_per_s": res.get("train_img_per_s"),
+      }
+    )
   out = {
     "task": config.data.get("task", "") or config.data.name,
     "benchmark_name": config.data.name,

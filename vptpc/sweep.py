@@ -20,6 +20,7 @@ an interrupted grid restarts.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -136,7 +137,9 @@ def train_grid(
   Returns:
     Per member: ``base_lr``, ``weight_decay``, ``eval_accuracy`` (NaN if
     the member diverged), ``eval_loss`` and its final ``trainable`` tree
-    (its head for the checkpoint's backbone, `train.Setup.export_trainable`).
+    (its head for the checkpoint's backbone, `train.Setup.export_trainable`),
+    and the chunk's ``timing`` (training seconds, first epoch with its
+    compile, sustained member-images/s after it).
   """
   s = train.setup(config)
   unit = optim.create_lr_schedule(
@@ -155,16 +158,24 @@ def train_grid(
   )
   opts = [make(lr_scale=lr, weight_decay=wd) for lr, wd in members]
   trainable = jax.device_get(s.state.trainable)
-  states = _stack([train.create_train_state(trainable, o) for o in opts])
+  dev = train._device()
+  states = jax.device_put(
+    _stack([train.create_train_state(trainable, o) for o in opts]), dev
+  )
   progs = _grid_programs(config, s, make(lr_scale=1.0, weight_decay=0.0), unit)
-  frozen = jax.device_put(vit.cast_backbone(s.frozen, s.model.dtype))
+  frozen = jax.device_put(vit.cast_backbone(s.frozen, s.model.dtype), dev)
   # The run key of `train.train_stage`, so dropout matches separate runs.
   rng = jax.random.fold_in(jax.random.key(config.seed), 2)
   # Kept on the device: a host read per step would sync every step.
-  finite = jnp.ones(len(members), bool)
+  finite = jax.device_put(jnp.ones(len(members), bool), dev)
   dtrain = train._device_split(s, s.train, "jit")
   deval = train._device_split(s, s.eval, "jit")
+  t_start = t_first = time.perf_counter()
   for epoch in range(config.total_epochs):
+    if epoch == 1:
+      # The first epoch holds the compile; later ones are the sustained rate.
+      jax.block_until_ready(finite)
+      t_first = time.perf_counter()
     if dtrain is not None:
       plan = device_data.epoch_plan(
         dtrain, batch_size=config.batch_size, seed=config.seed, epoch=epoch
@@ -182,6 +193,22 @@ def train_grid(
     ):
       states, metrics = progs["step"](states, frozen, batch, rng)
       finite &= jnp.isfinite(metrics["train_loss"])
+  jax.block_until_ready(finite)
+  t_end = time.perf_counter()
+  n_img = len(s.train) * len(members)
+  timing = {
+    "members": len(members),
+    "epochs": config.total_epochs,
+    "member_images_per_epoch": n_img,
+    "first_epoch_s": round(t_first - t_start, 3),
+    "train_s": round(t_end - t_start, 3),
+    "data": "device" if dtrain is not None else "host",
+  }
+  if config.total_epochs > 1:
+    timing["sustained_member_img_per_s"] = round(
+      n_img * (config.total_epochs - 1) / (t_end - t_first), 1
+    )
+  logging.info("grid chunk: %s", timing)
   if deval is not None:
     plan = device_data.eval_plan(deval, batch_size=config.eval_batch_size)
     totals = progs["eval_all"](states.trainable, frozen, deval.arrays, plan)
@@ -213,6 +240,7 @@ def train_grid(
         "trainable": s.export_trainable(
           jax.tree_util.tree_map(lambda a, i=i: a[i], host)
         ),
+        "timing": timing,
       }
     )
     logging.info("grid lr=%s wd=%s eval=%.4f", lr, wd, acc)

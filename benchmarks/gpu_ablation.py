@@ -1,0 +1,327 @@
+"""What each fast-path lever buys, and where a train step's time goes.
+
+For ViT-B/16 (224 px, ``--batch``, bf16 compute, ``--prompts`` deep prompts
+on the key/value path) it times the train step (and the eval forward) of
+model variants that differ in one lever at a time:
+
+* ``attention``: XLA's `jax.nn.dot_product_attention` or cuDNN's fused
+  flash kernel (padded to even lengths, `vptpc.models.vit.attention`);
+* ``cast``: the frozen backbone kept in bf16 (`vit.cast_backbone`) or cast
+  from float32 inside every step;
+* ``fuse``: one fused query/key/value matmul (``model.fuse_qkv``).
+
+Each variant's bf16 logits are compared with a float32 XLA forward of the
+same weights (relative L2 error). Then one variant's train step is traced
+with `jax.profiler` and its device time is summed per kernel and per kind
+(matmul, attention, fusion, ...), the GPU counterpart of
+``profile_forward.py``'s table. Rows stream to stdout as JSON; ``--out``
+gets ``ablation.md`` and ``ablation.json``::
+
+  python benchmarks/gpu_ablation.py --out=results/bench_gpu_h200
+  # dry run on a CPU:
+  python benchmarks/gpu_ablation.py --model=testing --image_size=32 \\
+      --batch=4 --variants=xla:0:0,xla:1:1 --out=/tmp/abl
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import tempfile
+import time
+
+from vpt_bench import median_seconds
+
+DEFAULT_VARIANTS = "xla:0:0,cudnn:0:0,cudnn:1:0,cudnn:1:1,xla:1:1"
+
+
+def kind_of(name: str) -> str:
+  """A kernel's kind, from its (CUDA or HLO) name."""
+  n = name.lower()
+  if any(k in n for k in ("flash", "fmha", "cudnn", "fprop", "dgrad")):
+    return "attention (cuDNN)"
+  if any(k in n for k in ("gemm", "cublas", "cutlass", "xmma", "nvjet", "dot")):
+    return "matmul"
+  if "conv" in n:
+    return "convolution"
+  if any(k in n for k in ("reduce", "fusion", "loop", "input_", "transpose")):
+    return "fusion / elementwise"
+  if "memcpy" in n or "memset" in n or "copy" in n:
+    return "copy"
+  return "other"
+
+
+def kernel_table(trace_dir: str, steps: int) -> tuple[list[dict], float]:
+  """Device kernel time per name from a perfetto trace; (rows, ms/step)."""
+  paths = glob.glob(
+    os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz")
+  )
+  if not paths:
+    return [], 0.0
+  with gzip.open(sorted(paths)[-1]) as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  names, threads = {}, {}
+  for e in events:
+    if e.get("ph") == "M" and e.get("name") == "process_name":
+      names[e["pid"]] = e["args"]["name"]
+    if e.get("ph") == "M" and e.get("name") == "thread_name":
+      threads[(e["pid"], e.get("tid"))] = e["args"]["name"]
+  dev = {p for p, n in names.items() if "/device:" in n and "GPU" in n.upper()}
+  # Kernels live on the "Stream" lines; "XLA Ops"/"XLA Modules" lines
+  # summarise the same time and would count it twice.
+  streams = {
+    k for k, n in threads.items() if k[0] in dev and "stream" in n.lower()
+  }
+  if not streams:
+    streams = {
+      k
+      for k, n in threads.items()
+      if k[0] in dev and not n.lower().startswith("xla")
+    }
+  total = collections.Counter()
+  count = collections.Counter()
+  for e in events:
+    if e.get("ph") != "X" or (e.get("pid"), e.get("tid")) not in streams:
+      continue
+    name = e.get("name", "")
+    total[name] += float(e.get("dur", 0.0))
+    count[name] += 1
+  busy = sum(total.values())
+  rows = [
+    dict(
+      kernel=k[:90],
+      kind=kind_of(k),
+      ms_per_step=round(v / 1e3 / steps, 3),
+      pct=round(100 * v / busy, 1) if busy else 0.0,
+      calls_per_step=round(count[k] / steps, 1),
+    )
+    for k, v in total.most_common()
+  ]
+  return rows, busy / 1e3 / steps
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--out", default="results/ablation")
+  ap.add_argument("--model", default="B/16")
+  ap.add_argument("--image_size", type=int, default=224)
+  ap.add_argument("--batch", type=int, default=128)
+  ap.add_argument("--prompts", type=int, default=100)
+  ap.add_argument("--dtype", default="bfloat16")
+  ap.add_argument(
+    "--variants",
+    default=DEFAULT_VARIANTS,
+    help="attention:cast:fuse triples, comma-separated",
+  )
+  ap.add_argument("--eval_variants", default="0,3", help="variant indices")
+  ap.add_argument("--profile", type=int, default=3, help="variant to trace")
+  ap.add_argument("--iters", type=int, default=10)
+  ap.add_argument("--budget_s", type=float, default=240.0)
+  a = ap.parse_args()
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from table import print_rows
+
+  from vptpc import optim, train
+  from vptpc import prompts as pr
+  from vptpc.models import vit
+
+  t_start = time.perf_counter()
+  dev = jax.devices()[0]
+  device = f"{dev.platform}:{dev.device_kind}"
+  dtype = jnp.dtype(a.dtype)
+  cfg = vit.get_model_config(a.model, num_classes=100)
+  base = vit.create_model(cfg)
+  params = vit.init_params(base, jax.random.key(0), a.image_size)
+  frozen, head = vit.split_head(jax.device_get(params))
+  prompts = pr.init_prompts(
+    jax.random.key(1),
+    num_prompts=a.prompts,
+    hidden_size=cfg.hidden_size,
+    patch_size=cfg.patch_size,
+    num_layers=cfg.num_layers,
+  )
+  rng = np.random.default_rng(0)
+  b, size = a.batch, a.image_size
+  data = jax.device_put(
+    {
+      "image": rng.normal(size=(b, size, size, 3)).astype(np.float32),
+      "label": rng.integers(0, 100, b).astype(np.int32),
+      "mask": np.ones(b, bool),
+    },
+    dev,
+  )
+  sched = optim.create_lr_schedule(
+    base_lr=0.1,
+    batch_size=b,
+    steps_per_epoch=1,
+    total_epochs=100,
+    warmup_epochs=0,
+  )
+  opt = optim.create_optimizer(sched, weight_decay=1e-4)
+  x32 = data["image"][: min(b, 32)]
+  ref_model = vit.create_model(cfg, kv_only=True, attention_impl="xla")
+  with jax.default_matmul_precision("highest"):  # no TF32 in the reference
+    ref = jax.jit(ref_model.apply)({"params": params}, x32, prompts)
+  ref = np.asarray(ref, np.float64)
+  rows, steps_fns = [], {}
+  variants = [v.split(":") for v in a.variants.split(",")]
+  eval_idx = {int(i) for i in a.eval_variants.split(",") if i}
+  for i, (attn, cast, fuse) in enumerate(variants):
+    if time.perf_counter() - t_start > a.budget_s:
+      print(f"budget reached; skipping variants from {i}", flush=True)
+      break
+    name = f"attention={attn} cast={cast} fuse_qkv={fuse}"
+    try:
+      model = vit.create_model(
+        cfg,
+        dtype=dtype,
+        kv_only=True,
+        attention_impl=attn,
+        fuse_qkv=fuse == "1",
+      )
+      fz = vit.cast_backbone(frozen, dtype) if cast == "1" else frozen
+      fz = jax.device_put(fz, dev)
+      logits = jax.jit(model.apply)(
+        {"params": vit.merge_head(fz, head)}, x32, prompts
+      )
+      err = float(
+        np.linalg.norm(np.asarray(logits, np.float64) - ref)
+        / np.linalg.norm(ref)
+      )
+      step = jax.jit(
+        train.make_train_step(model, opt, sched), donate_argnums=(0,)
+      )
+      # Host copies: the step donates the state's buffers.
+      state = jax.device_put(
+        jax.device_get(
+          train.create_train_state({"prompts": prompts, "head": head}, opt)
+        ),
+        dev,
+      )
+      box = [state]
+      key = jax.random.key(0)
+
+      def once(step=step, fz=fz, box=box, key=key):
+        box[0], m = step(box[0], fz, data, key)
+        jax.block_until_ready(m)
+
+      t = time.perf_counter()
+      once()
+      compile_s = time.perf_counter() - t
+      s = median_seconds(once, 2, a.iters)
+      row = dict(
+        variant=i,
+        name=name,
+        prompts=a.prompts,
+        what="train",
+        img_s=round(b / s, 1),
+        logits_rel_err=f"{err:.1e}",
+        first_call_s=round(compile_s, 1),
+        device=device,
+      )
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+      steps_fns[i] = (once, name)
+      if i in eval_idx:
+        for n_p in sorted({0, a.prompts}):
+          p = prompts if n_p else None
+          fwd = jax.jit(
+            lambda fz, x, p, m=model: m.apply(
+              {"params": vit.merge_head(fz, head)}, x, p
+            )
+          )
+          s = median_seconds(
+            lambda f=fwd, fz=fz, p=p: jax.block_until_ready(
+              f(fz, data["image"], p)
+            ),
+            2,
+            a.iters,
+          )
+          row = dict(
+            variant=i,
+            name=name,
+            prompts=n_p,
+            what="eval",
+            img_s=round(b / s, 1),
+            logits_rel_err="",
+            first_call_s="",
+            device=device,
+          )
+          rows.append(row)
+          print(json.dumps(row), flush=True)
+    except Exception as e:  # noqa: BLE001 - a failed variant is a result
+      row = dict(variant=i, name=name, what="error", error=str(e)[:300])
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+  prof_rows, ms = [], 0.0
+  if a.profile in steps_fns:
+    once, name = steps_fns[a.profile]
+    n = 3
+    with tempfile.TemporaryDirectory() as d:
+      try:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+          for _ in range(n):
+            once()
+        prof_rows, ms = kernel_table(d, n)
+      except Exception as e:  # noqa: BLE001
+        print(f"profile failed: {e}", flush=True)
+  os.makedirs(a.out, exist_ok=True)
+  by_kind = collections.Counter()
+  for r in prof_rows:
+    by_kind[r["kind"]] += r["ms_per_step"]
+  kinds = [
+    dict(kind=k, ms_per_step=round(v, 3), pct=round(100 * v / ms, 1))
+    for k, v in by_kind.most_common()
+  ]
+  with open(os.path.join(a.out, "ablation.json"), "w") as f:
+    json.dump({"rows": rows, "profile": prof_rows, "kinds": kinds}, f, indent=1)
+  import contextlib
+  import io
+
+  buf = io.StringIO()
+  with contextlib.redirect_stdout(buf):
+    print(
+      f"Device: {device}; {a.model} {size} px, batch {b}, {a.dtype}, "
+      f"key/value path. jax {jax.__version__}.\n"
+    )
+    print_rows(
+      [
+        {
+          k: r.get(k, "")
+          for k in (
+            "variant",
+            "name",
+            "prompts",
+            "what",
+            "img_s",
+            "logits_rel_err",
+            "first_call_s",
+            "error",
+          )
+        }
+        for r in rows
+      ]
+    )
+    if prof_rows:
+      print(
+        f"\nTrain step of variant {a.profile} ({steps_fns[a.profile][1]}), "
+        f"traced: {ms:.2f} ms of kernels per step.\n"
+      )
+      print_rows(kinds)
+      print()
+      print_rows(prof_rows[:20])
+  with open(os.path.join(a.out, "ablation.md"), "w") as f:
+    f.write(buf.getvalue())
+  print(buf.getvalue())
+
+
+if __name__ == "__main__":
+  main()

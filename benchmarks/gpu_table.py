@@ -1,0 +1,137 @@
+"""The accelerator table: vptpc beside the PyTorch peer, from one run's files.
+
+Reads what ``benchmarks/device_check.sh`` wrote into one folder (the peer's
+JSON lines, ``vpt_bench.py``'s ``bench.json``, ``gpu_ablation.py``'s
+``ablation.json`` and ``e2e_bench.py``'s ``e2e.json``) and prints one
+Markdown table of images/s with the ratios the project's goals are stated
+in::
+
+  python benchmarks/gpu_table.py /tmp/vdc > table.md
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def _jsonl(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  out = []
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if line.startswith("{"):
+        try:
+          out.append(json.loads(line))
+        except json.JSONDecodeError:
+          pass
+  return out
+
+
+def _json(path: str):
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def main(folder: str, spec_tflops: float = 989.0) -> str:
+  """The Markdown table for the run in ``folder``."""
+  peer = {}
+  for name in ("peer_eager.jsonl", "peer_compile.jsonl"):
+    for r in _jsonl(os.path.join(folder, name)):
+      key = (r["impl"], r["prompts"], r["path"], r["what"])
+      peer[key] = r["img_s"]
+  bench = _json(os.path.join(folder, "bench", "bench.json")) or {"rows": []}
+  ours = {}
+  device = ""
+  for r in bench["rows"]:
+    if r.get("model") == "B/16" and r.get("mode") == "jit":
+      ours[(r["prompts"], r["path"], r["what"])] = r
+      device = r.get("device", device)
+  lines = []
+
+  def cell(v):
+    return f"{v:,.0f}" if isinstance(v, (int, float)) else "–"
+
+  def ratio(a, b):
+    return f"{a / b:.2f}×" if a and b else "–"
+
+  lines.append(
+    f"Device: {device}. ViT-B/16, 224 px, batch 128, bf16 compute, random "
+    "weights; images/s (median of timed steps). vptpc: "
+    "`benchmarks/vpt_bench.py`; PyTorch: `torch_peer.py` (bf16 autocast, "
+    "SDPA), eager and `torch.compile`, run in the same call.\n"
+  )
+  lines.append(
+    "| images/s | vptpc kv | vptpc full | torch eager kv | torch.compile kv "
+    "| torch.compile full | vptpc kv / compile kv | vptpc kv / compile full |"
+  )
+  lines.append("|---|---|---|---|---|---|---|---|")
+  for label, n_p, what in (
+    ("eval, 100 prompts", 100, "eval"),
+    ("train step, 100 prompts", 100, "train"),
+    ("eval, 0 prompts", 0, "eval"),
+    ("train step, 0 prompts", 0, "train"),
+  ):
+    kv = ours.get((n_p, "kv" if n_p else "none", what), {}).get("img_s")
+    full = ours.get((n_p, "full", what), {}).get("img_s") if n_p else None
+    e_kv = peer.get(("torch-peer", n_p, "kv" if n_p else "full", what))
+    c_kv = peer.get(("torch-peer+compile", n_p, "kv" if n_p else "full", what))
+    c_full = peer.get(("torch-peer+compile", n_p, "full", what))
+    lines.append(
+      f"| {label} | {cell(kv)} | {cell(full)} | {cell(e_kv)} | {cell(c_kv)} "
+      f"| {cell(c_full)} | {ratio(kv, c_kv)} | {ratio(kv, c_full)} |"
+    )
+  e0 = ours.get((0, "none", "eval"))
+  if e0:
+    pct = 100 * 2 * e0["gflops_actual"] * e0["img_s"] / (spec_tflops * 1e3)
+    lines.append(
+      f"\nEval without prompts: {e0['achieved_gflop_s'] / 1e3:.0f} TFLOP/s, "
+      f"{pct:.1f}% of the {spec_tflops:g} TFLOP/s bf16 datasheet peak "
+      f"({e0['pct_peak']}% of the {bench.get('peak_matmul_gflop_s', 0) / 1e3:.0f}"
+      " TFLOP/s the run's 8192² matmul reached)."
+    )
+  abl = _json(os.path.join(folder, "ablation", "ablation.json"))
+  if abl:
+    lines.append("\nLevers, one at a time (train step, 100 prompts, kv):\n")
+    lines.append("| variant | train img/s | logits rel. err vs fp32 |")
+    lines.append("|---|---|---|")
+    for r in abl["rows"]:
+      if r.get("what") == "train":
+        lines.append(
+          f"| {r['name']} | {cell(r['img_s'])} | {r['logits_rel_err']} |"
+        )
+      elif r.get("what") == "error":
+        lines.append(f"| {r['name']} | failed: {r['error'][:80]} | |")
+  e2e = _json(os.path.join(folder, "e2e", "e2e.json"))
+  if e2e:
+    fi, tu = e2e.get("final", {}), e2e.get("tune", {})
+    lines.append(
+      f"\nEnd to end (`python -m vptpc.main`, {e2e['task']}-shaped folder "
+      f"task, {e2e['prompts']} prompts): final runs sustain "
+      f"{cell(fi.get('sustained_img_per_s'))} img/s"
+      + (
+        f" ({100 * fi['fraction_of_step_rate']:.0f}% of the isolated step's "
+        f"{cell(e2e['step_img_s'])})"
+        if fi.get("fraction_of_step_rate")
+        else ""
+      )
+      + f"; the vmapped grid {cell(tu.get('sustained_member_img_per_s'))} "
+      "member-img/s."
+    )
+    p = e2e.get("projection")
+    if p:
+      lines.append(
+        f"Projected VPT protocol: {p['task_min']} min per task "
+        f"(tune {p['tune_min']} + final {p['final_min']}), "
+        f"{p['vtab19_h']} h for the 19 VTAB-1k tasks."
+      )
+  return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+  print(main(sys.argv[1]))
