@@ -53,7 +53,7 @@ if [ "${DRY:-0}" = 1 ]; then
 else
   model="--batch=128 --matmul_n=8192 --spec_tflops=989 --dtype=bfloat16"
   abl="--batch=128 --prompts=100 --iters=10"
-  abl_variants="xla:0:0,cudnn:1:0,cudnn:1:1,xla:1:1"
+  abl_variants=${ABL_VARIANTS:-"xla:0:0,cudnn:1:1,cudnn:1:0,xla:1:1"}
   e2e="--tune_epochs=3 --final_epochs=5 --vmap_chunk=8"
   prompts=0,10,100
   full_at=100
@@ -61,13 +61,15 @@ fi
 stamp() { echo "== $(date +%T) $*"; }
 
 if [[ $stages == *peer* && $peer != none ]]; then
-  stamp "peer eager"
-  timeout "${PEER_S:-60}" python3 "$peer" --batch 128 --prompts 0,100 \
-    --paths kv --steps 10 --warmup 3 | tee "$work/peer_eager.jsonl"
+  if [[ $stages != *peer_compile_only* ]]; then
+    stamp "peer eager"
+    timeout "${PEER_S:-60}" python3 "$peer" --batch 128 --prompts 0,100 \
+      --paths kv --steps 10 --warmup 3 | tee "$work/peer_eager.jsonl"
+  fi
   stamp "peer compile"
-  timeout "${PEERC_S:-200}" python3 "$peer" --batch 128 --prompts 0,100 \
-    --paths full,kv --steps 10 --warmup 3 --compile \
-    | tee "$work/peer_compile.jsonl"
+  timeout "${PEERC_S:-200}" python3 "$peer" --batch 128 \
+    --prompts "${PEERC_PROMPTS:-0,100}" --paths "${PEERC_PATHS:-full,kv}" \
+    --steps 10 --warmup 3 --compile | tee "$work/peer_compile.jsonl"
 fi
 
 # A persistent compile cache shared by the ablation and the bench: the same
@@ -79,8 +81,9 @@ if [[ $stages == *ablation* ]]; then
   stamp "ablation"
   # shellcheck disable=SC2086
   (cd benchmarks && timeout "${ABL_S:-150}" python3 gpu_ablation.py \
-    --out="$work/ablation" --variants="$abl_variants" --eval_variants=0 \
-    --profile=2 --budget_s="${ABL_BUDGET_S:-110}" $abl)
+    --out="$work/ablation" --variants="$abl_variants" \
+    --eval_variants="${ABL_EVAL:-0,1}" --profile="${ABL_PROFILE:-1}" \
+    --budget_s="${ABL_BUDGET_S:-110}" $abl)
   best=$(python3 - "$work/ablation/ablation.json" <<'PY'
 import json, sys
 try:

@@ -1,0 +1,362 @@
+"""Every fast path computes what the plain path computes.
+
+The model's levers (cuDNN attention's padding, fused QKV, the bf16-resident
+backbone), the on-device data path (same batches, same order, same crops;
+same final prompts), the scanned epoch, and the per-process caches that let
+seeds and grid chunks share reads and compiles.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import IMAGE_SIZE, TINY
+from PIL import Image
+from test_train import tiny_config
+
+from vptpc import checkpoint, sweep, train
+from vptpc import prompts as pr
+from vptpc.data import device as device_data
+from vptpc.data import pipeline
+from vptpc.models import vit
+
+
+def _prompts(n=3, layers=3, width=32):
+  return pr.init_prompts(
+    jax.random.key(1),
+    num_prompts=n,
+    hidden_size=width,
+    patch_size=8,
+    num_layers=layers,
+  )
+
+
+def _images(b=4):
+  return jax.random.normal(jax.random.key(2), (b, IMAGE_SIZE, IMAGE_SIZE, 3))
+
+
+# ----------------------------------------------------------------- model
+
+
+@pytest.mark.parametrize("kv_only", [True, False])
+def test_fused_qkv_equals_three_projections(tiny_params, kv_only):
+  plain = vit.VisionTransformer(**TINY, num_classes=5, kv_only=kv_only)
+  fused = vit.VisionTransformer(
+    **TINY, num_classes=5, kv_only=kv_only, fuse_qkv=True
+  )
+  p, x = _prompts(), _images()
+  a = plain.apply({"params": tiny_params}, x, p)
+  b = fused.apply({"params": tiny_params}, x, p)
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+  def grads(model):
+    return jax.grad(lambda q: model.apply({"params": tiny_params}, x, q).sum())(
+      p
+    )
+
+  ga, gb = grads(plain), grads(fused)
+  for k in ga:
+    np.testing.assert_allclose(ga[k], gb[k], rtol=1e-4, atol=1e-5)
+  # Same parameter tree: checkpoints load either way.
+  init = jax.eval_shape(
+    fused.init, jax.random.key(0), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3))
+  )["params"]
+  assert jax.tree.structure(init) == jax.tree.structure(tiny_params)
+
+
+def test_bf16_resident_backbone_is_bit_identical(tiny_params):
+  model = vit.VisionTransformer(
+    **TINY, num_classes=5, kv_only=True, dtype=jnp.bfloat16
+  )
+  frozen, head = vit.split_head(tiny_params)
+  cast = vit.cast_backbone(frozen, jnp.bfloat16)
+  p, x = _prompts(), _images()
+  a = model.apply({"params": tiny_params}, x, p)
+  b = model.apply({"params": vit.merge_head(cast, head)}, x, p)
+  np.testing.assert_array_equal(a, b)
+  enc = cast["Transformer"]
+  # LayerNorms stay float32 (applied in float32); matmul weights are bf16.
+  assert enc["encoder_norm"]["scale"].dtype == jnp.float32
+  assert enc["encoderblock_0"]["LayerNorm_0"]["scale"].dtype == jnp.float32
+  mlp = enc["encoderblock_0"]["MlpBlock_3"]["Dense_0"]["kernel"]
+  assert mlp.dtype == jnp.bfloat16
+  assert vit.cast_backbone(frozen, jnp.float32) == frozen
+
+
+def test_cudnn_padding_and_lengths_give_exact_attention(monkeypatch):
+  # cuDNN exists only on NVIDIA GPUs; the padding and length masking around
+  # it are checked here through XLA's implementation of the same call.
+  real = jax.nn.dot_product_attention
+  seen = {}
+
+  def xla_instead(q, k, v, **kw):
+    seen.update(kw, shapes=(q.shape, k.shape))
+    kw["implementation"] = "xla"
+    return real(q, k, v, **kw)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", xla_instead)
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(2, 5, 2, 8)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(2, 11, 2, 8)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(2, 11, 2, 8)), jnp.float32)
+  want = vit.attention(q, k, v, implementation="matmul")
+  got = vit.attention(q, k, v, implementation="cudnn")
+  assert seen["shapes"] == ((2, 8, 2, 8), (2, 16, 2, 8))  # padded to 8
+  np.testing.assert_array_equal(seen["query_seq_lengths"], [5, 5])
+  np.testing.assert_array_equal(seen["key_value_seq_lengths"], [11, 11])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+  def loss(impl):
+    return lambda q, k, v: (
+      vit.attention(q, k, v, implementation=impl) ** 2
+    ).sum()
+
+  ga = jax.grad(loss("matmul"), argnums=(0, 1, 2))(q, k, v)
+  gb = jax.grad(loss("cudnn"), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(ga, gb, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "backend,nvidia,dtype,want",
+  [
+    ("cpu", False, jnp.bfloat16, "matmul"),
+    ("gpu", True, jnp.bfloat16, "cudnn"),
+    ("gpu", True, jnp.float16, "cudnn"),
+    ("gpu", True, jnp.float32, "xla"),  # cuDNN has no float32 kernel
+    ("gpu", False, jnp.bfloat16, "xla"),  # ROCm
+    ("tpu", False, jnp.bfloat16, "xla"),  # never a GPU-only kernel
+  ],
+)
+def test_attention_default_per_backend(
+  monkeypatch, backend, nvidia, dtype, want
+):
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  monkeypatch.setattr(vit, "_is_nvidia", lambda: nvidia)
+  assert vit.resolve_attention_impl(None, dtype) == want
+  assert vit.resolve_attention_impl("", dtype) == want
+  assert vit.resolve_attention_impl("xla", dtype) == "xla"
+
+
+def test_unknown_attention_impl_is_named():
+  with pytest.raises(ValueError, match="'flash'"):
+    vit.resolve_attention_impl("flash", jnp.float32)
+
+
+# ------------------------------------------------------------------ data
+
+
+def _fgvc_folder(tmp_path, n=7):
+  root = tmp_path / "fgvc"
+  (root / "images").mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  lines = []
+  for i in range(n):
+    # Different shapes: the device copy pads them to the largest.
+    h, w = 20 + 3 * (i % 3), 30 - 2 * (i % 2)
+    arr = rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(root / f"images/{i}.png")
+    lines.append(f"images/{i}.png {i % 3}")
+  (root / "train.txt").write_text("\n".join(lines) + "\n")
+  return root
+
+
+@pytest.mark.parametrize("preprocess", ["vtab", "fgvc"])
+def test_device_batches_equal_host_batches(tmp_path, preprocess):
+  root = _fgvc_folder(tmp_path)
+  split = pipeline.load_split(
+    "x",
+    "train",
+    image_size=16,
+    source="folder",
+    folder=str(root),
+    preprocess=preprocess,
+    train=True,
+  )
+  assert split.crop == (preprocess == "fgvc")
+  placed = device_data.place(split)
+  gather = jax.jit(
+    lambda arr, row: device_data.gather(
+      arr, row, normalization="imagenet", image_size=16
+    )
+  )
+  for epoch in (0, 3):
+    host = list(
+      pipeline.train_batches(
+        split, batch_size=3, seed=5, epoch=epoch, normalization="imagenet"
+      )
+    )
+    plan = device_data.epoch_plan(placed, batch_size=3, seed=5, epoch=epoch)
+    assert plan["index"].shape == (3, 3)  # 7 images: 3 + 3 + 1 padded
+    for s, h in enumerate(host):
+      d = jax.device_get(
+        gather(placed.arrays, jax.tree.map(lambda x, s=s: x[s], plan))
+      )
+      for key in ("image", "label", "mask"):
+        np.testing.assert_array_equal(d[key], h[key])
+  # A plan's slice is the same steps as the whole epoch's.
+  part = device_data.epoch_plan(
+    placed, batch_size=3, seed=5, epoch=3, start_step=1, stop_step=2
+  )
+  full = device_data.epoch_plan(placed, batch_size=3, seed=5, epoch=3)
+  for key in part:
+    np.testing.assert_array_equal(part[key], full[key][1:2])
+
+
+def test_device_eval_plan_equals_eval_batches(tmp_path):
+  root = _fgvc_folder(tmp_path)
+  split = pipeline.load_split(
+    "x", "train", image_size=16, source="folder", folder=str(root)
+  )
+  placed = device_data.place(split)
+  plan = device_data.eval_plan(placed, batch_size=4)
+  for s, h in enumerate(
+    pipeline.eval_batches(split, batch_size=4, normalization="minus1_1")
+  ):
+    row = jax.tree.map(lambda x, s=s: x[s], plan)
+    d = device_data.gather(
+      placed.arrays, row, normalization="minus1_1", image_size=16
+    )
+    np.testing.assert_array_equal(np.asarray(d["image"]), h["image"])
+    np.testing.assert_array_equal(np.asarray(d["mask"]), h["mask"])
+
+
+def test_uncached_split_stays_on_the_host(tmp_path):
+  root = _fgvc_folder(tmp_path)
+  lazy = pipeline.load_split(
+    "x",
+    "train",
+    image_size=16,
+    source="folder",
+    folder=str(root),
+    cache_max_gb=0.0,
+  )
+  assert device_data.nbytes(lazy) == 0
+  with pytest.raises(ValueError, match="decoded per batch"):
+    device_data.place(lazy)
+
+
+def _run(tmp_path, name, data_dir, **over):
+  c = tiny_config("epochs=2,parallel=jit", **{"data.data_dir": data_dir})
+  c.data.train_split = "train[:200]"  # 4 steps of 64, the last padded
+  c.data.eval_split = "test[:100]"
+  c.checkpoint_every_steps = 3
+  for k, v in over.items():
+    node = c
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  res = train.train_stage(c, str(tmp_path / name), quiet=True)
+  prompts, head, _ = pr.load_prompts(res["export"])
+  return res, {"prompts": prompts, "head": head}
+
+
+def _same(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
+
+
+def test_device_data_run_ends_with_the_host_runs_prompts(tmp_path, data_dir):
+  host, p_host = _run(tmp_path, "host", data_dir, **{"data.on_device": "never"})
+  scan, p_scan = _run(tmp_path, "scan", data_dir)
+  step, p_step = _run(tmp_path, "step", data_dir, scan_steps=False)
+  _same(p_host, p_scan)
+  _same(p_host, p_step)
+  assert host["eval_accuracy"] == scan["eval_accuracy"] == step["eval_accuracy"]
+  assert scan["train_img_per_s"] > 0
+
+
+def test_scanned_epochs_resume_mid_epoch(tmp_path, data_dir):
+  c = tiny_config("epochs=2,parallel=jit", **{"data.data_dir": data_dir})
+  c.data.train_split = "train[:200]"
+  c.data.eval_split = "test[:100]"
+  whole = train.train_stage(c, str(tmp_path / "whole"), quiet=True)
+  part = train.train_stage(
+    c, str(tmp_path / "cut"), quiet=True, stop_after_steps=5
+  )
+  assert part == {"stopped_at_step": 5}  # inside the second epoch
+  rest = train.train_stage(c, str(tmp_path / "cut"), quiet=True)
+  assert rest["step"] == whole["step"] == 8
+  a, _, _ = pr.load_prompts(whole["export"])
+  b, _, _ = pr.load_prompts(rest["export"])
+  _same(a, b)
+
+
+def test_grid_on_device_data_equals_grid_on_host_data(data_dir):
+  def cfg(**over):
+    c = tiny_config("epochs=2,num_prompts=2,parallel=jit")
+    c.data.data_dir = data_dir
+    c.data.train_split = "train[:128]"
+    c.data.eval_split = "test[:64]"
+    c.warmup_epochs = 1
+    c.data.on_device = over.get("on_device", "auto")
+    return c
+
+  members = [(1.0, 1e-2), (0.1, 0.0)]
+  dev = sweep.train_grid(cfg(), members)
+  host = sweep.train_grid(cfg(on_device="never"), members)
+  assert dev[0]["timing"]["data"] == "device"
+  assert host[0]["timing"]["data"] == "host"
+  for a, b in zip(dev, host, strict=True):
+    _same(a["trainable"], b["trainable"])
+    assert a["eval_accuracy"] == b["eval_accuracy"]
+
+
+# ---------------------------------------------------------------- caches
+
+
+def test_seeds_share_the_read_the_decode_and_the_compile(
+  tmp_path, data_dir, tiny_params, monkeypatch
+):
+  ckpt = tmp_path / "backbone.npz"
+  checkpoint.save_npz(ckpt, vit.split_head(jax.device_get(tiny_params))[0])
+  reads = []
+  real = checkpoint.load_pretrained
+  monkeypatch.setattr(
+    checkpoint,
+    "load_pretrained",
+    lambda *a, **k: reads.append(a[0]) or real(*a, **k),
+  )
+  runners = []
+  real_runner = train.Runner
+
+  class Spy(real_runner):
+    def __init__(self, *a, **k):
+      super().__init__(*a, **k)
+      runners.append(self)
+
+  monkeypatch.setattr(train, "Runner", Spy)
+  splits = []
+  real_split = pipeline.split_from_config
+  monkeypatch.setattr(
+    pipeline,
+    "split_from_config",
+    lambda *a, **k: splits.append(real_split(*a, **k)) or splits[-1],
+  )
+  for seed in (1, 2):
+    _run(
+      tmp_path,
+      f"seed{seed}",
+      data_dir,
+      seed=seed,
+      **{"model.checkpoint_path": str(ckpt)},
+    )
+  assert len(reads) == 1  # the checkpoint is read once per process
+  assert splits[0] is splits[2] and splits[1] is splits[3]  # decoded once
+  # The compiled steps are the same objects: the second seed compiles none.
+  assert runners[0]._train_steps is runners[1]._train_steps
+  assert runners[0]._eval_all is runners[1]._eval_all
+
+
+def test_program_key_drops_the_seed_not_the_recipe():
+  a, b = tiny_config(), tiny_config()
+  b.seed = a.seed + 1
+  b.data.train_split = "train[:10]"
+  assert train.program_key(a, 13) == train.program_key(b, 13)
+  b.base_lr = a.base_lr * 2
+  assert train.program_key(a, 13) != train.program_key(b, 13)
+  assert train.program_key(a, 13) != train.program_key(a, 14)
+  c = tiny_config()
+  c.model.fuse_qkv = True
+  assert train.program_key(a, 13) != train.program_key(c, 13)
