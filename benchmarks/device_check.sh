@@ -20,7 +20,11 @@
 # /tmp/site first. For a CPU dry run (no peer, tiny model):
 #   DRY=1 bash benchmarks/device_check.sh none
 # STAGES (default "peer ablation bench e2e") picks stages for a rerun;
-# *_S variables bound each stage's seconds.
+# *_S variables bound each stage's seconds. On an H200 (2026-11-27) the
+# whole run needs about 10 minutes (each ViT-B/16 program compiles in
+# 6-20 s; torch.compile's in 11-26 s), more than one 600 s device call:
+# keep the ratios in one call with STAGES="peer bench", then run
+# STAGES="ablation e2e" (results/bench_gpu_h200/README.md).
 set -uo pipefail
 peer=${1:?path to torch_peer.py (or none)}
 shift

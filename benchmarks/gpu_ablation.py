@@ -40,19 +40,33 @@ DEFAULT_VARIANTS = "xla:0:0,cudnn:0:0,cudnn:1:0,cudnn:1:1,xla:1:1"
 
 
 def kind_of(name: str) -> str:
-  """A kernel's kind, from its (CUDA or HLO) name."""
+  """A kernel's kind, from its CUDA or XLA fusion name."""
   n = name.lower()
-  if any(k in n for k in ("flash", "fmha", "cudnn", "fprop", "dgrad")):
+  if any(k in n for k in ("sdpa", "flash", "fmha", "cudnn::fusion")):
     return "attention (cuDNN)"
+  if any(k in n for k in ("implicit_gemm", "convolution", "nhwc")):
+    return "convolution (patch embedding)"
   if any(k in n for k in ("gemm", "cublas", "cutlass", "xmma", "nvjet", "dot")):
     return "matmul"
-  if "conv" in n:
-    return "convolution"
-  if any(k in n for k in ("reduce", "fusion", "loop", "input_", "transpose")):
-    return "fusion / elementwise"
-  if "memcpy" in n or "memset" in n or "copy" in n:
-    return "copy"
-  return "other"
+  if "memcpy" in n or "memset" in n:
+    return "copy / memset"
+  if "transpose" in n:
+    return "transpose"
+  if "pad" in n or "slice" in n:
+    return "pad / slice"
+  return "fusion / elementwise"
+
+
+def kinds_table(prof_rows: list[dict]) -> tuple[list[dict], float]:
+  """Per-kind milliseconds per step and share, from `kernel_table` rows."""
+  by_kind = collections.Counter()
+  for r in prof_rows:
+    by_kind[kind_of(r["kernel"])] += r["ms_per_step"]
+  ms = sum(by_kind.values())
+  return [
+    dict(kind=k, ms_per_step=round(v, 3), pct=round(100 * v / ms, 1))
+    for k, v in by_kind.most_common()
+  ], ms
 
 
 def kernel_table(trace_dir: str, steps: int) -> tuple[list[dict], float]:
@@ -121,10 +135,27 @@ def main():
   ap.add_argument("--eval_variants", default="0,3", help="variant indices")
   ap.add_argument("--profile", type=int, default=3, help="variant to trace")
   ap.add_argument("--iters", type=int, default=10)
+  ap.add_argument("--top", type=int, default=20, help="kernels listed")
   ap.add_argument(
     "--budget_s", type=float, default=240.0, help="no new variant after this"
   )
+  ap.add_argument(
+    "--reclassify",
+    default="",
+    help="print the per-kind table of a saved ablation.json and exit",
+  )
   a = ap.parse_args()
+  if a.reclassify:
+    from table import print_rows
+
+    with open(a.reclassify) as f:
+      prof = json.load(f)["profile"]
+    kinds, ms = kinds_table(prof)
+    print(f"{ms:.2f} ms of kernels per step\n")
+    print_rows(kinds)
+    print()
+    print_rows([dict(r, kind=kind_of(r["kernel"])) for r in prof[: a.top]])
+    return
 
   import jax
   import jax.numpy as jnp
@@ -277,13 +308,7 @@ def main():
       except Exception as e:  # noqa: BLE001
         print(f"profile failed: {e}", flush=True)
   os.makedirs(a.out, exist_ok=True)
-  by_kind = collections.Counter()
-  for r in prof_rows:
-    by_kind[r["kind"]] += r["ms_per_step"]
-  kinds = [
-    dict(kind=k, ms_per_step=round(v, 3), pct=round(100 * v / ms, 1))
-    for k, v in by_kind.most_common()
-  ]
+  kinds, _ = kinds_table(prof_rows)
   with open(os.path.join(a.out, "ablation.json"), "w") as f:
     json.dump({"rows": rows, "profile": prof_rows, "kinds": kinds}, f, indent=1)
   import contextlib
@@ -320,7 +345,7 @@ def main():
       )
       print_rows(kinds)
       print()
-      print_rows(prof_rows[:20])
+      print_rows(prof_rows[: a.top])
   with open(os.path.join(a.out, "ablation.md"), "w") as f:
     f.write(buf.getvalue())
   print(buf.getvalue())
