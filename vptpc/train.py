@@ -1339,7 +1339,9 @@ def _train_loop(
     bar.close()
   jax.block_until_ready(state)
   if clock["after"]:
-    s.train_img_per_s = clock["after"] / (time.perf_counter() - clock["t_first"])
+    s.train_img_per_s = clock["after"] / (
+      time.perf_counter() - clock["t_first"]
+    )
   return state
 
 
