@@ -6,6 +6,9 @@ import os
 
 DEFAULT_BACKBONE = "fractal_vit_ti4.npz"
 DEFAULT_MODEL = "fractal-Ti/4"
+# The prompts' LR as a fraction of the head's on this backbone (measured in
+# `vptpc.data.minivtab`'s recipe; VPT's own recipe uses 1.0).
+PROMPT_LR_SCALE = 0.01
 
 
 def path(name: str = DEFAULT_BACKBONE) -> str:

@@ -24,6 +24,7 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
+from vptpc import assets
 from vptpc.data.toy import encode_png
 
 # VTAB-1k split strings (vtab.md): the first 800 training images, the next
@@ -38,7 +39,7 @@ TRAIN_SIZE = 1000
 TEST_SIZE = 1000
 # Prompts' LR as a fraction of the head's on the embedded backbone
 # (`task_config` gives the measurement behind it).
-PROMPT_LR_SCALE = 0.01
+PROMPT_LR_SCALE = assets.PROMPT_LR_SCALE
 
 
 @dataclasses.dataclass(frozen=True)

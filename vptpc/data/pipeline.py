@@ -45,7 +45,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from vptpc.data import vtab
+from vptpc.data import folder_layout, vtab
 from vptpc.data.vtab import decode_image
 
 # vptpc's own datasets, generated locally (no network) on first use, as
@@ -264,38 +264,34 @@ def resolved_info(name: str, data_dir: str | None = None) -> dict[str, Any]:
 
 
 class FolderSource(Sequence):
-  """The "extracted VTAB-1k" folder layout: images + ``<split>.txt`` files.
+  """A folder dataset: split files or class folders (`folder_layout`).
 
   ``<root>/<split>.txt`` holds one ``relative/path.jpg <int label>`` per
-  line, paths relative to ``root`` (NOAH / SSF layout, vtab.md).
+  line, paths relative to ``root`` (NOAH / SSF layout, vtab.md); without
+  it, ``<root>/<split>/<class>/*.jpg`` class folders are read. A split may
+  carry a slice (``train[:80%]``).
   """
 
   def __init__(self, root: str, split: str):
-    path = os.path.join(root, f"{split}.txt")
     if not os.path.isdir(root):
       raise DataError(
         f"Folder dataset root {root!r} does not exist (expected images/ and "
         f"{split}.txt there; see vptpc.data.vtab for the layout)."
       )
-    if not os.path.exists(path):
+    self.root = root
+    try:
+      items = folder_layout.split_file_items(root, split)
+      if items is None and os.path.isdir(os.path.join(root, "train")):
+        items = folder_layout.class_folder_items(root, split)
+    except folder_layout.LayoutError as e:
+      raise DataError(str(e)) from None
+    if items is None:
+      path = os.path.join(root, f"{folder_layout.parse_split(split)[0]}.txt")
       have = sorted(os.path.basename(f) for f in glob.glob(f"{root}/*.txt"))
       raise DataError(
         f"Split file {path!r} is missing (found: {have or 'no .txt files'})."
       )
-    self.root = root
-    self.items: list[tuple[str, int]] = []
-    with open(path) as f:
-      for n, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        parts = line.rsplit(maxsplit=1)
-        try:
-          self.items.append((parts[0], int(parts[1])))
-        except (IndexError, ValueError):
-          raise DataError(
-            f"{path}:{n}: expected 'relative/path <int label>', got "
-            f"{line.strip()!r}."
-          ) from None
+    self.items: list[tuple[str, int]] = items
 
   def __len__(self) -> int:
     return len(self.items)
@@ -631,7 +627,10 @@ def _split_key(d, which: str, augment: bool) -> str:
     root = d.get("folder", "") or (
       vtab.folder_root(data_dir, d.task) if d.get("task", "") else ""
     )
-    stamp_file = os.path.join(root, f"{split}.txt")
+    base = folder_layout.parse_split(split)[0] if split else split
+    stamp_file = os.path.join(root, f"{base}.txt")
+    if not os.path.exists(stamp_file):
+      stamp_file = os.path.join(root, base)  # class folders
   else:
     where = prepared_dir(d.name, data_dir)
     stamp_file = os.path.join(where or "", "dataset_info.json")
