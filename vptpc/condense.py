@@ -13,8 +13,9 @@ knob with the default documented as an assumption:
    ``dL/dm_{l,j} = sum_d p_{l,j,d} dL/dp_{l,j,d}`` is the first-order Taylor
    estimate of the loss change when prompt (l, j) is zeroed. It is taken
    with the backbone in inference mode and prompt dropout off, per batch,
-   and aggregated over the training set (``abs_of_sum`` default: |mean of
-   the signed per-batch terms|, E2VPT's recipe per layer).
+   and aggregated over the training set (``abs_of_sum`` default: the absolute
+   value of the mean of the signed per-batch terms, E2VPT's recipe per
+   layer).
 2. `select`: global top-k over all (layer, prompt) pairs (default; counts per
    layer become ragged, zero allowed) or the same fraction in every layer;
    ties go to the lower flat index.
@@ -37,8 +38,8 @@ knob with the default documented as an assumption:
      forward/backward passes, far less than fine-tuning.
    * ``merge``: each discarded prompt is folded into the kept prompt of the
      same layer it is most similar to (cosine), as an importance-weighted
-     mean (weights |score|), in the spirit of token merging (Bolya et al.,
-     ToMe, 2023). Closed form and data-free, but only approximate: a
+     mean (weights ``abs(score)``), in the spirit of token merging (Bolya
+     et al., ToMe, 2023). Closed form and data-free, but only approximate: a
      layer's prompts enter attention through LayerNorm and a softmax, so a
      mean of two prompts is not the sum of their contributions. Discarded
      prompts of a layer that keeps none are dropped.
@@ -126,8 +127,8 @@ def importance_scores(
     batches: training batches (``image``, ``label``, ``mask``), one pass.
     score_fn: ``taylor`` (signed ``sum_d p dL/dp``, default), ``taylor_abs``
       (``sum_d |p dL/dp|``), ``grad_norm`` (``||dL/dp||``), ``random``.
-    aggregation: for ``taylor``: ``abs_of_sum`` (|mean over batches|,
-      default) or ``sum_of_abs`` (mean of |per-batch term|). The other score
+    aggregation: for ``taylor``: ``abs_of_sum`` (``abs(mean over batches)``,
+      default) or ``sum_of_abs`` (mean of ``abs(per-batch term)``). The other score
       functions are non-negative per batch and are averaged.
     seed: for ``random``.
 
@@ -273,7 +274,7 @@ def merge(
 
   Per layer: each discarded prompt joins the kept prompt with the highest
   cosine similarity (ties to the lower kept index); each kept prompt becomes
-  the |score|-weighted mean of itself and the prompts that joined it (equal
+  the ``abs(score)``-weighted mean of itself and the prompts that joined it (equal
   weights if all of a group's scores are 0).
 
   Args:

@@ -228,26 +228,26 @@ def base_config() -> ml_collections.ConfigDict:
   # it back into the head. MAE's linear-probe protocol (a BatchNorm without
   # affine before the head); not VPT's, hence "none" by default.
   c.model.prelogit_norm = "none"
-  c.model.prelogit_norm_images = 1000
+  c.model.prelogit_norm_images = 1000  # images the statistics use
 
   c.prompt = ml_collections.ConfigDict()
   c.prompt.variant = "deep"  # deep | shallow
-  c.prompt.num_prompts = 10
+  c.prompt.num_prompts = 10  # per layer (deep) or in all (shallow)
   c.prompt.dropout = 0.0  # Official default 0.0; its demo uses 0.1 (Deep).
   # LR multiplier for prompts vs head; 1.0 is the official recipe.
   c.prompt.lr_scale = 1.0
   # "vpt": VPT's uniform init; "tokens": draws of the frozen ViT's own input
   # tokens per layer on `init_images` training images (SPT-style; not VPT).
   c.prompt.init = "vpt"
-  c.prompt.init_images = 64
+  c.prompt.init_images = 64  # images of the token pools (init=tokens)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "vptpc_toy"  # TFDS name[:version].
   c.data.data_dir = ""  # "" -> $TFDS_DATA_DIR or ~/tensorflow_datasets.
-  c.data.train_split = "train[:800]"
-  c.data.eval_split = "train[800:1000]"
-  c.data.num_classes = 4
-  c.data.image_size = 224
+  c.data.train_split = "train[:800]"  # TFDS split string or file stem
+  c.data.eval_split = "train[800:1000]"  # evaluated after training
+  c.data.num_classes = 4  # head outputs; labels must lie below it
+  c.data.image_size = 224  # model input side (position embedding)
   c.data.normalize = "imagenet"  # imagenet (VPT) | minus1_1 (i21k ckpt).
   # A vptpc.data.vtab key: the task's label rule (e.g. dSprites binning).
   c.data.task = ""
@@ -261,17 +261,17 @@ def base_config() -> ml_collections.ConfigDict:
   # batches are gathered, cropped and normalised there (one process, jit
   # mode; vptpc.data.device); never: batches are built on the host.
   c.data.on_device = "auto"
-  c.data.device_max_gb = 4.0
+  c.data.device_max_gb = 4.0  # largest split placed on the device
 
   c.batch_size = 128  # Global; independent of the device count.
-  c.eval_batch_size = 128
-  c.total_epochs = 100
-  c.warmup_epochs = 10
+  c.eval_batch_size = 128  # global, padded and masked at the end
+  c.total_epochs = 100  # VPT: 100
+  c.warmup_epochs = 10  # linear warmup, then cosine (VPT: 10)
   c.base_lr = 0.25  # lr = base_lr * batch_size / 256 (vpt.md §4).
   c.weight_decay = 1e-4  # Coupled L2, not on the head bias.
-  c.momentum = 0.9
+  c.momentum = 0.9  # SGD momentum (VPT: 0.9)
   c.per_step_schedule = False  # Official: LR stepped once per epoch.
-  c.train_head = True
+  c.train_head = True  # False: prompts only, the head stays as given
 
   # Prompt Condensation (vptpc.condense); keep = 0 switches it off. Every
   # default is an assumption (the paper's method is unverified, pc.md).
@@ -281,8 +281,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.condense.aggregation = "abs_of_sum"  # abs_of_sum | sum_of_abs
   c.condense.scope = "global"  # global | per_layer
   c.condense.reproject = "none"  # none | distill | merge
-  c.condense.distill_steps = 50
-  c.condense.distill_lr = 1e-2
+  c.condense.distill_steps = 50  # Adam steps of reproject=distill
+  c.condense.distill_lr = 1e-2  # Adam LR of reproject=distill
   c.condense.ft_epochs = -1  # -1: same as total_epochs
   c.condense.ft_base_lr = -1.0  # -1: same as base_lr
   c.condense.ft_head = True  # fine-tune the head with the kept prompts
@@ -291,11 +291,11 @@ def base_config() -> ml_collections.ConfigDict:
   # tune = the lr x wd grid on train800 -> val200; final = seeds on
   # train800val200 -> test with the tuned lr/wd.
   c.protocol = ml_collections.ConfigDict()
-  c.protocol.mode = "single"
+  c.protocol.mode = "single"  # single | tune | final
   # tune_vtab.py::get_lrwd_range('prompt'); FGVC drops 0.05.
   c.protocol.lrs = (50.0, 25.0, 10.0, 5.0, 2.5, 1.0, 0.5, 0.25, 0.1, 0.05)
-  c.protocol.wds = (0.01, 0.001, 0.0001, 0.0)
-  c.protocol.seeds = (42, 44, 82, 100, 800)
+  c.protocol.wds = (0.01, 0.001, 0.0001, 0.0)  # tune_vtab.py's WDs
+  c.protocol.seeds = (42, 44, 82, 100, 800)  # VPT's final seeds
   c.protocol.tune_splits = ("train[:800]", "train[800:1000]")  # per task
   c.protocol.final_splits = ("train[:1000]", "test")  # per task
   # final: tune.json to take lr/wd from ("" -> <workdir>/tune.json if it
@@ -304,19 +304,19 @@ def base_config() -> ml_collections.ConfigDict:
   # tune: train the whole grid as one vmapped job (vptpc.sweep): one compile
   # and one pass over the data; vmap_chunk bounds members per job (0 = all).
   c.protocol.vmap = False
-  c.protocol.vmap_chunk = 0
+  c.protocol.vmap_chunk = 0  # members per vmapped job; 0: all
 
   c.parallel = "auto"  # auto | jit | pmap
   # With data on the device, run each epoch's steps as one lax.scan (no
   # host round trip per step); a checkpoint due mid-epoch is then written
   # at the epoch's end. False: one call per step.
   c.scan_steps = True
-  c.log_every_steps = 10
+  c.log_every_steps = 10  # metrics.jsonl / TensorBoard cadence
   c.eval_every_epochs = 0  # 0: evaluate only after the last epoch.
-  c.checkpoint_every_steps = 100
-  c.keep_checkpoints = 3
+  c.checkpoint_every_steps = 100  # Orbax checkpoint cadence
+  c.keep_checkpoints = 3  # newest checkpoints kept
   c.eval_only = False  # Restore the latest checkpoint and evaluate.
-  c.progress_bar = True
+  c.progress_bar = True  # tqdm bar while training
   return c
 
 
