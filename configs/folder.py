@@ -103,15 +103,5 @@ def get_config(arg=None):
     c.prompt.lr_scale = assets.PROMPT_LR_SCALE
     c.warmup_epochs = min(2, a.epochs - 1)
   if a.smoke:
-    c.model.name = "tiny32"
-    c.model.checkpoint_path = ""
-    c.data.image_size = 32
-    c.prompt.num_prompts = min(c.prompt.num_prompts, 2)
-    c.batch_size = c.eval_batch_size = 8
-    c.total_epochs, c.warmup_epochs = 1, 0
-    c.protocol.lrs = (1.0, 0.1)
-    c.protocol.wds = (0.0,)
-    c.protocol.seeds = (42, 44)
-    c.log_every_steps = 1
-    c.progress_bar = False
+    config_util.shrink_for_smoke(c)
   return c

@@ -320,6 +320,26 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def shrink_for_smoke(c: ml_collections.ConfigDict) -> None:
+  """Shrinks a protocol config to seconds, in place (``smoke`` arguments).
+
+  A random-init 32-px ``tiny32`` backbone, at most 2 prompts, batches of
+  8, one epoch, two grid points and two seeds: the whole protocol's
+  plumbing for tests, not a result.
+  """
+  c.model.name = "tiny32"
+  c.model.checkpoint_path = ""
+  c.data.image_size = 32
+  c.prompt.num_prompts = min(c.prompt.num_prompts, 2)
+  c.batch_size = c.eval_batch_size = 8
+  c.total_epochs, c.warmup_epochs = 1, 0
+  c.protocol.lrs = (1.0, 0.1)
+  c.protocol.wds = (0.0,)
+  c.protocol.seeds = (42, 44)
+  c.log_every_steps = 1
+  c.progress_bar = False
+
+
 _CHOICES = {
   "prompt.variant": ("deep", "shallow"),
   "prompt.init": ("vpt", "tokens"),
