@@ -1,804 +1,92 @@
-"""Prompt tuning end to end: state, the pure train step, evaluation, the loop.
+"""Prompt tuning end to end: the run loop, its checkpoints, the PC pipeline.
 
-The trainable state is ``TrainState(step, trainable={"prompts", "head"},
-opt_state)``; the backbone is a separate ``frozen`` tree that gradients never
-touch (gradients are taken with respect to ``trainable`` only), that is placed
-on the devices once and never donated, and that is re-read from its
-checkpoint on every start instead of being saved in the workdir.
+`train_stage` trains one run in a workdir (resumable Orbax checkpoints of
+the trainable state, metrics, the exported ``prompts.npz``);
+`train_and_evaluate` adds Prompt Condensation on top. The pieces live where
+a reader looks for them, and stay importable from here:
 
-`train_step(state, frozen, batch, rng)` is one pure function: under `jax.jit`
-it has no collectives; under `jax.pmap` (``axis_name`` set) it sums the
-masked loss, gradients and counts over devices, so the update equals the
-single-device update for the same global batch.
+* `vptpc.steps`: `TrainState` and the pure `make_train_step` /
+  `make_eval_step`;
+* `vptpc.build`: `setup` (config -> model, backbone, data, state),
+  `load_backbone`, `program_key`, the pre-logit standardisation;
+* `vptpc.runner`: `Runner`, the jitted/pmapped and on-device programs.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
 import time
-from collections.abc import Callable
 from typing import Any
 
-import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 
-from vptpc import checkpoint, config_util, optim, parallel
+from vptpc import parallel
 from vptpc import prompts as prompts_lib
+from vptpc.build import (
+  BACKBONE_CACHE_SIZE,
+  Setup,
+  build_model,
+  head_from_raw,
+  head_to_raw,
+  load_backbone,
+  prelogit_stats,
+  program_key,
+  setup,
+  standardize_prelogits,
+  token_pools,
+)
 from vptpc.data import device as device_data
 from vptpc.data import pipeline
 from vptpc.metric_writer import MetricWriter
 from vptpc.models import vit
-
-# ---------------------------------------------------------------------------
-# State and steps.
-# ---------------------------------------------------------------------------
-
-
-@flax.struct.dataclass
-class TrainState:
-  """What trains and what the optimiser needs; nothing of the backbone."""
-
-  step: jax.Array
-  trainable: dict[str, Any]  # {"prompts": prompt tree, "head": {...}}
-  opt_state: Any
-
-
-def create_train_state(
-  trainable: dict[str, Any], optimizer: optax.GradientTransformation
-) -> TrainState:
-  """Builds the initial state (step 0) for a trainable tree."""
-  return TrainState(
-    step=jnp.zeros((), jnp.int32),
-    trainable=trainable,
-    opt_state=optimizer.init(trainable),
-  )
-
-
-def _l2(tree) -> jax.Array:
-  """Global L2 norm of a pytree."""
-  leaves = jax.tree_util.tree_leaves(tree)
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in leaves))
-
-
-def _masked_loss_and_correct(logits, labels, mask):
-  ce = optax.softmax_cross_entropy_with_integer_labels(
-    logits.astype(jnp.float32), labels
-  )
-  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-  return (ce * mask).sum(), (correct * mask).sum()
-
-
-def make_train_step(
-  model: vit.VisionTransformer,
-  optimizer: optax.GradientTransformation,
-  schedule: optax.Schedule,
-) -> Callable:
-  """Returns the pure ``train_step(state, frozen, batch, rng, axis_name=None)``.
-
-  Args:
-    model: the ViT (prompt dropout comes from its ``prompt_dropout``).
-    optimizer: from `vptpc.optim.create_optimizer`.
-    schedule: the same schedule, to report the LR of each step.
-
-  Returns:
-    A function mapping (state, frozen backbone, batch, rng) to
-    (new state, metrics). Metrics are global: loss and accuracy over the
-    unmasked examples of the whole batch, LR, and gradient/parameter norms.
-  """
-
-  def train_step(state, frozen, batch, rng, axis_name=None):
-    # A fresh dropout key per step (and per device) from one run key.
-    rng = jax.random.fold_in(rng, state.step)
-    if axis_name is not None:
-      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-    mask = batch["mask"].astype(jnp.float32)
-    count = mask.sum()
-    if axis_name is not None:
-      count = jax.lax.psum(count, axis_name)
-    # Divide by the global count so that summing over devices gives the
-    # global mean (a pmean of per-device means would overweight padding).
-    denom = jnp.maximum(count, 1.0)
-
-    def loss_fn(trainable):
-      logits = model.apply(
-        {"params": vit.merge_head(frozen, trainable["head"])},
-        batch["image"],
-        trainable["prompts"],
-        train=True,
-        rngs={"dropout": rng},
-      )
-      loss_sum, correct = _masked_loss_and_correct(logits, batch["label"], mask)
-      return loss_sum / denom, correct
-
-    (loss, correct), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.trainable
-    )
-    if axis_name is not None:
-      loss, correct, grads = jax.lax.psum((loss, correct, grads), axis_name)
-    updates, opt_state = optimizer.update(
-      grads, state.opt_state, state.trainable
-    )
-    trainable = optax.apply_updates(state.trainable, updates)
-    metrics = {
-      "train_loss": loss,
-      "train_accuracy": correct / denom,
-      "lr": schedule(state.step),
-      "l2_grads": _l2(grads),
-      "l2_params": _l2(trainable),
-    }
-    new_state = state.replace(
-      step=state.step + 1, trainable=trainable, opt_state=opt_state
-    )
-    return new_state, metrics
-
-  return train_step
-
-
-def make_eval_step(model: vit.VisionTransformer) -> Callable:
-  """Returns ``eval_step(trainable, frozen, batch, axis_name=None)``.
-
-  It returns sums (loss, correct, count) over unmasked examples, summed over
-  devices under pmap, so every example counts exactly once.
-  """
-
-  def eval_step(trainable, frozen, batch, axis_name=None):
-    logits = model.apply(
-      {"params": vit.merge_head(frozen, trainable["head"])},
-      batch["image"],
-      trainable["prompts"],
-      train=False,
-    )
-    mask = batch["mask"].astype(jnp.float32)
-    loss, correct = _masked_loss_and_correct(logits, batch["label"], mask)
-    sums = {"loss": loss, "correct": correct, "count": mask.sum()}
-    if axis_name is not None:
-      sums = jax.lax.psum(sums, axis_name)
-    return sums
-
-  return eval_step
-
-
-# ---------------------------------------------------------------------------
-# Building a run from a config.
-# ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Setup:
-  """Everything a run needs that is derived from the config."""
-
-  model: vit.VisionTransformer
-  frozen: dict[str, Any]
-  state: TrainState
-  optimizer: optax.GradientTransformation
-  schedule: optax.Schedule
-  train: pipeline.Split
-  eval: pipeline.Split
-  steps_per_epoch: int
-  total_steps: int
-  # The backbone as its checkpoint holds it; `frozen` differs from it only
-  # with ``config.model.prelogit_norm = "standardize"``.
-  checkpoint_backbone: dict[str, Any] | None = None
-  # (mean, std) of the pre-logits folded into `frozen`, or None.
-  prelogit_stats: tuple[np.ndarray, np.ndarray] | None = None
-  # What the compiled steps depend on (`program_key`); runs with equal keys
-  # (the seeds of a final run) share their compiled programs.
-  program_key: str = ""
-  # Where batches come from: "device" (splits placed on the accelerator,
-  # `vptpc.data.device`) or "host"; and whether an epoch is one lax.scan.
-  data_on_device: str = "auto"
-  device_max_gb: float = 4.0
-  scan_steps: bool = True
-  normalization: str = "imagenet"
-  # Training images/s after the first step or scanned epoch (which holds
-  # the compile), set by the loop.
-  train_img_per_s: float | None = None
-
-  def export_trainable(self, trainable: dict[str, Any]) -> dict[str, Any]:
-    """``trainable`` with its head for `checkpoint_backbone` (raw features).
-
-    What is saved with the prompts: exports work with the checkpoint's
-    backbone whether or not the run standardised the pre-logits.
-    """
-    if self.prelogit_stats is None:
-      return trainable
-    return dict(
-      trainable, head=head_to_raw(trainable["head"], *self.prelogit_stats)
-    )
-
-
-def build_model(config: ml_collections.ConfigDict) -> vit.VisionTransformer:
-  """Creates the ViT described by ``config.model`` / ``config.prompt``."""
-  return vit.create_model(
-    config.model.name,
-    num_classes=config.data.num_classes,
-    kv_only=config.model.kv_only,
-    kv_shared=config.model.get("kv_shared", True),
-    prompt_dropout=config.prompt.dropout,
-    dtype=jnp.dtype(config.model.dtype),
-    attention_impl=config.model.get("attention_impl") or None,
-    fuse_qkv=config.model.get("fuse_qkv", False),
-  )
-
-
-# Config keys that never reach a compiled step: the seed (the rng is an
-# argument), bookkeeping, and where data and weights come from.
-_NOT_IN_PROGRAM = (
-  "seed",
-  "protocol",
-  "condense",
-  "log_every_steps",
-  "eval_every_epochs",
-  "checkpoint_every_steps",
-  "keep_checkpoints",
-  "eval_only",
-  "progress_bar",
-  "parallel",
+from vptpc.runner import (
+  PROGRAM_CACHE_SIZE,
+  Runner,
+  _device,
+  _device_split,
+  _rows,
+  make_device_eval,
+  make_device_steps,
+)
+from vptpc.steps import (
+  TrainState,
+  create_train_state,
+  make_eval_step,
+  make_train_step,
 )
 
-
-def program_key(config: ml_collections.ConfigDict, steps_per_epoch: int) -> str:
-  """What the jitted train and eval steps of a run are a function of.
-
-  The whole config except `_NOT_IN_PROGRAM`, the checkpoint path and the
-  data's location and split names, plus the steps per epoch (the LR
-  schedule's unit). Shapes (prompt counts, batch) are not in it: jit
-  specialises on them by itself.
-  """
-  d = config.to_dict()
-  for k in _NOT_IN_PROGRAM:
-    d.pop(k, None)
-  d["model"] = {
-    k: v
-    for k, v in d["model"].items()
-    if k not in ("checkpoint_path", "init_seed", "prelogit_norm_images")
-  }
-  d["data"] = {
-    k: d["data"].get(k) for k in ("normalize", "image_size", "num_classes")
-  }
-  return json.dumps([d, steps_per_epoch], sort_keys=True, default=str)
-
-
-# Checkpoints read in this process, newest last (`load_backbone`): the seeds
-# of a final run and the chunks of a grid share one read.
-_BACKBONES: dict[str, dict[str, Any]] = {}
-BACKBONE_CACHE_SIZE = 2
-# Jitted initialisers per (model, image size): one compile per process.
-_INIT_FNS: dict[Any, Callable] = {}
-
-
-def _init_fn(model: vit.VisionTransformer, size: int, part: str) -> Callable:
-  """``rng -> params`` (``part="all"``) or ``rng -> head`` (``"head"``).
-
-  The head comes out of the full ``model.init`` (Flax draws each
-  parameter's key in creation order, so only the full init reproduces it);
-  returning only the head lets XLA drop the rest of the initialisation.
-  """
-  key = (model, size, part)
-  if key not in _INIT_FNS:
-    images = jnp.zeros((1, size, size, 3), jnp.float32)
-
-    def init(rng):
-      params = model.init(rng, images)["params"]
-      return params if part == "all" else params.get("head")
-
-    _INIT_FNS[key] = jax.jit(init)
-  return _INIT_FNS[key]
-
-
-def _read_backbone(path: str, template: dict[str, Any]) -> dict[str, Any]:
-  """`checkpoint.load_pretrained`, cached per process by path and mtime."""
-  st = os.stat(path) if os.path.exists(path) else None
-  shapes = jax.tree_util.tree_map(lambda x: tuple(x.shape), template)
-  key = json.dumps(
-    [
-      os.path.abspath(path),
-      st and (st.st_mtime_ns, st.st_size),
-      jax.tree_util.tree_leaves_with_path(shapes).__repr__(),
-    ]
-  )
-  if key in _BACKBONES:
-    _BACKBONES[key] = _BACKBONES.pop(key)
-    return _BACKBONES[key]
-  t0 = time.perf_counter()
-  backbone = checkpoint.load_pretrained(path, template)
-  logging.info("Read %s in %.1f s.", path, time.perf_counter() - t0)
-  _BACKBONES[key] = backbone
-  while len(_BACKBONES) > BACKBONE_CACHE_SIZE:
-    _BACKBONES.pop(next(iter(_BACKBONES)))
-  return backbone
-
-
-def load_backbone(
-  config: ml_collections.ConfigDict, model: vit.VisionTransformer
-) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Returns (frozen backbone, freshly initialised head).
-
-  The head always comes from ``config.seed``, with VPT's init, or all zeros
-  when ``config.model.head_init`` is ``zeros``; the backbone from
-  ``config.model.checkpoint_path`` (a vit_jax ``.npz``), or, when that is
-  empty, from a random init with ``config.model.init_seed``.
-
-  A checkpoint is read once per process (kept, keyed by its path, size and
-  modification time); its template comes from `jax.eval_shape`, so no
-  initialisation of the backbone is compiled or run for it.
-
-  Raises:
-    ValueError: an unknown ``config.model.head_init`` (named).
-  """
-  size = config.data.image_size
-  rng = jax.random.key(config.seed)
-  head_init = config.model.get("head_init", "vpt")
-  if head_init not in ("vpt", "zeros"):
-    raise ValueError(
-      f"config.model.head_init must be 'vpt' or 'zeros', got {head_init!r}."
-    )
-  t0 = time.perf_counter()
-  head = _init_fn(model, size, "head")(rng)
-  if head_init == "zeros":
-    head = jax.tree.map(jnp.zeros_like, head)
-  if config.model.checkpoint_path:
-    shapes = jax.eval_shape(_init_fn(model, size, "all"), rng)
-    template, _ = vit.split_head(shapes)
-    backbone = _read_backbone(config.model.checkpoint_path, template)
-    logging.info(
-      "Backbone loaded from %s (%.1f s with the head's init).",
-      config.model.checkpoint_path,
-      time.perf_counter() - t0,
-    )
-  else:
-    logging.warning(
-      "config.model.checkpoint_path is empty: the backbone is RANDOM "
-      "(seed %d). Use a pretrained .npz for real runs.",
-      config.model.init_seed,
-    )
-    rand = _init_fn(model, size, "all")(jax.random.key(config.model.init_seed))
-    backbone = vit.split_head(rand)[0]
-  return backbone, head
-
-
-# `setup`'s cache of `prelogit_stats`, keyed by the model and data configs.
-_PRELOGIT_STATS: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-
-
-def prelogit_stats(
-  model: vit.VisionTransformer,
-  params: dict[str, Any],
-  split: pipeline.Split,
-  config: ml_collections.ConfigDict,
-) -> tuple[np.ndarray, np.ndarray]:
-  """Per-feature mean and std of the frozen pre-logits on training images.
-
-  The class-token features after ``encoder_norm``, without prompts, on the
-  first ``config.model.prelogit_norm_images`` images of ``split`` (in
-  order, un-augmented), accumulated in float64. The std is floored at 1e-6
-  so that a constant feature does not divide by zero.
-  """
-  n_max = min(int(config.model.get("prelogit_norm_images", 1000)), len(split))
-  # Params as an argument, not a closure: closed-over arrays would be
-  # embedded in the compiled program as constants (350 MB for ViT-B).
-  fwd = jax.jit(
-    lambda p, x: model.apply({"params": p}, x, None, return_features=True)[1]
-  )
-  total = np.zeros(model.hidden_size)
-  total_sq = np.zeros(model.hidden_size)
-  n = 0
-  for batch in pipeline.eval_batches(
-    split,
-    batch_size=config.eval_batch_size,
-    normalization=config.data.normalize,
-  ):
-    take = min(int(batch["mask"].sum()), n_max - n)
-    if take <= 0:
-      break
-    f = np.asarray(fwd(params, batch["image"]), np.float64)[:take]
-    total += f.sum(0)
-    total_sq += (f * f).sum(0)
-    n += take
-  mean = total / n
-  std = np.sqrt(np.maximum(total_sq / n - mean * mean, 0.0))
-  return mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
-
-
-def standardize_prelogits(
-  backbone: dict[str, Any], mean: np.ndarray, std: np.ndarray
-) -> dict[str, Any]:
-  """Folds ``(features - mean) / std`` into the backbone's ``encoder_norm``.
-
-  LayerNorm ends in ``scale * x_hat + bias``, so dividing both by ``std``
-  and shifting the bias by ``-mean / std`` standardises the pre-logits
-  exactly, with no change to the model code or its shapes.
-  """
-  norm = backbone["Transformer"]["encoder_norm"]
-  new_norm = {
-    "scale": jnp.asarray(norm["scale"] / std, norm["scale"].dtype),
-    "bias": jnp.asarray((norm["bias"] - mean) / std, norm["bias"].dtype),
-  }
-  tr = dict(backbone["Transformer"], encoder_norm=new_norm)
-  return dict(backbone, Transformer=tr)
-
-
-def head_to_raw(
-  head: dict[str, Any], mean: np.ndarray, std: np.ndarray
-) -> dict[str, Any]:
-  """A head on standardised pre-logits as the same map on raw ones.
-
-  ``((f - mean) / std) @ W + b == f @ (W / std) + (b - (mean / std) @ W)``.
-  """
-  w = jnp.asarray(head["kernel"])
-  return {
-    "kernel": w / std[:, None],
-    "bias": jnp.asarray(head["bias"]) - (mean / std) @ w,
-  }
-
-
-def head_from_raw(
-  head: dict[str, Any], mean: np.ndarray, std: np.ndarray
-) -> dict[str, Any]:
-  """The inverse of `head_to_raw`."""
-  w = jnp.asarray(head["kernel"])
-  return {
-    "kernel": w * std[:, None],
-    "bias": jnp.asarray(head["bias"]) + mean @ w,
-  }
-
-
-def token_pools(
-  model: vit.VisionTransformer,
-  params: dict[str, Any],
-  split: pipeline.Split,
-  config: ml_collections.ConfigDict,
-) -> dict[str, jax.Array]:
-  """Each block's input patch tokens on the first training images.
-
-  Returns ``{"encoderblock_i": (N, D), "input": (N, D)}`` with N =
-  ``config.prompt.init_images`` x patches: the pools that
-  `vptpc.prompts.init_prompts_from_tokens` draws prompts from.
-  """
-  batch = next(
-    pipeline.eval_batches(
-      split,
-      batch_size=min(config.prompt.init_images, len(split)),
-      normalization=config.data.normalize,
-    )
-  )
-  n = int(batch["mask"].sum())
-  _, inter = model.apply(
-    {"params": params},
-    jnp.asarray(batch["image"][:n]),
-    None,
-    mutable=["intermediates"],
-  )
-  found = inter["intermediates"]["Transformer"]
-  pools = {
-    f"encoderblock_{i}": found[f"block_input_{i}"][0].reshape(
-      -1, model.hidden_size
-    )
-    for i in range(model.num_layers)
-  }
-  pools["input"] = pools["encoderblock_0"]
-  return pools
-
-
-def setup(
-  config: ml_collections.ConfigDict,
-  init_trainable: dict[str, Any] | None = None,
-) -> Setup:
-  """Builds model, data, backbone, initial state and optimiser.
-
-  Args:
-    config: the run config.
-    init_trainable: start from these ``{"prompts", "head"}`` (e.g. condensed
-      prompts to fine-tune) instead of a fresh init.
-
-  Raises:
-    ValueError: a bad config value (named), missing data or checkpoint.
-  """
-  config_util.validate(config)
-  train_split = pipeline.split_from_config(config, "train")
-  eval_split = pipeline.split_from_config(config, "eval")
-  model = build_model(config)
-  frozen, head = load_backbone(config, model)
-  prompt_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
-  if config.prompt.get("init", "vpt") == "tokens" and init_trainable is None:
-    prompts = prompts_lib.init_prompts_from_tokens(
-      prompt_rng,
-      token_pools(model, vit.merge_head(frozen, head), train_split, config),
-      num_prompts=config.prompt.num_prompts,
-      variant=config.prompt.variant,
-    )
-  else:
-    prompts = prompts_lib.init_prompts(
-      prompt_rng,
-      num_prompts=config.prompt.num_prompts,
-      hidden_size=model.hidden_size,
-      patch_size=model.patch_size,
-      num_layers=model.num_layers,
-      variant=config.prompt.variant,
-    )
-  spe = pipeline.steps_per_epoch(len(train_split), config.batch_size)
-  schedule = optim.create_lr_schedule(
-    base_lr=config.base_lr,
-    batch_size=config.batch_size,
-    steps_per_epoch=spe,
-    total_epochs=config.total_epochs,
-    warmup_epochs=config.warmup_epochs,
-    per_step=config.per_step_schedule,
-  )
-  optimizer = optim.create_optimizer(
-    schedule,
-    weight_decay=config.weight_decay,
-    momentum=config.momentum,
-    prompt_lr_scale=config.prompt.lr_scale,
-    train_head=config.train_head,
-  )
-  trainable = {"prompts": prompts, "head": head}
-  if init_trainable is not None:
-    trainable = jax.tree_util.tree_map(jnp.asarray, dict(init_trainable))
-  checkpoint_backbone, stats = frozen, None
-  if config.model.get("prelogit_norm", "none") == "standardize":
-    # Cached per process: a suite's runs share a task's training images.
-    # The checkpoint's mtime is in the key, so a checkpoint rewritten in
-    # place (a notebook re-running pretraining) is not read stale.
-    ckpt = config.model.checkpoint_path
-    key = json.dumps(
-      [
-        config.model.to_dict(),
-        config.data.to_dict(),
-        config.eval_batch_size,
-        os.stat(ckpt).st_mtime_ns if ckpt and os.path.exists(ckpt) else 0,
-      ],
-      sort_keys=True,
-      default=str,
-    )
-    if key not in _PRELOGIT_STATS:
-      _PRELOGIT_STATS[key] = prelogit_stats(
-        model, vit.merge_head(frozen, head), train_split, config
-      )
-    stats = _PRELOGIT_STATS[key]
-    frozen = standardize_prelogits(frozen, *stats)
-    if init_trainable is not None:
-      # Given heads (e.g. a condensed export) read raw pre-logits.
-      trainable["head"] = head_from_raw(trainable["head"], *stats)
-  state = create_train_state(trainable, optimizer)
-  return Setup(
-    model=model,
-    frozen=frozen,
-    state=state,
-    optimizer=optimizer,
-    schedule=schedule,
-    train=train_split,
-    eval=eval_split,
-    steps_per_epoch=spe,
-    total_steps=spe * config.total_epochs,
-    checkpoint_backbone=checkpoint_backbone,
-    prelogit_stats=stats,
-    program_key=program_key(config, spe),
-    data_on_device=config.data.get("on_device", "auto"),
-    device_max_gb=config.data.get("device_max_gb", 4.0),
-    scan_steps=config.get("scan_steps", True),
-    normalization=config.data.normalize,
-  )
-
-
-# ---------------------------------------------------------------------------
-# Runners: the same steps under jit or pmap.
-# ---------------------------------------------------------------------------
-
-# Compiled programs of this process by (program key, mode), newest last.
-_PROGRAMS: dict[tuple[str, str], dict[str, Callable]] = {}
-PROGRAM_CACHE_SIZE = 4
-
-
-def make_device_steps(
-  train_step: Callable, *, normalization: str, image_size: int
-) -> Callable:
-  """``steps(state, frozen, arrays, plan, rng)``: a plan's steps in one call.
-
-  Each step gathers its batch from the device-resident split
-  (`vptpc.data.device.gather`) and runs ``train_step``; the steps run as
-  one `jax.lax.scan`, so an epoch needs no host round trip. Returns the
-  final state and the metrics of every step, stacked.
-  """
-
-  def steps(state, frozen, arrays, plan, rng):
-    def body(st, row):
-      batch = device_data.gather(
-        arrays, row, normalization=normalization, image_size=image_size
-      )
-      return train_step(st, frozen, batch, rng)
-
-    return jax.lax.scan(body, state, plan)
-
-  return steps
-
-
-def make_device_eval(
-  eval_step: Callable, *, normalization: str, image_size: int
-) -> Callable:
-  """``evaluate(trainable, frozen, arrays, plan)``: summed eval, one call."""
-
-  def evaluate(trainable, frozen, arrays, plan):
-    def body(totals, row):
-      batch = device_data.gather(
-        arrays, row, normalization=normalization, image_size=image_size
-      )
-      sums = eval_step(trainable, frozen, batch)
-      return jax.tree_util.tree_map(jnp.add, totals, sums), None
-
-    zero = {k: jnp.zeros((), jnp.float32) for k in ("loss", "correct", "count")}
-    return jax.lax.scan(body, zero, plan)[0]
-
-  return evaluate
-
-
-def _programs(mode: str, s: Setup) -> dict[str, Callable]:
-  """The jitted (or pmapped) steps for ``s``, shared by equal programs."""
-  key = (s.program_key, mode)
-  if s.program_key and key in _PROGRAMS:
-    _PROGRAMS[key] = _PROGRAMS.pop(key)
-    return _PROGRAMS[key]
-  train_step = make_train_step(s.model, s.optimizer, s.schedule)
-  eval_step = make_eval_step(s.model)
-  if mode == "pmap":
-    progs = {
-      "train": parallel.pmap_train_step(train_step),
-      "eval": parallel.pmap_eval_step(eval_step),
-    }
-  else:
-    norm = dict(normalization=s.normalization, image_size=s.train.image_size)
-    progs = {
-      "train": parallel.jit_train_step(train_step),
-      "eval": jax.jit(eval_step),
-      "train_steps": jax.jit(
-        make_device_steps(train_step, **norm), donate_argnums=(0,)
-      ),
-      "eval_all": jax.jit(make_device_eval(eval_step, **norm)),
-    }
-  if s.program_key:
-    _PROGRAMS[key] = progs
-    while len(_PROGRAMS) > PROGRAM_CACHE_SIZE:
-      _PROGRAMS.pop(next(iter(_PROGRAMS)))
-  return progs
-
-
-def _device() -> jax.Device:
-  """The device of jit mode's arrays.
-
-  Placed explicitly (committed): a step's outputs are committed, and an
-  uncommitted first input would compile the step a second time.
-  """
-  return jax.local_devices()[0]
-
-
-def _device_split(s: Setup, split: pipeline.Split, mode: str):
-  """``split`` placed on the device, or None where the host path serves.
-
-  The device path needs one process, jit mode and a decoded split within
-  ``config.data.device_max_gb``; ``config.data.on_device=never`` keeps
-  every split on the host.
-  """
-  if s.data_on_device == "never" or mode != "jit":
-    return None
-  if jax.process_count() > 1:
-    return None
-  size = device_data.nbytes(split)
-  if not size or size > s.device_max_gb * 2**30:
-    return None
-  return device_data.place(split, _device())
-
-
-class Runner:
-  """Places state, backbone and data, and calls the jitted or pmapped steps.
-
-  In jit mode the frozen backbone is kept on the device in the compute
-  dtype (`vptpc.models.vit.cast_backbone`: the same function, without a
-  per-step cast), and cached splits are placed on the device
-  (`vptpc.data.device`) unless ``config.data.on_device=never``.
-  """
-
-  def __init__(self, mode: str, s: Setup):
-    """Compiles nothing yet; places the frozen backbone (and data) once."""
-    self.mode = mode
-    self.sync = parallel.needs_sync(mode)
-    self.scan_steps = s.scan_steps
-    progs = _programs(mode, s)
-    self._train, self._eval = progs["train"], progs["eval"]
-    self._train_steps = progs.get("train_steps")
-    self._eval_all = progs.get("eval_all")
-    if mode == "pmap":
-      self.frozen = parallel.replicate(s.frozen)
-    else:
-      self.frozen = jax.device_put(
-        vit.cast_backbone(s.frozen, s.model.dtype), _device()
-      )
-    self.dtrain = _device_split(s, s.train, mode)
-    self.deval = _device_split(s, s.eval, mode)
-    self._deval_of = s.eval
-    logging.info(
-      "Data: train on the %s, eval on the %s%s.",
-      "device" if self.dtrain else "host",
-      "device" if self.deval else "host",
-      " (one lax.scan per epoch)" if self.dtrain and self.scan_steps else "",
-    )
-
-  def place_state(self, state: TrainState) -> TrainState:
-    """Puts a host/unreplicated state where the step expects it."""
-    if self.mode == "pmap":
-      return parallel.replicate(jax.device_get(state))
-    return jax.device_put(state, _device())
-
-  def host_state(self, state: TrainState) -> TrainState:
-    """Returns one unreplicated copy (for checkpoints and export)."""
-    return parallel.unreplicate(state) if self.mode == "pmap" else state
-
-  def train_step(self, state, batch, rng):
-    """Runs one step; returns (state, metrics on the host's view)."""
-    if self.mode == "pmap":
-      state, metrics = self._train(
-        state, self.frozen, parallel.shard_batch(batch), rng
-      )
-      metrics = parallel.unreplicate(metrics)
-    else:
-      state, metrics = self._train(state, self.frozen, batch, rng)
-    if self.sync:
-      jax.block_until_ready(metrics)
-    return state, metrics
-
-  def train_steps(self, state, plan, rng):
-    """Runs a plan's steps on the device split; metrics are stacked."""
-    return self._train_steps(state, self.frozen, self.dtrain.arrays, plan, rng)
-
-  def evaluate(self, state, split: pipeline.Split, config) -> dict[str, float]:
-    """Top-1 accuracy and mean loss over every example of ``split``."""
-    trainable = state.trainable
-    if self.deval is not None and split is self._deval_of:
-      plan = device_data.eval_plan(
-        self.deval, batch_size=config.eval_batch_size
-      )
-      totals = self._eval_all(trainable, self.frozen, self.deval.arrays, plan)
-      return _accuracy_of(jax.device_get(totals), len(split))
-    totals = None
-    for batch in pipeline.eval_batches(
-      split,
-      batch_size=config.eval_batch_size,
-      normalization=config.data.normalize,
-      rows=_rows(config.eval_batch_size),
-    ):
-      if self.mode == "pmap":
-        sums = parallel.unreplicate(
-          self._eval(trainable, self.frozen, parallel.shard_batch(batch))
-        )
-      else:
-        sums = self._eval(trainable, self.frozen, batch)
-      if self.sync:
-        jax.block_until_ready(sums)
-      # Summed on the device; one host transfer at the end.
-      totals = (
-        sums
-        if totals is None
-        else jax.tree_util.tree_map(jnp.add, totals, sums)
-      )
-    return _accuracy_of(jax.device_get(totals), len(split))
-
-
-def _accuracy_of(totals: dict[str, Any], n_split: int) -> dict[str, float]:
-  totals = {k: float(v) for k, v in totals.items()}
-  n = totals["count"]
-  assert int(n) == n_split, (n, n_split)
-  return {
-    "accuracy": totals["correct"] / n,
-    "loss": totals["loss"] / n,
-    "num_examples": int(n),
-  }
+# Public names, importable from here as before the split.
+__all__ = [
+  "BACKBONE_CACHE_SIZE",
+  "PROGRAM_CACHE_SIZE",
+  "Runner",
+  "Setup",
+  "TrainState",
+  "build_model",
+  "create_train_state",
+  "head_from_raw",
+  "head_to_raw",
+  "load_backbone",
+  "make_device_eval",
+  "make_device_steps",
+  "make_eval_step",
+  "make_train_step",
+  "prelogit_stats",
+  "program_key",
+  "setup",
+  "standardize_prelogits",
+  "token_pools",
+  "train_and_evaluate",
+  "train_stage",
+  "versions",
+  "_device",
+  "_device_split",
+]
 
 
 # ---------------------------------------------------------------------------
@@ -900,13 +188,6 @@ def versions() -> dict[str, str | None]:
   except (OSError, subprocess.SubprocessError):
     out["git_sha"] = None
   return out
-
-
-def _rows(batch_size: int) -> tuple[int, int] | None:
-  """This process's rows of each global batch (None: single process)."""
-  if jax.process_count() == 1:
-    return None
-  return parallel.process_slice(batch_size)
 
 
 def _write_json(path: str, obj: Any) -> None:
