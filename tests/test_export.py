@@ -250,3 +250,27 @@ def test_help_explains_itself():
   assert r.returncode == 0, r.stderr
   for word in ("--prompts", "--graph", "key/value", "stablehlo", "onnx"):
     assert word in r.stdout
+
+
+def test_a_failed_check_leaves_no_file_and_keeps_the_old_one(
+  task, tmp_path, capsys
+):
+  # ONNX logits differ from JAX's by float rounding (> 0), so a zero
+  # tolerance fails the check after the artifact was written to its
+  # temporary name: it must vanish and the existing file must survive.
+  out = tmp_path / "keep" / "task.onnx"
+  out.parent.mkdir()
+  out.write_bytes(b"old")
+  args = [f"--prompts={task['path']}", f"--output={out}", "--tolerance=0"]
+  assert export.main(args) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and "differ from vptpc's JAX logits" in err
+  assert os.listdir(out.parent) == ["task.onnx"] and out.read_bytes() == b"old"
+  fresh = tmp_path / "new" / "deeper" / "task.onnx"
+  assert (
+    export.main(
+      [f"--prompts={task['path']}", f"--output={fresh}", "--tolerance=0"]
+    )
+    == 2
+  )
+  assert not (tmp_path / "new").exists()

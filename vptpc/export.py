@@ -414,6 +414,10 @@ def _atomic_output(path: str) -> Iterator[str]:
   os.close(fd)
   try:
     yield tmp
+    # mkstemp makes the file private (0600); an artifact is for sharing.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(OSError):
