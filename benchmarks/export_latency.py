@@ -19,8 +19,10 @@ adds attention columns. ``condensed`` is a ragged VPT-Deep task holding
 ``--condensed_keep`` of ``--condensed_from`` prompts per layer (the demo's
 per-layer pattern, tiled over the layers). Random weights (nothing is
 downloaded; latency does not depend on the values). The two runtimes are
-timed alternately, call by call, so background load hits both alike.
-Prints a Markdown table of median and p90 milliseconds per batch, with
+timed alternately, call by call, so background load hits both alike, and
+the 0-prompt model is timed in the same loop as each task, so the ratio
+to it (``/ 0 prompts``) is taken under the same load even where the raw
+times drift. Prints a Markdown table of median and p90 ms per batch, with
 GMACs per image (`vptpc.flops.vit_gmacs`: naive for ``full``, key/value
 for ``kv``) and the paper's GFLOPs row.
 """
@@ -108,46 +110,62 @@ def main():
   graphs = a.graphs.split(",")
   batches = [int(b) for b in a.batches.split(",")]
   runtimes = a.runtimes.split(",")
+
+  def runners(counts, graph):
+    """Maps each runtime to a call on images, as a deployment runs it."""
+    p = pr.init_prompts(
+      jax.random.key(1),
+      num_prompts=counts,
+      hidden_size=model.hidden_size,
+      patch_size=model.patch_size,
+      num_layers=model.num_layers,
+    )
+    fn = export.task_function(
+      a.model, params, p, head, graph=graph, normalize="imagenet"
+    )
+    run = {}
+    if "onnx" in runtimes:
+      proto = export.to_onnx(fn, image_size=a.image_size)
+      sess = export.onnx_session(proto.SerializeToString())
+      run["onnx"] = lambda x, s=sess: s.run(None, {"images": x})[0]
+    if "jax" in runtimes:
+      blob = export.to_stablehlo(fn, image_size=a.image_size)
+      call = jax.jit(jax.export.deserialize(bytearray(blob)).call)
+      run["jax"] = lambda x, f=call: np.asarray(jax.block_until_ready(f(x)))
+    return run
+
+  # The 0-prompt model stays loaded and is timed in the same loop as every
+  # other task, call for call: the ratio to it is then measured under the
+  # same background load (this machine is shared), unlike the raw times.
+  zero = [0] * model.num_layers
+  base = runners(zero, graphs[0])
   rows = []
   for label, counts in tasks:
     for graph in graphs:
       if sum(counts) == 0 and graph != graphs[0]:
         continue  # no prompts: both graphs are the plain ViT
-      p = pr.init_prompts(
-        jax.random.key(1),
-        num_prompts=counts,
-        hidden_size=model.hidden_size,
-        patch_size=model.patch_size,
-        num_layers=model.num_layers,
-      )
-      fn = export.task_function(
-        a.model, params, p, head, graph=graph, normalize="imagenet"
-      )
-      run = {}
       t0 = time.perf_counter()
-      if "onnx" in runtimes:
-        proto = export.to_onnx(fn, image_size=a.image_size)
-        sess = export.onnx_session(proto.SerializeToString())
-        del proto
-        run["onnx"] = lambda x, s=sess: s.run(None, {"images": x})[0]
-      if "jax" in runtimes:
-        blob = export.to_stablehlo(fn, image_size=a.image_size)
-        call = jax.jit(jax.export.deserialize(bytearray(blob)).call)
-        del blob
-        run["jax"] = lambda x, f=call: jax.block_until_ready(f(x))
+      run = base if sum(counts) == 0 else runners(counts, graph)
       convert_s = time.perf_counter() - t0
       for b in batches:
         x = rng.integers(0, 256, (b, a.image_size, a.image_size, 3), np.uint8)
-        outs = {r: np.asarray(f(x)) for r, f in run.items()}  # compile
+        outs = {r: f(x) for r, f in run.items()}  # compiles
         for _ in range(a.warmup):
-          for f in run.values():
+          for r, f in run.items():
             f(x)
+            base[r](x)
         times = {r: [] for r in run}
+        times0 = {r: [] for r in run}
         for _ in range(a.iters):
           for r, f in run.items():
             t = time.perf_counter()
             f(x)
             times[r].append(time.perf_counter() - t)
+            if run is base:
+              continue
+            t = time.perf_counter()
+            base[r](x)
+            times0[r].append(time.perf_counter() - t)
         diff = (
           float(np.max(np.abs(outs["onnx"] - outs["jax"])))
           if len(outs) == 2
@@ -155,6 +173,7 @@ def main():
         )
         count = "naive" if graph == "full" else "kv"
         for r, ts in times.items():
+          ts0 = times0[r] or ts
           rows.append(
             {
               "prompts": label,
@@ -165,6 +184,8 @@ def main():
               "median_ms": percentile_ms(ts, 50),
               "p90_ms": percentile_ms(ts, 90),
               "times_s": ts,
+              "zero_prompt_times_s": ts0,
+              "ratio_to_0": percentile_ms(ts, 50) / percentile_ms(ts0, 50),
               "gmacs": flops.vit_gmacs(
                 **dims, prompts_per_layer=counts, count=count
               ),
@@ -181,7 +202,8 @@ def main():
           print(
             f"{label:>24} {graph:>4} {r:>4} b{b}: "
             f"{rows[-1]['median_ms']:.1f} ms median, "
-            f"{rows[-1]['p90_ms']:.1f} ms p90",
+            f"{rows[-1]['p90_ms']:.1f} ms p90, "
+            f"x{rows[-1]['ratio_to_0']:.2f} of 0 prompts",
             flush=True,
           )
       del run
@@ -204,7 +226,7 @@ def table(rows: list[dict], batches: list[int]) -> str:
   """Markdown: one line per (prompts, graph, runtime), ms per batch size."""
   head = ["prompts/layer", "graph", "runtime", "GMACs/img", "paper GFLOPs"]
   for b in batches:
-    head += [f"b{b} median ms", f"b{b} p90 ms"]
+    head += [f"b{b} median ms", f"b{b} p90 ms", f"b{b} / 0 prompts"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   keys = []
   for r in rows:
@@ -228,11 +250,12 @@ def table(rows: list[dict], batches: list[int]) -> str:
     for b in batches:
       r = rs.get(b)
       cells += (
-        ["", ""]
+        ["", "", ""]
         if r is None
         else [
           f"{r['median_ms']:.1f}",
           f"{r['p90_ms']:.1f}",
+          f"{r['ratio_to_0']:.2f}",
         ]
       )
     lines.append("| " + " | ".join(cells) + " |")
