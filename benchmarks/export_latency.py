@@ -21,8 +21,9 @@ per-layer pattern, tiled over the layers). Random weights (nothing is
 downloaded; latency does not depend on the values). The two runtimes are
 timed alternately, call by call, so background load hits both alike, and
 the 0-prompt model is timed in the same loop as each task, so the ratio
-to it (``/ 0 prompts``) is taken under the same load even where the raw
-times drift. Prints a Markdown table of median and p90 ms per batch, with
+to it (``best / 0 prompts``: best of the N calls over best of the
+0-prompt model's N calls, interleaved) is taken under the same load even
+where the raw times drift. Prints a Markdown table of median and p90 ms per batch, with
 GMACs per image (`vptpc.flops.vit_gmacs`: naive for ``full``, key/value
 for ``kv``) and the paper's GFLOPs row.
 """
@@ -185,7 +186,12 @@ def main():
               "p90_ms": percentile_ms(ts, 90),
               "times_s": ts,
               "zero_prompt_times_s": ts0,
-              "ratio_to_0": percentile_ms(ts, 50) / percentile_ms(ts0, 50),
+              "ratio_to_0_median": percentile_ms(ts, 50)
+              / percentile_ms(ts0, 50),
+              # Best of N: what contention cannot inflate, so the steadiest
+              # ratio on a shared machine.
+              "ratio_to_0": min(ts) / min(ts0),
+              "best_ms": min(ts) * 1e3,
               "gmacs": flops.vit_gmacs(
                 **dims, prompts_per_layer=counts, count=count
               ),
@@ -226,7 +232,7 @@ def table(rows: list[dict], batches: list[int]) -> str:
   """Markdown: one line per (prompts, graph, runtime), ms per batch size."""
   head = ["prompts/layer", "graph", "runtime", "GMACs/img", "paper GFLOPs"]
   for b in batches:
-    head += [f"b{b} median ms", f"b{b} p90 ms", f"b{b} / 0 prompts"]
+    head += [f"b{b} median ms", f"b{b} p90 ms", f"b{b} best / 0 prompts"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   keys = []
   for r in rows:
