@@ -107,7 +107,7 @@ def main():
   tasks = [(str(n), [int(n)] * model.num_layers) for n in a.prompts.split(",")]
   if a.condensed_keep > 0:
     c = condensed_counts(model.num_layers, a.condensed_keep, a.condensed_from)
-    tasks.append((f"condensed {a.condensed_keep:.0%} of {a.condensed_from}", c))
+    tasks.append((f"condensed {a.condensed_keep:.0%}", c))
   graphs = a.graphs.split(",")
   batches = [int(b) for b in a.batches.split(",")]
   runtimes = a.runtimes.split(",")
@@ -228,42 +228,42 @@ def main():
       json.dump({"env": env, "rows": rows}, f, indent=1)
 
 
+def _ms(x: float) -> str:
+  return f"{x:.0f}" if x >= 100 else f"{x:.1f}"
+
+
 def table(rows: list[dict], batches: list[int]) -> str:
-  """Markdown: one line per (prompts, graph, runtime), ms per batch size."""
-  head = ["prompts/layer", "graph", "runtime", "GMACs/img", "paper GFLOPs"]
-  for b in batches:
-    head += [f"b{b} median ms", f"b{b} p90 ms", f"b{b} best / 0 prompts"]
+  """Markdown: a line per (prompts, graph), a column per runtime and batch.
+
+  Each cell: median / p90 ms and, in brackets, the ratio to 0 prompts.
+  """
+  runtimes = list(dict.fromkeys(r["runtime"] for r in rows))
+  names = {"onnx": "onnxruntime", "jax": "JAX"}
+  head = ["prompts/layer", "graph", "GMACs/img", "paper GFLOPs"]
+  head += [
+    f"{names.get(rt, rt)} b{b}: median / p90 ms (× 0)"
+    for rt in runtimes
+    for b in batches
+  ]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  keys = []
-  for r in rows:
-    k = (r["prompts"], r["graph"], r["runtime"])
-    if k not in keys:
-      keys.append(k)
-  for k in keys:
+  for k in dict.fromkeys((r["prompts"], r["graph"]) for r in rows):
     rs = {
-      r["batch"]: r
+      (r["runtime"], r["batch"]): r
       for r in rows
-      if (r["prompts"], r["graph"], r["runtime"]) == k
+      if (r["prompts"], r["graph"]) == k
     }
     first = next(iter(rs.values()))
-    cells = [
-      k[0],
-      k[1],
-      k[2],
-      f"{first['gmacs']:.3g}",
-      "" if first["paper_gflops"] is None else f"{first['paper_gflops']}",
-    ]
-    for b in batches:
-      r = rs.get(b)
-      cells += (
-        ["", "", ""]
-        if r is None
-        else [
-          f"{r['median_ms']:.1f}",
-          f"{r['p90_ms']:.1f}",
-          f"{r['ratio_to_0']:.2f}",
-        ]
-      )
+    paper = first["paper_gflops"]
+    cells = [*k, f"{first['gmacs']:.2f}", "" if paper is None else f"{paper}"]
+    for rt in runtimes:
+      for b in batches:
+        r = rs.get((rt, b))
+        cells.append(
+          ""
+          if r is None
+          else f"{_ms(r['median_ms'])} / {_ms(r['p90_ms'])} "
+          f"(×{r['ratio_to_0']:.2f})"
+        )
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
