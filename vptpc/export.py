@@ -744,7 +744,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     OSError,
     ValueError,
   ) as e:
-    print(f"error: {_one_line(e)}", file=sys.stderr)
+    # load_prompts names its Python keyword; a CLI user needs the flag.
+    msg = _one_line(e).replace(
+      "pass check_fingerprint=False", "pass --no_fingerprint_check"
+    )
+    print(f"error: {msg}", file=sys.stderr)
     return 2
   print(json.dumps(info))
   return 0
