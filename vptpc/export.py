@@ -1,0 +1,758 @@
+"""One task as a portable inference artifact: ONNX or StableHLO.
+
+  python -m vptpc.export --prompts=runs/demo/condensed/prompts.npz \\
+      --output=task.onnx                 # jax2onnx, runs with onnxruntime
+  python -m vptpc.export --prompts=runs/demo/condensed/prompts.npz \\
+      --output=task.stablehlo            # jax.export, reloads with jax alone
+
+The artifact is one file that maps images (B, H, W, 3), uint8 pixels (or
+float32 pixels in [0, 255] with ``--input_dtype=float32``), to logits
+(B, C); the batch B is dynamic, H = W = the task's image size. Baked into
+the graph as constants: the frozen backbone; the task's prompts as its
+per-task key/value cache (`vptpc.models.vit.build_kv_cache`: each layer's
+prompt keys and values, projected once at export time), or with
+``--graph=full`` the prompt tokens themselves on the naive full-token
+forward, so both can be measured; the head; and the normalisation
+(`vptpc.data.pipeline.normalize`: ``imagenet`` or ``minus1_1``). Ragged
+per-layer prompt counts (condensed tasks) are fine, zero included.
+
+Not exported: resizing (feed images already at the task's size), training,
+prompt dropout, the vmapped grid and multi-task serving (`vptpc.serve`).
+
+Formats (``--format``, or the output's suffix):
+
+* ``onnx`` (``.onnx``): converted with jax2onnx, checked with onnxruntime;
+  metadata in the model's ``metadata_props``. ``--quantize=int8`` applies
+  onnxruntime's dynamic int8 quantization (not exact: its accuracy change
+  is measured, not asserted; ``benchmarks/export_latency.py``).
+* ``stablehlo`` (``.stablehlo``): a zip holding ``model.jaxexport``
+  (`jax.export` serialization) and ``metadata.json``; reload it without
+  vptpc::
+
+    import json, zipfile, jax
+    with zipfile.ZipFile("task.stablehlo") as z:
+      exp = jax.export.deserialize(bytearray(z.read("model.jaxexport")))
+      meta = json.loads(z.read("metadata.json"))
+    logits = exp.call(images)
+
+Both record the backbone fingerprint, the prompt counts per layer, the
+graph, the preprocessing and the vptpc version. Before the file appears,
+the artifact is run on random images and its logits compared with vptpc's
+JAX logits (``--check``, on by default; fp32 must agree within
+``--tolerance``). Model, backbone, image size and normalisation default
+to the training run's ``config.json`` beside the prompts file, then to the
+embedded backbone. Bad inputs fail with one ``error:`` line (exit status
+2) and leave no file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vptpc import prompts as prompts_lib
+from vptpc.models import vit
+
+FORMATS = ("onnx", "stablehlo")
+SUFFIXES = {".onnx": "onnx", ".stablehlo": "stablehlo"}
+GRAPHS = ("kv", "full")
+INPUT_DTYPES = ("uint8", "float32")
+NORMALIZATIONS = ("imagenet", "minus1_1")
+QUANTIZE = ("none", "int8")
+STABLEHLO_MODEL = "model.jaxexport"
+STABLEHLO_META = "metadata.json"
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+
+# vptpc.data.pipeline's constants, repeated so the export does not import
+# the data stack (TFDS); tests check the two agree.
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+class ExportError(ValueError):
+  """An export request that cannot be carried out (the message says why)."""
+
+
+def normalization(mode: str) -> tuple[np.ndarray, np.ndarray]:
+  """Returns float32 (scale, shift) with ``pixels * scale + shift``.
+
+  The same affine map, in the same float32 arithmetic, as
+  `vptpc.data.pipeline.normalize`, so the in-graph preprocessing is
+  bitwise the host pipeline's.
+
+  Raises:
+    ExportError: an unknown mode.
+  """
+  if mode == "imagenet":
+    return 1.0 / (255.0 * IMAGENET_STD), -IMAGENET_MEAN / IMAGENET_STD
+  if mode == "minus1_1":
+    return np.float32(2.0 / 255.0), np.float32(-1.0)
+  raise ExportError(
+    f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {mode!r}."
+  )
+
+
+def task_function(
+  model_name: str,
+  backbone: Mapping[str, Any],
+  prompts: Mapping[str, Any] | None,
+  head: Mapping[str, Any],
+  *,
+  graph: str = "kv",
+  normalize: str = "minus1_1",
+) -> Callable[[jax.Array], jax.Array]:
+  """Returns ``logits(images)`` with backbone, prompts, head baked in.
+
+  Args:
+    model_name: a `vptpc.models.vit.model_names` variant.
+    backbone: frozen ViT parameters (no head).
+    prompts: the task's prompt tree (deep or shallow; None or empty for a
+      head-only task).
+    head: ``{"kernel": (D, C), "bias": (C,)}``.
+    graph: ``kv``: VPT-Deep prompts as the per-task key/value cache, the
+      cheap exact form; ``full``: the naive forward, prompts as tokens
+      through every block (VPT-Shallow always runs this one).
+    normalize: ``imagenet`` or ``minus1_1``, applied to 0-255 pixels.
+
+  Returns:
+    A function of (B, H, W, 3) uint8 or float pixels, traceable by `jit`,
+    `jax.export` and jax2onnx; its constants are numpy arrays.
+
+  Raises:
+    ExportError: an unknown graph or normalisation, or ``kv`` with
+      shallow prompts.
+  """
+  if graph not in GRAPHS:
+    raise ExportError(
+      f"graph must be one of {', '.join(GRAPHS)}, got {graph!r}."
+    )
+  scale, shift = normalization(normalize)
+  variant = vit.prompt_variant(prompts)
+  if graph == "kv" and variant == "shallow":
+    raise ExportError(
+      "VPT-Shallow prompts are carried through every block, so they have "
+      "no key/value form; export them with --graph=full."
+    )
+  num_classes = int(np.shape(head["kernel"])[-1])
+  model = vit.create_model(
+    model_name, num_classes=num_classes, kv_only=graph == "kv"
+  )
+  as_np = lambda t: jax.tree_util.tree_map(  # noqa: E731
+    lambda a: np.asarray(a, np.float32), t
+  )
+  params = as_np(vit.merge_head(backbone, head))
+  baked = None
+  if variant == "deep" and graph == "kv":
+    # Projected once here, so the graph holds only each layer's keys and
+    # values: a prompt then costs attention columns, not a token.
+    baked = as_np(vit.build_kv_cache(backbone, prompts, model.num_heads))
+  elif variant != "none":
+    baked = as_np(prompts)
+
+  def logits(images: jax.Array) -> jax.Array:
+    x = images.astype(jnp.float32) * scale + shift
+    return model.apply({"params": params}, x, baked)
+
+  return logits
+
+
+def _has_empty_dim(aval: Any) -> bool:
+  return any(isinstance(d, int) and d == 0 for d in aval.shape)
+
+
+def drop_empty_operands(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """Returns ``fn`` re-traced without zero-size values.
+
+  jax2onnx 0.17.1 mis-converts a broadcast of a zero-size array to a
+  symbolic batch (onnxruntime then rejects a Reshape or an Add), which is
+  how the naive graph inserts a condensed layer's zero prompts. The wrapper
+  evaluates ``fn``'s jaxpr, skips equations whose only output is empty and
+  leaves empty operands out of concatenations, which changes no value.
+  """
+  from jax.extend import core as jcore
+
+  def wrapped(*args):
+    closed = jax.make_jaxpr(fn)(*args)
+    env: dict[Any, Any] = {}
+
+    def read(v):
+      return v.val if isinstance(v, jcore.Literal) else env[v]
+
+    for v, c in zip(closed.jaxpr.constvars, closed.consts, strict=True):
+      env[v] = c
+    for v, a in zip(closed.jaxpr.invars, args, strict=True):
+      env[v] = a
+    for eqn in closed.jaxpr.eqns:
+      name = eqn.primitive.name
+      if name.endswith("concatenate"):
+        invars = [v for v in eqn.invars if not _has_empty_dim(v.aval)]
+      else:
+        invars = list(eqn.invars)
+        if not eqn.primitive.multiple_results and _has_empty_dim(
+          eqn.outvars[0].aval
+        ):
+          env[eqn.outvars[0]] = None  # never read but by a concatenation
+          continue
+      ins = [read(v) for v in invars]
+      if any(x is None for x in ins):
+        raise ExportError(f"A zero-size value feeds {name}; cannot convert.")
+      # jax < 0.7 returns (subfuns, params), later jax the params alone.
+      bp = eqn.primitive.get_bind_params(eqn.params)
+      subfuns, params = bp if isinstance(bp, tuple) else ((), bp)
+      out = eqn.primitive.bind(*subfuns, *ins, **params)
+      if eqn.primitive.multiple_results:
+        for v, o in zip(eqn.outvars, out, strict=True):
+          env[v] = o
+      else:
+        env[eqn.outvars[0]] = out
+    outs = [read(v) for v in closed.jaxpr.outvars]
+    return outs[0] if len(outs) == 1 else tuple(outs)
+
+  return wrapped
+
+
+def _input_spec(image_size: int, input_dtype: str, name: str = "B"):
+  """(B, S, S, 3) with a symbolic batch."""
+  if input_dtype not in INPUT_DTYPES:
+    raise ExportError(
+      f"input_dtype must be one of {', '.join(INPUT_DTYPES)}, got "
+      f"{input_dtype!r}."
+    )
+  (b,) = jax.export.symbolic_shape(name)
+  return jax.ShapeDtypeStruct(
+    (b, image_size, image_size, 3), np.dtype(input_dtype)
+  )
+
+
+def to_onnx(
+  fn: Callable[[jax.Array], jax.Array],
+  *,
+  image_size: int,
+  input_dtype: str = "uint8",
+  metadata: Mapping[str, Any] | None = None,
+):
+  """Converts a task function to an `onnx.ModelProto` with jax2onnx.
+
+  Inputs ``images`` (B, S, S, 3) and output ``logits``; ``metadata`` goes
+  into ``metadata_props`` (values JSON-encoded unless strings).
+  """
+  import jax2onnx
+  import onnx
+
+  # jax2onnx's IR serializer warns about every shape helper it builds.
+  logging.getLogger("onnx_ir").setLevel(logging.ERROR)
+  model = jax2onnx.to_onnx(
+    drop_empty_operands(fn),
+    [_input_spec(image_size, input_dtype)],
+    model_name="vptpc_task",
+    input_names=[INPUT_NAME],
+    output_names=[OUTPUT_NAME],
+  )
+  if metadata:
+    _set_onnx_metadata(model, metadata)
+  onnx.checker.check_model(model)
+  return model
+
+
+def _set_onnx_metadata(model, metadata: Mapping[str, Any]) -> None:
+  import onnx
+
+  del model.metadata_props[:]
+  onnx.helper.set_model_props(
+    model,
+    {
+      k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()
+    },
+  )
+
+
+def to_stablehlo(
+  fn: Callable[[jax.Array], jax.Array],
+  *,
+  image_size: int,
+  input_dtype: str = "uint8",
+  platforms: Sequence[str] = ("cpu",),
+) -> bytes:
+  """Serializes a task function with `jax.export` (StableHLO + calling info).
+
+  The batch dimension is symbolic, so one artifact serves every batch size.
+  """
+  spec = _input_spec(image_size, input_dtype, "b")
+  exp = jax.export.export(jax.jit(fn), platforms=tuple(platforms))(spec)
+  return bytes(exp.serialize())
+
+
+def load_stablehlo(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
+  """Reads a ``.stablehlo`` artifact: (`jax.export.Exported`, metadata).
+
+  ``exported.call(images)`` returns the logits. Needs jax only; the
+  module docstring shows the same three lines without vptpc.
+  """
+  with zipfile.ZipFile(path) as z:
+    exp = jax.export.deserialize(bytearray(z.read(STABLEHLO_MODEL)))
+    meta = json.loads(z.read(STABLEHLO_META))
+  return exp, meta
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+  """Returns an artifact's metadata (either format), values decoded."""
+  path = os.fspath(path)
+  if path.endswith(".onnx"):
+    import onnx
+
+    m = onnx.load(path, load_external_data=False)
+    out = {}
+    for p in m.metadata_props:
+      try:
+        out[p.key] = json.loads(p.value)
+      except json.JSONDecodeError:
+        out[p.key] = p.value
+    return out
+  with zipfile.ZipFile(path) as z:
+    return json.loads(z.read(STABLEHLO_META))
+
+
+def onnx_session(path_or_bytes: str | os.PathLike | bytes, threads: int = 0):
+  """An onnxruntime CPU session (warnings only), ``threads`` 0 = default."""
+  import onnxruntime as ort
+
+  so = ort.SessionOptions()
+  so.log_severity_level = 3  # its initializer clean-up notes are noise
+  if threads:
+    so.intra_op_num_threads = threads
+  src = (
+    path_or_bytes
+    if isinstance(path_or_bytes, bytes)
+    else os.fspath(path_or_bytes)
+  )
+  return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def _git_sha() -> str | None:
+  try:
+    return subprocess.run(
+      ["git", "rev-parse", "--short", "HEAD"],
+      cwd=os.path.dirname(os.path.abspath(__file__)),
+      capture_output=True,
+      text=True,
+      timeout=5,
+      check=True,
+    ).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
+def _versions(fmt: str) -> dict[str, str]:
+  import importlib.metadata as md
+
+  import vptpc
+
+  pkgs = ["jax", "jaxlib"]
+  pkgs += ["jax2onnx", "onnx", "onnxruntime"] if fmt == "onnx" else []
+  out = {"vptpc": vptpc.__version__}
+  for p in pkgs:
+    try:
+      out[p] = md.version(p)
+    except md.PackageNotFoundError:
+      pass
+  return out
+
+
+def _run_config(prompts_path: str) -> dict[str, Any]:
+  """The training run's ``config.json`` beside the prompts file, or {}."""
+  path = os.path.join(
+    os.path.dirname(os.path.abspath(prompts_path)), "config.json"
+  )
+  if not os.path.exists(path):
+    return {}
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return {}
+
+
+def _native_image_size(flat: Mapping[str, np.ndarray], patch: int) -> int:
+  """The image size a backbone file's position embedding was made for."""
+  from vptpc import checkpoint
+
+  n = int(np.shape(flat[checkpoint.POSEMB_KEY])[1]) - 1
+  g = int(round(n**0.5))
+  return g * patch
+
+
+@contextlib.contextmanager
+def _atomic_output(path: str) -> Iterator[str]:
+  """Yields a temporary path beside ``path``; renamed to it on success.
+
+  On any failure the temporary file (and a directory made for it) is
+  removed, so an interrupted or failed export leaves nothing behind and
+  never replaces an existing file.
+  """
+  d = os.path.dirname(os.path.abspath(path))
+  made = []
+  head = d
+  while not os.path.isdir(head):
+    made.append(head)
+    head = os.path.dirname(head)
+  os.makedirs(d, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(
+    dir=d, prefix=f".{os.path.basename(path)}.", suffix=".tmp"
+  )
+  os.close(fd)
+  try:
+    yield tmp
+    # mkstemp makes the file private (0600); an artifact is for sharing.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    for m in made:  # deepest first
+      with contextlib.suppress(OSError):
+        os.rmdir(m)
+    raise
+
+
+def _format_of(output: str, fmt: str | None) -> str:
+  if fmt:
+    if fmt not in FORMATS:
+      raise ExportError(
+        f"unsupported format {fmt!r}; supported: {', '.join(FORMATS)}."
+      )
+    return fmt
+  suffix = os.path.splitext(output)[1].lower()
+  if suffix not in SUFFIXES:
+    raise ExportError(
+      f"unsupported format: cannot tell it from {output!r} (suffix "
+      f"{suffix or 'none'!r}); name the file .onnx or .stablehlo, or pass "
+      f"--format={'|'.join(FORMATS)}."
+    )
+  return SUFFIXES[suffix]
+
+
+def export_task(
+  prompts_path: str | os.PathLike,
+  output: str | os.PathLike,
+  *,
+  fmt: str | None = None,
+  graph: str = "kv",
+  backbone_path: str | None = None,
+  model_name: str | None = None,
+  image_size: int | None = None,
+  normalize: str | None = None,
+  input_dtype: str = "uint8",
+  quantize: str = "none",
+  platforms: Sequence[str] = ("cpu",),
+  check: bool = True,
+  tolerance: float = 1e-4,
+  check_fingerprint: bool = True,
+) -> dict[str, Any]:
+  """Writes one task's inference artifact; see the module docstring.
+
+  Args:
+    prompts_path: a `vptpc.prompts.save_prompts` file with a head.
+    output: the artifact to write (``.onnx`` or ``.stablehlo``).
+    fmt: ``onnx`` or ``stablehlo``; None: from ``output``'s suffix.
+    graph: ``kv`` (per-task key/value cache) or ``full`` (naive tokens).
+    backbone_path: vit_jax ``.npz``; None: the run's config, then the
+      embedded backbone.
+    model_name: ViT variant; None: the prompts file's record, the run's
+      config, then the embedded model.
+    image_size: input side; None: the run's config, then the backbone's.
+    normalize: ``imagenet`` | ``minus1_1``; None: the run's config, then
+      ``minus1_1`` for the embedded backbone (what it was trained on).
+    input_dtype: ``uint8`` or ``float32`` (pixels in [0, 255] either way).
+    quantize: ``none`` or ``int8`` (ONNX dynamic quantization).
+    platforms: StableHLO lowering platforms (e.g. ``("cpu", "cuda")``).
+    check: run the artifact on 4 random images against vptpc's JAX logits.
+    tolerance: fp32 check bound on ``max |diff| / max(1, max |logit|)``.
+    check_fingerprint: refuse prompts trained on other backbone weights.
+
+  Returns:
+    The metadata written, plus ``path``, ``bytes`` and ``max_abs_diff``.
+
+  Raises:
+    ExportError, vptpc.prompts.PromptFileError,
+    vptpc.checkpoint.CheckpointError: a bad request, each naming the
+      problem; no file is written then.
+    ImportError: the converter packages are missing (``vptpc[export]``).
+  """
+  from vptpc import assets, checkpoint
+
+  prompts_path, output = os.fspath(prompts_path), os.fspath(output)
+  fmt = _format_of(output, fmt)
+  if quantize not in QUANTIZE:
+    raise ExportError(f"quantize must be one of {QUANTIZE}, got {quantize!r}.")
+  if quantize != "none" and fmt != "onnx":
+    raise ExportError("--quantize=int8 applies to the onnx format only.")
+  if graph not in GRAPHS:
+    raise ExportError(
+      f"graph must be one of {', '.join(GRAPHS)}, got {graph!r}."
+    )
+  if input_dtype not in INPUT_DTYPES:
+    raise ExportError(
+      f"input_dtype must be one of {', '.join(INPUT_DTYPES)}, got "
+      f"{input_dtype!r}."
+    )
+  if fmt == "onnx":
+    try:
+      import jax2onnx  # noqa: F401
+      import onnx  # noqa: F401
+      import onnxruntime  # noqa: F401
+    except ImportError as e:
+      raise ImportError(
+        f"ONNX export needs jax2onnx, onnx and onnxruntime "
+        f"(pip install 'vptpc[export]'): {e}"
+      ) from e
+  # The file alone first: a missing or foreign file fails before any work.
+  _, _, saved = prompts_lib.load_prompts(prompts_path)
+  run = _run_config(prompts_path)
+  model_name = (
+    model_name
+    or saved.get("metadata", {}).get("model")
+    or run.get("model", {}).get("name")
+    or assets.DEFAULT_MODEL
+  )
+  try:
+    cfg = vit.get_model_config(model_name)
+  except ValueError as e:
+    raise ExportError(str(e)) from e
+  backbone_path = (
+    backbone_path or run.get("model", {}).get("checkpoint_path") or None
+  )
+  embedded = backbone_path is None
+  flat = checkpoint.read_npz(backbone_path or assets.path())
+  if checkpoint.POSEMB_KEY not in flat:
+    raise ExportError(f"{backbone_path!r} has no position embedding.")
+  image_size = int(
+    image_size
+    or run.get("data", {}).get("image_size")
+    or _native_image_size(flat, cfg.patch_size)
+  )
+  normalize = normalize or run.get("data", {}).get("normalize")
+  if normalize is None:
+    if not embedded:
+      raise ExportError(
+        "the prompts file does not record its normalisation and there is "
+        "no config.json beside it; pass --normalize=imagenet|minus1_1."
+      )
+    normalize = "minus1_1"  # what the embedded backbone was trained on
+  normalization(normalize)
+  template = jax.eval_shape(
+    lambda: vit.init_params(
+      vit.create_model(cfg), jax.random.key(0), image_size
+    )
+  )
+  backbone = checkpoint.restore_params(
+    flat, template, source=repr(backbone_path or assets.path())
+  )
+  prompts, head, saved = prompts_lib.load_prompts(
+    prompts_path, backbone=backbone, check_fingerprint=check_fingerprint
+  )
+  if head is None:
+    raise ExportError(
+      f"{prompts_path!r} holds no head; an exported classifier needs one."
+    )
+  fn = task_function(
+    model_name, backbone, prompts, head, graph=graph, normalize=normalize
+  )
+  variant = vit.prompt_variant(prompts)
+  meta = {
+    "producer": "vptpc.export",
+    "vptpc_version": _versions(fmt)["vptpc"],
+    "vptpc_git": _git_sha(),
+    "versions": _versions(fmt),
+    "format": fmt,
+    "graph": graph,
+    "quantize": quantize,
+    "model": model_name,
+    "backbone_fingerprint": prompts_lib.backbone_fingerprint(backbone),
+    "prompt_variant": variant,
+    "prompts_per_layer": list(prompts_lib.prompts_per_layer(prompts))
+    if variant != "none"
+    else [],
+    "num_classes": int(np.shape(head["kernel"])[-1]),
+    "image_size": image_size,
+    "input": f"{INPUT_NAME}: (B, {image_size}, {image_size}, 3) {input_dtype}"
+    " pixels in [0, 255], RGB, already resized",
+    "input_dtype": input_dtype,
+    "normalize": normalize,
+    "output": f"{OUTPUT_NAME}: (B, num_classes) float32",
+    "task": saved.get("metadata", {}),
+    "source_prompts": os.path.basename(prompts_path),
+  }
+  with _atomic_output(output) as tmp:
+    if fmt == "onnx":
+      import onnx
+
+      model = to_onnx(
+        fn, image_size=image_size, input_dtype=input_dtype, metadata=meta
+      )
+      onnx.save(model, tmp)
+      if quantize == "int8":
+        _quantize_int8(tmp, meta)
+    else:
+      blob = to_stablehlo(
+        fn, image_size=image_size, input_dtype=input_dtype, platforms=platforms
+      )
+      with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:
+        z.writestr(STABLEHLO_MODEL, blob)
+        z.writestr(STABLEHLO_META, json.dumps(meta, indent=1))
+    diff = None
+    if check:
+      diff = _check(tmp, fmt, fn, image_size, input_dtype)
+      bound = tolerance * max(1.0, diff["max_abs_logit"])
+      if quantize == "none" and not diff["max_abs_diff"] <= bound:
+        raise ExportError(
+          f"the exported {fmt} logits differ from vptpc's JAX logits by "
+          f"{diff['max_abs_diff']:.3g} (> {bound:.3g}); no file written."
+        )
+    size = os.path.getsize(tmp)
+  return dict(meta, path=output, bytes=size, check=diff)
+
+
+def _quantize_int8(path: str, meta: dict[str, Any]) -> None:
+  """Replaces the ONNX file at ``path`` by its dynamic int8 quantization."""
+  import onnx
+  from onnxruntime.quantization import QuantType, quantize_dynamic
+
+  fd, q = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".int8.tmp")
+  os.close(fd)
+  try:
+    quantize_dynamic(path, q, weight_type=QuantType.QInt8)
+    model = onnx.load(q)
+    _set_onnx_metadata(model, meta)  # quantize_dynamic drops the props
+    onnx.save(model, path)
+  finally:
+    with contextlib.suppress(OSError):
+      os.remove(q)
+
+
+def _check(
+  path: str, fmt: str, fn, image_size: int, input_dtype: str
+) -> dict[str, float]:
+  """Runs the written artifact and vptpc's JAX function on random images."""
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 256, (4, image_size, image_size, 3), dtype=np.uint8)
+  x = x.astype(input_dtype)
+  want = np.asarray(jax.jit(fn)(x))
+  if fmt == "onnx":
+    got = onnx_session(path).run(None, {INPUT_NAME: x})[0]
+  else:
+    exp, _ = load_stablehlo(path)
+    got = np.asarray(exp.call(x))
+  return {
+    "max_abs_diff": float(np.max(np.abs(got - want))),
+    "max_abs_logit": float(np.max(np.abs(want))),
+  }
+
+
+def _one_line(e: BaseException) -> str:
+  lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+  return "; ".join(lines) or type(e).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """The ``python -m vptpc.export`` command; returns the exit status."""
+  import argparse
+
+  from vptpc.checkpoint import CheckpointError
+
+  ap = argparse.ArgumentParser(
+    prog="python -m vptpc.export",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  ap.add_argument(
+    "--prompts", required=True, help="the task's prompts.npz (with a head)"
+  )
+  ap.add_argument(
+    "--output", required=True, help="artifact to write: X.onnx or X.stablehlo"
+  )
+  ap.add_argument(
+    "--format", default=None, help="onnx | stablehlo (default: from --output)"
+  )
+  ap.add_argument(
+    "--graph",
+    default="kv",
+    help="kv: prompts baked as the per-task key/value cache (default); "
+    "full: the naive full-token forward, for measuring it",
+  )
+  ap.add_argument(
+    "--input_dtype", default="uint8", help="uint8 | float32 (0-255 pixels)"
+  )
+  ap.add_argument("--backbone", default=None, help="vit_jax .npz")
+  ap.add_argument("--model", default=None, help="ViT variant, e.g. B/16")
+  ap.add_argument("--image_size", type=int, default=None)
+  ap.add_argument("--normalize", default=None, help="imagenet | minus1_1")
+  ap.add_argument(
+    "--quantize", default="none", help="none | int8 (onnx: dynamic int8)"
+  )
+  ap.add_argument(
+    "--platforms", default="cpu", help="stablehlo lowering, e.g. cpu,cuda"
+  )
+  ap.add_argument(
+    "--check",
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help="compare the artifact with vptpc's JAX logits before writing it",
+  )
+  ap.add_argument("--tolerance", type=float, default=1e-4)
+  ap.add_argument(
+    "--no_fingerprint_check",
+    action="store_true",
+    help="export prompts onto backbone weights they were not trained on",
+  )
+  a = ap.parse_args(argv)
+  try:
+    info = export_task(
+      a.prompts,
+      a.output,
+      fmt=a.format,
+      graph=a.graph,
+      backbone_path=a.backbone,
+      model_name=a.model,
+      image_size=a.image_size,
+      normalize=a.normalize,
+      input_dtype=a.input_dtype,
+      quantize=a.quantize,
+      platforms=[p for p in a.platforms.split(",") if p],
+      check=a.check,
+      tolerance=a.tolerance,
+      check_fingerprint=not a.no_fingerprint_check,
+    )
+  except (
+    ExportError,
+    CheckpointError,
+    prompts_lib.PromptFileError,
+    ImportError,
+    OSError,
+    ValueError,
+  ) as e:
+    # load_prompts names its Python keyword; a CLI user needs the flag.
+    msg = _one_line(e).replace(
+      "pass check_fingerprint=False", "pass --no_fingerprint_check"
+    )
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+  print(json.dumps(info))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
