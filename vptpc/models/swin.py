@@ -351,7 +351,7 @@ def window_attention(
     (window outputs (B, nW, T, heads, d), prompt outputs per window
     (B, nW, n, heads, d) or None), in ``q``'s dtype.
   """
-  f32 = jnp.float32
+  f32 = jnp.promote_types(q.dtype, jnp.float32)  # float64 stays float64
   s = jnp.einsum("bwqhd,bwkhd->bwhqk", q, k, preferred_element_type=f32)
   s = s + bias.astype(f32)[None, None]
   if mask is not None:
@@ -892,7 +892,7 @@ class SwinTransformer(nn.Module):
       kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
       bias_init=nn.initializers.constant(HEAD_BIAS_INIT),
       name="head",
-    )(features.astype(jnp.float32))
+    )(features.astype(jnp.promote_types(features.dtype, jnp.float32)))
     return (logits, features) if return_features else logits
 
 
