@@ -501,3 +501,31 @@ def test_condense_on_swin_gives_ragged_stage_counts_and_exact_logits():
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
   per_layer, _ = condense.condense(prompts, scores, keep=0.5, scope="per_layer")
   assert pr.prompts_per_layer(per_layer) == (2,) * 4
+
+
+def test_prompt_files_record_and_check_the_swin_backbone(tmp_path):
+  params = tiny_params()
+  frozen, head = vit.split_head(params)
+  model = swin.SwinTransformer(**TINY, num_classes=5)
+  p = swin.init_prompts(
+    jax.random.key(9), model, num_prompts=(1, 2, 0, 3, 1, 2)
+  )
+  small = pr.gather_prompts(p, [[0], [1], [], [2, 0], [], [1]])
+  assert pr.prompts_per_layer(small) == (1, 1, 0, 2, 0, 1)
+  pr.save_prompts(tmp_path / "t.npz", small, head, backbone=frozen)
+  loaded, h, meta = pr.load_prompts(tmp_path / "t.npz", backbone=frozen)
+  assert meta["backbone"]["arch"] == "swin"
+  assert meta["backbone"]["widths"] == [16, 16, 32, 32, 64, 64]
+  for k in small:
+    np.testing.assert_array_equal(loaded[k], small[k])
+  np.testing.assert_array_equal(h["kernel"], head["kernel"])
+  other = jax.tree_util.tree_map(lambda a: a + 1.0, frozen)
+  with pytest.raises(pr.PromptFileError, match="fingerprint"):
+    pr.load_prompts(tmp_path / "t.npz", backbone=other)
+  two = vit.split_head(tiny_params(**TWO))[0]
+  with pytest.raises(pr.PromptFileError, match="6 prompt layers vs 4"):
+    pr.load_prompts(tmp_path / "t.npz", backbone=two, check_fingerprint=False)
+  bad = dict(small, encoderblock_3=jnp.zeros((2, 16)))
+  pr.save_prompts(tmp_path / "b.npz", bad)
+  with pytest.raises(pr.PromptFileError, match="encoderblock_3 width 16"):
+    pr.load_prompts(tmp_path / "b.npz", backbone=frozen)
