@@ -9,7 +9,7 @@ import optax
 import pytest
 from scipy.special import erf
 
-from vptpc import condense
+from vptpc import condense, flops
 from vptpc import prompts as pr
 from vptpc.models import swin, vit
 
@@ -529,3 +529,28 @@ def test_prompt_files_record_and_check_the_swin_backbone(tmp_path):
   pr.save_prompts(tmp_path / "b.npz", bad)
   with pytest.raises(pr.PromptFileError, match="encoderblock_3 width 16"):
     pr.load_prompts(tmp_path / "b.npz", backbone=frozen)
+
+
+def test_swin_gmacs():
+  b = dict(embed_dim=128, depths=(2, 2, 18, 2), window_size=7, image_size=224)
+  # Swin-B at 224 px: 15.4 GFLOPs (multiply-accumulates) as published.
+  for count in flops.SWIN_COUNTS:
+    assert flops.swin_gmacs(**b, count=count) == pytest.approx(15.43, abs=5e-3)
+  naive, full, kv = (
+    flops.swin_gmacs(**b, prompts_per_layer=50, count=c)
+    for c in ("naive", "full", "kv")
+  )
+  assert kv < full < naive
+  # By hand: 8 px, patch 2 (4 x 4 grid), width 4, windows 2 x 2, two blocks
+  # with one prompt each: patch 768, per block 3072 (QKV, out, MLP) + 640
+  # (image attention); prompts naive 544, full 352 per block; kv 32 (K/V)
+  # in block 0 and the full 352 in the last block.
+  t = dict(embed_dim=4, depths=(2,), window_size=2, image_size=8, patch_size=2)
+  want = {"naive": 9280, "full": 8896, "kv": 8576}
+  for count, macs in want.items():
+    got = flops.swin_gmacs(**t, prompts_per_layer=1, count=count)
+    assert got == pytest.approx(macs / 1e9, rel=1e-12), count
+  with pytest.raises(ValueError, match="VPT-Deep"):
+    flops.swin_gmacs(**t, variant="shallow", count="kv")
+  with pytest.raises(ValueError, match="3 entries for 2 blocks"):
+    flops.swin_gmacs(**t, prompts_per_layer=(1, 2, 3))
