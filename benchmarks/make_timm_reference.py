@@ -90,7 +90,9 @@ def main():
     save_file(state, os.path.join(a.out, f"timm_{name}_tiny.safetensors"))
     with torch.no_grad():
       out[f"{name}_logits"] = model.double()(x).numpy()
-  table = swin.state_dict()["layers.1.blocks.0.attn.relative_position_bias_table"]
+  table = swin.state_dict()[
+    "layers.1.blocks.0.attn.relative_position_bias_table"
+  ]
   side = int(round(table.shape[0] ** 0.5))
   grid = table.double().T.reshape(1, -1, side, side)
   resized = torch.nn.functional.interpolate(
