@@ -541,6 +541,8 @@ def test_swin_gmacs():
     for c in ("naive", "full", "kv")
   )
   assert kv < full < naive
+  dims = flops.swin_dims(swin.create_model("swin_b"), 224)
+  assert flops.swin_gmacs(**dims, prompts_per_layer=50) == naive
   # By hand: 8 px, patch 2 (4 x 4 grid), width 4, windows 2 x 2, two blocks
   # with one prompt each: patch 768, per block 3072 (QKV, out, MLP) + 640
   # (image attention); prompts naive 544, full 352 per block; kv 32 (K/V)

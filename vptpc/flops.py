@@ -193,3 +193,15 @@ def swin_gmacs(
       n_prev = n
       g += 1
   return total / 1e9
+
+
+def swin_dims(model: Any, image_size: int) -> dict[str, Any]:
+  """The `swin_gmacs` keyword arguments of a Swin module at ``image_size``."""
+  return dict(
+    embed_dim=model.embed_dim,
+    depths=tuple(model.depths),
+    window_size=model.window_size,
+    image_size=image_size,
+    patch_size=model.patch_size,
+    mlp_ratio=model.mlp_ratio,
+  )
