@@ -3,8 +3,10 @@
 The library is importable piece by piece:
 
 * `vptpc.models.vit` - the Flax ViT (vit_jax parameter names) with prompts;
+* `vptpc.models.swin` - the Flax Swin (timm parameter names) with prompts;
 * `vptpc.prompts` - the prompt pytree: init, count, gather, save/load, summary;
-* `vptpc.checkpoint` - loading Google's `.npz` backbones with a strict diff.
+* `vptpc.checkpoint` - loading Google's `.npz` and timm's `.safetensors`
+  backbones with a strict diff.
 """
 
 from vptpc import checkpoint, prompts

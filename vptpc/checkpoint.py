@@ -15,16 +15,29 @@ uses the same names, so loading is a key-for-key copy with a strict diff:
 
 Prompts are never part of a backbone file; they live in their own small file
 (`vptpc.prompts.save_prompts`).
+
+`load_safetensors` reads the `.safetensors` files most people download from
+the Hugging Face hub in timm's naming, for the ViT (``timm/vit_*``, e.g.
+``timm/vit_base_patch16_224.orig_in21k``, the ImageNet-21k ViT-B/16 that VPT
+used) and the Swin (``timm/swin_*``, e.g.
+``timm/swin_base_patch4_window7_224.ms_in22k``). The `safetensors` package
+reads them into NumPy without PyTorch. Keys are renamed onto vptpc's trees
+(`vptpc.models.vit` keeps vit_jax names, `vptpc.models.swin` timm's), with
+the same strict diff and messages as the `.npz` loader, and the ViT position
+embedding or the Swin relative-position bias tables are resized when the
+image or window size differs. `load_pretrained` picks the reader from the
+file suffix. Nothing is downloaded at run time.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 import zipfile
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -234,20 +247,409 @@ def restore_params(
 def load_pretrained(
   path: str | os.PathLike, template: Mapping[str, Any]
 ) -> dict[str, Any]:
-  """Loads a vit_jax `.npz` backbone onto a params template.
+  """Loads a backbone file onto a params template (reader by suffix).
+
+  ``.safetensors`` files are read as timm checkpoints (`load_safetensors`,
+  ViT or Swin); anything else as a vit_jax `.npz` (ViT only).
 
   Args:
-    path: local `.npz` file (e.g. ``ViT-B_16.npz``).
-    template: params tree from `vptpc.models.vit.init_params` (or
-      `jax.eval_shape`); its image size decides the position-embedding
-      length. Include ``head`` to keep the template's freshly initialised
-      head where the file has none or one of another size.
+    path: local `.npz` (e.g. ``ViT-B_16.npz``) or timm ``.safetensors``.
+    template: params tree from ``init_params`` of `vptpc.models.vit` or
+      `vptpc.models.swin` (or `jax.eval_shape`); its image size decides the
+      position-embedding length. Include ``head`` to keep the template's
+      freshly initialised head where the file has none or one of another
+      size.
 
   Returns:
     The params tree, float32 numpy arrays.
 
   Raises:
-    CheckpointError: the file is missing, unreadable, not a ViT, or its keys
-      or shapes do not fit (see `restore_params`).
+    CheckpointError: the file is missing, unreadable, of another
+      architecture, or its keys or shapes do not fit (see `restore_params`).
   """
+  if os.fspath(path).endswith(".safetensors"):
+    return load_safetensors(path, template)
+  if model_arch(template) == "swin":
+    raise CheckpointError(
+      f"{os.fspath(path)!r}: Swin backbones are read from timm-named "
+      ".safetensors files (e.g. timm/swin_base_patch4_window7_224.ms_in22k "
+      "on the Hugging Face hub), not vit_jax .npz files."
+    )
   return restore_params(read_npz(path), template, source=f"{os.fspath(path)!r}")
+
+
+# --- timm .safetensors (ViT and Swin). ---------------------------------------
+
+SAFETENSORS_HINT = (
+  "Download a timm .safetensors file, e.g. model.safetensors of "
+  "timm/vit_base_patch16_224.orig_in21k (ViT-B/16, ImageNet-21k) or "
+  "timm/swin_base_patch4_window7_224.ms_in22k (Swin-B, ImageNet-22k) from "
+  "the Hugging Face hub, and point the config's checkpoint path at it."
+)
+# Buffers some files carry; never parameters.
+_BUFFER_SUFFIXES = ("relative_position_index", "attn_mask")
+_TIMM_EXTRA = {
+  # The new task gets VPT's head; i21k representation layers are unused.
+  "vit": ("head.", "pre_logits."),
+  "swin": ("head.",),
+}
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads every tensor of a `.safetensors` file into float32 NumPy arrays.
+
+  Uses the `safetensors` package (no PyTorch); bfloat16 tensors, which NumPy
+  cannot represent, are read through JAX and widened.
+
+  Raises:
+    CheckpointError: the file is missing, not a safetensors file, or empty.
+  """
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise CheckpointError(
+      f"Checkpoint file {path!r} does not exist. {SAFETENSORS_HINT}"
+    )
+  from safetensors import SafetensorError, safe_open
+  from safetensors.numpy import load_file
+
+  try:
+    try:
+      flat = load_file(path)
+    except TypeError:  # e.g. "data type 'bfloat16' not understood"
+      with safe_open(path, framework="flax") as f:
+        flat = {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
+  except (SafetensorError, OSError, ValueError) as e:
+    raise CheckpointError(
+      f"Checkpoint file {path!r} is not a readable .safetensors file "
+      f"(truncated or another format?): {type(e).__name__}: {e}"
+    ) from e
+  if not flat:
+    raise CheckpointError(f"Checkpoint file {path!r} holds no tensors.")
+  return {
+    k: np.asarray(v, np.float32) if v.dtype.kind == "f" else np.asarray(v)
+    for k, v in flat.items()
+  }
+
+
+def model_arch(template: Mapping[str, Any]) -> str:
+  """``"vit"`` or ``"swin"`` from a params tree's top-level names."""
+  if "Transformer" in template:
+    return "vit"
+  if "patch_embed" in template and any(
+    k.startswith("layers_") for k in template
+  ):
+    return "swin"
+  raise CheckpointError(
+    f"Unknown backbone tree (top-level keys {sorted(template)[:6]}): expected "
+    "a vptpc ViT ('Transformer', ...) or Swin ('patch_embed', 'layers_0', "
+    "...)."
+  )
+
+
+def _file_arch(keys) -> str | None:
+  if any(k.startswith("layers.") and ".blocks." in k for k in keys):
+    return "swin"
+  if any(k.startswith("blocks.") for k in keys):
+    return "vit"
+  if any(k.startswith("Transformer/") for k in keys):
+    return "vit_jax"
+  return None
+
+
+class _Src(NamedTuple):
+  """Where a vptpc parameter comes from in a timm file."""
+
+  key: str  # timm key
+  shape: tuple[int, ...]  # the timm tensor's shape the model implies
+  convert: Callable[[np.ndarray], np.ndarray]  # timm tensor -> vptpc array
+
+
+def _linear(shape):  # vptpc (in, out) <- torch (out, in)
+  return _Src("", (shape[1], shape[0]), lambda w: w.T)
+
+
+def _conv(shape):  # vptpc HWIO <- torch OIHW
+  return _Src(
+    "",
+    (shape[3], shape[2], shape[0], shape[1]),
+    lambda w: w.transpose(2, 3, 1, 0),
+  )
+
+
+def _same(shape):
+  return _Src("", tuple(shape), lambda w: w)
+
+
+def _swin_sources(want: Mapping[str, Any]) -> dict[str, _Src]:
+  """Maps each Swin key to its timm key, timm shape and conversion."""
+  out = {}
+  for k, t in want.items():
+    parts = k.split("/")
+    leaf = parts[-1]
+    base = ".".join(
+      re.sub(r"^(layers|blocks)_(\d+)$", r"\1.\2", p) for p in parts[:-1]
+    )
+    if base == "head":
+      base = "head.fc"
+    shape = tuple(t.shape)
+    if leaf == "kernel":
+      src = _conv(shape) if len(shape) == 4 else _linear(shape)
+      name = "weight"
+    elif leaf == "scale":
+      src, name = _same(shape), "weight"
+    else:
+      src, name = _same(shape), leaf
+    out[k] = src._replace(key=f"{base}.{name}")
+  return out
+
+
+def _vit_sources(want: Mapping[str, Any]) -> dict[str, _Src]:
+  """Maps each ViT key (vit_jax names) to its timm key, shape, conversion."""
+  out = {}
+  blk = re.compile(r"Transformer/encoderblock_(\d+)/(.+)$")
+  for k, t in want.items():
+    shape = tuple(t.shape)
+    m = blk.match(k)
+    if k == "cls":
+      out[k] = _same(shape)._replace(key="cls_token")
+    elif k == POSEMB_KEY:
+      out[k] = _same(shape)._replace(key="pos_embed")
+    elif k.startswith("embedding/"):
+      src = _conv(shape) if k.endswith("kernel") else _same(shape)
+      out[k] = src._replace(
+        key="patch_embed.proj." + ("weight" if k.endswith("kernel") else "bias")
+      )
+    elif k.startswith("Transformer/encoder_norm/"):
+      out[k] = _same(shape)._replace(
+        key="norm." + ("weight" if k.endswith("scale") else "bias")
+      )
+    elif k.startswith("head/"):
+      src = _linear(shape) if k.endswith("kernel") else _same(shape)
+      out[k] = src._replace(
+        key="head." + ("weight" if k.endswith("kernel") else "bias")
+      )
+    elif m:
+      i, rest = m.group(1), m.group(2)
+      b = f"blocks.{i}."
+      mod, leaf = rest.rsplit("/", 1)
+      wb = "weight" if leaf in ("kernel", "scale") else "bias"
+      ln = {"LayerNorm_0": "norm1", "LayerNorm_2": "norm2"}
+      mlp = {"MlpBlock_3/Dense_0": "mlp.fc1", "MlpBlock_3/Dense_1": "mlp.fc2"}
+      att = "MultiHeadDotProductAttention_1/"
+      if mod in ln:
+        out[k] = _same(shape)._replace(key=b + ln[mod] + "." + wb)
+      elif mod in mlp:
+        src = _linear(shape) if leaf == "kernel" else _same(shape)
+        out[k] = src._replace(key=b + mlp[mod] + "." + wb)
+      elif mod.startswith(att) and mod[len(att) :] in ("query", "key", "value"):
+        j = ("query", "key", "value").index(mod[len(att) :])
+        if leaf == "kernel":  # (D, heads, hd) <- rows j*D:(j+1)*D of (3D, D)
+          d = shape[0]
+          out[k] = _Src(
+            b + "attn.qkv.weight",
+            (3 * d, d),
+            lambda w, j=j, d=d, s=shape: w[j * d : (j + 1) * d].T.reshape(s),
+          )
+        else:
+          d = shape[0] * shape[1]
+          out[k] = _Src(
+            b + "attn.qkv.bias",
+            (3 * d,),
+            lambda w, j=j, d=d, s=shape: w[j * d : (j + 1) * d].reshape(s),
+          )
+      elif mod == att + "out":
+        if leaf == "kernel":  # (heads, hd, D) <- (D, heads * hd)
+          out[k] = _Src(
+            b + "attn.proj.weight",
+            (shape[2], shape[0] * shape[1]),
+            lambda w, s=shape: w.T.reshape(s),
+          )
+        else:
+          out[k] = _same(shape)._replace(key=b + "attn.proj.bias")
+  return out
+
+
+def resize_rel_pos_table(table: Any, new_len: int) -> np.ndarray:
+  """Resizes a Swin relative-position bias table to another window size.
+
+  The ``((2w-1)^2, heads)`` table is a ``(2w-1) x (2w-1)`` grid per head,
+  resized bicubically as ``torch.nn.functional.interpolate(mode="bicubic",
+  align_corners=False)`` does (cubic coefficient -0.75, half-pixel centres,
+  clamped borders), which is what Microsoft's Swin code applies when
+  fine-tuning at another window size. A same-size resize is the identity.
+
+  Args:
+    table: (S*S, heads) array.
+    new_len: S'*S'.
+
+  Returns:
+    (new_len, heads) float32 array.
+
+  Raises:
+    CheckpointError: either side is not a square grid.
+  """
+  table = np.asarray(table, np.float64)
+  s_old, s_new = math.isqrt(table.shape[0]), math.isqrt(new_len)
+  if s_old * s_old != table.shape[0] or s_new * s_new != new_len:
+    raise CheckpointError(
+      f"Cannot resize a relative-position table of {table.shape[0]} rows to "
+      f"{new_len}: both must be (2w-1)^2 for square windows."
+    )
+  w = _bicubic_matrix(s_old, s_new)
+  grid = table.T.reshape(-1, s_old, s_old)
+  out = np.einsum("ij,hjk,lk->hil", w, grid, w)
+  return out.reshape(table.shape[1], -1).T.astype(np.float32)
+
+
+def _bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
+  """(n_out, n_in) 1-D bicubic interpolation weights (torch's convention)."""
+
+  def kernel(x):
+    x = abs(x)
+    if x <= 1:
+      return ((a + 2) * x - (a + 3)) * x * x + 1
+    if x < 2:
+      return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return 0.0
+
+  m = np.zeros((n_out, n_in))
+  scale = n_in / n_out
+  for i in range(n_out):
+    x = (i + 0.5) * scale - 0.5
+    x0 = math.floor(x)
+    t = x - x0
+    for tap in range(-1, 3):
+      m[i, min(max(x0 + tap, 0), n_in - 1)] += kernel(tap - t)
+  return m
+
+
+def load_safetensors(
+  path: str | os.PathLike,
+  template: Mapping[str, Any],
+  *,
+  arch: str | None = None,
+) -> dict[str, Any]:
+  """Loads a timm-named `.safetensors` ViT or Swin onto a params template.
+
+  timm names are renamed onto vptpc's (the tables in `vptpc.models.swin` and
+  `_vit_sources`): Linear weights are transposed, conv weights go from OIHW
+  to HWIO, LayerNorm ``weight`` becomes ``scale``, and timm's fused ViT
+  ``qkv`` is split into the query/key/value kernels of shape (D, heads,
+  head_dim). Swin files in Microsoft's original layout (patch merging at
+  the end of a stage, ``head.weight``) are renumbered as timm does. The
+  ViT position embedding (bilinear, as `resize_posemb`) and the Swin
+  relative-position tables (bicubic, `resize_rel_pos_table`) are resized
+  when the template's image or window size differs.
+
+  Args:
+    path: local ``.safetensors`` file.
+    template: the model's params tree (arrays or ShapeDtypeStructs); a
+      ``head`` whose shape the file does not match is taken from it.
+    arch: ``"vit"`` or ``"swin"``; inferred from the template if None.
+
+  Returns:
+    The params tree with the template's structure, float32 NumPy arrays.
+
+  Raises:
+    CheckpointError: the file is missing or unreadable, holds another
+      architecture, or has missing, unexpected or mis-shaped keys (all
+      listed, with timm and vptpc names).
+  """
+  source = f"{os.fspath(path)!r}"
+  arch = arch or model_arch(template)
+  if arch not in ("vit", "swin"):
+    raise CheckpointError(f"arch must be 'vit' or 'swin', got {arch!r}.")
+  raw = read_safetensors(path)
+  found = _file_arch(raw)
+  if found != arch:
+    what = {
+      "swin": "a timm Swin checkpoint (layers.*.blocks.* keys)",
+      "vit": "a timm ViT checkpoint (blocks.* keys)",
+      "vit_jax": "a vit_jax checkpoint saved as safetensors",
+      None: "neither a timm ViT nor a timm Swin checkpoint",
+    }[found]
+    sample = ", ".join(sorted(raw)[:5])
+    raise CheckpointError(
+      f"{source} is {what}, but the model is a "
+      f"{dict(vit='ViT', swin='Swin')[arch]} "
+      f"(first keys: {sample})."
+    )
+  if arch == "swin" and "layers.0.downsample.reduction.weight" in raw:
+    # Microsoft's layout: merging closes stage s; timm's opens stage s + 1.
+    raw = {
+      re.sub(
+        r"^layers\.(\d+)\.downsample",
+        lambda m: f"layers.{int(m.group(1)) + 1}.downsample",
+        k,
+      )
+      .replace("head.weight", "head.fc.weight")
+      .replace("head.bias", "head.fc.bias"): v
+      for k, v in raw.items()
+    }
+  want = flatten(template)
+  sources = (_swin_sources if arch == "swin" else _vit_sources)(want)
+  unmapped = sorted(set(want) - set(sources))
+  if unmapped:
+    raise CheckpointError(
+      f"The {arch} template has parameters with no timm name: {unmapped}."
+    )
+  used = {s.key for s in sources.values()}
+  extra = [
+    k
+    for k in raw
+    if k not in used
+    and not k.startswith(_TIMM_EXTRA[arch])
+    and not k.endswith(_BUFFER_SUFFIXES)
+  ]
+  missing, mismatched, out = [], [], {}
+  for k, src in sources.items():
+    t = want[k]
+    if src.key not in raw:
+      if k.startswith("head/"):
+        out[k] = t
+      else:
+        missing.append(f"  {k} {_fmt(t.shape)} <- {src.key} {_fmt(src.shape)}")
+      continue
+    v = raw[src.key]
+    if tuple(v.shape) == src.shape:
+      out[k] = np.asarray(src.convert(v), np.float32)
+    elif k.startswith("head/"):
+      out[k] = t  # a head for another label set: VPT trains a new one
+    elif k == POSEMB_KEY and v.ndim == 3 and v.shape[-1] == t.shape[-1]:
+      logging.info(
+        "Resizing %s from %s to %s (bilinear).",
+        src.key,
+        v.shape,
+        tuple(t.shape),
+      )
+      out[k] = resize_posemb(v, t.shape[1])
+    elif (
+      k.endswith("relative_position_bias_table")
+      and v.ndim == 2
+      and v.shape[1] == t.shape[1]
+    ):
+      logging.info(
+        "Resizing %s from %s to %s (bicubic).", src.key, v.shape, tuple(t.shape)
+      )
+      out[k] = resize_rel_pos_table(v, t.shape[0])
+    else:
+      mismatched.append(
+        f"  {k} <- {src.key}: model {_fmt(t.shape)} (file shape {_fmt(src.shape)} expected), file {_fmt(v.shape)}"
+      )
+  if missing or extra or mismatched:
+    lines = [f"{source} does not fit the model (timm {arch} names):"]
+    if missing:
+      lines.append("missing from the file (model key <- file key expected):")
+      lines += missing
+    if extra:
+      lines.append("unexpected in the file (model has no such parameter):")
+      lines += [f"  {k} {_fmt(raw[k].shape)}" for k in extra]
+    if mismatched:
+      lines.append("shape mismatch:")
+      lines += mismatched
+    lines.append(
+      "Check the model variant (patch size, width, depth, heads) matches "
+      "the file."
+    )
+    raise CheckpointError("\n".join(lines))
+  return unflatten(out)

@@ -13,6 +13,10 @@ which is what the PC paper's "GFLOPs" table counts:
   here as an upper bound) and attention columns for the N image tokens.
 
 Per-layer prompt counts may differ (condensed prompts).
+
+`swin_gmacs` counts a prompted Swin (`vptpc.models.swin`) in the same unit,
+with the official VPT code's computation as its naive count and vptpc's
+full and key/value paths.
 """
 
 from __future__ import annotations
@@ -82,4 +86,122 @@ def model_dims(model: Any, image_size: int) -> dict[str, int]:
     mlp_dim=model.mlp_dim,
     num_patches=(image_size // model.patch_size) ** 2,
     patch_size=model.patch_size,
+  )
+
+
+SWIN_COUNTS = ("naive", "full", "kv")
+
+
+def swin_gmacs(
+  *,
+  embed_dim: int,
+  depths: Sequence[int],
+  window_size: int,
+  image_size: int,
+  patch_size: int = 4,
+  mlp_ratio: float = 4.0,
+  prompts_per_layer: int | Sequence[int] = 0,
+  variant: str = "deep",
+  count: str = "naive",
+  channels: int = 3,
+) -> float:
+  """GMACs per image of a (prompted) Swin, without the head.
+
+  Counts the patch embedding, the QKV, attention (QK and AV), output and MLP
+  products of every block and the patch-merging reductions, as Swin's own
+  ``flops()`` does (LayerNorms, softmax and biases are not counted; for
+  Swin-B at 224 px without prompts this gives 15.4 G, the published
+  figure). Prompts add, per block with n prompts, window area T and
+  ``nW`` windows:
+
+  * ``naive``: what the official VPT code computes. Prompts are copied into
+    every window before the QKV projection, so their QKV, attention and
+    output projection are paid ``nW`` times; the MLP once; prompts are also
+    merged by each patch merging (4x concatenation).
+  * ``full``: vptpc's full path: prompt projections once per image, prompt
+    queries attend in every window, the mean over windows is projected
+    once.
+  * ``kv``: vptpc's key/value path (VPT-Deep only): every block but the last
+    adds only the prompt key/value projections (image-independent; counted
+    once per image as an upper bound) and n attention columns for each
+    image query; the last block is counted as ``full``; no prompt merging.
+
+  Args:
+    embed_dim: stage-0 width C0.
+    depths: blocks per stage.
+    window_size: window side (clamped to each stage's grid).
+    image_size: square input side.
+    patch_size: patch side.
+    mlp_ratio: MLP width / token width.
+    prompts_per_layer: VPT-Deep: an int or one count per block; VPT-Shallow:
+      the prompt count (carried through every block).
+    variant: ``"deep"`` or ``"shallow"``.
+    count: ``naive``, ``full`` or ``kv`` (see above).
+    channels: input channels.
+
+  Returns:
+    Giga multiply-accumulates per image.
+
+  Raises:
+    ValueError: bad ``count``/``variant``, counts or ``kv`` with shallow.
+  """
+  if count not in SWIN_COUNTS:
+    raise ValueError(f"count must be one of {SWIN_COUNTS}, got {count!r}.")
+  if variant not in ("deep", "shallow"):
+    raise ValueError(f"variant must be 'deep' or 'shallow', got {variant!r}.")
+  if variant == "shallow" and count == "kv":
+    raise ValueError("The key/value count exists only for VPT-Deep.")
+  num_blocks = sum(depths)
+  if isinstance(prompts_per_layer, int):
+    prompts = [prompts_per_layer] * num_blocks
+  else:
+    prompts = list(prompts_per_layer)
+  if variant == "shallow" and len(set(prompts)) > 1:
+    raise ValueError("VPT-Shallow has one prompt count for every block.")
+  if len(prompts) != num_blocks:
+    raise ValueError(
+      f"prompts_per_layer has {len(prompts)} entries for {num_blocks} blocks."
+    )
+  side = image_size // patch_size
+  total = side * side * channels * patch_size * patch_size * embed_dim
+  g, n_prev = 0, 0
+  for s, depth in enumerate(depths):
+    c = embed_dim * 2**s
+    if s > 0:
+      cp = c // 2
+      total += (side // 2) ** 2 * 4 * cp * c
+      if count != "kv":
+        total += n_prev * 4 * cp * c
+      side //= 2
+    win = min(window_size, side)
+    t, nw = win * win, (side // win) ** 2
+    hw = side * side
+    hidden = int(c * mlp_ratio)
+    for _ in range(depth):
+      n = prompts[g]
+      total += hw * (4 * c * c + 2 * c * hidden)  # QKV, out, MLP
+      total += nw * 2 * t * (t + n) * c  # image queries over window+prompts
+      last = g == num_blocks - 1
+      if count == "kv" and not last:
+        total += n * 2 * c * c  # prompt keys and values only
+      elif count == "naive":
+        total += nw * n * 4 * c * c + n * 2 * c * hidden
+        total += nw * 2 * n * (t + n) * c
+      else:  # full path (and kv's last block)
+        total += n * (4 * c * c + 2 * c * hidden)
+        total += nw * 2 * n * (t + n) * c
+      n_prev = n
+      g += 1
+  return total / 1e9
+
+
+def swin_dims(model: Any, image_size: int) -> dict[str, Any]:
+  """The `swin_gmacs` keyword arguments of a Swin module at ``image_size``."""
+  return dict(
+    embed_dim=model.embed_dim,
+    depths=tuple(model.depths),
+    window_size=model.window_size,
+    image_size=image_size,
+    patch_size=model.patch_size,
+    mlp_ratio=model.mlp_ratio,
   )

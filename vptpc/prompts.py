@@ -288,13 +288,45 @@ def backbone_fingerprint(backbone: Mapping[str, Any]) -> str:
     "cls",
     "Transformer/posembed_input/pos_embedding",
     "Transformer/encoder_norm/scale",
+    # Swin (vptpc.models.swin); absent from ViT trees.
+    "patch_embed/proj/kernel",
+    "norm/scale",
   ):
     if k in flat:
       h.update(np.ascontiguousarray(np.asarray(flat[k], np.float32)).tobytes())
   return h.hexdigest()[:16]
 
 
+def _swin_widths(backbone: Mapping[str, Any]) -> list[int]:
+  """Width of every Swin block in order (from its ``norm1`` scale)."""
+  widths = []
+  stages = sorted(
+    (k for k in backbone if re.fullmatch(r"layers_\d+", k)),
+    key=lambda k: int(k[7:]),
+  )
+  for s in stages:
+    blocks = sorted(
+      (k for k in backbone[s] if re.fullmatch(r"blocks_\d+", k)),
+      key=lambda k: int(k[7:]),
+    )
+    widths += [
+      int(np.shape(backbone[s][b]["norm1"]["scale"])[0]) for b in blocks
+    ]
+  return widths
+
+
 def _backbone_meta(backbone: Mapping[str, Any]) -> dict[str, Any]:
+  if "Transformer" not in backbone and "patch_embed" in backbone:
+    # Swin: prompt widths follow the stages; VPT-Deep has one set per block.
+    widths = _swin_widths(backbone)
+    return {
+      "arch": "swin",
+      "hidden_size": int(np.shape(backbone["norm"]["scale"])[0]),
+      "num_layers": len(widths),
+      "widths": widths,
+      "patch_size": int(np.shape(backbone["patch_embed"]["proj"]["kernel"])[0]),
+      "fingerprint": backbone_fingerprint(backbone),
+    }
   tf = backbone["Transformer"]
   depth = sum(1 for k in tf if _LAYER_RE.match(k))
   return {
@@ -406,7 +438,16 @@ def load_prompts(
     want = _backbone_meta(backbone)
     widths = {int(v.shape[-1]) for v in prompts.values()}
     problems = []
-    if widths - {want["hidden_size"]}:
+    if "widths" in want:  # Swin: widths follow the stages
+      for k, v in prompts.items():
+        m = _LAYER_RE.match(k)
+        i = int(m.group(1)) if m else 0
+        if i < len(want["widths"]) and v.shape[-1] != want["widths"][i]:
+          problems.append(
+            f"prompt set {k} width {v.shape[-1]} vs block width "
+            f"{want['widths'][i]}"
+          )
+    elif widths - {want["hidden_size"]}:
       problems.append(
         f"prompt width {sorted(widths)} vs backbone width {want['hidden_size']}"
       )

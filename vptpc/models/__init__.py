@@ -1,4 +1,4 @@
-"""Flax models: the Vision Transformer with VPT prompts."""
+"""Flax models with VPT prompts: the ViT (`vit`) and the Swin (`swin`)."""
 
 from vptpc.models.vit import (
   VisionTransformer,
