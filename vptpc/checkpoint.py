@@ -479,8 +479,8 @@ def resize_rel_pos_table(table: Any, new_len: int) -> np.ndarray:
   fine-tuning at another window size. A same-size resize is the identity.
 
   Args:
-    table: (S*S, heads) array.
-    new_len: S'*S'.
+    table: ``(S * S, heads)`` array.
+    new_len: ``S2 * S2``, the new table length.
 
   Returns:
     (new_len, heads) float32 array.
