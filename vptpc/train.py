@@ -14,10 +14,13 @@ single-device update for the same global batch.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -242,6 +245,7 @@ _NOT_IN_PROGRAM = (
   "eval_only",
   "progress_bar",
   "parallel",
+  "overwrite",
 )
 
 
@@ -807,12 +811,23 @@ def _accuracy_of(totals: dict[str, Any], n_split: int) -> dict[str, float]:
 
 
 def _manager(workdir: str, config) -> Any:
+  """Orbax's manager of ``<workdir>/checkpoints``.
+
+  Saves are synchronous: the trainable state is KBs to a few MB, and a
+  save that has returned is on disk (a crash after it loses nothing, a
+  failed one raises at once). Each save is atomic (written to a temporary
+  directory, renamed into place), so a crash mid-save leaves the previous
+  checkpoints as they were.
+  """
   import orbax.checkpoint as ocp
 
   return ocp.CheckpointManager(
     os.path.join(workdir, "checkpoints"),
     options=ocp.CheckpointManagerOptions(
-      max_to_keep=config.keep_checkpoints, create=True
+      max_to_keep=config.keep_checkpoints,
+      create=True,
+      enable_async_checkpointing=False,
+      cleanup_tmp_directories=True,
     ),
   )
 
@@ -838,6 +853,12 @@ def _unflat(flat: dict[str, Any], template: Any) -> Any:
 
 
 def _save(mngr, state: TrainState, rng: jax.Array) -> None:
+  """Saves ``state`` and ``rng`` as the checkpoint of ``state.step``.
+
+  Raises:
+    OSError: the checkpoint could not be written (a full disk, say); the
+      message names the step, and the previous checkpoint is intact.
+  """
   import orbax.checkpoint as ocp
 
   host = jax.device_get(state)
@@ -845,22 +866,113 @@ def _save(mngr, state: TrainState, rng: jax.Array) -> None:
   # process-local device arrays, and every process holds the same values.
   tree = {"state": host, "rng": np.asarray(jax.random.key_data(rng))}
   flat, _ = _flat(jax.tree_util.tree_map(np.asarray, tree))
-  mngr.save(int(host.step), args=ocp.args.StandardSave(flat))
+  step = int(host.step)
+  previous = mngr.latest_step()
+  try:
+    with _injected_faults():
+      mngr.save(step, args=ocp.args.StandardSave(flat))
+  except OSError as e:
+    where = os.fspath(mngr.directory)
+    kept = (
+      f"the previous checkpoint (step {previous}) is intact"
+      if previous is not None
+      else "no earlier checkpoint exists"
+    )
+    raise OSError(
+      e.errno,
+      f"Could not write checkpoint step {step} in {where} "
+      f"({e.strerror or e}); {kept}. Free space (or fix the directory) and "
+      "run the same command to resume",
+    ) from e
 
 
-def _restore(mngr, template: TrainState, rng: jax.Array):
+@contextlib.contextmanager
+def _injected_faults():
+  """`vptpc.faults`' ``save`` crash and simulated full disk, when armed.
+
+  Both hook Orbax where it writes a checkpoint's last files: the crash
+  comes after every file of the step is written and before its temporary
+  directory is renamed into place; the full disk fails the metadata write.
+  """
+  from vptpc import faults
+
+  crash, full = faults.armed("save"), faults.disk_full_armed()
+  if not crash and not full:
+    yield
+    return
+  from orbax.checkpoint._src.path import async_path, atomicity
+
+  cls = atomicity.AtomicRenameTemporaryPath
+  finalize, write_text = cls.finalize, async_path.write_text
+
+  async def crashing_finalize(self):
+    faults.point("save")
+    return await finalize(self)
+
+  async def full_write_text(path, text, *a, **kw):
+    raise faults.disk_full_error(os.fspath(path))
+
+  if crash:
+    cls.finalize = crashing_finalize
+  if full:
+    async_path.write_text = full_write_text
+  try:
+    yield
+  finally:
+    cls.finalize, async_path.write_text = finalize, write_text
+
+
+def _restore(mngr, template: TrainState, rng: jax.Array, workdir, config):
+  """Restores the latest readable checkpoint: (manager, state, rng).
+
+  A checkpoint that fails to restore (truncated, corrupted) is reported
+  with a warning naming its step, moved to ``<workdir>/checkpoints_bad/``
+  (kept for inspection, out of Orbax's way) and the previous one is tried;
+  with none left, training starts from step 0.
+  """
   import orbax.checkpoint as ocp
 
-  step = mngr.latest_step()
   full = {"state": template, "rng": jax.random.key_data(rng)}
   flat, _ = _flat(full)
   abstract = {
     k: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
     for k, x in flat.items()
   }
-  restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
-  tree = _unflat(restored, jax.device_get(full))
-  return tree["state"], jax.random.wrap_key_data(tree["rng"])
+  while (step := mngr.latest_step()) is not None:
+    try:
+      restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as e:  # Orbax and TensorStore raise many types.
+      steps = sorted(mngr.all_steps())
+      earlier = [t for t in steps if t < step]
+      bad = os.path.join(workdir, "checkpoints_bad", str(step))
+      msg = str(e).splitlines()[0][:300] if str(e) else ""
+      logging.warning(
+        "Checkpoint step %d in %s/checkpoints is unreadable (%s: %s); it is "
+        "moved to %s and %s.",
+        step,
+        workdir,
+        type(e).__name__,
+        msg,
+        bad,
+        f"step {earlier[-1]} is used instead"
+        if earlier
+        else "training starts from step 0",
+      )
+      mngr.close()
+      if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(bad), exist_ok=True)
+        if os.path.exists(bad):
+          shutil.rmtree(bad)
+        os.rename(os.path.join(workdir, "checkpoints", str(step)), bad)
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"vptpc bad checkpoint {step}")
+      mngr = _manager(workdir, config)
+      continue
+    tree = _unflat(restored, jax.device_get(full))
+    return mngr, tree["state"], jax.random.wrap_key_data(tree["rng"])
+  return mngr, template, rng
 
 
 # ---------------------------------------------------------------------------
@@ -944,6 +1056,14 @@ def train_stage(
   ``<workdir>/prompts.npz`` (`vptpc.prompts.save_prompts`) and writes
   ``results.json``.
 
+  Preconditions are checked first, all at once (`vptpc.preflight`); the
+  workdir is created only once the data and the backbone are loaded, so a
+  run that fails on its inputs writes nothing. A workdir whose stored
+  ``config.json`` differs in a key that cannot change mid-run is refused
+  (`vptpc.config_util.SAFE_TO_CHANGE`; ``config.overwrite`` starts
+  afresh); a finished run with exactly this config is not run again: its
+  results are read back and its table printed.
+
   Args:
     config: see `vptpc.config_util.base_config`.
     workdir: output directory (created).
@@ -956,22 +1076,55 @@ def train_stage(
 
   Returns:
     The results dict (also in ``results.json``).
-  """
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  _write_json(os.path.join(workdir, "config.json"), config.to_dict())
-  _write_json(os.path.join(workdir, "versions.json"), versions())
 
-  s = setup(config, init_trainable)
+  Raises:
+    vptpc.preflight.PreflightError: unmet preconditions (all listed).
+    vptpc.rundir.WorkdirLocked: another live run holds the workdir.
+    FloatingPointError: the training loss became non-finite.
+    OSError: a checkpoint could not be written (e.g. a full disk).
+  """
+  from vptpc import rundir
+
+  workdir = os.path.abspath(workdir)
+  with rundir.entry(config, workdir, kind="stage") as run:
+    done = rundir.finished(config, workdir, "stage")
+    if done is not None and (
+      not measure_throughput or "eval_img_per_s" in done
+    ):
+      if not quiet and jax.process_index() == 0:
+        print(
+          f"{workdir}: already finished at step {done.get('step')} with this "
+          "config; nothing to do (results below; --config.overwrite=True "
+          "starts afresh).",
+          flush=True,
+        )
+        _print_table(done)
+      return done
+    s = setup(config, init_trainable)
+    mode = parallel.resolve_mode(config.parallel, config.batch_size)
+    if mode == "pmap":
+      parallel.resolve_mode("pmap", config.eval_batch_size)
+    run.start()
+    return _train_stage(
+      config,
+      workdir,
+      s,
+      mode,
+      stop_after_steps=stop_after_steps,
+      measure_throughput=measure_throughput,
+      quiet=quiet,
+    )
+
+
+def _train_stage(
+  config, workdir, s, mode, *, stop_after_steps, measure_throughput, quiet
+) -> dict[str, Any]:
   # The resolved dataset version and split sizes: VTAB-1k subsets depend
   # on the version (vtab.md).
   _write_json(
     os.path.join(workdir, "data.json"),
     {"train": s.train.info, "eval": s.eval.info},
   )
-  mode = parallel.resolve_mode(config.parallel, config.batch_size)
-  if mode == "pmap":
-    parallel.resolve_mode("pmap", config.eval_batch_size)
   counts = prompts_lib.count_prompts(s.state.trainable["prompts"])
   logging.info(
     "Devices: %s (%s). Trainable: %d prompt params (%d tokens) + %d head.",
@@ -985,9 +1138,11 @@ def train_stage(
   mngr = _manager(workdir, config)
   state = s.state
   if mngr.latest_step() is not None:
-    state, rng = _restore(mngr, state, rng)
-    logging.info("Resumed from step %d in %s", int(state.step), workdir)
-  elif config.eval_only:
+    mngr, state, rng = _restore(mngr, state, rng, workdir, config)
+    if int(state.step):
+      logging.info("Resumed from step %d in %s", int(state.step), workdir)
+  if config.eval_only and not int(state.step):
+    mngr.close()
     raise FileNotFoundError(
       f"config.eval_only is set but {workdir}/checkpoints has no checkpoint."
     )
@@ -1102,16 +1257,30 @@ def train_and_evaluate(
   """
   if config.condense.keep <= 0:
     return train_stage(config, workdir, stop_after_steps=stop_after_steps)
-  return _condense_pipeline(config, workdir, stop_after_steps)
+  from vptpc import rundir
+
+  workdir = os.path.abspath(workdir)
+  with rundir.entry(config, workdir, kind="pc") as run:
+    done = rundir.finished(config, workdir, "pc")
+    if done is not None and "condensed" in done:
+      if jax.process_index() == 0:
+        print(
+          f"{workdir}: already finished with this config; nothing to do "
+          "(results below; --config.overwrite=True starts afresh).",
+          flush=True,
+        )
+        _print_condense_table(done)
+      return done
+    run.start(store_config=False)
+    return _condense_pipeline(config, workdir, stop_after_steps, run)
 
 
-def _condense_pipeline(config, workdir, stop_after_steps):
+def _condense_pipeline(config, workdir, stop_after_steps, run):
   import functools
 
   from vptpc import condense as pc
-  from vptpc import flops
+  from vptpc import faults, flops
 
-  workdir = os.path.abspath(workdir)
   cc = config.condense
   full = train_stage(
     config,
@@ -1122,6 +1291,10 @@ def _condense_pipeline(config, workdir, stop_after_steps):
   )
   if "stopped_at_step" in full:
     return full
+  faults.point("condense")
+  # From here on the condense settings shape the run: they are stored (and
+  # compared on a resume) in the top-level config.json.
+  run.store_config()
   model = build_model(config)
   frozen, _ = load_backbone(config, model)
   prompts, head, _ = prompts_lib.load_prompts(full["export"], backbone=frozen)
@@ -1164,13 +1337,7 @@ def _condense_pipeline(config, workdir, stop_after_steps):
     reproject=cc.reproject,
     reproject_fn=reproject_fn,
   )
-  ft = ml_collections.ConfigDict(config.to_dict())
-  if cc.ft_epochs > 0:
-    ft.total_epochs = cc.ft_epochs
-    ft.warmup_epochs = min(config.warmup_epochs, cc.ft_epochs - 1)
-  if cc.ft_base_lr > 0:
-    ft.base_lr = cc.ft_base_lr
-  ft.train_head = cc.ft_head
+  ft = config_util.finetune_config(config)
   cond = train_stage(
     ft,
     os.path.join(workdir, "condensed"),
@@ -1245,12 +1412,17 @@ def _print_condense_table(r: dict[str, Any]) -> None:
 def _train_loop(
   config, s, runner, state, rng, start, mngr, writer, workdir, stop_after
 ):
+  from vptpc import faults
+
   spe, total = s.steps_per_epoch, s.total_steps
   bar = None
   if config.progress_bar and jax.process_index() == 0:
-    from tqdm import tqdm
+    if _interactive():
+      from tqdm import tqdm
 
-    bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+      bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+    else:
+      bar = ProgressLines(total, start)
   step = start
   clock = {"t0": time.perf_counter(), "seen": 0, "t_first": None, "after": 0}
 
@@ -1287,6 +1459,7 @@ def _train_loop(
       clock["t0"], clock["seen"] = time.perf_counter(), 0
     if bar is not None:
       bar.update(step - prev)
+    faults.point("train")
     # With a scanned epoch, a checkpoint due inside it is written at its end.
     due = any(
       t % config.checkpoint_every_steps == 0 for t in range(prev + 1, step + 1)
@@ -1343,6 +1516,63 @@ def _train_loop(
       time.perf_counter() - clock["t_first"]
     )
   return state
+
+
+def _interactive() -> bool:
+  """Whether a progress bar can redraw: stdout and stderr are terminals."""
+  return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+class ProgressLines:
+  """The progress bar's stand-in for logs and pipes: a line now and then.
+
+  A redrawing bar written to a file is one unreadable line of carriage
+  returns; this prints ``step 130/1300 (10%) loss ... lr ... img/s ... eta
+  ...`` to stderr at every tenth of the run (and at most every 30 s, at
+  least every 5 min), and at the last step. Same interface as the tqdm
+  calls `_train_loop` makes.
+  """
+
+  def __init__(self, total: int, initial: int = 0, out=None):
+    """Starts counting at ``initial`` of ``total`` steps."""
+    self.total, self.n = total, initial
+    self.out = out or sys.stderr
+    self.postfix: dict[str, str] = {}
+    self._t0 = self._last_t = time.perf_counter()
+    self._n1, self._last_t0 = initial, self._t0
+    self._last_tenth = initial * 10 // max(total, 1)
+
+  def set_postfix(self, **kw) -> None:
+    """Remembers the latest metrics for the next line."""
+    self.postfix = {k: str(v) for k, v in kw.items()}
+
+  def update(self, n: int) -> None:
+    """Advances ``n`` steps; prints a line when one is due."""
+    self.n += n
+    now = time.perf_counter()
+    tenth = self.n * 10 // max(self.total, 1)
+    due = (tenth > self._last_tenth and now - self._last_t >= 30) or (
+      now - self._last_t >= 300
+    )
+    if self.n >= self.total or due or self._last_t == self._t0:
+      self._line(now)
+      self._last_tenth, self._last_t = tenth, now
+
+  def _line(self, now: float) -> None:
+    parts = [
+      f"step {self.n}/{self.total} ({100 * self.n / max(self.total, 1):.0f}%)"
+    ]
+    parts += [f"{k} {v}" for k, v in self.postfix.items()]
+    if self._last_t != self._t0 and self.n < self.total:
+      # From the second line on: the first update holds the compile.
+      rate = (self.n - self._n1) / max(now - self._last_t0, 1e-9)
+      parts.append(f"eta {(self.total - self.n) / max(rate, 1e-9):.0f}s")
+    else:
+      self._n1, self._last_t0 = self.n, now
+    print(" ".join(parts), file=self.out, flush=True)
+
+  def close(self) -> None:
+    """Nothing to tear down (tqdm's interface)."""
 
 
 def _print_table(results: dict[str, Any]) -> None:
