@@ -18,9 +18,9 @@ lookup. Points:
 * ``condense``: in a Prompt Condensation run, after the first stage and
   before the prompts are scored.
 
-``VPTPC_FAULT_ENOSPC=save`` instead makes the next checkpoint save fail as
-a full disk would (``OSError(ENOSPC)``, raised where Orbax writes the
-checkpoint's metadata).
+``VPTPC_FAULT_ENOSPC=<n>`` instead makes the ``n``-th checkpoint save of
+the process fail as a full disk would (``OSError(ENOSPC)``, raised where
+Orbax writes the checkpoint's metadata).
 """
 
 from __future__ import annotations
@@ -68,9 +68,13 @@ def armed(name: str) -> bool:
   return ENV in os.environ and name in _wanted()
 
 
-def disk_full_armed() -> bool:
-  """Whether ``$VPTPC_FAULT_ENOSPC`` asks the next save to fail."""
-  return os.environ.get(ENV_ENOSPC, "") == "save"
+def disk_full_now() -> bool:
+  """Counts a save; whether ``$VPTPC_FAULT_ENOSPC`` makes this one fail."""
+  n = os.environ.get(ENV_ENOSPC, "")
+  if not n:
+    return False
+  _hits["enospc"] += 1
+  return _hits["enospc"] == int(n)
 
 
 def disk_full_error(path: str) -> OSError:

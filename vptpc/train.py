@@ -871,6 +871,7 @@ def _save(mngr, state: TrainState, rng: jax.Array) -> None:
   try:
     with _injected_faults():
       mngr.save(step, args=ocp.args.StandardSave(flat))
+    _write_digest(mngr, step)
   except OSError as e:
     where = os.fspath(mngr.directory)
     kept = (
@@ -896,7 +897,7 @@ def _injected_faults():
   """
   from vptpc import faults
 
-  crash, full = faults.armed("save"), faults.disk_full_armed()
+  crash, full = faults.armed("save"), faults.disk_full_now()
   if not crash and not full:
     yield
     return
@@ -922,6 +923,73 @@ def _injected_faults():
     cls.finalize, async_path.write_text = finalize, write_text
 
 
+def _digest_dir(mngr) -> str:
+  """``<workdir>/checkpoints_digest``: one JSON per checkpoint step."""
+  return os.path.join(os.path.dirname(os.fspath(mngr.directory)), DIGESTS)
+
+
+DIGESTS = "checkpoints_digest"
+
+
+def _file_digests(step_dir: str) -> dict[str, list]:
+  """``{relative path: [size, sha256]}`` of every file of a checkpoint."""
+  import hashlib
+
+  out = {}
+  for d, _, files in os.walk(step_dir):
+    for f in files:
+      path = os.path.join(d, f)
+      with open(path, "rb") as fh:
+        data = fh.read()
+      out[os.path.relpath(path, step_dir)] = [
+        len(data),
+        hashlib.sha256(data).hexdigest(),
+      ]
+  return out
+
+
+def _write_digest(mngr, step: int) -> None:
+  """Records the sizes and hashes of a saved checkpoint's files.
+
+  Orbax's files carry no end-to-end check a restore could be asked for
+  first, and a failed restore leaves TensorStore callbacks printing
+  tracebacks; checking these digests first names the damaged file and
+  step instead. Digests of steps Orbax has deleted are dropped.
+  """
+  if jax.process_index() != 0:
+    return
+  where = _digest_dir(mngr)
+  os.makedirs(where, exist_ok=True)
+  step_dir = os.path.join(os.fspath(mngr.directory), str(step))
+  _write_json(os.path.join(where, f"{step}.json"), _file_digests(step_dir))
+  keep = {f"{t}.json" for t in mngr.all_steps()}
+  for f in os.listdir(where):
+    if f.endswith(".json") and f not in keep:
+      os.remove(os.path.join(where, f))
+
+
+def _damage(mngr, step: int) -> str | None:
+  """What differs from a checkpoint's recorded digest (None: as recorded).
+
+  A checkpoint without a digest (an older vptpc's) is None as well.
+  """
+  try:
+    with open(os.path.join(_digest_dir(mngr), f"{step}.json")) as f:
+      want = json.load(f)
+  except (OSError, ValueError):
+    return None
+  step_dir = os.path.join(os.fspath(mngr.directory), str(step))
+  have = _file_digests(step_dir)
+  for rel, (size, digest) in sorted(want.items()):
+    if rel not in have:
+      return f"{rel} is missing"
+    if have[rel][0] != size:
+      return f"{rel} has {have[rel][0]} bytes, {size} were written"
+    if have[rel][1] != digest:
+      return f"{rel} differs from what was written"
+  return None
+
+
 def _restore(mngr, template: TrainState, rng: jax.Array, workdir, config):
   """Restores the latest readable checkpoint: (manager, state, rng).
 
@@ -939,20 +1007,24 @@ def _restore(mngr, template: TrainState, rng: jax.Array, workdir, config):
     for k, x in flat.items()
   }
   while (step := mngr.latest_step()) is not None:
-    try:
-      restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
-    except Exception as e:  # Orbax and TensorStore raise many types.
+    why = _damage(mngr, step)
+    if why is None:
+      try:
+        restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+      except Exception as e:  # Orbax and TensorStore raise many types.
+        why = f"{type(e).__name__}: " + (
+          str(e).splitlines()[0][:300] if str(e) else ""
+        )
+    if why is not None:
       steps = sorted(mngr.all_steps())
       earlier = [t for t in steps if t < step]
       bad = os.path.join(workdir, "checkpoints_bad", str(step))
-      msg = str(e).splitlines()[0][:300] if str(e) else ""
       logging.warning(
-        "Checkpoint step %d in %s/checkpoints is unreadable (%s: %s); it is "
+        "Checkpoint step %d in %s/checkpoints is unreadable (%s); it is "
         "moved to %s and %s.",
         step,
         workdir,
-        type(e).__name__,
-        msg,
+        why,
         bad,
         f"step {earlier[-1]} is used instead"
         if earlier
