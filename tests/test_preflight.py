@@ -218,11 +218,14 @@ def test_cli_bad_inputs_one_error_line_each_exit_2_nothing_written(
   assert len(errors) == 3, out.stderr
   assert "allow_pickle" not in out.stderr
   assert sorted(os.listdir(tmp_path)) == ["file", "random.npz"]
-  # A non-finite loss: one line (checkpoints kept), no traceback.
+  # A non-finite loss: one line (checkpoints kept), no traceback. The data
+  # is generated here: said so, no "Downloading", the directory named, and
+  # no start-up noise (TPU probing, OpenCV advice).
+  fresh = tmp_path / "tfds_new"
   out, _ = _cli(
     [
       "--config=configs/tiny.py:epochs=2,base_lr=1e30,parallel=jit",
-      f"--config.data.data_dir={data_dir}",
+      f"--config.data.data_dir={fresh}",
       "--config.data.train_split=train[:64]",
       "--config.warmup_epochs=0",
       "--config.log_every_steps=1",
@@ -231,6 +234,27 @@ def test_cli_bad_inputs_one_error_line_each_exit_2_nothing_written(
   )
   assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
   assert "error: Non-finite training loss" in out.stderr
+  both = out.stdout + out.stderr
+  assert f"Generating vptpc_toy locally into {fresh}" in out.stdout
+  assert "Downloading" not in both and "downloaded and prepared" not in both
+  assert f"Data: vptpc_toy in {fresh} (config.data.data_dir)" in out.stderr
+  assert "OpenCV" not in both and "backend 'tpu'" not in both
+  assert "\r" not in both  # no progress bar redrawn into a pipe
+
+
+def test_progress_lines_replace_the_bar_off_a_terminal():
+  buf = io.StringIO()
+  bar = train.ProgressLines(total=100, initial=0, out=buf)
+  bar.set_postfix(loss="1.0000")
+  for _ in range(100):
+    bar.update(1)
+  lines = buf.getvalue().splitlines()
+  # The first step and the last; a line per tenth only 30 s apart.
+  assert lines == [
+    "step 1/100 (1%) loss 1.0000",
+    "step 100/100 (100%) loss 1.0000",
+  ]
+  assert not train._interactive()  # pytest captures: not a terminal
 
 
 def test_serve_reports_a_bad_line_and_carries_on(

@@ -106,6 +106,12 @@ def _is_remote(path: str) -> bool:
   return "://" in path
 
 
+def _main_process() -> bool:
+  import jax
+
+  return jax.process_index() == 0
+
+
 def dir_problems(path: str, name: str, fix: str) -> list[str]:
   """``path`` is a directory, or can be created, and is writable.
 
@@ -356,7 +362,9 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> Plan:
     problems += device_problems(config)
   for s in planned:
     problems += stage_problems(s)
-  if not _is_remote(workdir):
+  if not _is_remote(workdir) and _main_process():
+    # Process 0 alone takes the lock; the others of a multi-process run
+    # would find it held by their own run.
     held = rundir.holder(workdir)
     if held is not None:
       problems.append(rundir._locked_message(workdir, held))  # noqa: SLF001
