@@ -10,6 +10,13 @@ checkpoint on every start instead of being saved in the workdir.
 it has no collectives; under `jax.pmap` (``axis_name`` set) it sums the
 masked loss, gradients and counts over devices, so the update equals the
 single-device update for the same global batch.
+
+Checkpoints (Orbax, ``<workdir>/checkpoints/<step>``) are saved
+synchronously and atomically, with the size and hash of every file recorded
+in ``<workdir>/checkpoints_digest``: a resume names a damaged latest
+checkpoint and falls back to the previous one, a full disk fails the save
+with the previous checkpoint intact, and a run killed at any point resumes
+to the same prompts, bit for bit on CPU (tests/test_faults.py).
 """
 
 from __future__ import annotations
