@@ -215,10 +215,15 @@ def test_pmap_run_and_eval_only(tmp_path, data_dir):
 
 
 def test_eval_only_without_checkpoint_is_an_error(tmp_path, data_dir):
+  from vptpc.preflight import PreflightError
+
   c = tiny_config("epochs=1", **{"data.data_dir": data_dir})
   c.eval_only = True
-  with pytest.raises(FileNotFoundError, match="no checkpoint"):
-    train.train_and_evaluate(c, str(tmp_path))
+  # A precondition: reported before anything is written (it used to be a
+  # FileNotFoundError after the workdir's config.json was written).
+  with pytest.raises(PreflightError, match="no checkpoint"):
+    train.train_and_evaluate(c, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
 
 
 def test_non_finite_loss_aborts_with_message(tmp_path, data_dir):

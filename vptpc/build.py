@@ -103,6 +103,7 @@ _NOT_IN_PROGRAM = (
   "eval_only",
   "progress_bar",
   "parallel",
+  "overwrite",
 )
 
 

@@ -84,14 +84,22 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
       f"Checkpoint file {path!r} does not exist. Download a vit_jax .npz "
       "(e.g. ViT-B_16.npz) or use the embedded default backbone."
     )
+  if not zipfile.is_zipfile(path):
+    # np.load would try it as a pickle and advise allow_pickle=True: wrong
+    # advice for a corrupt or truncated file.
+    raise CheckpointError(
+      f"Checkpoint file {path!r} is not a .npz archive (not a zip file: "
+      "truncated, corrupt or another format). Re-download the vit_jax .npz."
+    )
   try:
     with np.load(path, allow_pickle=False) as z:
       # Reading each array now surfaces truncation here, not mid-training.
       flat = {k: np.asarray(z[k]) for k in z.files}
   except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
     raise CheckpointError(
-      f"Checkpoint file {path!r} is not a readable .npz archive "
-      f"(truncated or another format?): {type(e).__name__}: {e}"
+      f"Checkpoint file {path!r} is a damaged .npz archive "
+      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+      "Re-download the vit_jax .npz."
     ) from e
   if not flat:
     raise CheckpointError(f"Checkpoint file {path!r} holds no arrays.")

@@ -317,6 +317,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3  # newest checkpoints kept
   c.eval_only = False  # Restore the latest checkpoint and evaluate.
   c.progress_bar = True  # tqdm bar while training
+  # Start afresh in a workdir that holds a run of another config: the old
+  # run is moved aside to a timestamped sibling (vptpc.rundir), not deleted.
+  c.overwrite = False
   return c
 
 
@@ -369,11 +372,10 @@ _POSITIVE = (
 )
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks values a config file or override could get wrong.
+def problems(config: ml_collections.ConfigDict) -> list[str]:
+  """Every invalid value of a config, one message per key (empty: valid).
 
-  Raises:
-    ConfigError: naming the key, the bad value and what is allowed.
+  `validate` raises the first; `vptpc.preflight` reports them all at once.
   """
 
   def get(path):
@@ -382,54 +384,197 @@ def validate(config: ml_collections.ConfigDict) -> None:
       node = node[part]
     return node
 
+  out = []
   for key, allowed in _CHOICES.items():
     if get(key) not in allowed:
-      raise ConfigError(
+      out.append(
         f"config.{key}={get(key)!r} is not one of {', '.join(allowed)}."
       )
   for key in _POSITIVE:
     if not get(key) > 0:
-      raise ConfigError(f"config.{key} must be > 0, got {get(key)!r}.")
+      out.append(f"config.{key} must be > 0, got {get(key)!r}.")
   if not 0 <= config.prompt.dropout < 1:
-    raise ConfigError(
+    out.append(
       f"config.prompt.dropout must be in [0, 1), got {config.prompt.dropout}."
     )
   if config.prompt.num_prompts < 0:
-    raise ConfigError(
+    out.append(
       f"config.prompt.num_prompts must be >= 0, got {config.prompt.num_prompts}."
     )
   if config.model.kv_only and config.prompt.variant == "shallow":
-    raise ConfigError(
+    out.append(
       "config.model.kv_only=True is exact only for prompt.variant=deep; set "
       "config.model.kv_only=False for VPT-Shallow."
     )
   if not 0.0 <= config.condense.keep <= 1.0:
-    raise ConfigError(
+    out.append(
       f"config.condense.keep must be in [0, 1] (0 = off), got "
       f"{config.condense.keep}."
     )
   if config.condense.keep > 0 and config.prompt.variant != "deep":
-    raise ConfigError(
+    out.append(
       "config.condense.keep needs prompt.variant=deep (PC condenses VPT-Deep)."
     )
   if config.condense.ft_epochs == 0 or config.condense.ft_epochs < -1:
-    raise ConfigError(
+    out.append(
       "config.condense.ft_epochs must be >= 1, or -1 for total_epochs; got "
       f"{config.condense.ft_epochs}."
     )
   if not 0 <= config.warmup_epochs < config.total_epochs:
-    raise ConfigError(
+    out.append(
       f"config.warmup_epochs={config.warmup_epochs} must be in "
       f"[0, total_epochs={config.total_epochs})."
+    )
+  if config.model.get("head_init", "vpt") not in ("vpt", "zeros"):
+    out.append(
+      f"config.model.head_init={config.model.head_init!r} is not one of "
+      "vpt, zeros."
     )
   if config.data.task:
     from vptpc.data import vtab
 
     if config.data.task not in vtab.TASKS:
-      raise ConfigError(
+      out.append(
         f"config.data.task={config.data.task!r} is not a known task; known: "
         f"{', '.join(vtab.TASKS)}."
       )
+  return out
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks values a config file or override could get wrong.
+
+  Raises:
+    ConfigError: naming each bad key, its value and what is allowed (one
+      line per key).
+  """
+  found = problems(config)
+  if found:
+    raise ConfigError("\n".join(found))
+
+
+def finetune_config(
+  config: ml_collections.ConfigDict,
+) -> ml_collections.ConfigDict:
+  """The config of Prompt Condensation's fine-tuning stage.
+
+  ``condense.ft_epochs`` / ``ft_base_lr`` (when set) replace the training
+  length and LR, and ``condense.ft_head`` decides whether the head trains.
+  """
+  cc = config.condense
+  ft = ml_collections.ConfigDict(config.to_dict())
+  if cc.ft_epochs > 0:
+    ft.total_epochs = cc.ft_epochs
+    ft.warmup_epochs = min(config.warmup_epochs, cc.ft_epochs - 1)
+  if cc.ft_base_lr > 0:
+    ft.base_lr = cc.ft_base_lr
+  ft.train_head = cc.ft_head
+  return ft
+
+
+# ---------------------------------------------------------------------------
+# Which keys may change when a workdir is run again.
+# ---------------------------------------------------------------------------
+
+# A workdir holds one run: its checkpoints, metrics and results come from the
+# config stored in its ``config.json``. Running into it again compares that
+# config with the new one (`changed_keys`):
+#
+# * Keys listed here are SAFE to change mid-run: they decide how the run is
+#   executed, logged, checkpointed or evaluated, never which prompts it
+#   trains (a resume that changes ``parallel`` or ``model.attention_impl``
+#   may differ in the last float bits, as another device count would). A
+#   change is logged and the run resumes; a finished run is re-evaluated.
+# * Every other key is UNSAFE: model and backbone, prompt counts and init,
+#   data and training split, seed, LR schedule (base_lr, epochs, warmup,
+#   weight decay, momentum), batch size, head training. A change is an error
+#   naming each key with both values, unless ``config.overwrite=True`` (the
+#   old run is moved aside to a timestamped sibling) or another workdir is
+#   used. Keys a stored config lacks (written by an older vptpc) are not
+#   compared, nor is ``overwrite`` itself.
+# * ``eval_batch_size`` is unsafe with ``model.prelogit_norm=standardize``,
+#   whose feature statistics are summed in eval batches.
+# * A training stage ignores ``protocol.*`` (the driver's grid and seeds;
+#   each of its runs stores its own lr, wd and seed) and ``condense.*`` (read
+#   only by the condensation step); a Prompt Condensation run compares
+#   ``condense.*`` in its top-level ``config.json``, written when it starts
+#   condensing.
+SAFE_TO_CHANGE = (
+  "eval_only",
+  "log_every_steps",
+  "eval_every_epochs",
+  "checkpoint_every_steps",
+  "keep_checkpoints",
+  "progress_bar",
+  "parallel",
+  "scan_steps",
+  "eval_batch_size",
+  "data.eval_split",
+  "data.data_dir",
+  "data.on_device",
+  "data.device_max_gb",
+  "data.cache_max_gb",
+  "model.attention_impl",
+  "model.fuse_qkv",
+)
+# Subtrees a training stage does not compare (see above).
+STAGE_IGNORES = ("protocol", "condense")
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def _plain(v: Any) -> Any:
+  """JSON's view of a value (tuples are lists), as config.json stores it."""
+  import json
+
+  return json.loads(json.dumps(v, default=str))
+
+
+def changed_keys(
+  stored: dict[str, Any],
+  new: dict[str, Any],
+  *,
+  ignore: tuple[str, ...] = (),
+) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
+  """The keys whose value differs between a stored and a new config.
+
+  Args:
+    stored: the workdir's ``config.json``.
+    new: ``config.to_dict()`` of the new run.
+    ignore: top-level subtrees not compared (`STAGE_IGNORES`).
+
+  Returns:
+    ``(unsafe, safe)``: lists of ``(dotted key, stored value, new value)``
+    (see `SAFE_TO_CHANGE`), sorted by key.
+  """
+  a, b = _flatten(_plain(stored)), _flatten(_plain(new))
+  standardize = (
+    b.get("model.prelogit_norm") == "standardize"
+    or a.get("model.prelogit_norm") == "standardize"
+  )
+  unsafe, safe = [], []
+  for key in sorted(set(a) & set(b)):
+    if key.split(".")[0] in ignore or key == "overwrite" or a[key] == b[key]:
+      continue
+    is_safe = key in SAFE_TO_CHANGE
+    if key == "eval_batch_size" and standardize:
+      is_safe = False
+    (safe if is_safe else unsafe).append((key, a[key], b[key]))
+  return unsafe, safe
+
+
+def describe_changes(changes: list[tuple[str, Any, Any]]) -> str:
+  """``config.k: old -> new; ...`` for messages."""
+  return "; ".join(f"config.{k}: {old!r} -> {new!r}" for k, old, new in changes)
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:

@@ -3,6 +3,12 @@
 Kept thin on purpose (as the flax examples): flags, device logging, then
 `vptpc.protocol.run` (one run, or VPT's tune / final protocol, by
 ``config.protocol.mode``), which notebooks and tests call directly.
+
+Every error a user can cause (a config, workdir, checkpoint, prompts file
+or data problem, a workdir another run holds, a non-finite loss, a full
+disk) ends in ``error:`` lines on stderr and exit status 2, without a
+traceback; unmet preconditions are all listed at once, before anything is
+written (`vptpc.preflight`).
 """
 
 from __future__ import annotations
@@ -29,8 +35,45 @@ _DISTRIBUTED = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _config_file_error(argv: list[str]) -> str | None:
+  """Names a ``--config`` file that does not exist (before it is loaded)."""
+  for i, a in enumerate(argv[1:], 1):
+    if a == "--config" and i + 1 < len(argv):
+      a = "--config=" + argv[i + 1]
+    if a.startswith("--config="):
+      path = a.split("=", 1)[1].partition(":")[0]
+      if path and not os.path.isfile(path):
+        here = os.path.join(os.path.dirname(path) or ".", "*.py")
+        import glob
+
+        have = sorted(glob.glob(here))[:8]
+        return (
+          f"config file {path!r} does not exist (--config={path}); "
+          + (
+            f"files there: {', '.join(have)}"
+            if have
+            else "pass a config .py file, e.g. --config=configs/tiny.py"
+          )
+          + "."
+        )
+  return None
+
+
+def _fail(lines: list[str] | str) -> None:
+  """Prints one ``error:`` line per problem and exits with status 2."""
+  if isinstance(lines, str):
+    first, *rest = lines.splitlines() or [""]
+    lines = [first + "".join(f"\n  {r}" for r in rest)]
+  for line in lines:
+    print(f"error: {line}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """Parses flags, turning ml_collections' tracebacks into one clear line."""
+  missing = _config_file_error(argv)
+  if missing:
+    _fail(missing)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -40,33 +83,54 @@ def _parse_flags(argv: list[str]) -> list[str]:
     msg = lines[0]
     if len(lines) > 1:
       msg = f"{lines[0].split(':')[0]}: {lines[-1]}"
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+    _fail(msg)
   except (KeyError, AttributeError) as e:
     # An unknown --config.<key> surfaces as a raw KeyError/AttributeError.
     bad = [a for a in argv[1:] if a.startswith("--config.")]
     inner = e.args[0] if e.args else e
     text = inner.args[0] if isinstance(inner, KeyError) else str(inner)
     text = str(text).replace("\n", "; ")
-    print(
-      f"error: unknown config key in {' '.join(bad)}: {text}",
-      file=sys.stderr,
-    )
-    sys.exit(2)
+    _fail(f"unknown config key in {' '.join(bad)}: {text}")
 
 
-class _QuietOrbax:
-  """Drops Orbax's per-save INFO chatter from the terminal (kept: warnings)."""
+class _Quiet:
+  """Drops start-up and library chatter that tells a user nothing.
+
+  Dropped: Orbax's per-save INFO lines; TFDS's INFO lines (vptpc names the
+  data directory itself) and its "OpenCV is not installed" advice (PIL
+  decodes the same images); JAX's INFO line about a TPU backend it probed
+  for and did not find on a CPU or GPU machine; Orbax's traceback of a
+  failed checkpoint write, which vptpc reports as one line. Every other
+  warning and error is kept.
+  """
 
   def filter(self, record) -> bool:
-    return record.levelno >= 30 or "orbax" not in record.pathname
+    path = record.pathname.replace(os.sep, "/")
+    if "orbax" in path:
+      exc = record.exc_info[1] if record.exc_info else None
+      return record.levelno >= 30 and not isinstance(exc, OSError)
+    if "tensorflow_datasets" in path:
+      return record.levelno >= 30 and "OpenCV" not in record.getMessage()
+    if path.endswith("xla_bridge.py") and record.levelno < 30:
+      return "Unable to initialize backend" not in record.getMessage()
+    return True
 
 
 def main(argv: list[str]) -> None:
   """Runs training and evaluation for the parsed config."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietOrbax())
+  quiet = _Quiet()
+  logging.get_absl_handler().addFilter(quiet)
+  import logging as std_logging
+
+  # Orbax's thread errors reach Python's root handlers as well.
+  for h in std_logging.getLogger().handlers:
+    h.addFilter(quiet)
+  try:
+    config = _CONFIG.value
+  except (OSError, ValueError, flags.Error) as e:
+    _fail(f"--config: {str(e).strip().splitlines()[-1]}")
   # Keep TensorFlow (if TFDS pulls it in) off the accelerators JAX uses.
   try:
     import tensorflow as tf
@@ -89,7 +153,9 @@ def main(argv: list[str]) -> None:
   from vptpc.checkpoint import CheckpointError
   from vptpc.config_util import ConfigError
   from vptpc.data.pipeline import DataError
+  from vptpc.preflight import PreflightError
   from vptpc.prompts import PromptFileError
+  from vptpc.rundir import WorkdirLocked
 
   logging.info(
     "Process %d of %d; devices: %s local, %s global",
@@ -99,12 +165,23 @@ def main(argv: list[str]) -> None:
     jax.device_count(),
   )
   try:
-    protocol.run(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, DataError, CheckpointError, PromptFileError) as e:
-    # Input errors get their message, not a traceback; the workdir's
-    # checkpoints are untouched by them.
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    protocol.run(config, _WORKDIR.value)
+  except PreflightError as e:
+    # Every unmet precondition, one line each; nothing was written.
+    _fail(e.problems)
+  except (
+    ConfigError,
+    DataError,
+    CheckpointError,
+    PromptFileError,
+    WorkdirLocked,
+    FloatingPointError,
+    OSError,
+  ) as e:
+    # Input errors and faults a user can act on get their message, not a
+    # traceback: a config file, workdir or checkpoint problem, a held lock,
+    # a non-finite loss, a full disk. Checkpoints are left as they were.
+    _fail(str(e))
 
 
 if __name__ == "__main__":

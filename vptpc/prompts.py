@@ -410,12 +410,19 @@ def load_prompts(
   path = os.fspath(path)
   if not os.path.exists(path):
     raise PromptFileError(f"Prompt file {path!r} does not exist.")
+  if not zipfile.is_zipfile(path):
+    # np.load would try a pickle and advise allow_pickle: wrong advice.
+    raise PromptFileError(
+      f"Prompt file {path!r} is not a readable .npz (not a zip file: "
+      "truncated, corrupt or another format)."
+    )
   try:
     with np.load(path, allow_pickle=False) as z:
       arrays = {k: np.asarray(z[k]) for k in z.files}
   except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
     raise PromptFileError(
-      f"Prompt file {path!r} is not a readable .npz (truncated?): {e}"
+      f"Prompt file {path!r} is not a readable .npz (truncated?): "
+      f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     ) from e
   if "__meta__" not in arrays:
     raise PromptFileError(

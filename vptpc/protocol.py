@@ -17,7 +17,9 @@ VPT's protocol (vpt.md §4-5), reproduced:
   CSV.
 
 Every run lives in its own sub-workdir, so an interrupted grid resumes
-where it stopped (finished runs are read back from their ``results.json``).
+where it stopped (finished runs are read back from their ``results.json``,
+after the preflight has checked that each was trained with the config the
+new invocation would use; `vptpc.rundir`).
 """
 
 from __future__ import annotations
@@ -37,16 +39,27 @@ import numpy as np
 from absl import logging
 
 
+def _done(workdir: str) -> dict[str, Any] | None:
+  """A finished run's ``results.json`` (None: not finished)."""
+  try:
+    with open(os.path.join(workdir, "results.json")) as f:
+      res = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if "eval_accuracy" in res or "condensed" in res:
+    return res
+  return None
+
+
 def _run(config, workdir: str) -> dict[str, Any]:
+  """One run of a grid or of the seeds; a finished one is read back.
+
+  The preflight of `tune` / `final` has compared each finished run's stored
+  config with ``config`` already, so a result read back is this config's.
+  """
   from vptpc import train
 
-  done = os.path.join(workdir, "results.json")
-  if os.path.exists(done):
-    with open(done) as f:
-      res = json.load(f)
-    if "eval_accuracy" in res or "condensed" in res:
-      return res
-  return train.train_and_evaluate(config, workdir)
+  return _done(workdir) or train.train_and_evaluate(config, workdir)
 
 
 def _accuracy(res: dict[str, Any]) -> float:
@@ -60,43 +73,90 @@ def _fmt(v: float) -> str:
   return f"{v:g}"
 
 
-def tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs the lr x wd grid on the tune splits; writes ``tune.json``."""
-  from vptpc import train
+def tune_runs(
+  config: ml_collections.ConfigDict, workdir: str
+) -> list[tuple[ml_collections.ConfigDict, str]]:
+  """(config, workdir) of every grid point of ``mode=tune``, in grid order.
 
+  Each point trains ``protocol.tune_splits`` as a single run in
+  ``<workdir>/tune/lr<lr>_wd<wd>``, vmapped or not.
+  """
   p = config.protocol
-  rows, chunks = [], []
-  if p.get("vmap", False):
-    from vptpc import sweep
-
-    c = ml_collections.ConfigDict(config.to_dict())
-    c.data.train_split, c.data.eval_split = p.tune_splits
-    members = [(float(lr), float(wd)) for lr in p.lrs for wd in p.wds]
-    for r in sweep.train_grid_chunked(c, members, p.get("vmap_chunk", 0)):
-      if not any(t is r["timing"] for t in chunks):
-        chunks.append(r["timing"])
-      rows.append(
-        {
-          "base_lr": r["base_lr"],
-          "weight_decay": r["weight_decay"],
-          "val": r["eval_accuracy"],
-        }
-      )
-  for lr in p.lrs if not p.get("vmap", False) else ():
+  out = []
+  for lr in p.lrs:
     for wd in p.wds:
       c = ml_collections.ConfigDict(config.to_dict())
       c.base_lr, c.weight_decay = float(lr), float(wd)
       c.data.train_split, c.data.eval_split = p.tune_splits
       c.protocol.mode = "single"
-      run = os.path.join(workdir, "tune", f"lr{_fmt(lr)}_wd{_fmt(wd)}")
-      try:
-        acc = _accuracy(_run(c, run))
-      except FloatingPointError as e:
-        # A diverged grid point is a result (it loses), not a crash.
-        logging.warning("lr %s wd %s diverged: %s", lr, wd, e)
-        acc = float("nan")
-      rows.append({"base_lr": float(lr), "weight_decay": float(wd), "val": acc})
-      logging.info("tune lr=%s wd=%s val=%.4f", lr, wd, acc)
+      out.append(
+        (c, os.path.join(workdir, "tune", f"lr{_fmt(lr)}_wd{_fmt(wd)}"))
+      )
+  return out
+
+
+def tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs the lr x wd grid on the tune splits; writes ``tune.json``.
+
+  Every grid point's result lands in its own ``tune/lr<lr>_wd<wd>`` run
+  directory (with ``protocol.vmap``, once its vmapped chunk has trained),
+  so an interrupted grid resumes at the first unfinished point or chunk.
+  """
+  from vptpc import rundir
+
+  workdir = os.path.abspath(workdir)
+  with rundir.entry(config, workdir, kind="protocol") as run:
+    run.start(store_config=False)
+    return _tune(config, workdir)
+
+
+def _tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  from vptpc import train
+
+  p = config.protocol
+  runs = tune_runs(config, workdir)
+  already = all(_done(d) for _, d in runs)
+  rows, chunks = [], []
+  if p.get("vmap", False):
+    from vptpc import sweep
+
+    size = p.get("vmap_chunk", 0) or len(runs)
+    for i in range(0, len(runs), size):
+      part = runs[i : i + size]
+      results = [_done(d) for _, d in part]
+      if not all(results):
+        # Chunks keep their members on a resume: a vmapped job's numbers
+        # depend only on its members.
+        c = ml_collections.ConfigDict(part[0][0].to_dict())
+        results = sweep.train_grid(
+          c,
+          [(pc.base_lr, pc.weight_decay) for pc, _ in part],
+          export_dirs=[d for _, d in part],
+          member_configs=[pc for pc, _ in part],
+        )
+      timing = results[0].get("timing")
+      if timing is not None and not any(t == timing for t in chunks):
+        chunks.append(timing)
+      for (pc, _), r in zip(part, results, strict=True):
+        acc = r["eval_accuracy"]
+        acc = float("nan") if acc is None else acc
+        rows.append(
+          {
+            "base_lr": pc.base_lr,
+            "weight_decay": pc.weight_decay,
+            "val": acc,
+          }
+        )
+  for c, run in runs if not p.get("vmap", False) else ():
+    lr, wd = c.base_lr, c.weight_decay
+    try:
+      acc = _accuracy(_run(c, run))
+    except FloatingPointError as e:
+      # A diverged grid point is a result (it loses), not a crash.
+      logging.warning("lr %s wd %s diverged: %s", lr, wd, e)
+      acc = float("nan")
+    rows.append({"base_lr": float(lr), "weight_decay": float(wd), "val": acc})
+    logging.info("tune lr=%s wd=%s val=%.4f", lr, wd, acc)
   finite = [r for r in rows if math.isfinite(r["val"])]
   if not finite:
     raise FloatingPointError(f"Every grid point diverged; see {workdir}/tune.")
@@ -114,13 +174,17 @@ def tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   }
   if chunks:
     out["chunks"] = chunks  # wall time of each vmapped job
-  # A vmapped grid writes no run directories, so the workdir may not exist.
   os.makedirs(workdir, exist_ok=True)
   train._write_json(os.path.join(workdir, "tune.json"), out)
   with open(os.path.join(workdir, "tune.csv"), "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=["base_lr", "weight_decay", "val"])
     w.writeheader()
     w.writerows(rows)
+  if already:
+    print(
+      f"tune: already finished in {workdir} ({len(rows)} grid points, "
+      "unchanged config); nothing trained."
+    )
   print(
     f"tune: best base_lr={best['base_lr']:g} weight_decay="
     f"{best['weight_decay']:g} val top-1 {100 * best['val']:.2f}% "
@@ -130,12 +194,24 @@ def tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def tuned_values(config, workdir: str) -> tuple[float, float, str]:
-  """(base_lr, weight_decay, where they came from) for the final runs."""
+  """(base_lr, weight_decay, where they came from) for the final runs.
+
+  Raises:
+    FileNotFoundError: ``protocol.tuned_from`` names a missing file.
+    ValueError: the tune.json read is not one `tune` wrote.
+  """
   path = config.protocol.tuned_from or os.path.join(workdir, "tune.json")
   if os.path.exists(path):
-    with open(path) as f:
-      best = json.load(f)["best"]
-    return float(best["base_lr"]), float(best["weight_decay"]), path
+    try:
+      with open(path) as f:
+        best = json.load(f)["best"]
+      return float(best["base_lr"]), float(best["weight_decay"]), path
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise ValueError(
+        f"{path} is not a tune.json written by mode=tune ({type(e).__name__}: "
+        f"{e}); run mode=tune again (--config.overwrite=True) or set "
+        "config.protocol.tuned_from."
+      ) from None
   if config.protocol.tuned_from:
     raise FileNotFoundError(
       f"config.protocol.tuned_from={path!r} does not exist (run mode=tune "
@@ -144,25 +220,48 @@ def tuned_values(config, workdir: str) -> tuple[float, float, str]:
   return float(config.base_lr), float(config.weight_decay), "config"
 
 
-def final(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains the seeds on the final splits; writes ``final.json``."""
-  from vptpc import train
-
+def final_runs(
+  config: ml_collections.ConfigDict, workdir: str
+) -> list[tuple[ml_collections.ConfigDict, str]]:
+  """(config, workdir) of every seed of ``mode=final``, in seed order."""
   p = config.protocol
-  lr, wd, source = tuned_values(config, workdir)
-  accs, runs = [], []
+  lr, wd, _ = tuned_values(config, workdir)
+  out = []
   for seed in p.seeds:
     c = ml_collections.ConfigDict(config.to_dict())
     c.seed, c.base_lr, c.weight_decay = int(seed), lr, wd
     c.data.train_split, c.data.eval_split = p.final_splits
     c.protocol.mode = "single"
-    run = os.path.join(workdir, "final", f"seed{seed}")
+    out.append((c, os.path.join(workdir, "final", f"seed{seed}")))
+  return out
+
+
+def final(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains the seeds on the final splits; writes ``final.json``."""
+  from vptpc import rundir
+
+  workdir = os.path.abspath(workdir)
+  with rundir.entry(config, workdir, kind="protocol") as run:
+    run.start(store_config=False)
+    return _final(config, workdir)
+
+
+def _final(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  from vptpc import faults, train
+
+  lr, wd, source = tuned_values(config, workdir)
+  runs = final_runs(config, workdir)
+  already = all(_done(d) for _, d in runs)
+  accs, seeds = [], []
+  for i, (c, run) in enumerate(runs):
+    if i:
+      faults.point("final_seed")
     t0 = time.perf_counter()
     res = _run(c, run)
     accs.append(_accuracy(res))
-    runs.append(
+    seeds.append(
       {
-        "seed": int(seed),
+        "seed": int(c.seed),
         "test": accs[-1],
         "workdir": run,
         "wall_s": round(time.perf_counter() - t0, 2),
@@ -180,12 +279,17 @@ def final(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     "base_lr": lr,
     "weight_decay": wd,
     "tuned_from": source,
-    "splits": list(p.final_splits),
+    "splits": list(config.protocol.final_splits),
     "mean": float(np.mean(accs)),
     "std": float(np.std(accs)),
-    "seeds": runs,
+    "seeds": seeds,
   }
   train._write_json(os.path.join(workdir, "final.json"), out)
+  if already:
+    print(
+      f"final: already finished in {workdir} ({len(accs)} seeds, unchanged "
+      "config); nothing trained."
+    )
   print(
     f"final: {out['task']} test top-1 {100 * out['mean']:.2f} ± "
     f"{100 * out['std']:.2f} over {len(accs)} seeds (lr {lr:g}, wd {wd:g} "
@@ -195,7 +299,12 @@ def final(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Dispatches on ``config.protocol.mode`` (single, tune, final)."""
+  """Dispatches on ``config.protocol.mode`` (single, tune, final).
+
+  Every mode checks its preconditions first and reports all unmet ones in
+  one `vptpc.preflight.PreflightError` before writing anything
+  (`vptpc.rundir`).
+  """
   from vptpc import train
 
   mode = config.protocol.mode

@@ -15,7 +15,9 @@ running each task alone (tested); the backbone is shared, not copied.
       --task=digits=... --task=count=...          # "task path" lines
 
 Prints one JSON line per image: path, task, predicted class, its
-probability and the top-5. ``--backbone`` is a vit_jax ``.npz`` (default:
+probability and the top-5. A line that cannot be served (malformed, an
+unknown task, a missing or corrupt image) gets one ``error:`` line on
+stderr and serving carries on; the exit status is then 2. ``--backbone`` is a vit_jax ``.npz`` (default:
 the embedded fractal ViT, ``--model=fractal-Ti/4``); each prompts file must
 have been trained on that backbone (`vptpc.prompts.load_prompts` checks).
 """
@@ -153,8 +155,26 @@ def classify(
   )
 
 
-def _read_requests(images: str) -> list[tuple[str | None, str]]:
-  """(task or None, path) pairs from a folder or ``task path`` stdin lines."""
+@dataclasses.dataclass
+class Request:
+  """One image to classify: where it came from, its task and path.
+
+  ``error`` is set when the request cannot be served (a malformed line, an
+  unknown task, an unreadable image); it is reported and skipped.
+  """
+
+  where: str  # "stdin line 3" or the file name
+  task: str | None
+  path: str
+  error: str | None = None
+
+
+def _read_requests(images: str) -> list[Request]:
+  """Requests from a folder, or from ``task path`` lines on stdin.
+
+  Raises:
+    FileNotFoundError: ``images`` is not a folder, or holds no images.
+  """
   if images:
     if not os.path.isdir(images):
       raise FileNotFoundError(f"--images={images!r} is not a folder.")
@@ -166,23 +186,58 @@ def _read_requests(images: str) -> list[tuple[str | None, str]]:
     )
     if not files:
       raise FileNotFoundError(f"No images in {images!r}.")
-    return [(None, f) for f in files]
+    return [Request(f, None, f) for f in files]
   out = []
   for n, line in enumerate(sys.stdin, 1):
     if not line.strip():
       continue
     parts = line.split(maxsplit=1)
     if len(parts) != 2:
-      raise ValueError(f"stdin line {n}: expected 'task path', got {line!r}.")
-    out.append((parts[0], parts[1].strip()))
+      out.append(
+        Request(
+          f"stdin line {n}",
+          None,
+          "",
+          f"expected 'task path', got {line.strip()!r}",
+        )
+      )
+      continue
+    out.append(Request(f"stdin line {n}", parts[0], parts[1].strip()))
   return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """The ``python -m vptpc.serve`` command; returns the exit status."""
-  import argparse
+def _load_image(path: str, size: int) -> np.ndarray:
+  """The cached-form image of ``path`` (`pipeline.preprocess_image`).
 
-  from PIL import Image
+  Raises:
+    ValueError: the file is missing or not a readable image (named).
+  """
+  from PIL import Image, UnidentifiedImageError
+
+  from vptpc.data import pipeline
+
+  try:
+    with Image.open(path) as im:
+      arr = np.asarray(im.convert("RGB"))
+  except FileNotFoundError:
+    raise ValueError(f"no such file {path!r}") from None
+  except (UnidentifiedImageError, OSError, ValueError) as e:
+    raise ValueError(
+      f"cannot read image {path!r} ({type(e).__name__}: {e})"
+    ) from None
+  return pipeline.preprocess_image(arr, size)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """The ``python -m vptpc.serve`` command; returns the exit status.
+
+  A request that cannot be served (a malformed stdin line, an unknown task,
+  a missing or corrupt image) is reported on stderr as ``error: <where>:
+  <why>`` and the next one is served; the status is then 2, else 0.
+  Errors before serving (a bad flag, backbone or prompts file) print one
+  ``error:`` line and return 2.
+  """
+  import argparse
 
   from vptpc import assets, checkpoint
   from vptpc.data import pipeline
@@ -221,41 +276,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     bank = build_bank(backbone, tasks, num_heads=model.num_heads)
     requests = _read_requests(a.images)
     default = bank.names[0] if len(bank.names) == 1 else None
-    names = [t or default for t, _ in requests]
-    if None in names:
+    if a.images and default is None:
       raise ValueError(
         "Several tasks are loaded: give 'task path' lines on stdin instead "
         "of --images."
       )
-    ids = bank.task_ids(names)
-  except (ValueError, KeyError, FileNotFoundError) as e:
+  except (ValueError, KeyError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  for r in requests:
+    r.task = r.task or default
+    if r.error is None and r.task not in bank.names:
+      r.error = f"unknown task {r.task!r}; loaded: {', '.join(bank.names)}"
   fn = make_classifier(model)
-  for start in range(0, len(requests), a.batch_size):
-    chunk = requests[start : start + a.batch_size]
-    imgs = []
-    for _, path in chunk:
-      with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"))
-      imgs.append(pipeline.preprocess_image(arr, a.image_size))
-    x = pipeline.normalize(np.stack(imgs), a.normalize)
+  failed = 0
+
+  def report(r: Request) -> None:
+    nonlocal failed
+    failed += 1
+    print(f"error: {r.where}: {r.error}", file=sys.stderr, flush=True)
+
+  good: list[tuple[Request, np.ndarray]] = []
+
+  def flush_batch() -> None:
+    if not good:
+      return
+    chunk = good[: a.batch_size]
+    del good[: a.batch_size]
+    x = pipeline.normalize(np.stack([im for _, im in chunk]), a.normalize)
     # Pad to a fixed batch so the program compiles once.
     pad = a.batch_size - len(chunk)
     x = np.concatenate([x, np.repeat(x[:1], pad, 0)])
-    tid = np.concatenate(
-      [ids[start : start + len(chunk)], np.zeros(pad, np.int32)]
-    )
+    ids = bank.task_ids([r.task for r, _ in chunk])
+    tid = np.concatenate([ids, np.zeros(pad, np.int32)])
     probs = np.asarray(
       jax.nn.softmax(classify(model, backbone, bank, x, tid, fn), -1)
     )
-    for j, (_, path) in enumerate(chunk):
+    for j, (r, _) in enumerate(chunk):
       p = probs[j][: bank.num_classes[tid[j]]]
       top = np.argsort(-p)[:5]
       print(
         json.dumps(
           {
-            "image": path,
+            "image": r.path,
             "task": bank.names[tid[j]],
             "label": int(top[0]),
             "prob": round(float(p[top[0]]), 4),
@@ -264,7 +327,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         flush=True,
       )
-  return 0
+
+  for r in requests:
+    if r.error is None:
+      try:
+        good.append((r, _load_image(r.path, a.image_size)))
+      except ValueError as e:
+        r.error = str(e)
+    if r.error is not None:
+      report(r)
+    if len(good) >= a.batch_size:
+      flush_batch()
+  while good:
+    flush_batch()
+  return 2 if failed else 0
 
 
 if __name__ == "__main__":

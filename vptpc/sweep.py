@@ -13,13 +13,16 @@ batches as the separate run with the same seed would, so its result equals
 that run's up to float32 rounding (tested). ``config.protocol.vmap=True``
 makes ``mode=tune`` use this (`vptpc.protocol.tune`);
 ``config.protocol.vmap_chunk`` bounds how many members share one job
-(memory grows linearly with it). The grid job has no mid-run checkpoints:
-an interrupted grid restarts.
+(memory grows linearly with it). A grid job has no mid-run checkpoints: an
+interrupted job restarts, but `vptpc.protocol.tune` writes each finished
+job's members to their run directories (``export_dirs``), so a resumed
+grid skips the jobs that had finished.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -30,7 +33,7 @@ import ml_collections
 import optax
 from absl import logging
 
-from vptpc import optim, train
+from vptpc import faults, optim, train
 from vptpc.data import device as device_data
 from vptpc.data import pipeline
 from vptpc.models import vit
@@ -126,6 +129,9 @@ def _grid_programs(config, s, optimizer, unit_schedule) -> dict[str, Any]:
 def train_grid(
   config: ml_collections.ConfigDict,
   members: Sequence[tuple[float, float]],
+  *,
+  export_dirs: Sequence[str] | None = None,
+  member_configs: Sequence[ml_collections.ConfigDict] | None = None,
 ) -> list[dict[str, Any]]:
   """Trains every (base_lr, weight_decay) member in one vmapped job.
 
@@ -133,6 +139,11 @@ def train_grid(
     config: a training config (its ``base_lr``/``weight_decay`` are
       replaced per member; everything else is shared).
     members: (base_lr, weight_decay) pairs.
+    export_dirs: one directory per member: once the job has trained, each
+      gets the member's ``config.json`` (from ``member_configs``),
+      ``prompts.npz`` and, last, ``results.json`` (what
+      `vptpc.protocol.tune` reads back on a resume).
+    member_configs: the configs stored with ``export_dirs``.
 
   Returns:
     Per member: ``base_lr``, ``weight_decay``, ``eval_accuracy`` (NaN if
@@ -172,6 +183,8 @@ def train_grid(
   deval = train._device_split(s, s.eval, "jit")
   t_start = t_first = time.perf_counter()
   for epoch in range(config.total_epochs):
+    if epoch:
+      faults.point("grid_epoch")
     if epoch == 1:
       # The first epoch holds the compile; later ones are the sustained rate.
       jax.block_until_ready(finite)
@@ -244,7 +257,50 @@ def train_grid(
       }
     )
     logging.info("grid lr=%s wd=%s eval=%.4f", lr, wd, acc)
+  faults.point("grid_epoch")
+  if export_dirs is not None:
+    _export(s, config, out, export_dirs, member_configs)
   return out
+
+
+def _export(s, config, out, dirs, configs) -> None:
+  """Writes each member's run directory (see `train_grid`)."""
+  if jax.process_index() != 0:
+    return
+  from vptpc import prompts as prompts_lib
+
+  backbone = jax.device_get(
+    s.frozen if s.checkpoint_backbone is None else s.checkpoint_backbone
+  )
+  for i, (r, d) in enumerate(zip(out, dirs, strict=True)):
+    os.makedirs(d, exist_ok=True)
+    c = configs[i] if configs is not None else config
+    train._write_json(os.path.join(d, "config.json"), c.to_dict())
+    export = os.path.join(d, "prompts.npz")
+    prompts_lib.save_prompts(
+      export,
+      r["trainable"]["prompts"],
+      r["trainable"]["head"],
+      backbone=backbone,
+      metadata={
+        "dataset": config.data.name,
+        "eval_accuracy": r["eval_accuracy"],
+        "step": s.total_steps,
+        "model": config.model.name,
+      },
+    )
+    res = {
+      k: v for k, v in r.items() if k not in ("trainable",) and k != "timing"
+    }
+    res.update(
+      step=s.total_steps,
+      epochs=config.total_epochs,
+      eval_split=config.data.eval_split,
+      export=export,
+      vmapped=True,
+      timing=r["timing"],
+    )
+    train._write_json(os.path.join(d, "results.json"), res)
 
 
 def train_grid_chunked(

@@ -10,13 +10,23 @@ a reader looks for them, and stay importable from here:
 * `vptpc.build`: `setup` (config -> model, backbone, data, state),
   `load_backbone`, `program_key`, the pre-logit standardisation;
 * `vptpc.runner`: `Runner`, the jitted/pmapped and on-device programs.
+
+Checkpoints (Orbax, ``<workdir>/checkpoints/<step>``) are saved
+synchronously and atomically, with the size and hash of every file recorded
+in ``<workdir>/checkpoints_digest``: a resume names a damaged latest
+checkpoint and falls back to the previous one, a full disk fails the save
+with the previous checkpoint intact, and a run killed at any point resumes
+to the same prompts, bit for bit on CPU (tests/test_faults.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
+import sys
 import time
 from typing import Any
 
@@ -25,7 +35,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vptpc import parallel
+from vptpc import config_util, parallel
 from vptpc import prompts as prompts_lib
 from vptpc.build import (
   BACKBONE_CACHE_SIZE,
@@ -95,12 +105,23 @@ __all__ = [
 
 
 def _manager(workdir: str, config) -> Any:
+  """Orbax's manager of ``<workdir>/checkpoints``.
+
+  Saves are synchronous: the trainable state is KBs to a few MB, and a
+  save that has returned is on disk (a crash after it loses nothing, a
+  failed one raises at once). Each save is atomic (written to a temporary
+  directory, renamed into place), so a crash mid-save leaves the previous
+  checkpoints as they were.
+  """
   import orbax.checkpoint as ocp
 
   return ocp.CheckpointManager(
     os.path.join(workdir, "checkpoints"),
     options=ocp.CheckpointManagerOptions(
-      max_to_keep=config.keep_checkpoints, create=True
+      max_to_keep=config.keep_checkpoints,
+      create=True,
+      enable_async_checkpointing=False,
+      cleanup_tmp_directories=True,
     ),
   )
 
@@ -126,6 +147,12 @@ def _unflat(flat: dict[str, Any], template: Any) -> Any:
 
 
 def _save(mngr, state: TrainState, rng: jax.Array) -> None:
+  """Saves ``state`` and ``rng`` as the checkpoint of ``state.step``.
+
+  Raises:
+    OSError: the checkpoint could not be written (a full disk, say); the
+      message names the step, and the previous checkpoint is intact.
+  """
   import orbax.checkpoint as ocp
 
   host = jax.device_get(state)
@@ -133,22 +160,185 @@ def _save(mngr, state: TrainState, rng: jax.Array) -> None:
   # process-local device arrays, and every process holds the same values.
   tree = {"state": host, "rng": np.asarray(jax.random.key_data(rng))}
   flat, _ = _flat(jax.tree_util.tree_map(np.asarray, tree))
-  mngr.save(int(host.step), args=ocp.args.StandardSave(flat))
+  step = int(host.step)
+  previous = mngr.latest_step()
+  try:
+    with _injected_faults():
+      mngr.save(step, args=ocp.args.StandardSave(flat))
+    _write_digest(mngr, step)
+  except OSError as e:
+    where = os.fspath(mngr.directory)
+    kept = (
+      f"the previous checkpoint (step {previous}) is intact"
+      if previous is not None
+      else "no earlier checkpoint exists"
+    )
+    raise OSError(
+      e.errno,
+      f"Could not write checkpoint step {step} in {where} "
+      f"({e.strerror or e}); {kept}. Free space (or fix the directory) and "
+      "run the same command to resume",
+    ) from e
 
 
-def _restore(mngr, template: TrainState, rng: jax.Array):
+@contextlib.contextmanager
+def _injected_faults():
+  """`vptpc.faults`' ``save`` crash and simulated full disk, when armed.
+
+  Both hook Orbax where it writes a checkpoint's last files: the crash
+  comes after every file of the step is written and before its temporary
+  directory is renamed into place; the full disk fails the metadata write.
+  """
+  from vptpc import faults
+
+  crash, full = faults.armed("save"), faults.disk_full_now()
+  if not crash and not full:
+    yield
+    return
+  from orbax.checkpoint._src.path import async_path, atomicity
+
+  cls = atomicity.AtomicRenameTemporaryPath
+  finalize, write_text = cls.finalize, async_path.write_text
+
+  async def crashing_finalize(self):
+    faults.point("save")
+    return await finalize(self)
+
+  async def full_write_text(path, text, *a, **kw):
+    raise faults.disk_full_error(os.fspath(path))
+
+  if crash:
+    cls.finalize = crashing_finalize
+  if full:
+    async_path.write_text = full_write_text
+  try:
+    yield
+  finally:
+    cls.finalize, async_path.write_text = finalize, write_text
+
+
+def _digest_dir(mngr) -> str:
+  """``<workdir>/checkpoints_digest``: one JSON per checkpoint step."""
+  return os.path.join(os.path.dirname(os.fspath(mngr.directory)), DIGESTS)
+
+
+DIGESTS = "checkpoints_digest"
+
+
+def _file_digests(step_dir: str) -> dict[str, list]:
+  """``{relative path: [size, sha256]}`` of every file of a checkpoint."""
+  import hashlib
+
+  out = {}
+  for d, _, files in os.walk(step_dir):
+    for f in files:
+      path = os.path.join(d, f)
+      with open(path, "rb") as fh:
+        data = fh.read()
+      out[os.path.relpath(path, step_dir)] = [
+        len(data),
+        hashlib.sha256(data).hexdigest(),
+      ]
+  return out
+
+
+def _write_digest(mngr, step: int) -> None:
+  """Records the sizes and hashes of a saved checkpoint's files.
+
+  Orbax's files carry no end-to-end check a restore could be asked for
+  first, and a failed restore leaves TensorStore callbacks printing
+  tracebacks; checking these digests first names the damaged file and
+  step instead. Digests of steps Orbax has deleted are dropped.
+  """
+  if jax.process_index() != 0:
+    return
+  where = _digest_dir(mngr)
+  os.makedirs(where, exist_ok=True)
+  step_dir = os.path.join(os.fspath(mngr.directory), str(step))
+  _write_json(os.path.join(where, f"{step}.json"), _file_digests(step_dir))
+  keep = {f"{t}.json" for t in mngr.all_steps()}
+  for f in os.listdir(where):
+    if f.endswith(".json") and f not in keep:
+      os.remove(os.path.join(where, f))
+
+
+def _damage(mngr, step: int) -> str | None:
+  """What differs from a checkpoint's recorded digest (None: as recorded).
+
+  A checkpoint without a digest (an older vptpc's) is None as well.
+  """
+  try:
+    with open(os.path.join(_digest_dir(mngr), f"{step}.json")) as f:
+      want = json.load(f)
+  except (OSError, ValueError):
+    return None
+  step_dir = os.path.join(os.fspath(mngr.directory), str(step))
+  have = _file_digests(step_dir)
+  for rel, (size, digest) in sorted(want.items()):
+    if rel not in have:
+      return f"{rel} is missing"
+    if have[rel][0] != size:
+      return f"{rel} has {have[rel][0]} bytes, {size} were written"
+    if have[rel][1] != digest:
+      return f"{rel} differs from what was written"
+  return None
+
+
+def _restore(mngr, template: TrainState, rng: jax.Array, workdir, config):
+  """Restores the latest readable checkpoint: (manager, state, rng).
+
+  A checkpoint that fails to restore (truncated, corrupted) is reported
+  with a warning naming its step, moved to ``<workdir>/checkpoints_bad/``
+  (kept for inspection, out of Orbax's way) and the previous one is tried;
+  with none left, training starts from step 0.
+  """
   import orbax.checkpoint as ocp
 
-  step = mngr.latest_step()
   full = {"state": template, "rng": jax.random.key_data(rng)}
   flat, _ = _flat(full)
   abstract = {
     k: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
     for k, x in flat.items()
   }
-  restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
-  tree = _unflat(restored, jax.device_get(full))
-  return tree["state"], jax.random.wrap_key_data(tree["rng"])
+  while (step := mngr.latest_step()) is not None:
+    why = _damage(mngr, step)
+    if why is None:
+      try:
+        restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+      except Exception as e:  # Orbax and TensorStore raise many types.
+        why = f"{type(e).__name__}: " + (
+          str(e).splitlines()[0][:300] if str(e) else ""
+        )
+    if why is not None:
+      steps = sorted(mngr.all_steps())
+      earlier = [t for t in steps if t < step]
+      bad = os.path.join(workdir, "checkpoints_bad", str(step))
+      logging.warning(
+        "Checkpoint step %d in %s/checkpoints is unreadable (%s); it is "
+        "moved to %s and %s.",
+        step,
+        workdir,
+        why,
+        bad,
+        f"step {earlier[-1]} is used instead"
+        if earlier
+        else "training starts from step 0",
+      )
+      mngr.close()
+      if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(bad), exist_ok=True)
+        if os.path.exists(bad):
+          shutil.rmtree(bad)
+        os.rename(os.path.join(workdir, "checkpoints", str(step)), bad)
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"vptpc bad checkpoint {step}")
+      mngr = _manager(workdir, config)
+      continue
+    tree = _unflat(restored, jax.device_get(full))
+    return mngr, tree["state"], jax.random.wrap_key_data(tree["rng"])
+  return mngr, template, rng
 
 
 # ---------------------------------------------------------------------------
@@ -225,6 +415,14 @@ def train_stage(
   ``<workdir>/prompts.npz`` (`vptpc.prompts.save_prompts`) and writes
   ``results.json``.
 
+  Preconditions are checked first, all at once (`vptpc.preflight`); the
+  workdir is created only once the data and the backbone are loaded, so a
+  run that fails on its inputs writes nothing. A workdir whose stored
+  ``config.json`` differs in a key that cannot change mid-run is refused
+  (`vptpc.config_util.SAFE_TO_CHANGE`; ``config.overwrite`` starts
+  afresh); a finished run with exactly this config is not run again: its
+  results are read back and its table printed.
+
   Args:
     config: see `vptpc.config_util.base_config`.
     workdir: output directory (created).
@@ -237,22 +435,55 @@ def train_stage(
 
   Returns:
     The results dict (also in ``results.json``).
-  """
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  _write_json(os.path.join(workdir, "config.json"), config.to_dict())
-  _write_json(os.path.join(workdir, "versions.json"), versions())
 
-  s = setup(config, init_trainable)
+  Raises:
+    vptpc.preflight.PreflightError: unmet preconditions (all listed).
+    vptpc.rundir.WorkdirLocked: another live run holds the workdir.
+    FloatingPointError: the training loss became non-finite.
+    OSError: a checkpoint could not be written (e.g. a full disk).
+  """
+  from vptpc import rundir
+
+  workdir = os.path.abspath(workdir)
+  with rundir.entry(config, workdir, kind="stage") as run:
+    done = rundir.finished(config, workdir, "stage")
+    if done is not None and (
+      not measure_throughput or "eval_img_per_s" in done
+    ):
+      if not quiet and jax.process_index() == 0:
+        print(
+          f"{workdir}: already finished at step {done.get('step')} with this "
+          "config; nothing to do (results below; --config.overwrite=True "
+          "starts afresh).",
+          flush=True,
+        )
+        _print_table(done)
+      return done
+    s = setup(config, init_trainable)
+    mode = parallel.resolve_mode(config.parallel, config.batch_size)
+    if mode == "pmap":
+      parallel.resolve_mode("pmap", config.eval_batch_size)
+    run.start()
+    return _train_stage(
+      config,
+      workdir,
+      s,
+      mode,
+      stop_after_steps=stop_after_steps,
+      measure_throughput=measure_throughput,
+      quiet=quiet,
+    )
+
+
+def _train_stage(
+  config, workdir, s, mode, *, stop_after_steps, measure_throughput, quiet
+) -> dict[str, Any]:
   # The resolved dataset version and split sizes: VTAB-1k subsets depend
   # on the version (vtab.md).
   _write_json(
     os.path.join(workdir, "data.json"),
     {"train": s.train.info, "eval": s.eval.info},
   )
-  mode = parallel.resolve_mode(config.parallel, config.batch_size)
-  if mode == "pmap":
-    parallel.resolve_mode("pmap", config.eval_batch_size)
   counts = prompts_lib.count_prompts(s.state.trainable["prompts"])
   logging.info(
     "Devices: %s (%s). Trainable: %d prompt params (%d tokens) + %d head.",
@@ -266,9 +497,11 @@ def train_stage(
   mngr = _manager(workdir, config)
   state = s.state
   if mngr.latest_step() is not None:
-    state, rng = _restore(mngr, state, rng)
-    logging.info("Resumed from step %d in %s", int(state.step), workdir)
-  elif config.eval_only:
+    mngr, state, rng = _restore(mngr, state, rng, workdir, config)
+    if int(state.step):
+      logging.info("Resumed from step %d in %s", int(state.step), workdir)
+  if config.eval_only and not int(state.step):
+    mngr.close()
     raise FileNotFoundError(
       f"config.eval_only is set but {workdir}/checkpoints has no checkpoint."
     )
@@ -383,16 +616,30 @@ def train_and_evaluate(
   """
   if config.condense.keep <= 0:
     return train_stage(config, workdir, stop_after_steps=stop_after_steps)
-  return _condense_pipeline(config, workdir, stop_after_steps)
+  from vptpc import rundir
+
+  workdir = os.path.abspath(workdir)
+  with rundir.entry(config, workdir, kind="pc") as run:
+    done = rundir.finished(config, workdir, "pc")
+    if done is not None and "condensed" in done:
+      if jax.process_index() == 0:
+        print(
+          f"{workdir}: already finished with this config; nothing to do "
+          "(results below; --config.overwrite=True starts afresh).",
+          flush=True,
+        )
+        _print_condense_table(done)
+      return done
+    run.start(store_config=False)
+    return _condense_pipeline(config, workdir, stop_after_steps, run)
 
 
-def _condense_pipeline(config, workdir, stop_after_steps):
+def _condense_pipeline(config, workdir, stop_after_steps, run):
   import functools
 
   from vptpc import condense as pc
-  from vptpc import flops
+  from vptpc import faults, flops
 
-  workdir = os.path.abspath(workdir)
   cc = config.condense
   full = train_stage(
     config,
@@ -403,6 +650,10 @@ def _condense_pipeline(config, workdir, stop_after_steps):
   )
   if "stopped_at_step" in full:
     return full
+  faults.point("condense")
+  # From here on the condense settings shape the run: they are stored (and
+  # compared on a resume) in the top-level config.json.
+  run.store_config()
   model = build_model(config)
   frozen, _ = load_backbone(config, model)
   prompts, head, _ = prompts_lib.load_prompts(full["export"], backbone=frozen)
@@ -445,13 +696,7 @@ def _condense_pipeline(config, workdir, stop_after_steps):
     reproject=cc.reproject,
     reproject_fn=reproject_fn,
   )
-  ft = ml_collections.ConfigDict(config.to_dict())
-  if cc.ft_epochs > 0:
-    ft.total_epochs = cc.ft_epochs
-    ft.warmup_epochs = min(config.warmup_epochs, cc.ft_epochs - 1)
-  if cc.ft_base_lr > 0:
-    ft.base_lr = cc.ft_base_lr
-  ft.train_head = cc.ft_head
+  ft = config_util.finetune_config(config)
   cond = train_stage(
     ft,
     os.path.join(workdir, "condensed"),
@@ -526,12 +771,17 @@ def _print_condense_table(r: dict[str, Any]) -> None:
 def _train_loop(
   config, s, runner, state, rng, start, mngr, writer, workdir, stop_after
 ):
+  from vptpc import faults
+
   spe, total = s.steps_per_epoch, s.total_steps
   bar = None
   if config.progress_bar and jax.process_index() == 0:
-    from tqdm import tqdm
+    if _interactive():
+      from tqdm import tqdm
 
-    bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+      bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+    else:
+      bar = ProgressLines(total, start)
   step = start
   clock = {"t0": time.perf_counter(), "seen": 0, "t_first": None, "after": 0}
 
@@ -568,6 +818,7 @@ def _train_loop(
       clock["t0"], clock["seen"] = time.perf_counter(), 0
     if bar is not None:
       bar.update(step - prev)
+    faults.point("train")
     # With a scanned epoch, a checkpoint due inside it is written at its end.
     due = any(
       t % config.checkpoint_every_steps == 0 for t in range(prev + 1, step + 1)
@@ -624,6 +875,63 @@ def _train_loop(
       time.perf_counter() - clock["t_first"]
     )
   return state
+
+
+def _interactive() -> bool:
+  """Whether a progress bar can redraw: stdout and stderr are terminals."""
+  return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+class ProgressLines:
+  """The progress bar's stand-in for logs and pipes: a line now and then.
+
+  A redrawing bar written to a file is one unreadable line of carriage
+  returns; this prints ``step 130/1300 (10%) loss ... lr ... img/s ... eta
+  ...`` to stderr at every tenth of the run (and at most every 30 s, at
+  least every 5 min), and at the last step. Same interface as the tqdm
+  calls `_train_loop` makes.
+  """
+
+  def __init__(self, total: int, initial: int = 0, out=None):
+    """Starts counting at ``initial`` of ``total`` steps."""
+    self.total, self.n = total, initial
+    self.out = out or sys.stderr
+    self.postfix: dict[str, str] = {}
+    self._t0 = self._last_t = time.perf_counter()
+    self._n1, self._last_t0 = initial, self._t0
+    self._last_tenth = initial * 10 // max(total, 1)
+
+  def set_postfix(self, **kw) -> None:
+    """Remembers the latest metrics for the next line."""
+    self.postfix = {k: str(v) for k, v in kw.items()}
+
+  def update(self, n: int) -> None:
+    """Advances ``n`` steps; prints a line when one is due."""
+    self.n += n
+    now = time.perf_counter()
+    tenth = self.n * 10 // max(self.total, 1)
+    due = (tenth > self._last_tenth and now - self._last_t >= 30) or (
+      now - self._last_t >= 300
+    )
+    if self.n >= self.total or due or self._last_t == self._t0:
+      self._line(now)
+      self._last_tenth, self._last_t = tenth, now
+
+  def _line(self, now: float) -> None:
+    parts = [
+      f"step {self.n}/{self.total} ({100 * self.n / max(self.total, 1):.0f}%)"
+    ]
+    parts += [f"{k} {v}" for k, v in self.postfix.items()]
+    if self._last_t != self._t0 and self.n < self.total:
+      # From the second line on: the first update holds the compile.
+      rate = (self.n - self._n1) / max(now - self._last_t0, 1e-9)
+      parts.append(f"eta {(self.total - self.n) / max(rate, 1e-9):.0f}s")
+    else:
+      self._n1, self._last_t0 = self.n, now
+    print(" ".join(parts), file=self.out, flush=True)
+
+  def close(self) -> None:
+    """Nothing to tear down (tqdm's interface)."""
 
 
 def _print_table(results: dict[str, Any]) -> None:

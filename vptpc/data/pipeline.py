@@ -83,10 +83,17 @@ def default_data_dir() -> str:
 def prepare_local(name: str, data_dir: str):
   """Generates one of vptpc's own datasets into ``data_dir`` if needed.
 
+  Nothing is downloaded: the builders draw their images locally. TFDS's own
+  "Downloading and preparing dataset ..." lines would say otherwise, so they
+  are replaced by one line of vptpc's own, printed only when the dataset is
+  actually generated.
+
   Returns:
     The prepared `tfds.core.DatasetBuilder`.
   """
+  import contextlib
   import importlib
+  import io
 
   import tensorflow_datasets as tfds
 
@@ -94,8 +101,25 @@ def prepare_local(name: str, data_dir: str):
   builder_cls = getattr(importlib.import_module(module), cls)
   builder = builder_cls(data_dir=data_dir, file_format="array_record")
   tfds.disable_progress_bar()
-  builder.download_and_prepare()
+  if prepared_dir(f"{name}:{builder.version}", data_dir) is None:
+    print(
+      f"Generating {name} locally into {builder.data_dir} (no download; "
+      "once per data_dir).",
+      flush=True,
+    )
+  # TFDS prints its download wording with print(); nothing else runs here.
+  with contextlib.redirect_stdout(io.StringIO()):
+    builder.download_and_prepare()
   return builder
+
+
+def describe_data_dir(data_dir: str) -> str:
+  """Where ``data_dir`` came from, for the startup log."""
+  if os.environ.get("TFDS_DATA_DIR") == data_dir:
+    return f"{data_dir} ($TFDS_DATA_DIR)"
+  if data_dir == default_data_dir():
+    return f"{data_dir} (default; set config.data.data_dir or $TFDS_DATA_DIR)"
+  return f"{data_dir} (config.data.data_dir)"
 
 
 def _split_version(name: str) -> tuple[str, str | None]:
@@ -143,6 +167,95 @@ def _prepare_hint(name: str, data_dir: str) -> str:
     f"tensorflow_datasets as tfds; tfds.builder('{name}', data_dir="
     f"'{data_dir}', file_format='array_record').download_and_prepare()\""
   )
+
+
+def missing_message(name: str, data_dir: str) -> str:
+  """The error for a dataset that is not prepared in ``data_dir``."""
+  base = name.split(":")[0]
+  return (
+    f"Dataset {name!r} is not prepared in data_dir {data_dir!r} (no "
+    f"{os.path.join(data_dir, base, _split_version(name)[1] or '*')}/"
+    "dataset_info.json). vptpc never downloads during a run. "
+    + _prepare_hint(name, data_dir)
+  )
+
+
+def split_names(split: str) -> list[str]:
+  """The split names a TFDS split string reads (``train[:800]+test``)."""
+  out = []
+  for part in split.split("+"):
+    part = part.strip()
+    out.append(part.split("[", 1)[0].strip())
+  return out
+
+
+def split_problems(name: str, split: str, data_dir: str) -> list[str]:
+  """Split names of ``split`` that the prepared dataset does not have."""
+  where = prepared_dir(name, data_dir)
+  if where is None:
+    return []
+  try:
+    with open(os.path.join(where, "dataset_info.json")) as f:
+      have = [sp["name"] for sp in json.load(f).get("splits", [])]
+  except (OSError, ValueError, KeyError, TypeError):
+    return []
+  if not have:
+    return []
+  bad = [n for n in split_names(split) if n not in have]
+  if not bad:
+    return []
+  return [
+    f"Split {split!r} of {name!r} names {', '.join(map(repr, bad))}, which "
+    f"{where} does not have (splits: {', '.join(have)}); fix "
+    "config.data.train_split / eval_split (or the config's tune_splits / "
+    "final_splits)."
+  ]
+
+
+def folder_problems(
+  root: str, split: str, num_classes: int | None
+) -> tuple[list[str], list[str]]:
+  """Checks a folder split without decoding an image: (problems, warnings).
+
+  Problems: a missing root or split file, a malformed line, a label outside
+  ``[0, num_classes)``, a listed image that does not exist. Warning: a
+  ``num_classes`` larger than the labels use (the head's extra classes never
+  see an example). Corrupt images are found when the split is decoded,
+  before the workdir is created.
+  """
+  try:
+    items = folder_items(root, split)
+  except DataError as e:
+    return [str(e)], []
+  problems, warnings = [], []
+  if not items:
+    return [f"Split file {os.path.join(root, split)}.txt lists no images."], []
+  labels = np.asarray([lab for _, lab in items])
+  if num_classes is not None:
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+      rel, lab = items[bad[0]]
+      problems.append(
+        f"{os.path.join(root, split)}.txt has {len(bad)} label(s) outside "
+        f"[0, {num_classes}) (first: line {bad[0] + 1}, {rel} {lab}); set "
+        f"config.data.num_classes={int(labels.max()) + 1} or fix the labels."
+      )
+    elif labels.max() + 1 < num_classes:
+      warnings.append(
+        f"config.data.num_classes={num_classes} but "
+        f"{os.path.join(root, split)}.txt uses labels up to "
+        f"{int(labels.max())}: classes {int(labels.max()) + 1}.."
+        f"{num_classes - 1} never get an example."
+      )
+  missing = [
+    rel for rel, _ in items if not os.path.isfile(os.path.join(root, rel))
+  ]
+  if missing:
+    problems.append(
+      f"{len(missing)} image(s) listed in {os.path.join(root, split)}.txt do "
+      f"not exist under {root} (first: {', '.join(missing[:3])})."
+    )
+  return problems, warnings
 
 
 class _TfrecordSource(Sequence):
@@ -207,12 +320,7 @@ def open_source(name: str, split: str, data_dir: str | None = None):
   else:
     where = prepared_dir(name, data_dir)
     if where is None:
-      raise DataError(
-        f"Dataset {name!r} is not prepared in data_dir {data_dir!r} (no "
-        f"{os.path.join(data_dir, base, _split_version(name)[1] or '*')}/"
-        "dataset_info.json). vptpc never downloads during a run. "
-        + _prepare_hint(name, data_dir)
-      )
+      raise DataError(missing_message(name, data_dir))
     with open(os.path.join(where, "dataset_info.json")) as f:
       fmt = json.load(f).get("fileFormat", "tfrecord")
     if fmt != "array_record":
@@ -263,6 +371,37 @@ def resolved_info(name: str, data_dir: str | None = None) -> dict[str, Any]:
   }
 
 
+def folder_items(root: str, split: str) -> list[tuple[str, int]]:
+  """``(relative path, label)`` of a folder split, either layout.
+
+  ``<root>/<split>.txt`` lines, else ``<root>/<split>/<class>/*`` class
+  folders (`folder_layout`); a split may carry a slice (``train[:80%]``).
+
+  Raises:
+    DataError: the root or the split is missing, or a line is malformed.
+  """
+  if not os.path.isdir(root):
+    raise DataError(
+      f"Folder dataset root {root!r} does not exist (expected images/ and "
+      f"{split}.txt there; see vptpc.data.vtab for the layout). Set "
+      "config.data.folder, or config.data.data_dir to where "
+      "vptpc_folders/<task> lives."
+    )
+  try:
+    items = folder_layout.split_file_items(root, split)
+    if items is None and os.path.isdir(os.path.join(root, "train")):
+      items = folder_layout.class_folder_items(root, split)
+  except folder_layout.LayoutError as e:
+    raise DataError(str(e)) from None
+  if items is None:
+    path = os.path.join(root, f"{folder_layout.parse_split(split)[0]}.txt")
+    have = sorted(os.path.basename(f) for f in glob.glob(f"{root}/*.txt"))
+    raise DataError(
+      f"Split file {path!r} is missing (found: {have or 'no .txt files'})."
+    )
+  return items
+
+
 class FolderSource(Sequence):
   """A folder dataset: split files or class folders (`folder_layout`).
 
@@ -273,25 +412,8 @@ class FolderSource(Sequence):
   """
 
   def __init__(self, root: str, split: str):
-    if not os.path.isdir(root):
-      raise DataError(
-        f"Folder dataset root {root!r} does not exist (expected images/ and "
-        f"{split}.txt there; see vptpc.data.vtab for the layout)."
-      )
     self.root = root
-    try:
-      items = folder_layout.split_file_items(root, split)
-      if items is None and os.path.isdir(os.path.join(root, "train")):
-        items = folder_layout.class_folder_items(root, split)
-    except folder_layout.LayoutError as e:
-      raise DataError(str(e)) from None
-    if items is None:
-      path = os.path.join(root, f"{folder_layout.parse_split(split)[0]}.txt")
-      have = sorted(os.path.basename(f) for f in glob.glob(f"{root}/*.txt"))
-      raise DataError(
-        f"Split file {path!r} is missing (found: {have or 'no .txt files'})."
-      )
-    self.items: list[tuple[str, int]] = items
+    self.items: list[tuple[str, int]] = folder_items(root, split)
 
   def __len__(self) -> int:
     return len(self.items)
@@ -508,15 +630,25 @@ def crop_params(
   return top, left, int(rng.random() < 0.5)
 
 
-def _check_labels(labels, num_classes, name) -> None:
-  if (
-    num_classes is not None
-    and len(labels)
-    and (labels.min() < 0 or labels.max() >= num_classes)
-  ):
+def _check_labels(labels, num_classes, name, warn: bool = False) -> None:
+  """Refuses labels outside ``[0, num_classes)``; warns on unused classes."""
+  if num_classes is None or not len(labels):
+    return
+  if labels.min() < 0 or labels.max() >= num_classes:
     raise DataError(
       f"{name!r} has labels in [{labels.min()}, {labels.max()}] but "
-      f"config.data.num_classes is {num_classes}."
+      f"config.data.num_classes is {num_classes}; set "
+      f"config.data.num_classes={int(labels.max()) + 1} or fix the labels."
+    )
+  if warn and labels.max() + 1 < num_classes:
+    logging.warning(
+      "config.data.num_classes=%d but %s uses labels up to %d: classes "
+      "%d..%d never get an example (the head keeps them untrained).",
+      num_classes,
+      name,
+      int(labels.max()),
+      int(labels.max()) + 1,
+      num_classes - 1,
     )
 
 
@@ -603,7 +735,7 @@ def load_split(
         images.append(image)
       else:
         images[j] = image
-  _check_labels(labels, num_classes, label)
+  _check_labels(labels, num_classes, label, warn=train)
   logging.info("Loaded %s: %d examples at %d px.", label, n, image_size)
   return Split(images, labels, label, image_size, crop=crop, info=info)
 

@@ -1,0 +1,148 @@
+"""Faults survived, each resumed to prompts bit-identical to no fault.
+
+kill -9 at five points, a damaged checkpoint, a full disk, two runs on one
+workdir; the comparison is with an uninterrupted run (CPU, jit).
+
+The fault cases are `benchmarks/fault_sweep.py`'s (``FAULTS``), which
+also runs them end to end through the CLI for the figures; here the
+crashed runs are CLI processes killed by `vptpc.faults`, and the
+references and resumes run in-process (jit on one CPU device gives the
+same bits in both).
+"""
+
+import errno
+import importlib.util
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from test_train import ROOT
+
+from vptpc import preflight, protocol, rundir, train
+
+
+def _sweep():
+  spec = importlib.util.spec_from_file_location(
+    "fault_sweep", os.path.join(ROOT, "benchmarks", "fault_sweep.py")
+  )
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+fs = _sweep()
+
+
+def test_kill_9_at_five_points_resumes_bit_identically(tmp_path, data_dir):
+  fs.ensure_data(data_dir)
+  refs = {}
+  for i, case in enumerate(fs.FAULTS):
+    # Cases with the same config share one uninterrupted reference.
+    key = repr(sorted(case["overrides"].items()))
+    if key not in refs:
+      refs[key] = str(tmp_path / f"ref{i}")
+      protocol.run(fs.config_of(case, data_dir), refs[key])
+  for i, case in enumerate(fs.FAULTS):
+    hit = str(tmp_path / f"hit{i}")
+    # Eight CPU devices as in this process: the crashed run then reads the
+    # programs this process compiled from the persistent compilation cache.
+    out = subprocess.run(
+      [sys.executable, "-m", "vptpc.main", *fs.cli_args(case, data_dir, hit)],
+      cwd=ROOT,
+      env={**os.environ, **case["fault"], "VPTPC_CPU_DEVICES": "8"},
+      capture_output=True,
+      text=True,
+      timeout=600,
+    )
+    assert out.returncode == -signal.SIGKILL, (case["kind"], out.stderr[-3000:])
+    assert os.path.exists(os.path.join(hit, rundir.LOCK))  # left by kill -9
+    protocol.run(fs.config_of(case, data_dir), hit)
+    ref = refs[repr(sorted(case["overrides"].items()))]
+    assert fs.same_exports(ref, hit, case["exports"]), case["kind"]
+    assert not os.path.exists(os.path.join(hit, rundir.LOCK))
+  # The grid resumed at its second chunk: the first one's result was kept.
+  assert (tmp_path / "hit3" / "tune" / "lr1_wd0" / "results.json").exists()
+
+
+def _case(name):
+  return next(c for c in fs.MORE_FAULTS if c["kind"] == name)
+
+
+def test_damaged_latest_checkpoint_is_named_and_the_previous_used(
+  tmp_path, data_dir, caplog
+):
+  case = _case("corrupted latest checkpoint")  # 3 epochs of 2 steps
+  ref, hit = str(tmp_path / "ref"), str(tmp_path / "hit")
+  train.train_and_evaluate(fs.config_of(case, data_dir), ref)
+  part = train.train_and_evaluate(
+    fs.config_of(case, data_dir), hit, stop_after_steps=4
+  )
+  assert part == {"stopped_at_step": 4}
+  fs.corrupt_checkpoint(hit, 4)
+  with caplog.at_level(logging.WARNING):
+    train.train_and_evaluate(fs.config_of(case, data_dir), hit)
+  warned = [
+    r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()
+  ]
+  assert len(warned) == 1, caplog.text
+  assert "Checkpoint step 4" in warned[0] and "step 2 is used" in warned[0]
+  assert os.path.isdir(os.path.join(hit, "checkpoints_bad", "4"))
+  assert fs.same_exports(ref, hit, case["exports"])
+
+
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(
+  tmp_path, data_dir, monkeypatch
+):
+  from orbax.checkpoint._src.path import async_path
+
+  case = _case("disk full during a save")  # 2 epochs of 2 steps
+  ref, hit = str(tmp_path / "ref"), str(tmp_path / "hit")
+  train.train_and_evaluate(fs.config_of(case, data_dir), ref)
+  train.train_and_evaluate(
+    fs.config_of(case, data_dir), hit, stop_after_steps=2
+  )
+
+  async def full(path, *a, **kw):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(path))
+
+  monkeypatch.setattr(async_path, "write_text", full)
+  with pytest.raises(OSError) as e:
+    train.train_and_evaluate(fs.config_of(case, data_dir), hit)
+  assert e.value.errno == errno.ENOSPC
+  msg = str(e.value)
+  assert "checkpoint step 4" in msg and "(step 2) is intact" in msg
+  monkeypatch.undo()
+  steps = sorted(
+    int(d) for d in os.listdir(os.path.join(hit, "checkpoints")) if d.isdigit()
+  )
+  assert steps == [2]
+  train.train_and_evaluate(fs.config_of(case, data_dir), hit)
+  assert fs.same_exports(ref, hit, case["exports"])
+
+
+def test_a_second_run_on_the_same_workdir_refuses(tmp_path, data_dir, caplog):
+  c = fs.config_of(fs.FAULTS[0], data_dir)
+  w = str(tmp_path / "w")
+  os.makedirs(w)
+  holder = fs.hold_lock(w)
+  try:
+    with pytest.raises(preflight.PreflightError) as e:
+      train.train_and_evaluate(c, w)
+    msg = str(e.value)
+    assert f"pid {holder.pid} on host" in msg and "in use" in msg
+    with pytest.raises(rundir.WorkdirLocked, match=f"pid {holder.pid}"):
+      rundir.acquire(w)
+    assert sorted(os.listdir(w)) == [rundir.LOCK]  # nothing else written
+  finally:
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+  # The holder died without cleaning up: its lock is taken over, named.
+  with caplog.at_level(logging.WARNING):
+    rundir.acquire(w)
+  assert f"stale lock of pid {holder.pid}" in caplog.text
+  assert rundir.read_lock(w)["pid"] == os.getpid()
+  rundir.release(w)
+  assert not os.path.exists(os.path.join(w, rundir.LOCK))

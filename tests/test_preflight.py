@@ -1,0 +1,300 @@
+"""Bad inputs: every problem named at once, one error line, nothing written.
+
+Also the rules of a workdir run again: a changed config (safe and unsafe
+keys), ``config.overwrite``, a finished run, and serving's bad lines.
+"""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_train import ROOT, tiny_config
+
+from vptpc import config_util, preflight, protocol, rundir, train
+from vptpc.data import pipeline
+
+
+def _listing(path):
+  """Every file under ``path`` with its size (what a run may have written)."""
+  out = {}
+  for d, _, fs in os.walk(path):
+    for f in fs:
+      p = os.path.join(d, f)
+      out[os.path.relpath(p, path)] = os.path.getsize(p)
+  return out
+
+
+def test_every_problem_is_listed_at_once_and_nothing_is_written(tmp_path):
+  rand = tmp_path / "random.npz"
+  rand.write_bytes(np.random.default_rng(0).bytes(4096))
+  afile = tmp_path / "afile"
+  afile.write_text("x")
+  c = tiny_config("parallel=pmap,batch_size=12")
+  c.data.data_dir = str(tmp_path / "tfds")
+  c.data.name = "dtd:3.0.1"  # not prepared there
+  c.model.checkpoint_path = str(rand)
+  c.warmup_epochs = 99  # >= total_epochs
+  c.data.normalize = "zscore"
+  before = _listing(tmp_path)
+  t0 = time.perf_counter()
+  with pytest.raises(preflight.PreflightError) as e:
+    protocol.run(c, str(afile))
+  took = time.perf_counter() - t0
+  msgs = e.value.problems
+  text = "\n".join(msgs)
+  assert "config.warmup_epochs=99" in text
+  assert "config.data.normalize='zscore'" in text
+  assert "--workdir=" in text and "existing file" in text
+  assert "not a .npz archive" in text and "allow_pickle" not in text
+  assert "python -m vptpc.prepare --tasks=dtd" in text
+  # The batch is checked only once the config is valid; here it is not.
+  assert len(msgs) == 5, text
+  assert _listing(tmp_path) == before  # no data generated, nothing written
+  assert not (tmp_path / "tfds").exists()
+  assert took < 3
+
+
+def test_workdir_checkpoint_and_device_checks_name_the_fix(tmp_path):
+  assert "cannot be created" in preflight.workdir_problems("/proc/x/y")[0]
+  (tmp_path / "f").write_text("")
+  assert "is a file" in preflight.workdir_problems(str(tmp_path / "f/run"))[0]
+  assert preflight.workdir_problems(str(tmp_path / "new" / "run")) == []
+  assert not (tmp_path / "new").exists()  # the probe leaves nothing
+  got = preflight.checkpoint_problems(str(tmp_path / "nope.npz"))
+  assert "does not exist" in got[0] and "checkpoint_path=PATH" in got[0]
+  np.savez(tmp_path / "other.npz", a=np.zeros(3))
+  got = preflight.checkpoint_problems(str(tmp_path / "other.npz"))
+  assert "not a vit_jax ViT checkpoint" in got[0]
+  c = tiny_config("parallel=pmap,batch_size=12")
+  c.eval_batch_size = 20
+  got = preflight.device_problems(c)
+  assert len(got) == 2 and "--config.parallel=jit" in got[0]
+  assert "config.eval_batch_size=20" in got[1]
+
+
+def _folder(root, labels, n_missing=0):
+  (root / "images").mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  lines = []
+  for i, lab in enumerate(labels):
+    rel = f"images/{i}.png"
+    if i >= n_missing:
+      Image.fromarray(rng.integers(0, 255, (16, 16, 3), np.uint8)).save(
+        root / rel
+      )
+    lines.append(f"{rel} {lab}")
+  for s in ("train", "test"):
+    (root / f"{s}.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_folder_dataset_labels_missing_and_corrupt_images(tmp_path):
+  root = tmp_path / "f"
+  _folder(root, [0, 1, 2, 5], n_missing=1)
+  p, w = pipeline.folder_problems(str(root), "train", 4)
+  assert len(p) == 2 and "outside [0, 4)" in p[0] and "images/3.png" in p[0]
+  assert "1 image(s)" in p[1] and "images/0.png" in p[1]
+  p, w = pipeline.folder_problems(str(root), "train", 10)
+  assert "num_classes=10" in w[0] and "classes 6..9" in w[0]
+  # A corrupt image passes the file checks and fails when decoded, before
+  # the workdir exists.
+  good = tmp_path / "g"
+  _folder(good, [0, 1, 2, 3])
+  (good / "images" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+  c = tiny_config("parallel=jit")
+  c.data.source, c.data.folder = "folder", str(good)
+  c.data.train_split, c.data.eval_split = "train", "test"
+  with pytest.raises(pipeline.DataError, match="2.png"):
+    train.train_and_evaluate(c, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+def test_changed_keys_are_classified():
+  a = tiny_config().to_dict()
+  b = tiny_config("base_lr=0.5,epochs=7").to_dict()
+  b["log_every_steps"] = 3
+  b["data"]["eval_split"] = "test[:10]"
+  b["protocol"]["lrs"] = [1.0]
+  b["condense"]["keep"] = 0.5
+  b["overwrite"] = True
+  unsafe, safe = config_util.changed_keys(
+    a, b, ignore=config_util.STAGE_IGNORES
+  )
+  assert [k for k, *_ in unsafe] == ["base_lr", "total_epochs"]
+  assert [k for k, *_ in safe] == ["data.eval_split", "log_every_steps"]
+  unsafe, _ = config_util.changed_keys(a, b, ignore=("protocol",))
+  assert "condense.keep" in [k for k, *_ in unsafe]
+  # Standardised pre-logits are summed in eval batches: unsafe then.
+  b = dict(a, eval_batch_size=32)
+  b["model"] = dict(a["model"], prelogit_norm="standardize")
+  a["model"] = b["model"]
+  assert config_util.changed_keys(a, b)[0][0][0] == "eval_batch_size"
+
+
+def test_rerun_rules_changed_safe_finished_and_overwrite(
+  tmp_path, data_dir, capsys
+):
+  def cfg(**kw):
+    c = tiny_config("epochs=1,parallel=jit", **{"data.data_dir": data_dir})
+    c.data.train_split, c.data.eval_split = "train[:64]", "test[:64]"
+    for k, v in kw.items():
+      c[k] = v
+    return c
+
+  w = str(tmp_path / "w")
+  first = train.train_and_evaluate(cfg(), w)
+  capsys.readouterr()
+  # Unchanged: one line and the table, nothing recomputed or rewritten.
+  before = _listing(w)
+  again = train.train_and_evaluate(cfg(), w)
+  out = capsys.readouterr().out
+  assert again == first and "already finished at step 1" in out
+  assert "eval top-1" in out and _listing(w) == before
+  # Unsafe: each key named with both values, nothing touched.
+  with pytest.raises(preflight.PreflightError) as e:
+    train.train_and_evaluate(cfg(base_lr=0.5, seed=7), w)
+  msg = str(e.value)
+  assert "config.base_lr: 1.0 -> 0.5" in msg and "config.seed: 42 -> 7" in msg
+  assert "--config.overwrite=True" in msg and _listing(w) == before
+  # Safe: accepted and re-evaluated (same numbers).
+  res = train.train_and_evaluate(cfg(log_every_steps=1), w)
+  assert res["eval_accuracy"] == first["eval_accuracy"]
+  assert (
+    json.loads(open(os.path.join(w, "config.json")).read())["log_every_steps"]
+    == 1
+  )
+  # Overwrite: the old run moves to a timestamped sibling, not deleted.
+  res = train.train_and_evaluate(cfg(base_lr=0.5, overwrite=True), w)
+  out = capsys.readouterr().out
+  moved = [d for d in os.listdir(tmp_path) if d.startswith("w.old-")]
+  assert len(moved) == 1 and moved[0] in out
+  old = tmp_path / moved[0]
+  assert json.loads((old / "config.json").read_text())["base_lr"] == 1.0
+  assert (old / "prompts.npz").exists() and (old / "checkpoints").exists()
+  assert (
+    json.loads(open(os.path.join(w, "config.json")).read())["base_lr"] == 0.5
+  )
+  assert not os.path.exists(os.path.join(w, rundir.LOCK))
+
+
+def _cli(args, **kw):
+  t0 = time.perf_counter()
+  out = subprocess.run(
+    [sys.executable, "-m", "vptpc.main", *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    **kw,
+  )
+  return out, time.perf_counter() - t0
+
+
+def test_cli_bad_inputs_one_error_line_each_exit_2_nothing_written(
+  tmp_path, data_dir
+):
+  # The config file: named, before JAX is even imported.
+  out, took = _cli(["--config=configs/nope.py", f"--workdir={tmp_path}/a"])
+  assert out.returncode == 2 and "Traceback" not in out.stderr
+  assert out.stderr.startswith("error: config file 'configs/nope.py'")
+  # Weights and data missing, the workdir a file: three lines, one run.
+  rand = tmp_path / "random.npz"
+  rand.write_bytes(np.random.default_rng(0).bytes(4096))
+  (tmp_path / "file").write_text("")
+  out, took = _cli(
+    [
+      f"--config=configs/vtab.py:task=dtd,data_dir={tmp_path}/tfds,"
+      f"checkpoint={rand}",
+      f"--workdir={tmp_path}/file",
+    ]
+  )
+  errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+  assert out.returncode == 2 and "Traceback" not in out.stderr
+  assert len(errors) == 3, out.stderr
+  assert "allow_pickle" not in out.stderr
+  assert sorted(os.listdir(tmp_path)) == ["file", "random.npz"]
+  # A non-finite loss: one line (checkpoints kept), no traceback. The data
+  # is generated here: said so, no "Downloading", the directory named, and
+  # no start-up noise (TPU probing, OpenCV advice).
+  fresh = tmp_path / "tfds_new"
+  out, _ = _cli(
+    [
+      "--config=configs/tiny.py:epochs=2,base_lr=1e30,parallel=jit",
+      f"--config.data.data_dir={fresh}",
+      "--config.data.train_split=train[:64]",
+      "--config.warmup_epochs=0",
+      "--config.log_every_steps=1",
+      f"--workdir={tmp_path}/nan",
+    ]
+  )
+  assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+  assert "error: Non-finite training loss" in out.stderr
+  both = out.stdout + out.stderr
+  assert f"Generating vptpc_toy locally into {fresh}" in out.stdout
+  assert "Downloading" not in both and "downloaded and prepared" not in both
+  assert f"Data: vptpc_toy in {fresh} (config.data.data_dir)" in out.stderr
+  assert "OpenCV" not in both and "backend 'tpu'" not in both
+  assert "\r" not in both  # no progress bar redrawn into a pipe
+
+
+def test_progress_lines_replace_the_bar_off_a_terminal():
+  buf = io.StringIO()
+  bar = train.ProgressLines(total=100, initial=0, out=buf)
+  bar.set_postfix(loss="1.0000")
+  for _ in range(100):
+    bar.update(1)
+  lines = buf.getvalue().splitlines()
+  # The first step and the last; a line per tenth only 30 s apart.
+  assert lines == [
+    "step 1/100 (1%) loss 1.0000",
+    "step 100/100 (100%) loss 1.0000",
+  ]
+  assert not train._interactive()  # pytest captures: not a terminal
+
+
+def test_serve_reports_a_bad_line_and_carries_on(
+  tiny_params, tmp_path, monkeypatch, capsys
+):
+  from test_serve import _tasks
+
+  from vptpc import checkpoint, serve
+  from vptpc import prompts as pr
+  from vptpc.models import vit
+
+  frozen, _ = vit.split_head(tiny_params)
+  checkpoint.save_npz(tmp_path / "backbone.npz", frozen)
+  pr.save_prompts(tmp_path / "a.npz", *_tasks(frozen)["a"], backbone=frozen)
+  img = tmp_path / "ok.png"
+  Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(img)
+  (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+  lines = [
+    f"a {img}",
+    f"a {tmp_path / 'missing.png'}",
+    f"a {tmp_path / 'bad.png'}",
+    "just-one-field",
+    f"zzz {img}",
+    f"a {img}",
+  ]
+  monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+  rc = serve.main(
+    [
+      f"--task=a={tmp_path / 'a.npz'}",
+      f"--backbone={tmp_path / 'backbone.npz'}",
+      "--model=tiny32",
+      "--batch_size=2",
+    ]
+  )
+  cap = capsys.readouterr()
+  assert rc == 2
+  assert [json.loads(x)["image"] for x in cap.out.splitlines()] == [
+    str(img)
+  ] * 2
+  errs = cap.err.splitlines()
+  assert len(errs) == 4 and all(e.startswith("error: stdin line") for e in errs)
+  assert "no such file" in errs[0] and "cannot read image" in errs[1]
+  assert "expected 'task path'" in errs[2] and "unknown task 'zzz'" in errs[3]

@@ -1,0 +1,390 @@
+"""Preconditions of a run, all checked before anything is written.
+
+`check` looks at everything a run will need and raises one
+`PreflightError` listing every missing or bad item, each with the setting
+or command that fixes it, before any dataset is generated, any directory
+created or any file written (vptpc.rundir calls it from the outermost entry
+point of a process):
+
+* the config: every invalid value (`vptpc.config_util.problems`);
+* the workdir: not a file, creatable and writable (probed with a temporary
+  directory that is removed at once);
+* the backbone checkpoint: present, a zip archive whose members are
+  readable ``.npy`` headers, with vit_jax keys (read from the archive's
+  directory and headers, never its data, so a 350 MB file costs
+  milliseconds; shapes are checked against the model when it is loaded,
+  still before the workdir is touched);
+* the data: a prepared TFDS dataset with the split names asked for, or a
+  folder layout whose split files parse, whose labels fit
+  ``config.data.num_classes`` and whose listed images exist (vptpc's own
+  generated datasets are fine: they are generated on first use, after these
+  checks);
+* the devices: a batch that divides over the devices ``config.parallel``
+  will use;
+* every stage the run will write (the grid points of ``mode=tune``, the
+  seeds of ``mode=final``, the two stages of Prompt Condensation): a stored
+  ``config.json`` that differs in a key that cannot change mid-run
+  (`vptpc.config_util.SAFE_TO_CHANGE`), unless ``config.overwrite``; an
+  ``eval_only`` run without a checkpoint; a condensation stage's prompts
+  file that does not load;
+* the lock: another live run on the same workdir (`vptpc.rundir`);
+* ``protocol.tuned_from``: present and readable.
+
+Only then does the run generate data, read the backbone and create the
+workdir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import tempfile
+import zipfile
+from typing import Any
+
+import ml_collections
+from absl import logging
+
+
+class PreflightError(ValueError):
+  """Unmet preconditions of a run; ``problems`` holds one line each."""
+
+  def __init__(self, problems: list[str]):
+    """Keeps every problem; the message is one line per problem."""
+    self.problems = list(problems)
+    super().__init__("\n".join(self.problems))
+
+
+@dataclasses.dataclass
+class Stage:
+  """One workdir a run writes: its config, and what kind of entry it is."""
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  kind: str  # stage | pc
+
+
+@dataclasses.dataclass
+class Plan:
+  """What `check` found: the stages, the data in use, warnings."""
+
+  stages: list[Stage]
+  data: list[str]
+  warnings: list[str]
+
+
+def stages(config: ml_collections.ConfigDict, workdir: str) -> list[Stage]:
+  """Every workdir the run writes, with the config it will store there."""
+  from vptpc import config_util, protocol
+
+  mode = config.protocol.mode
+  if mode in ("tune", "final"):
+    runs = (
+      protocol.tune_runs(config, workdir)
+      if mode == "tune"
+      else protocol.final_runs(config, workdir)
+    )
+    if mode == "tune" and config.protocol.get("vmap", False):
+      return [Stage(c, d, "stage") for c, d in runs]
+    return [s for c, d in runs for s in stages(c, d)]
+  if config.condense.keep > 0:
+    return [
+      Stage(config, workdir, "pc"),
+      Stage(config, os.path.join(workdir, "full"), "stage"),
+      Stage(
+        config_util.finetune_config(config),
+        os.path.join(workdir, "condensed"),
+        "stage",
+      ),
+    ]
+  return [Stage(config, workdir, "stage")]
+
+
+def _is_remote(path: str) -> bool:
+  return "://" in path
+
+
+def _main_process() -> bool:
+  import jax
+
+  return jax.process_index() == 0
+
+
+def dir_problems(path: str, name: str, fix: str) -> list[str]:
+  """``path`` is a directory, or can be created, and is writable.
+
+  Args:
+    path: the directory.
+    name: how messages name it (``--workdir=...``).
+    fix: what to pass instead.
+  """
+  if _is_remote(path):
+    return []
+  if os.path.lexists(path) and not os.path.isdir(path):
+    return [f"{name} is an existing file, not a directory: {fix}."]
+  probe_in = path
+  while not os.path.exists(probe_in):
+    parent = os.path.dirname(probe_in)
+    if parent == probe_in:
+      break
+    probe_in = parent
+  if not os.path.isdir(probe_in):
+    return [f"{name} cannot be created: {probe_in} is a file: {fix}."]
+  try:
+    os.rmdir(tempfile.mkdtemp(prefix=".vptpc-probe-", dir=probe_in))
+  except OSError as e:
+    what = "written" if probe_in == path else "created"
+    return [
+      f"{name} cannot be {what}: {probe_in} is not writable "
+      f"({type(e).__name__}: {e.strerror or e}): {fix}."
+    ]
+  return []
+
+
+def workdir_problems(workdir: str) -> list[str]:
+  """The workdir is a directory, or can be created, and is writable."""
+  return dir_problems(
+    workdir,
+    f"--workdir={workdir}",
+    "pass a directory path in a writable place (an existing run's or a new "
+    "one)",
+  )
+
+
+_CKPT_FIX = (
+  "download the vit_jax .npz yourself (vptpc never downloads it; e.g. "
+  "ViT-B_16.npz from gs://vit_models/imagenet21k/) and pass its path as "
+  "--config.model.checkpoint_path=PATH (configs/vtab.py: checkpoint=PATH)"
+)
+
+
+def checkpoint_problems(path: str) -> list[str]:
+  """The checkpoint file exists and is a vit_jax ``.npz`` (headers only)."""
+  import numpy as np
+
+  if not path or _is_remote(path):
+    return []
+  key = f"config.model.checkpoint_path={path!r}"
+  if not os.path.exists(path):
+    return [f"{key} does not exist: {_CKPT_FIX}."]
+  if os.path.isdir(path):
+    return [f"{key} is a directory, not a .npz file: {_CKPT_FIX}."]
+  try:
+    with open(path, "rb"):
+      pass
+  except OSError as e:
+    return [f"{key} cannot be read ({e.strerror}): fix its permissions."]
+  if not zipfile.is_zipfile(path):
+    return [
+      f"{key} is not a .npz archive (not a zip file: truncated, corrupt or "
+      f"another format): {_CKPT_FIX}."
+    ]
+  try:
+    with zipfile.ZipFile(path) as z:
+      names = [n.removesuffix(".npy") for n in z.namelist()]
+      read = {
+        (1, 0): np.lib.format.read_array_header_1_0,
+        (2, 0): np.lib.format.read_array_header_2_0,
+      }
+      for info in z.infolist():
+        with z.open(info) as f:
+          version = np.lib.format.read_magic(f)
+          if version in read:
+            read[version](f)
+  except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+    return [
+      f"{key} is a damaged .npz archive ({type(e).__name__}: {e}): {_CKPT_FIX}."
+    ]
+  if not any(n.startswith("Transformer/encoderblock_") for n in names):
+    return [
+      f"{key} is not a vit_jax ViT checkpoint (no "
+      f"'Transformer/encoderblock_*' arrays; first: {', '.join(names[:3])}): "
+      f"{_CKPT_FIX}."
+    ]
+  return []
+
+
+def data_problems(
+  config: ml_collections.ConfigDict,
+) -> tuple[list[str], list[str], str]:
+  """(problems, warnings, one line naming the data) of ``config.data``."""
+  from vptpc.data import pipeline, vtab
+
+  d = config.data
+  data_dir = d.data_dir or pipeline.default_data_dir()
+  splits = [d.train_split, d.eval_split]
+  if d.get("source", "tfds") == "folder":
+    root = d.get("folder", "") or (
+      vtab.folder_root(data_dir, d.task) if d.get("task", "") else ""
+    )
+    problems, warnings = [], []
+    if not root:
+      return (
+        ["config.data.source=folder needs config.data.folder (or data.task)."],
+        [],
+        "",
+      )
+    for split in splits:
+      p, w = pipeline.folder_problems(root, split, d.num_classes)
+      problems += p
+      warnings += w if split == d.train_split else []
+    return problems, warnings, f"{d.name}: folder {root}"
+  base = d.name.split(":")[0]
+  where = describe = pipeline.describe_data_dir(data_dir)
+  if base in pipeline.LOCAL_BUILDERS:
+    if pipeline.prepared_dir(d.name, data_dir) is None:
+      problems = dir_problems(
+        data_dir,
+        f"data_dir {data_dir}",
+        "set config.data.data_dir (or $TFDS_DATA_DIR) to a writable "
+        "directory; vptpc generates its own datasets there",
+      )
+      return (
+        problems,
+        [],
+        f"{d.name} in {describe}: generated there on first use, nothing is "
+        "downloaded",
+      )
+    problems = []
+    for split in dict.fromkeys(splits):
+      problems += pipeline.split_problems(d.name, split, data_dir)
+    return problems, [], f"{d.name} in {where} (generated by vptpc)"
+  if pipeline.prepared_dir(d.name, data_dir) is None:
+    return [pipeline.missing_message(d.name, data_dir)], [], ""
+  problems = []
+  for split in dict.fromkeys(splits):
+    problems += pipeline.split_problems(d.name, split, data_dir)
+  return problems, [], f"{d.name} in {where}"
+
+
+def device_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """The batch sizes divide over the devices ``config.parallel`` uses."""
+  import jax
+
+  from vptpc import parallel
+
+  if config.protocol.mode == "tune" and config.protocol.get("vmap", False):
+    return []  # a vmapped grid runs under jit
+  out = []
+  try:  # the mode alone: batch sizes are checked below, both at once
+    mode = parallel.resolve_mode(config.parallel, jax.device_count())
+  except ValueError as e:
+    return [str(e)]
+  if mode != "pmap":
+    return []
+  n = jax.device_count()
+  for key in ("batch_size", "eval_batch_size"):
+    b = config[key]
+    if isinstance(b, int) and b > 0 and b % n:
+      out.append(
+        f"config.{key}={b} does not divide over the {n} devices that "
+        f"config.parallel={config.parallel} uses (pmap): set "
+        f"--config.{key} to a multiple of {n}, or --config.parallel=jit."
+      )
+  return out
+
+
+def _has_checkpoint(workdir: str) -> bool:
+  return any(
+    os.path.basename(p).isdigit()
+    for p in glob.glob(os.path.join(workdir, "checkpoints", "*"))
+  )
+
+
+def stage_problems(stage: Stage) -> list[str]:
+  """A changed config, a missing checkpoint for eval_only, a bad export."""
+  from vptpc import rundir
+
+  out = []
+  c, d = stage.config, stage.workdir
+  if not c.get("overwrite"):
+    diff = rundir.changes(c, d, stage.kind)
+    if diff and diff[0]:
+      out.append(rundir.changed_message(d, diff[0]))
+  if stage.kind == "stage" and c.get("eval_only") and not _has_checkpoint(d):
+    out.append(
+      f"config.eval_only=True but {os.path.join(d, 'checkpoints')} holds no "
+      "checkpoint: train first (drop --config.eval_only)."
+    )
+  export = os.path.join(d, "prompts.npz")
+  if (
+    stage.kind == "stage"
+    and os.path.basename(d) == "full"
+    and os.path.exists(os.path.join(d, "results.json"))
+    and os.path.exists(export)
+    and not c.get("overwrite")
+  ):
+    from vptpc import prompts
+
+    try:
+      prompts.load_prompts(export)
+    except prompts.PromptFileError as e:
+      out.append(
+        f"{e} Condensation reads it: pass --config.overwrite=True to train "
+        "afresh."
+      )
+  return out
+
+
+def check(config: ml_collections.ConfigDict, workdir: str) -> Plan:
+  """Checks every precondition of a run (module docstring); writes nothing.
+
+  Returns:
+    The `Plan`: stages, a line per dataset naming its directory, warnings.
+
+  Raises:
+    PreflightError: listing every unmet precondition, one line each.
+  """
+  from vptpc import config_util, rundir
+
+  problems = list(config_util.problems(config))
+  problems += workdir_problems(workdir)
+  try:
+    planned = stages(config, workdir)
+  except (OSError, ValueError, KeyError) as e:
+    problems.append(str(e))
+    planned = [Stage(config, workdir, "stage")]
+  problems += checkpoint_problems(config.model.checkpoint_path)
+  data, warnings, seen = [], [], set()
+  for s in planned:
+    key = json.dumps(s.config.data.to_dict(), sort_keys=True, default=str)
+    if key in seen:
+      continue
+    seen.add(key)
+    p, w, line = data_problems(s.config)
+    problems += [x for x in p if x not in problems]
+    warnings += [x for x in w if x not in warnings]
+    if line and line not in data:
+      data.append(line)
+  if not config_util.problems(config):
+    problems += device_problems(config)
+  for s in planned:
+    problems += stage_problems(s)
+  if not _is_remote(workdir) and _main_process():
+    # Process 0 alone takes the lock; the others of a multi-process run
+    # would find it held by their own run.
+    held = rundir.holder(workdir)
+    if held is not None:
+      problems.append(rundir._locked_message(workdir, held))  # noqa: SLF001
+  if problems:
+    raise PreflightError(problems)
+  return Plan(planned, data, warnings)
+
+
+def log_plan(plan: Plan) -> None:
+  """Logs the data in use (naming its directory) and the warnings."""
+  for line in plan.data:
+    logging.info("Data: %s.", line)
+  for w in plan.warnings:
+    logging.warning("%s", w)
+
+
+def summary(plan: Plan) -> dict[str, Any]:
+  """A JSON-able view of a plan (tests, the fault sweep)."""
+  return {
+    "stages": [(s.kind, s.workdir) for s in plan.stages],
+    "data": plan.data,
+    "warnings": plan.warnings,
+  }

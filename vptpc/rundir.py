@@ -1,0 +1,421 @@
+"""One run per workdir: its lock, its stored config, and starting afresh.
+
+Every entry point that writes a workdir (`vptpc.protocol.run`,
+`vptpc.train.train_and_evaluate`, `vptpc.train.train_stage`) runs inside
+`entry`:
+
+1. The outermost entry of a process checks every precondition first
+   (`vptpc.preflight.check`: config, workdir, checkpoint, data, devices,
+   a changed config, a live lock) and raises one error listing all of them
+   before anything is generated, created or written.
+2. `Run.start`, called once the run's inputs are loaded, takes the lock,
+   creates the workdir, moves an old run aside when ``config.overwrite`` is
+   set, compares the stored ``config.json`` with the new config (see
+   `vptpc.config_util.SAFE_TO_CHANGE`) and writes it.
+3. On the way out the lock is released; after an error, the directories
+   this entry created are removed again if they are still empty, so a run
+   that fails on its inputs leaves nothing behind.
+
+The lock is ``<workdir>/.vptpc.lock``: an exclusive ``flock`` held while
+the run lives (the kernel drops it when the process dies, ``kill -9``
+included) on a file naming the holder's pid, host and start time. A second
+run on the same workdir refuses with the holder named; a lock file whose
+holder is gone is taken over with a warning. Nested entries of one process
+(the stages of a run) share it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import ml_collections
+from absl import logging
+
+LOCK = ".vptpc.lock"
+
+
+class WorkdirLocked(RuntimeError):
+  """Another live run holds the workdir's lock."""
+
+
+# ---------------------------------------------------------------------------
+# The lock.
+# ---------------------------------------------------------------------------
+
+
+def _proc_start(pid: int) -> str | None:
+  """The process's start time in clock ticks since boot (Linux), or None.
+
+  Stored beside the pid so that a reused pid is not mistaken for the
+  holder.
+  """
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[19]
+  except (OSError, IndexError):
+    return None
+
+
+def read_lock(workdir: str) -> dict[str, Any] | None:
+  """The holder recorded in ``<workdir>/.vptpc.lock`` (None: no file)."""
+  try:
+    with open(os.path.join(workdir, LOCK)) as f:
+      text = f.read()
+  except (FileNotFoundError, NotADirectoryError):
+    return None
+  try:
+    return json.loads(text)
+  except ValueError:
+    return {}  # a holder killed while writing it
+
+
+def describe(info: dict[str, Any] | None) -> str:
+  """``pid 12 on host h since 2024-01-01 10:00:00 (python -m ...)``."""
+  if not info:
+    return "an unknown process"
+  since = time.strftime(
+    "%Y-%m-%d %H:%M:%S", time.localtime(info.get("since", 0))
+  )
+  cmd = " ".join(info.get("argv", []))[:120]
+  return f"pid {info.get('pid')} on host {info.get('host')} since {since}" + (
+    f" ({cmd})" if cmd else ""
+  )
+
+
+def holder(workdir: str) -> dict[str, Any] | None:
+  """The live run holding ``workdir``'s lock, or None if it is free.
+
+  Reads only: the lock file is opened read-only and its ``flock`` tried
+  and dropped at once.
+  """
+  path = os.path.join(workdir, LOCK)
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return None
+  try:
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+  except BlockingIOError:
+    return read_lock(workdir) or {}
+  finally:
+    os.close(fd)  # also drops a lock taken above
+  return None
+
+
+def _locked_message(workdir: str, info: dict[str, Any] | None) -> str:
+  return (
+    f"workdir {workdir} is in use by {describe(info)} (lock file "
+    f"{os.path.join(workdir, LOCK)}): wait for that run to end, or use "
+    "another --workdir."
+  )
+
+
+# Locks this process holds: realpath -> [fd, depth].
+_HELD: dict[str, list[int]] = {}
+
+
+def acquire(workdir: str) -> None:
+  """Takes ``workdir``'s lock (creating the directory), re-entrantly.
+
+  Raises:
+    WorkdirLocked: a live process holds it (named).
+  """
+  real = os.path.realpath(workdir)
+  if real in _HELD:
+    _HELD[real][1] += 1
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, LOCK)
+  for _ in range(5):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      os.close(fd)
+      raise WorkdirLocked(
+        _locked_message(workdir, read_lock(workdir))
+      ) from None
+    try:
+      same = os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+      same = False
+    if same:
+      break
+    os.close(fd)  # the holder removed the file as we opened it; again
+  else:
+    raise WorkdirLocked(_locked_message(workdir, read_lock(workdir)))
+  previous = os.read(fd, 1 << 16).decode(errors="replace").strip()
+  if previous:
+    try:
+      old = json.loads(previous)
+    except ValueError:
+      old = {}
+    logging.warning(
+      "Took over the stale lock of %s on %s: that process is gone (killed "
+      "or crashed); resuming from what it left.",
+      describe(old),
+      workdir,
+    )
+  info = {
+    "pid": os.getpid(),
+    "host": socket.gethostname(),
+    "start": _proc_start(os.getpid()),
+    "since": time.time(),
+    "argv": sys.argv,
+  }
+  os.lseek(fd, 0, os.SEEK_SET)
+  os.ftruncate(fd, 0)
+  os.write(fd, json.dumps(info).encode())
+  os.fsync(fd)
+  _HELD[real] = [fd, 1]
+
+
+def release(workdir: str) -> None:
+  """Drops one hold of ``workdir``'s lock; the last removes the file."""
+  real = os.path.realpath(workdir)
+  if real not in _HELD:
+    return
+  _HELD[real][1] -= 1
+  if _HELD[real][1] > 0:
+    return
+  fd, _ = _HELD.pop(real)
+  with contextlib.suppress(FileNotFoundError):
+    os.remove(os.path.join(workdir, LOCK))
+  os.close(fd)
+
+
+# ---------------------------------------------------------------------------
+# Stored configs and starting afresh.
+# ---------------------------------------------------------------------------
+
+
+def stored_config(workdir: str) -> dict[str, Any] | None:
+  """``<workdir>/config.json``, or None when there is none (or unreadable)."""
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def _ignores(kind: str) -> tuple[str, ...]:
+  """Subtrees a workdir of ``kind`` does not compare (config_util)."""
+  from vptpc import config_util
+
+  if kind == "stage":
+    return config_util.STAGE_IGNORES
+  return ("protocol",)
+
+
+def changes(
+  config: ml_collections.ConfigDict, workdir: str, kind: str
+) -> tuple[list, list] | None:
+  """(unsafe, safe) changes against the stored config; None if none stored."""
+  from vptpc import config_util
+
+  stored = stored_config(workdir)
+  if stored is None:
+    return None
+  return config_util.changed_keys(
+    stored, config.to_dict(), ignore=_ignores(kind)
+  )
+
+
+def changed_message(workdir: str, unsafe: list) -> str:
+  """The error for a workdir whose run used another config."""
+  from vptpc import config_util
+
+  return (
+    f"workdir {workdir} holds a run of another config, which cannot change "
+    f"mid-run: {config_util.describe_changes(unsafe)} (stored -> now). Run "
+    "with the stored values to resume it, pass --config.overwrite=True to "
+    "start afresh (the old run is moved aside, not deleted), or use another "
+    "--workdir."
+  )
+
+
+def finished(
+  config: ml_collections.ConfigDict, workdir: str, kind: str
+) -> dict[str, Any] | None:
+  """A finished run's results when ``config`` is exactly its stored one.
+
+  None when there are no results, the stored config differs in any key (a
+  safe change re-evaluates), ``config.eval_only`` asks for a new
+  evaluation, or ``config.overwrite`` for a new run.
+  """
+  if config.get("eval_only") or config.get("overwrite"):
+    return None
+  try:
+    with open(os.path.join(workdir, "results.json")) as f:
+      res = json.load(f)
+  except (OSError, ValueError):
+    return None
+  diff = changes(config, workdir, kind)
+  if diff is None or diff[0] or diff[1]:
+    return None
+  return res
+
+
+def _move_aside(workdir: str, items: list[str]) -> str | None:
+  """Moves ``items`` (names in ``workdir``) to a timestamped sibling."""
+  present = [
+    i for i in items if i != LOCK and os.path.lexists(os.path.join(workdir, i))
+  ]
+  if not present:
+    return None
+  stamp = time.strftime("%Y%m%d-%H%M%S")
+  base = os.path.normpath(workdir) + f".old-{stamp}"
+  dest, n = base, 1
+  while os.path.lexists(dest):
+    dest, n = f"{base}-{n}", n + 1
+  for item in present:
+    target = os.path.join(dest, item)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.rename(os.path.join(workdir, item), target)
+  return dest
+
+
+# ---------------------------------------------------------------------------
+# Entries.
+# ---------------------------------------------------------------------------
+
+_DEPTH = [0]
+
+
+def _is_main_process() -> bool:
+  import jax
+
+  return jax.process_index() == 0
+
+
+@dataclasses.dataclass
+class Run:
+  """What an entry holds while it runs in a workdir (see `entry`)."""
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  kind: str  # stage | pc | protocol
+  outermost: bool
+  plan: Any = None
+  started: bool = False
+  created: list[str] = dataclasses.field(default_factory=list)
+  locked: bool = False
+  moved_to: str | None = None
+
+  def start(self, *, store_config: bool = True) -> None:
+    """Locks and creates the workdir; compares and writes ``config.json``.
+
+    Raises:
+      WorkdirLocked: another live run holds the workdir.
+      ConfigError: the stored config differs in a key that cannot change
+        mid-run (and ``config.overwrite`` is not set).
+    """
+    if self.started:
+      return
+    self.started = True
+    d = self.workdir
+    while not os.path.exists(d):
+      self.created.append(d)
+      parent = os.path.dirname(d)
+      if parent == d:
+        break
+      d = parent
+    if _is_main_process():
+      acquire(self.workdir)
+      self.locked = True
+    if self.outermost and self.config.get("overwrite"):
+      self.moved_to = _move_aside(self.workdir, self._own_items())
+      if self.moved_to:
+        print(
+          f"config.overwrite=True: moved the previous run in {self.workdir} "
+          f"to {self.moved_to}; starting afresh.",
+          flush=True,
+        )
+    if store_config:
+      self.store_config()
+
+  def _own_items(self) -> list[str]:
+    """What of the workdir this entry's run owns (moved by overwrite)."""
+    if self.kind == "protocol":
+      mode = self.config.protocol.mode
+      if mode == "tune":
+        return ["tune", "tune.json", "tune.csv"]
+      return ["final", "final.json"]
+    return sorted(os.listdir(self.workdir))
+
+  def store_config(self) -> None:
+    """Compares the stored ``config.json`` (if any), then writes the new."""
+    from vptpc import config_util
+
+    diff = changes(self.config, self.workdir, self.kind)
+    if diff is not None:
+      unsafe, safe = diff
+      if unsafe and not self.config.get("overwrite"):
+        raise config_util.ConfigError(changed_message(self.workdir, unsafe))
+      if safe:
+        logging.info(
+          "%s: settings that are safe to change mid-run changed: %s.",
+          self.workdir,
+          config_util.describe_changes(safe),
+        )
+    if _is_main_process():
+      from vptpc import train
+
+      train._write_json(
+        os.path.join(self.workdir, "config.json"), self.config.to_dict()
+      )
+      train._write_json(
+        os.path.join(self.workdir, "versions.json"), train.versions()
+      )
+
+  def close(self, failed: bool) -> None:
+    """Releases the lock; after a failure removes what is left empty."""
+    if self.locked:
+      release(self.workdir)
+      self.locked = False
+    if failed:
+      for d in self.created:  # deepest first
+        with contextlib.suppress(OSError):
+          os.rmdir(d)
+
+
+@contextlib.contextmanager
+def entry(
+  config: ml_collections.ConfigDict, workdir: str, *, kind: str
+) -> Iterator[Run]:
+  """Runs a workdir's preconditions, lock and cleanup (module docstring).
+
+  Args:
+    config: the run's config.
+    workdir: its (absolute) workdir.
+    kind: ``stage`` (a training stage), ``pc`` (a Prompt Condensation run)
+      or ``protocol`` (tune / final).
+
+  Raises:
+    vptpc.preflight.PreflightError: listing every unmet precondition (the
+      outermost entry only; nothing has been written).
+  """
+  outermost = _DEPTH[0] == 0
+  run = Run(config, workdir, kind, outermost)
+  if outermost:
+    from vptpc import preflight
+
+    run.plan = preflight.check(config, workdir)
+    preflight.log_plan(run.plan)
+  _DEPTH[0] += 1
+  failed = True
+  try:
+    yield run
+    failed = False
+  finally:
+    _DEPTH[0] -= 1
+    run.close(failed)
