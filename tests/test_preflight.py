@@ -78,6 +78,20 @@ def test_workdir_checkpoint_and_device_checks_name_the_fix(tmp_path):
   assert "config.eval_batch_size=20" in got[1]
 
 
+def test_a_corrupt_prompts_file_of_a_condensation_run_is_named(tmp_path):
+  c = tiny_config()
+  c.condense.keep = 0.5
+  full = tmp_path / "w" / "full"
+  full.mkdir(parents=True)
+  (full / "results.json").write_text("{}")
+  (full / "prompts.npz").write_bytes(b"garbage")
+  stages = preflight.stages(c, str(tmp_path / "w"))
+  assert [s.kind for s in stages] == ["pc", "stage", "stage"]
+  got = preflight.stage_problems(stages[1])
+  assert len(got) == 1 and "prompts.npz" in got[0]
+  assert "--config.overwrite=True" in got[0]
+
+
 def _folder(root, labels, n_missing=0):
   (root / "images").mkdir(parents=True)
   rng = np.random.default_rng(0)

@@ -90,7 +90,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
     inner = e.args[0] if e.args else e
     text = inner.args[0] if isinstance(inner, KeyError) else str(inner)
     text = str(text).replace("\n", "; ")
-    _fail(f"unknown config key in {' '.join(bad)}: {text}")
+    # Name the override that holds the unknown key, not every override.
+    named = [
+      a
+      for a in bad
+      if any(f".{q}" in a.split("=", 1)[0] + "." for q in text.split("'")[1::2])
+    ]
+    _fail(f"unknown config key in {' '.join(named or bad)}: {text}")
 
 
 class _Quiet:

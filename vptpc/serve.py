@@ -259,16 +259,20 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     if not a.task:
       raise ValueError("Give at least one --task=name=prompts.npz.")
+    specs = []
+    for spec in a.task:
+      name, sep, path = spec.partition("=")
+      if not sep or not name or not path:
+        raise ValueError(f"--task={spec!r}: expected name=prompts.npz.")
+      prompts_lib.load_prompts(path)  # a bad file fails before any JAX work
+      specs.append((name, path))
     model = vit.create_model(a.model, num_classes=None, kv_only=True)
     template = vit.split_head(
       vit.init_params(model, jax.random.key(0), a.image_size)
     )[0]
     backbone = checkpoint.load_pretrained(a.backbone or assets.path(), template)
     tasks = {}
-    for spec in a.task:
-      name, sep, path = spec.partition("=")
-      if not sep or not name or not path:
-        raise ValueError(f"--task={spec!r}: expected name=prompts.npz.")
+    for name, path in specs:
       prompts, head, _ = prompts_lib.load_prompts(path, backbone=backbone)
       if head is None:
         raise ValueError(f"{path!r} has no head; serving needs one.")

@@ -394,8 +394,9 @@ def _check_finite(metrics: dict[str, float], step: int, workdir: str) -> None:
   if not np.isfinite(metrics["train_loss"]):
     raise FloatingPointError(
       f"Non-finite training loss {metrics['train_loss']} at step {step}. "
-      f"Checkpoints in {workdir}/checkpoints are kept as they were; lower "
-      "config.base_lr or check the data normalisation."
+      f"Checkpoints in {workdir}/checkpoints are kept as they were. Lower "
+      "config.base_lr (a changed run: add --config.overwrite=True, or use "
+      "another --workdir) or check the data normalisation."
     )
 
 
