@@ -34,17 +34,6 @@ CONFIG_FILES = (
 )
 
 
-def _flatten(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(_flatten(v, key + "."))
-    else:
-      out[key] = v
-  return out
-
-
 def _fmt(v) -> str:
   if isinstance(v, str):
     return f'`"{v}"`' if v else '`""`'
@@ -123,7 +112,7 @@ def render() -> str:
   """The page, as Markdown."""
   from vptpc import config_util
 
-  base = _flatten(config_util.base_config().to_dict())
+  base = config_util._flatten(config_util.base_config().to_dict())
   notes = base_comments()
   lines = [
     "# Configuration reference",
@@ -157,7 +146,7 @@ def render() -> str:
       ]
       lines += [f"| `{k}` | {_type(v)} | {_fmt(v)} |" for k, v in spec.items()]
     try:
-      cfg = _flatten(mod.get_config(None).to_dict())
+      cfg = config_util._flatten(mod.get_config(None).to_dict())
     except Exception:  # noqa: BLE001 - needs an argument (e.g. a folder)
       cfg = None
     if cfg is not None:
