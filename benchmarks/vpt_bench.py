@@ -114,6 +114,25 @@ def make_row(ctx: dict, what: str, mode: str, s: float, gflops: float):
   return r
 
 
+def pipeline_row(model, batch, mode, img_s, device="host CPU") -> dict:
+  """A table row for the input pipeline's images/s (no FLOPs)."""
+  return dict(
+    model=model,
+    batch=batch,
+    dtype="uint8->float32",
+    prompts="",
+    path="",
+    what="input pipeline (cached 1k)",
+    mode=mode,
+    img_s=round(img_s, 1),
+    gflops_naive="",
+    gflops_actual="",
+    achieved_gflop_s="",
+    pct_peak="",
+    device=device,
+  )
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", default="results/bench")
@@ -316,21 +335,7 @@ def main():
     ):
       n += int(b["mask"].sum())
     rows.append(
-      dict(
-        model=name,
-        batch=batch,
-        dtype="uint8->float32",
-        prompts="",
-        path="",
-        what="input pipeline (cached 1k)",
-        mode="host",
-        img_s=round(n / (time.perf_counter() - t), 1),
-        gflops_naive="",
-        gflops_actual="",
-        achieved_gflop_s="",
-        pct_peak="",
-        device="host CPU",
-      )
+      pipeline_row(name, batch, "host", n / (time.perf_counter() - t))
     )
     # The same split on the device: gather + normalise inside jit
     # (vptpc.data.device), as train.Runner runs it.
@@ -355,21 +360,7 @@ def main():
       3,
     )
     rows.append(
-      dict(
-        model=name,
-        batch=batch,
-        dtype="uint8->float32",
-        prompts="",
-        path="",
-        what="input pipeline (cached 1k)",
-        mode="device",
-        img_s=round(int(plan["mask"].sum()) / s, 1),
-        gflops_naive="",
-        gflops_actual="",
-        achieved_gflop_s="",
-        pct_peak="",
-        device=device,
-      )
+      pipeline_row(name, batch, "device", int(plan["mask"].sum()) / s, device)
     )
   torch_rows = []
   if a.model == "B/16" and a.image_size == 224:

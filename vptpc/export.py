@@ -63,22 +63,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from vptpc import prompts as prompts_lib
+from vptpc.data import pipeline
+from vptpc.data.pipeline import (  # noqa: F401 - re-exported
+  IMAGENET_MEAN,
+  IMAGENET_STD,
+  NORMALIZATIONS,
+)
 from vptpc.models import vit
 
 FORMATS = ("onnx", "stablehlo")
 SUFFIXES = {".onnx": "onnx", ".stablehlo": "stablehlo"}
 GRAPHS = ("kv", "full")
 INPUT_DTYPES = ("uint8", "float32")
-NORMALIZATIONS = ("imagenet", "minus1_1")
 QUANTIZE = ("none", "int8")
 STABLEHLO_MODEL = "model.jaxexport"
 STABLEHLO_META = "metadata.json"
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
-
-# vptpc.data.pipeline's constants, repeated so the export does not import
-# the data stack (TFDS); tests check the two agree.
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 class ExportError(ValueError):
@@ -88,20 +88,17 @@ class ExportError(ValueError):
 def normalization(mode: str) -> tuple[np.ndarray, np.ndarray]:
   """Returns float32 (scale, shift) with ``pixels * scale + shift``.
 
-  The same affine map, in the same float32 arithmetic, as
-  `vptpc.data.pipeline.normalize`, so the in-graph preprocessing is
-  bitwise the host pipeline's.
+  `vptpc.data.pipeline.affine`: the same map, in the same float32
+  arithmetic, as the host pipeline, so the in-graph preprocessing is
+  bitwise the pipeline's.
 
   Raises:
     ExportError: an unknown mode.
   """
-  if mode == "imagenet":
-    return 1.0 / (255.0 * IMAGENET_STD), -IMAGENET_MEAN / IMAGENET_STD
-  if mode == "minus1_1":
-    return np.float32(2.0 / 255.0), np.float32(-1.0)
-  raise ExportError(
-    f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {mode!r}."
-  )
+  try:
+    return pipeline.affine(mode)
+  except pipeline.DataError as e:
+    raise ExportError(str(e)) from None
 
 
 def task_function(

@@ -504,25 +504,32 @@ def preprocess_image(
   raise DataError(f"preprocess must be one of {PREPROCESS}, got {mode!r}.")
 
 
+def affine(mode: str) -> tuple[np.ndarray, np.ndarray]:
+  """float32 (scale, shift) with which `normalize` maps uint8 pixels.
+
+  Raises:
+    DataError: an unknown mode.
+  """
+  if mode == "imagenet":
+    return 1.0 / (255.0 * IMAGENET_STD), -IMAGENET_MEAN / IMAGENET_STD
+  if mode == "minus1_1":
+    return np.float32(2.0 / 255.0), np.float32(-1.0)
+  raise DataError(f"normalize must be one of {NORMALIZATIONS}, got {mode!r}.")
+
+
 def normalize(images: np.ndarray, mode: str) -> np.ndarray:
   """Maps uint8 images to float32: ImageNet mean/std, or [-1, 1].
 
   VPT uses ImageNet statistics; Google's i21k checkpoints were trained on
   [-1, 1] (vpt.md §5), hence the choice.
   """
-  if mode == "imagenet":
-    scale = 1.0 / (255.0 * IMAGENET_STD)
-    shift = -IMAGENET_MEAN / IMAGENET_STD
-  elif mode == "minus1_1":
-    scale, shift = 2.0 / 255.0, -1.0
-  else:
-    raise DataError(f"normalize must be one of {NORMALIZATIONS}, got {mode!r}.")
+  scale, shift = affine(mode)
   # One affine map, in place: 1.7x the images/s of (x/255 - mean)/std at
   # ViT-B/16 size, whose temporaries capped the pipeline below what an H100
   # step consumes (benchmarks/vpt_bench.py's pipeline line).
   x = images.astype(np.float32)
-  x *= np.asarray(scale, np.float32)
-  x += np.asarray(shift, np.float32)
+  x *= scale
+  x += shift
   return x
 
 
