@@ -35,6 +35,10 @@ CONFIG_FILES = (
 
 
 def _fmt(v) -> str:
+  if isinstance(v, str) and v.startswith(ROOT + os.sep):
+    # Paths inside the checkout are shown relative to it, so the page does
+    # not depend on where the repository was cloned.
+    v = "<repo>/" + os.path.relpath(v, ROOT).replace(os.sep, "/")
   if isinstance(v, str):
     return f'`"{v}"`' if v else '`""`'
   if isinstance(v, (tuple, list)):
