@@ -17,9 +17,12 @@ running each task alone (tested); the backbone is shared, not copied.
 Prints one JSON line per image: path, task, predicted class, its
 probability and the top-5. A line that cannot be served (malformed, an
 unknown task, a missing or corrupt image) gets one ``error:`` line on
-stderr and serving carries on; the exit status is then 2. ``--backbone`` is a vit_jax ``.npz`` (default:
-the embedded fractal ViT, ``--model=fractal-Ti/4``); each prompts file must
-have been trained on that backbone (`vptpc.prompts.load_prompts` checks).
+stderr and serving carries on; the exit status is then 2. ``--backbone`` is a
+vit_jax ``.npz`` or a timm-named ``.safetensors`` file (default: the
+embedded fractal ViT, ``--model=fractal-Ti/4``); ``--model=swin_...`` serves
+a Swin (e.g. ``--model=swin_base_patch4_window7_224 --image_size=224
+--normalize=imagenet``). Each prompts file must have been trained on that
+backbone (`vptpc.prompts.load_prompts` checks).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vptpc import prompts as prompts_lib
-from vptpc.models import vit
+from vptpc.models import swin, vit
 
 
 @dataclasses.dataclass
@@ -47,7 +50,8 @@ class TaskBank:
   Attributes:
     names: task names, in stacking order (task id = index).
     cache: ``{"encoderblock_i": {"key", "value": (T, K_i, H, hd), "mask":
-      (T, K_i) bool}}``.
+      (T, K_i) bool}}``; a Swin's last block is ``{"prompts": (T, K, C),
+      "mask"}`` instead.
     kernel: (T, D, C_max) stacked head kernels (zero-padded classes).
     bias: (T, C_max) head biases, -inf on padded classes.
     num_classes: (T,) real class counts.
@@ -68,39 +72,67 @@ class TaskBank:
     return np.asarray([index[n] for n in names], np.int32)
 
 
+def _pad_stack(arrays: Sequence[jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """Stacks (k_t, ...) arrays zero-padded to the largest k, with validity."""
+  width = max(a.shape[0] for a in arrays)
+  padded = [
+    jnp.pad(a, ((0, width - a.shape[0]),) + ((0, 0),) * (a.ndim - 1))
+    for a in arrays
+  ]
+  masks = [jnp.arange(width) < a.shape[0] for a in arrays]
+  return jnp.stack(padded), jnp.stack(masks)
+
+
 def build_bank(
   backbone: Mapping[str, Any],
   tasks: Mapping[str, tuple[Mapping[str, Any], Mapping[str, Any]]],
   *,
-  num_heads: int,
+  num_heads: int | None = None,
   dtype: Any = jnp.float32,
+  model: vit.VisionTransformer | swin.SwinTransformer | None = None,
 ) -> TaskBank:
-  """Builds a `TaskBank` from ``{name: (deep prompt tree, head params)}``."""
+  """Builds a `TaskBank` from ``{name: (deep prompt tree, head params)}``.
+
+  Args:
+    backbone: the frozen backbone every task was trained on.
+    tasks: per task, its VPT-Deep prompts and head.
+    num_heads: a ViT's attention heads (or give ``model``).
+    dtype: the keys' and values' dtype.
+    model: the backbone's model; needed for a Swin, whose every block but
+      the last becomes a key/value cache and whose last block keeps its
+      prompt tokens (their outputs enter the average pool), padded with a
+      mask.
+
+  Raises:
+    ValueError: no task, neither ``num_heads`` nor ``model``, or tasks
+      with different numbers of prompt layers.
+  """
   if not tasks:
     raise ValueError("A task bank needs at least one task.")
   names = list(tasks)
-  caches = [
-    vit.build_kv_cache(backbone, tasks[n][0], num_heads, dtype) for n in names
-  ]
+  if isinstance(model, swin.SwinTransformer):
+    caches = [swin.build_kv_cache(model, backbone, tasks[n][0]) for n in names]
+  else:
+    if num_heads is None:
+      if model is None:
+        raise ValueError("build_bank needs num_heads or model.")
+      num_heads = model.num_heads
+    caches = [
+      vit.build_kv_cache(backbone, tasks[n][0], num_heads, dtype) for n in names
+    ]
   layers = prompts_lib.layer_keys(caches[0])
   for n, c in zip(names, caches, strict=True):
     if prompts_lib.layer_keys(c) != layers:
       raise ValueError(f"Task {n!r} has another number of prompt layers.")
   cache = {}
   for layer in layers:
-    width = max(c[layer]["key"].shape[0] for c in caches)
-    keys, values, masks = [], [], []
-    for c in caches:
-      k = c[layer]["key"]
-      pad = ((0, width - k.shape[0]), (0, 0), (0, 0))
-      keys.append(jnp.pad(k, pad))
-      values.append(jnp.pad(c[layer]["value"], pad))
-      masks.append(jnp.arange(width) < k.shape[0])
-    cache[layer] = {
-      "key": jnp.stack(keys),
-      "value": jnp.stack(values),
-      "mask": jnp.stack(masks),
-    }
+    if not isinstance(caches[0][layer], Mapping):  # Swin's last block
+      tokens, mask = _pad_stack([c[layer] for c in caches])
+      cache[layer] = {"prompts": tokens, "mask": mask}
+      continue
+    keys, mask = _pad_stack([c[layer]["key"] for c in caches])
+    values, _ = _pad_stack([c[layer]["value"] for c in caches])
+    cache[layer] = {"key": keys, "value": values, "mask": mask}
   heads = [tasks[n][1] for n in names]
   n_cls = np.asarray([h["kernel"].shape[-1] for h in heads])
   c_max = int(n_cls.max())
@@ -122,7 +154,7 @@ def build_bank(
 
 
 @functools.cache
-def make_classifier(model: vit.VisionTransformer):
+def make_classifier(model: vit.VisionTransformer | swin.SwinTransformer):
   """Returns jitted ``logits(backbone, bank arrays, images, task_ids)``.
 
   ``model`` must have ``kv_only=True`` (any ``num_classes``: its head is
@@ -141,7 +173,7 @@ def make_classifier(model: vit.VisionTransformer):
 
 
 def classify(
-  model: vit.VisionTransformer,
+  model: vit.VisionTransformer | swin.SwinTransformer,
   backbone: Mapping[str, Any],
   bank: TaskBank,
   images: np.ndarray,
@@ -206,6 +238,20 @@ def _read_requests(images: str) -> list[Request]:
   return out
 
 
+def _create_model(name: str):
+  """The key/value-path model named ``name``, a Swin or a ViT.
+
+  ``swin*`` names (e.g. ``swin_base_patch4_window7_224``) are Swins
+  (`vptpc.models.swin`); any other name is a ViT (`vptpc.models.vit`).
+
+  Raises:
+    ValueError: an unknown name (the family's known names are listed).
+  """
+  if name.lower().startswith("swin"):
+    return swin.create_model(name, num_classes=None, kv_only=True)
+  return vit.create_model(name, num_classes=None, kv_only=True)
+
+
 def _load_image(path: str, size: int) -> np.ndarray:
   """The cached-form image of ``path`` (`pipeline.preprocess_image`).
 
@@ -251,7 +297,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   )
   ap.add_argument("--images", default="", help="folder (default: stdin)")
   ap.add_argument("--model", default=assets.DEFAULT_MODEL)
-  ap.add_argument("--backbone", default="", help="vit_jax .npz")
+  ap.add_argument(
+    "--backbone",
+    default="",
+    help="vit_jax .npz or timm-named .safetensors (ViT or Swin)",
+  )
   ap.add_argument("--image_size", type=int, default=32)
   ap.add_argument("--normalize", default="minus1_1")
   ap.add_argument("--batch_size", type=int, default=64)
@@ -266,9 +316,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ValueError(f"--task={spec!r}: expected name=prompts.npz.")
       prompts_lib.load_prompts(path)  # a bad file fails before any JAX work
       specs.append((name, path))
-    model = vit.create_model(a.model, num_classes=None, kv_only=True)
+    model = _create_model(a.model)
+    images = jax.ShapeDtypeStruct(
+      (1, a.image_size, a.image_size, 3), jnp.float32
+    )
     template = vit.split_head(
-      vit.init_params(model, jax.random.key(0), a.image_size)
+      jax.eval_shape(model.init, jax.random.key(0), images)["params"]
     )[0]
     backbone = checkpoint.load_pretrained(a.backbone or assets.path(), template)
     tasks = {}
@@ -277,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       if head is None:
         raise ValueError(f"{path!r} has no head; serving needs one.")
       tasks[name] = (prompts, head)
-    bank = build_bank(backbone, tasks, num_heads=model.num_heads)
+    bank = build_bank(backbone, tasks, model=model)
     requests = _read_requests(a.images)
     default = bank.names[0] if len(bank.names) == 1 else None
     if a.images and default is None:

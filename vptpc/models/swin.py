@@ -178,6 +178,8 @@ def _resolve(name: str) -> tuple[str, dict[str, Any]]:
   key = key.removeprefix("swin_").removeprefix("swin")
   if key in _ALIASES:
     return _ALIASES[key], {}
+  if key in _VARIANTS:  # "swin-testing": the test model, named as a Swin
+    return key, {}
   raise ValueError(
     f"Unknown Swin variant {name!r}; known: {', '.join(_VARIANTS)} (also "
     f"'swin_b' style aliases and timm names {', '.join(_TIMM_NAMES)})."
@@ -330,6 +332,7 @@ def window_attention(
   qp: Array | None = None,
   kp: Array | None = None,
   vp: Array | None = None,
+  kmask: Array | None = None,
 ) -> tuple[Array, Array | None]:
   """Window attention with optional prompt keys/values and prompt queries.
 
@@ -346,6 +349,9 @@ def window_attention(
       batch or (B, n, heads, d); they attend to the prompts and the window.
     kp: optional prompt keys, (n, heads, d) or (B, n, heads, d).
     vp: prompt values, shaped like ``kp``.
+    kmask: optional bool validity of the prompt keys, (n,) or (B, n):
+      False keys (a task's padding when serving several tasks with
+      different prompt counts) get no attention from any query.
 
   Returns:
     (window outputs (B, nW, T, heads, d), prompt outputs per window
@@ -360,7 +366,7 @@ def window_attention(
   pb = "" if kp is None or kp.ndim == 3 else "b"  # batch axis of prompts?
   if n:
     sp = jnp.einsum(f"bwqhd,{pb}nhd->bwhqn", q, kp, preferred_element_type=f32)
-    s = jnp.concatenate([sp, s], axis=-1)
+    s = jnp.concatenate([_mask_keys(sp, kmask), s], axis=-1)
   w = jax.nn.softmax(s, axis=-1).astype(v.dtype)
   out = jnp.einsum(
     "bwhqk,bwkhd->bwqhd", w[..., n:], v, preferred_element_type=f32
@@ -379,7 +385,9 @@ def window_attention(
     spx = jnp.einsum(f"{qb}nhd,bwkhd->bwhnk", qp, k, preferred_element_type=f32)
     if not ob:
       spp = spp[None]
-    spp = jnp.broadcast_to(spp[:, None], spx.shape[:-1] + (n,))
+    spp = _mask_keys(
+      jnp.broadcast_to(spp[:, None], spx.shape[:-1] + (n,)), kmask
+    )
     wp = jax.nn.softmax(jnp.concatenate([spp, spx], -1), axis=-1)
     wp = wp.astype(v.dtype)
     out_p = jnp.einsum(
@@ -390,6 +398,18 @@ def window_attention(
     )
     out_p = out_p.astype(q.dtype)
   return out.astype(q.dtype), out_p
+
+
+def _mask_keys(logits: Array, kmask: Array | None) -> Array:
+  """``logits`` (B, nW, heads, queries, n) with invalid prompt keys at -inf.
+
+  Every query also sees its window's tokens, so no softmax row is empty.
+  """
+  if kmask is None:
+    return logits
+  m = jnp.asarray(kmask, bool)
+  m = m[:, None, None, None, :] if m.ndim == 2 else m
+  return jnp.where(m, logits, -jnp.inf)
 
 
 class Linear(nn.Module):
@@ -445,6 +465,7 @@ class WindowAttention(nn.Module):
     cached: tuple[Array, Array] | None = None,
     mask: np.ndarray | None = None,
     prompt_queries: bool = False,
+    prompt_mask: Array | None = None,
   ) -> tuple[Array, Array | None]:
     """Attends within windows, with prompts as extra tokens of every window.
 
@@ -456,6 +477,8 @@ class WindowAttention(nn.Module):
         (B, n, heads, d), used instead of ``prompts``.
       mask: optional (nW, T, T) shifted-window mask.
       prompt_queries: also compute the prompts' outputs.
+      prompt_mask: optional bool (B, n) validity of per-example prompts
+        (`window_attention`'s ``kmask``).
 
     Returns:
       (window outputs (B, nW, T, C), prompt outputs averaged over each
@@ -498,7 +521,7 @@ class WindowAttention(nn.Module):
         )
     if kp is not None and kp.shape[-3] == 0:
       qp = kp = vp = None
-    out, out_p = window_attention(q, k, v, bias, mask, qp, kp, vp)
+    out, out_p = window_attention(q, k, v, bias, mask, qp, kp, vp, prompt_mask)
     out = proj(out.reshape(b, nw, t, c))
     if out_p is not None:
       # Mean over windows before the (affine) projection: the same as the
@@ -538,6 +561,7 @@ class SwinBlock(nn.Module):
     prompts: Array | None = None,
     cached: tuple[Array, Array] | None = None,
     prompt_queries: bool = False,
+    prompt_mask: Array | None = None,
   ) -> tuple[Array, Array | None]:
     """Applies the block.
 
@@ -550,6 +574,8 @@ class SwinBlock(nn.Module):
       prompt_queries: compute and return the prompt outputs (needed when the
         outputs are used later: VPT-Shallow and the last VPT-Deep block).
         Otherwise prompts act only as keys and values.
+      prompt_mask: optional bool (B, n): False prompts (padding) are keys
+        no query attends to; their own outputs are computed but meaningless.
 
     Returns:
       (image tokens (B, H, W, C), prompt outputs (B, n, C) or None).
@@ -572,7 +598,7 @@ class SwinBlock(nn.Module):
     yp = norm1(prompts) if n else None
     out, out_p = WindowAttention(
       self.num_heads, self.window_size, dtype=self.dtype, name="attn"
-    )(windows, yp, cached, mask, prompt_queries and n > 0)
+    )(windows, yp, cached, mask, prompt_queries and n > 0, prompt_mask)
     out = window_reverse(out, self.window_size, hh, ww)
     if shifted:
       out = jnp.roll(out, self.shift_size, axis=(1, 2))
@@ -785,7 +811,12 @@ class SwinTransformer(nn.Module):
       images: (B, H, W, 3) float images, normalised.
       prompts: a prompt tree (module docstring) or None. With ``kv_only``,
         a deep entry may be a ``{"key", "value"}`` cache
-        (`build_kv_cache`) for every block but the last.
+        (`build_kv_cache`) for every block but the last, optionally with a
+        ``"mask"`` (B, n) of valid keys. Any deep entry may also be
+        ``{"prompts": (B, n, C), "mask": (B, n)}``: per-example prompts
+        padded to a common count; padding gets no attention and, in the
+        last block, no share of the average pool (`vptpc.serve` batches
+        several tasks this way).
       train: enables prompt dropout (needs a ``dropout`` rng).
       return_features: also return the pooled features.
 
@@ -834,6 +865,7 @@ class SwinTransformer(nn.Module):
       p = jnp.broadcast_to(p, (b,) + p.shape[-2:])
     g = 0
     last_block = self.num_layers - 1
+    p_mask = None  # validity of per-example padded prompts in ``p``
     for s in range(num_stages):
       stage = SwinStage(
         self.depths[s],
@@ -859,14 +891,28 @@ class SwinTransformer(nn.Module):
           )
         if variant == "deep":
           raw = prompts[f"encoderblock_{g}"]
-          if isinstance(raw, Mapping):
+          p_mask = None
+          if isinstance(raw, Mapping) and "prompts" in raw:
+            # Per-example prompts padded to a common count, with their
+            # validity (several tasks in one batch, `vptpc.serve`).
+            pg = jnp.asarray(raw["prompts"]).astype(self.dtype)
+            p_mask = jnp.asarray(raw["mask"], bool)
+            x, p = blk(
+              x,
+              pg,
+              prompt_queries=full or g == last_block,
+              prompt_mask=p_mask,
+            )
+          elif isinstance(raw, Mapping):
             if full or g == last_block:
               raise ValueError(
                 "A key/value prompt cache needs kv_only=True and cannot "
                 f"stand for the last block ({g}), whose prompt outputs "
                 "are used; pass that block's prompts as an array."
               )
-            x, p = blk(x, cached=(raw["key"], raw["value"]))
+            x, p = blk(
+              x, cached=(raw["key"], raw["value"]), prompt_mask=raw.get("mask")
+            )
           else:
             pg = self._prompt(raw, b, train, per_example=g == 0)
             if full or pg.ndim == 3 or not self.kv_shared:
@@ -884,7 +930,19 @@ class SwinTransformer(nn.Module):
       tokens = jnp.concatenate([p.astype(tokens.dtype), tokens], axis=1)
     tokens = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="norm")(tokens)
     # Official VPT-Swin: the average pool covers every token, prompts too.
-    features = tokens.mean(axis=1)
+    if p is not None and p_mask is not None:
+      # ... but not a task's padding prompts.
+      w = jnp.concatenate(
+        [
+          p_mask.astype(jnp.float32),
+          jnp.ones((b, tokens.shape[1] - p.shape[1])),
+        ],
+        axis=1,
+      )
+      f = (tokens.astype(jnp.float32) * w[..., None]).sum(1)
+      features = (f / w.sum(1, keepdims=True)).astype(tokens.dtype)
+    else:
+      features = tokens.mean(axis=1)
     if self.num_classes is None:
       return (features, features) if return_features else features
     logits = nn.Dense(
