@@ -10,7 +10,13 @@
 #      prompts, key/value and full paths) with that variant;
 #   4. e2e_bench.py: `python -m vptpc.main` tune (vmapped grid) and final
 #      on a VTAB-shaped folder task, with the projection of VPT's protocol;
-#   5. gpu_table.py: the table with the ratios, to $OUT/table.md.
+#   5. (stage "flags", not in the default) vpt_bench.py's kv train/eval rows
+#      and its 8192^2 matmul once per XLA_FLAGS set in FLAG_SETS (";"
+#      separated; "" is the default), each in its own process: XLA picks
+#      its GEMM emitter (cuBLAS/cuBLASLt or Triton) by flags, and the
+#      matmul row reached 611 TFLOP/s where PyTorch's is ~790 on an H200.
+#      A set this jaxlib does not know fails alone and is reported;
+#   6. gpu_table.py: the table with the ratios, to $OUT/table.md.
 # Everything also goes to $OUT/log.txt; the per-stage files are packed into
 # $OUT/runs.tgz at the end (the device tool returns at most 8 files).
 #
@@ -19,7 +25,7 @@
 # WHEELs (ml_collections, which the GPU image lacks) are installed to
 # /tmp/site first. For a CPU dry run (no peer, tiny model):
 #   DRY=1 bash benchmarks/device_check.sh none
-# STAGES (default "peer ablation bench e2e") picks stages for a rerun;
+# STAGES (default "peer ablation bench e2e"; "flags" is extra) picks stages;
 # *_S variables bound each stage's seconds. On an H200 (2026-11-27) the
 # whole run needs about 10 minutes (each ViT-B/16 program compiles in
 # 6-20 s; torch.compile's in 11-26 s), more than one 600 s device call:
@@ -30,7 +36,7 @@ peer=${1:?path to torch_peer.py (or none)}
 shift
 out=${OUT:-/tmp/vptpc_device_check}
 work=/tmp/vdc
-mkdir -p "$out" "$work"
+mkdir -p "$out" "$work" "$work/flags"
 exec > >(tee -a "$out/log.txt") 2>&1
 if [ "$#" -gt 0 ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile \
@@ -54,6 +60,7 @@ if [ "${DRY:-0}" = 1 ]; then
     --seeds=42:44 --dtype=float32"
   prompts=0,3,10
   full_at=10
+  flag_prompts=3
 else
   model="--batch=128 --matmul_n=8192 --spec_tflops=989 --dtype=bfloat16"
   abl="--batch=128 --prompts=100 --iters=10"
@@ -61,6 +68,7 @@ else
   e2e="--tune_epochs=3 --final_epochs=5 --vmap_chunk=8"
   prompts=0,10,100
   full_at=100
+  flag_prompts=100
 fi
 stamp() { echo "== $(date +%T) $*"; }
 
@@ -117,6 +125,27 @@ if [[ $stages == *bench* ]]; then
   tail -3 "$work/bench.err"
 fi
 unset JAX_COMPILATION_CACHE_DIR
+
+if [[ $stages == *flags* ]]; then
+  default_sets=";--xla_gpu_enable_triton_gemm=false;--xla_gpu_triton_gemm_any=true"
+  IFS=';' read -ra flag_sets <<<"${FLAG_SETS-$default_sets}"
+  [[ ${FLAG_SETS-$default_sets} == *";" ]] && flag_sets+=("")
+  for i in "${!flag_sets[@]}"; do
+    f=${flag_sets[$i]}
+    stamp "flags[$i]: ${f:-default}"
+    # shellcheck disable=SC2086
+    XLA_FLAGS="$f" timeout "${FLAGS_S:-75}" python3 benchmarks/vpt_bench.py \
+      --out="$work/flags/$i" --prompts=$flag_prompts --paths=kv \
+      --kv_cache=0 --modes=jit --warmup=2 --iters=10 --torch_ref= \
+      --attention="$attn" --fuse_qkv="$fuse" $model \
+      >"$work/flags/$i.jsonl" 2>"$work/flags/$i.err"
+    rc=$?
+    tail -2 "$work/flags/$i.err"
+    python3 -c 'import json, sys; print(json.dumps({"set": int(sys.argv[1]),
+"flags": sys.argv[2], "rc": int(sys.argv[3])}))' "$i" "$f" "$rc" \
+      | tee -a "$work/flags/sets.jsonl"
+  done
+fi
 
 if [[ $stages == *e2e* ]]; then
   stamp "e2e"

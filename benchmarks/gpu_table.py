@@ -130,7 +130,37 @@ def main(folder: str, spec_tflops: float = 989.0) -> str:
         f"(tune {p['tune_min']} + final {p['final_min']}), "
         f"{p['vtab19_h']} h for the 19 VTAB-1k tasks."
       )
+  lines += _flags_table(folder, cell)
   return "\n".join(lines) + "\n"
+
+
+def _flags_table(folder: str, cell) -> list[str]:
+  """Rows of the ``flags`` stage: one per XLA_FLAGS set, the default first."""
+  sets = _jsonl(os.path.join(folder, "flags", "sets.jsonl"))
+  if not sets:
+    return []
+  out = [
+    "\nXLA flag sets (vpt_bench kv rows and its square bf16 matmul, one "
+    "process per set):\n",
+    "| XLA_FLAGS | train img/s | eval img/s | matmul TFLOP/s |",
+    "|---|---|---|---|",
+  ]
+  for s in sets:
+    bench = _json(os.path.join(folder, "flags", str(s["set"]), "bench.json"))
+    name = f"`{s['flags']}`" if s["flags"] else "(default)"
+    if s["rc"] != 0 or not bench:
+      out.append(f"| {name} | failed (exit {s['rc']}) | | |")
+      continue
+    r = {
+      x["what"]: x["img_s"]
+      for x in bench["rows"]
+      if x.get("mode") == "jit" and x.get("path") == "kv"
+    }
+    mm = bench.get("peak_matmul_gflop_s", 0) / 1e3
+    out.append(
+      f"| {name} | {cell(r.get('train'))} | {cell(r.get('eval'))} | {mm:.3g} |"
+    )
+  return out
 
 
 if __name__ == "__main__":
