@@ -312,3 +312,80 @@ def test_serve_reports_a_bad_line_and_carries_on(
   assert len(errs) == 4 and all(e.startswith("error: stdin line") for e in errs)
   assert "no such file" in errs[0] and "cannot read image" in errs[1]
   assert "expected 'task path'" in errs[2] and "unknown task 'zzz'" in errs[3]
+
+
+def _tiny32_npz(path, seed):
+  """A random-weight ``tiny32`` backbone saved as a vit_jax .npz."""
+  import jax
+
+  from vptpc import checkpoint
+  from vptpc.models import vit
+
+  model = vit.create_model("tiny32", num_classes=None)
+  shapes = jax.eval_shape(
+    lambda r: vit.init_params(model, r, 32), jax.random.key(0)
+  )
+  rng = np.random.default_rng(seed)  # numpy: no init to compile
+  backbone = jax.tree.map(
+    lambda s: rng.standard_normal(s.shape).astype(np.float32),
+    vit.split_head(shapes)[0],
+  )
+  checkpoint.save_npz(path, backbone)
+  return backbone
+
+
+def test_a_prompts_file_of_another_backbone_is_refused_up_front(tmp_path):
+  import jax
+
+  from vptpc import prompts
+
+  a = _tiny32_npz(tmp_path / "a.npz", 0)
+  _tiny32_npz(tmp_path / "b.npz", 1)  # same shapes, other weights
+  p = prompts.init_prompts(
+    jax.random.key(0), num_prompts=2, hidden_size=32, patch_size=4, num_layers=3
+  )
+  head = {"kernel": np.zeros((32, 4), np.float32), "bias": np.zeros(4)}
+  c = tiny_config()
+  c.condense.keep = 0.5
+  full = tmp_path / "w" / "full"
+  full.mkdir(parents=True)
+  (full / "results.json").write_text("{}")
+  prompts.save_prompts(full / "prompts.npz", p, head, backbone=a)
+  stage = preflight.stages(c, str(tmp_path / "w"))[1]
+  c.model.checkpoint_path = str(tmp_path / "a.npz")
+  assert preflight.stage_problems(stage) == []
+  c.model.checkpoint_path = str(tmp_path / "b.npz")
+  got = preflight.stage_problems(stage)
+  assert len(got) == 1 and "same shapes, other weights" in got[0], got
+  assert "fingerprint" in got[0] and "b.npz" in got[0]
+  assert "prompts.npz" in got[0] and "--config.overwrite=True" in got[0]
+  # Another width and depth: named from the headers, no weights read.
+  c.model.checkpoint_path = os.path.join(
+    ROOT, "vptpc", "assets", "fractal_vit_ti4.npz"
+  )
+  t0 = time.perf_counter()
+  got = preflight.stage_problems(stage)
+  took = time.perf_counter() - t0
+  text = "\n".join(got)
+  assert len(got) == 3, text  # width, depth, head
+  assert "hidden_size 32 in the file vs 128" in text
+  assert "num_layers 3 in the file vs 6" in text
+  assert took < 0.5, took
+  # A timm Swin .safetensors: its per-block widths, from the JSON header.
+  c.model.checkpoint_path = os.path.join(
+    ROOT, "tests", "data", "timm_swin_tiny.safetensors"
+  )
+  got = preflight.stage_problems(stage)
+  assert any("widths[0] 32 in the file vs 8" in g for g in got), got
+  # Without a checkpoint: the config's model shapes (jax.eval_shape).
+  c.model.checkpoint_path = ""
+  c.model.name = "ViT-Ti_16"
+  got = preflight.stage_problems(stage)
+  assert any("hidden_size 32 in the file vs 192" in g for g in got), got
+  # Through protocol.run: refused before anything is written.
+  c.model.name = "tiny32"
+  c.model.checkpoint_path = str(tmp_path / "b.npz")
+  before = _listing(tmp_path)
+  with pytest.raises(preflight.PreflightError, match="other weights"):
+    protocol.run(c, str(tmp_path / "w"))
+  assert _listing(tmp_path) == before
