@@ -115,14 +115,21 @@ def test_folder_dataset_labels_missing_and_corrupt_images(tmp_path):
   assert "1 image(s)" in p[1] and "images/0.png" in p[1]
   p, w = pipeline.folder_problems(str(root), "train", 10)
   assert "num_classes=10" in w[0] and "classes 6..9" in w[0]
-  # A corrupt image passes the file checks and fails when decoded, before
-  # the workdir exists.
+  # A corrupt image is named by the preflight's header check; with the
+  # check off it fails when the (cached) split is decoded. Either way
+  # before the workdir exists.
   good = tmp_path / "g"
   _folder(good, [0, 1, 2, 3])
   (good / "images" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
   c = tiny_config("parallel=jit")
   c.data.source, c.data.folder = "folder", str(good)
   c.data.train_split, c.data.eval_split = "train", "test"
+  with pytest.raises(preflight.PreflightError) as e:
+    train.train_and_evaluate(c, str(tmp_path / "w"))
+  assert len(e.value.problems) == 2  # train.txt and test.txt list it
+  assert "images/2.png" in e.value.problems[0]
+  assert "verify_images=off" in e.value.problems[0]
+  c.data.verify_images = "off"
   with pytest.raises(pipeline.DataError, match="2.png"):
     train.train_and_evaluate(c, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
@@ -389,3 +396,49 @@ def test_a_prompts_file_of_another_backbone_is_refused_up_front(tmp_path):
   with pytest.raises(preflight.PreflightError, match="other weights"):
     protocol.run(c, str(tmp_path / "w"))
   assert _listing(tmp_path) == before
+
+
+def _jpeg_folder(root, n_train, n_test):
+  """A folder dataset of 48-px JPEGs, 4 classes; returns the test paths."""
+  (root / "images").mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  for split, n in (("train", n_train), ("test", n_test)):
+    lines = []
+    for i in range(n):
+      rel = f"images/{split}{i}.jpg"
+      Image.fromarray(rng.integers(0, 255, (48, 48, 3), np.uint8)).save(
+        root / rel
+      )
+      lines.append(f"{rel} {i % 4}")
+    (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_a_corrupt_image_in_an_uncached_split_keeps_the_run_resumable(tmp_path):
+  root = tmp_path / "f"
+  _jpeg_folder(root, 64, 128)
+  victim = root / "images" / "test5.jpg"
+  good = victim.read_bytes()
+  victim.write_bytes(good[: len(good) // 2])  # truncated scan data
+  # PIL's header check cannot see truncated JPEG data; a full decode can.
+  assert pipeline.image_problems(str(root), "test", "header") == []
+  got = pipeline.image_problems(str(root), "test", "decode")
+  assert len(got) == 1 and "images/test5.jpg" in got[0]
+  c = tiny_config("parallel=jit,epochs=1")
+  c.data.source, c.data.folder = "folder", str(root)
+  c.data.train_split, c.data.eval_split = "train", "test"
+  # 64 training images (196 KB at 32 px) are cached, 128 test images are
+  # not: the test split is decoded per batch, as a VTAB test set would be.
+  c.data.cache_max_gb = 300_000 / 2**30
+  c.data.on_device = "never"
+  w = tmp_path / "w"
+  with pytest.raises(pipeline.DataError) as e:
+    train.train_and_evaluate(c, str(w))
+  msg = str(e.value)
+  assert "test5.jpg" in msg and "Found mid-run" in msg
+  assert "latest: step 1" in msg and "resume" in msg
+  assert (w / "checkpoints" / "1").is_dir() and not (
+    w / "results.json"
+  ).exists()
+  victim.write_bytes(good)
+  res = train.train_and_evaluate(c, str(w))  # resumes: evaluation only
+  assert res["step"] == 1 and res["eval_examples"] == 128

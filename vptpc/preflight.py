@@ -16,7 +16,10 @@ point of a process):
   still before the workdir is touched);
 * the data: a prepared TFDS dataset with the split names asked for, or a
   folder layout whose split files parse, whose labels fit
-  ``config.data.num_classes`` and whose listed images exist (vptpc's own
+  ``config.data.num_classes``, whose listed images exist and open
+  (``config.data.verify_images``: PIL's header check by default, about
+  0.1 s per 3,000 files; a split too large to cache is decoded per batch,
+  so a corrupt image would otherwise stop the run mid-way) (vptpc's own
   generated datasets are fine: they are generated on first use, after these
   checks);
 * the devices: a batch that divides over the devices ``config.parallel``
@@ -231,10 +234,13 @@ def data_problems(
         [],
         "",
       )
-    for split in splits:
+    for split in dict.fromkeys(splits):
       p, w = pipeline.folder_problems(root, split, d.num_classes)
       problems += p
       warnings += w if split == d.train_split else []
+      problems += pipeline.image_problems(
+        root, split, d.get("verify_images", "header")
+      )
     return problems, warnings, f"{d.name}: folder {root}"
   base = d.name.split(":")[0]
   where = describe = pipeline.describe_data_dir(data_dir)
