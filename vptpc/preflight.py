@@ -8,7 +8,9 @@ point of a process):
 
 * the config: every invalid value (`vptpc.config_util.problems`);
 * the workdir: not a file, creatable and writable (probed with a temporary
-  directory that is removed at once);
+  directory that is removed at once); a URL (``gs://``) workdir or
+  checkpoint is refused (`vptpc.rundir.local_workdir`: vptpc works on
+  local or mounted paths);
 * the backbone checkpoint: present, a zip archive whose members are
   readable ``.npy`` headers, with vit_jax keys (read from the archive's
   directory and headers, never its data, so a 350 MB file costs
@@ -172,9 +174,16 @@ def checkpoint_problems(path: str) -> list[str]:
   """The checkpoint file exists and is a vit_jax ``.npz`` (headers only)."""
   import numpy as np
 
-  if not path or _is_remote(path):
+  if not path:
     return []
   key = f"config.model.checkpoint_path={path!r}"
+  if _is_remote(path):
+    # Nothing is downloaded at run time, and the readers open local files.
+    return [
+      f"{key} is a URL: vptpc reads checkpoints from local files only "
+      "(nothing is downloaded at run time): copy it locally (e.g. gsutil cp "
+      "or gcloud storage cp) and pass that path."
+    ]
   if not os.path.exists(path):
     return [f"{key} does not exist: {_CKPT_FIX}."]
   if os.path.isdir(path):

@@ -445,7 +445,7 @@ def train_stage(
   """
   from vptpc import rundir
 
-  workdir = os.path.abspath(workdir)
+  workdir = rundir.local_workdir(workdir, config)
   with rundir.entry(config, workdir, kind="stage") as run:
     done = rundir.finished(config, workdir, "stage")
     if done is not None and (
@@ -632,7 +632,7 @@ def train_and_evaluate(
     return train_stage(config, workdir, stop_after_steps=stop_after_steps)
   from vptpc import rundir
 
-  workdir = os.path.abspath(workdir)
+  workdir = rundir.local_workdir(workdir, config)
   with rundir.entry(config, workdir, kind="pc") as run:
     done = rundir.finished(config, workdir, "pc")
     if done is not None and "condensed" in done:
