@@ -435,13 +435,9 @@ def prompt_file_problems(
       )
   out = []
   for m in misfits:
-    what = (
-      "same shapes, other weights"
-      if m.field == "fingerprint"
-      else "another backbone"
-    )
+    what = " (same shapes, other weights)" if m.field == "fingerprint" else ""
     out.append(
-      f"prompt file {path} was trained on {what}: {m.field} "
+      f"prompt file {path} was trained on another backbone{what}: {m.field} "
       f"{m.in_file} in the file vs {m.backbone} in {source}; {fix}."
     )
   return out
@@ -472,7 +468,10 @@ def stage_problems(stage: Stage) -> list[str]:
     from vptpc import rundir
 
     if os.path.basename(d) == "full":
-      why = "Prompt Condensation reads it"
+      done = rundir.finished(c, os.path.dirname(d), "pc")
+      why = (
+        "" if done and "condensed" in done else "Prompt Condensation reads it"
+      )
     elif rundir.finished(c, d, "stage") is None:
       why = "this run evaluates that stage's checkpoint again"
     else:
