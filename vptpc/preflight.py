@@ -362,7 +362,7 @@ def run_fingerprint(config: ml_collections.ConfigDict) -> str | None:
   as the run will load the backbone: the model's template by
   `jax.eval_shape` (no initialisation) and `vptpc.checkpoint.load_pretrained`.
   That reads every array: about 1 s for a ViT-B/16 .npz from the page
-  cache (`tests/test_preflight.py` names the measurement), which is why
+  cache (`benchmarks/preflight_prompt_cost.py`: 0.6 to 1.0 s), which is why
   `prompt_file_problems` calls it only when a prompt file will be read and
   its shapes fit. None for a random-init backbone or an unreadable file.
   """
