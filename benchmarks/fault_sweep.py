@@ -45,6 +45,8 @@ COMMON = {
   "checkpoint_every_steps": 2,
 }
 SPLITS = ("train[:128]", "test[:64]")
+# Where rows without a ``run_at`` were measured (the sweep's first run).
+FIRST_RUN = "b13588e"
 
 FAULTS = [
   {
@@ -354,6 +356,53 @@ def _serve_setup(box: str) -> list[str]:
   return [f"--task=t={os.path.join(box, 't.npz')}"]
 
 
+def _tiny32_shapes() -> dict:
+  """vit_jax keys and shapes of the ``tiny32`` backbone (no init run)."""
+  import jax
+
+  from vptpc import checkpoint
+  from vptpc.models import vit
+
+  model = vit.create_model("tiny32", num_classes=None)
+  shapes = jax.eval_shape(
+    lambda r: vit.init_params(model, r, 32), jax.random.key(0)
+  )
+  flat = checkpoint.flatten(vit.split_head(shapes)[0])
+  return {k: v.shape for k, v in flat.items()}
+
+
+def _jpeg_folder(root: str, n_train: int, n_test: int) -> str:
+  """48-px JPEG folder dataset (4 classes); returns test image 5's path."""
+  from PIL import Image
+
+  os.makedirs(os.path.join(root, "images"))
+  rng = np.random.default_rng(0)
+  for split, n in (("train", n_train), ("test", n_test)):
+    lines = []
+    for i in range(n):
+      rel = f"images/{split}{i}.jpg"
+      arr = rng.integers(0, 255, (48, 48, 3), np.uint8)
+      Image.fromarray(arr).save(os.path.join(root, rel))
+      lines.append(f"{rel} {i % 4}\n")
+    with open(os.path.join(root, f"{split}.txt"), "w") as f:
+      f.writelines(lines)
+  return os.path.join(root, "images", "test5.jpg")
+
+
+# (file, good bytes) of the images a case corrupted, for `_fix_and_resume`.
+_FIXES: list[tuple[str, bytes]] = []
+
+
+def _fix_and_resume(args, env, module) -> str:
+  """Restores the corrupted image and runs the same command again."""
+  for path, good in _FIXES:
+    with open(path, "wb") as f:
+      f.write(good)
+  _FIXES.clear()
+  rc, _, err, took = run_cli(args, env, module)
+  return f"fixed, same command: exit {rc}, traceback {_tb(err)}, {took:.1f} s"
+
+
 def bad_cases(data_dir: str) -> list[dict]:
   """(kind, precondition?, setup(box) -> (args, env, module, stdin))."""
   asset = os.path.join(ROOT, "vptpc", "assets", "fractal_vit_ti4.npz")
@@ -435,7 +484,126 @@ def bad_cases(data_dir: str) -> list[dict]:
     )(box)
     return args, {"VPTPC_CPU_DEVICES": "8"}, "vptpc.main", ""
 
+  asset_model = "fractal-Ti/4"  # vptpc.assets.DEFAULT_MODEL
+
+  def asset_run(box, *extra, fault=None):
+    """A tiny run on a copy of the embedded backbone; its CLI arguments."""
+    ckpt = os.path.join(box, "ckpt.npz")
+    if not os.path.exists(ckpt):
+      shutil.copy(asset, ckpt)
+    args = [
+      f"--config={TINY}",
+      f"--config.data.data_dir={data_dir}",
+      f"--config.model.name={asset_model}",
+      f"--config.model.checkpoint_path={ckpt}",
+      "--config.data.train_split=train[:64]",
+      "--config.total_epochs=1",
+      "--config.warmup_epochs=0",
+      *extra,
+      f"--workdir={os.path.join(box, 'w')}",
+    ]
+    return args
+
+  def replace_backbone(box, same_shapes):
+    """Replaces ckpt.npz in place: other weights, or a narrower model."""
+    from vptpc import checkpoint
+
+    ckpt = os.path.join(box, "ckpt.npz")
+    if same_shapes:
+      flat = checkpoint.read_npz(ckpt)
+      flat["cls"] = flat["cls"] + 1.0  # e.g. another pretraining's file
+      checkpoint.save_npz(ckpt, checkpoint.unflatten(flat))
+      return
+    rng = np.random.default_rng(0)
+    flat = {  # tiny32's shapes: width 32, 3 blocks
+      k: rng.standard_normal(v).astype(np.float32)
+      for k, v in _tiny32_shapes().items()
+    }
+    checkpoint.save_npz(ckpt, checkpoint.unflatten(flat))
+
+  def pc_backbone_replaced(box):
+    pc = ("--config.condense.keep=0.5", "--config.condense.ft_epochs=1")
+    rc, _, err, _ = run_cli(asset_run(box, *pc), {"VPTPC_FAULT": "condense:1"})
+    assert rc == -9 and os.path.exists(
+      os.path.join(box, "w", "full", "prompts.npz")
+    ), (rc, err[-2000:])
+    replace_backbone(box, same_shapes=True)
+    return asset_run(box, *pc), {}, "vptpc.main", ""
+
+  def eval_only_backbone_replaced(box):
+    rc, _, err, _ = run_cli(asset_run(box))
+    assert rc == 0, err[-2000:]
+    replace_backbone(box, same_shapes=False)
+    return (
+      asset_run(box, "--config.eval_only=True"),
+      {},
+      "vptpc.main",
+      "",
+    )
+
+  def uncached(corrupt_how):
+    """A folder dataset whose test split is decoded per batch."""
+
+    def setup(box):
+      root = os.path.join(box, "data")
+      victim = _jpeg_folder(root, 64, 128)
+      good = open(victim, "rb").read()
+      with open(victim, "wb") as f:
+        if corrupt_how == "truncated":
+          f.write(good[: len(good) // 2])
+        else:
+          f.write(b"\x89PNG\r\n\x1a\n not an image")
+      _FIXES.append((victim, good))
+      args = _folder_args(root, os.path.join(box, "w"))
+      args[-1:-1] = [
+        f"--config.data.cache_max_gb={300_000 / 2**30}",
+        "--config.data.on_device=never",
+        "--config.total_epochs=1",
+        "--config.warmup_epochs=0",
+      ]
+      return args, {}, None, ""
+
+    return setup
+
   return [
+    {
+      "kind": "prompts file for another backbone: PC resume, checkpoint "
+      "replaced (same shapes, other weights)",
+      "pre": True,
+      "setup": pc_backbone_replaced,
+    },
+    {
+      "kind": "prompts file for another backbone: eval_only, checkpoint "
+      "replaced (width 32, 3 blocks vs 128, 6)",
+      "pre": True,
+      "setup": eval_only_backbone_replaced,
+    },
+    {
+      "kind": "folder: corrupt image (not an image) in an uncached split",
+      "pre": True,
+      "setup": uncached("garbage"),
+    },
+    {
+      "kind": "folder: truncated JPEG in an uncached split (mid-run; then "
+      "fixed and resumed)",
+      "pre": False,
+      "setup": uncached("truncated"),
+      "after": _fix_and_resume,
+    },
+    {
+      "kind": "workdir is a gs:// URL",
+      "pre": True,
+      "setup": lambda box: (
+        [
+          f"--config={TINY}",
+          f"--config.data.data_dir={data_dir}",
+          "--workdir=gs://my-bucket/runs/x",
+        ],
+        {},
+        "vptpc.main",
+        "",
+      ),
+    },
     {
       "kind": "config file missing",
       "pre": True,
@@ -535,7 +703,7 @@ def bad_cases(data_dir: str) -> list[dict]:
     },
     {
       "kind": "folder: corrupt image",
-      "pre": False,
+      "pre": True,  # since verify_images (was found when decoding)
       "setup": folder([0, 1, 2, 3], corrupt=(2,)),
     },
     {
@@ -571,10 +739,23 @@ def bad_cases(data_dir: str) -> list[dict]:
 _HOLDERS: list[subprocess.Popen] = []
 
 
-def bad_rows(tmp: str, data_dir: str) -> list[dict]:
-  """Every bad-input case through the CLI, each in its own sandbox."""
+def _selected(kind: str, cases: list[str]) -> bool:
+  """Whether ``kind`` matches one of the ``--cases`` substrings (or none)."""
+  return not cases or any(c.lower() in kind.lower() for c in cases)
+
+
+def bad_rows(tmp: str, data_dir: str, cases: list[str] = ()) -> list[dict]:
+  """The bad-input cases through the CLI, each in its own sandbox.
+
+  Args:
+    tmp: the sweep's scratch directory.
+    data_dir: the shared TFDS data_dir.
+    cases: substrings of the kinds to run (default: all).
+  """
   rows = []
   for i, case in enumerate(bad_cases(data_dir)):
+    if not _selected(case["kind"], cases):
+      continue
     box = os.path.join(tmp, f"bad{i:02d}")
     os.makedirs(box)
     args, env, module, stdin = case["setup"](box)
@@ -600,6 +781,7 @@ def bad_rows(tmp: str, data_dir: str) -> list[dict]:
       k for k in before if k in after and after[k] != before[k]
     )
     errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+    note = case["after"](args, env, module) if "after" in case else ""
     rows.append(
       {
         "kind": case["kind"],
@@ -613,10 +795,29 @@ def bad_rows(tmp: str, data_dir: str) -> list[dict]:
         if module == "vptpc.serve"
         else None,
         "seconds": round(took, 2),
+        "note": note,
+        "run_at": _commit(),
       }
     )
     print(rows[-1], flush=True)
   return rows
+
+
+def _commit() -> str:
+  """This checkout's short commit, ``+dirty`` with uncommitted changes."""
+  sha = subprocess.run(
+    ["git", "rev-parse", "--short", "HEAD"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  ).stdout.strip()
+  dirty = subprocess.run(
+    ["git", "status", "--porcelain", "--untracked-files=no"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  ).stdout.strip()
+  return sha + ("+dirty" if dirty else "")
 
 
 def preflight_seconds(data_dir: str) -> float:
@@ -641,18 +842,21 @@ def markdown(bad: list[dict], faults: list[dict]) -> str:
     "### Bad inputs",
     "",
     "| kind | exit | traceback | files written | error lines | time to fail (s) "
-    "| first error line |",
-    "|---|---|---|---|---|---|---|",
+    "| first error line | run at |",
+    "|---|---|---|---|---|---|---|---|",
   ]
   for r in bad:
     written = ", ".join(r["written"])[:60] if r["written"] else "no"
     extra = ""
     if r["served_lines"] is not None:
       extra = f" ({r['served_lines']} lines served)"
+    first = r["first_error"].replace("|", "/")
+    if r.get("note"):
+      first += f" **then:** {r['note']}"
     lines.append(
       f"| {r['kind']}{'' if r['precondition'] else ' *'} | {r['exit']} | "
       f"{yn[r['traceback']]} | {written} | {r['error_lines']}{extra} | "
-      f"{r['seconds']:.1f} | {r['first_error'].replace('|', '/')} |"
+      f"{r['seconds']:.1f} | {first} | {r.get('run_at', FIRST_RUN)} |"
     )
   lines += [
     "",
@@ -679,29 +883,48 @@ def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default="results/fault_sweep")
   ap.add_argument("--only", default="", help="bad | faults (default: both)")
+  ap.add_argument(
+    "--cases",
+    default="",
+    help="comma-separated substrings of bad-input kinds to run (e.g. "
+    "'another backbone,uncached'); their rows replace or join those in "
+    "--out/sweep.json, the other rows are kept as they are",
+  )
   a = ap.parse_args()
+  cases = [c for c in a.cases.split(",") if c.strip()]
   tmp = tempfile.mkdtemp(prefix="vptpc-fault-sweep-")
   data_dir = os.path.join(tmp, "tfds")
   ensure_data(data_dir)
   t0 = time.perf_counter()
-  bad = bad_rows(tmp, data_dir) if a.only in ("", "bad") else []
-  faults = fault_rows(tmp, data_dir) if a.only in ("", "faults") else []
+  bad = bad_rows(tmp, data_dir, cases) if a.only in ("", "bad") else []
+  faults = (
+    fault_rows(tmp, data_dir) if a.only in ("", "faults") and not cases else []
+  )
   pre_s = preflight_seconds(data_dir)
-  md = markdown(bad, faults)
   os.makedirs(a.out, exist_ok=True)
+  record = {
+    "bad_inputs": bad,
+    "faults": faults,
+    "preflight_in_process_s": round(pre_s, 3),
+    "wall_s": round(time.perf_counter() - t0, 1),
+  }
+  if cases:  # a partial re-run: merge into the stored rows
+    with open(os.path.join(a.out, "sweep.json")) as f:
+      old = json.load(f)
+    new = {r["kind"]: r for r in bad}
+    merged = [new.pop(r["kind"], r) for r in old["bad_inputs"]]
+    record = dict(
+      old,
+      bad_inputs=merged + list(new.values()),
+      partial_reruns=old.get("partial_reruns", [])
+      + [{"cases": cases, "run_at": _commit(), "wall_s": record["wall_s"]}],
+    )
+    bad, faults = record["bad_inputs"], record["faults"]
+  md = markdown(bad, faults)
   with open(os.path.join(a.out, "table.md"), "w") as f:
     f.write(md)
   with open(os.path.join(a.out, "sweep.json"), "w") as f:
-    json.dump(
-      {
-        "bad_inputs": bad,
-        "faults": faults,
-        "preflight_in_process_s": round(pre_s, 3),
-        "wall_s": round(time.perf_counter() - t0, 1),
-      },
-      f,
-      indent=1,
-    )
+    json.dump(record, f, indent=1)
   print(md)
   print(
     f"preflight in-process: {pre_s:.3f} s; sweep {time.perf_counter() - t0:.0f} s"

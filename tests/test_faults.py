@@ -146,3 +146,62 @@ def test_a_second_run_on_the_same_workdir_refuses(tmp_path, data_dir, caplog):
   assert rundir.read_lock(w)["pid"] == os.getpid()
   rundir.release(w)
   assert not os.path.exists(os.path.join(w, rundir.LOCK))
+
+
+def test_the_lock_is_also_a_lease_for_filesystems_without_shared_flock(
+  tmp_path, monkeypatch, caplog
+):
+  import json
+  import time
+
+  w = tmp_path / "w"
+  w.mkdir()
+  lock = w / rundir.LOCK
+  # Another host's live record, though its flock did not reach us (as on
+  # NFS mounted nolock): refused, named, the record left alone.
+  other = {"pid": 4242, "host": "other-host", "since": time.time()}
+  lock.write_text(json.dumps(other))
+  with pytest.raises(rundir.WorkdirLocked, match="other-host.*touched"):
+    rundir.acquire(str(w))
+  assert rundir.holder(str(w))["host"] == "other-host"  # preflight's view
+  assert json.loads(lock.read_text()) == other
+  # Its heartbeat stopped LEASE_S ago: a dead run's, taken over.
+  old = time.time() - rundir.LEASE_S - 5
+  os.utime(lock, (old, old))
+  assert rundir.holder(str(w)) is None
+  monkeypatch.setattr(rundir, "HEARTBEAT_S", 0.05)
+  with caplog.at_level(logging.WARNING):
+    rundir.acquire(str(w))
+  try:
+    assert "stale lock of pid 4242 on host other-host" in caplog.text
+    rec = json.loads(lock.read_text())
+    assert rec["pid"] == os.getpid() and rec["token"]
+    os.utime(lock, (old, old))
+    time.sleep(0.3)
+    assert time.time() - os.stat(lock).st_mtime < 1  # the heartbeat
+  finally:
+    rundir.release(str(w))
+  assert not lock.exists()
+  # Read back after writing: another host's record landed after ours.
+  monkeypatch.setattr(
+    rundir, "_read_back", lambda p: {"pid": 7, "host": "h2", "token": "x"}
+  )
+  with pytest.raises(rundir.WorkdirLocked, match="pid 7 on host h2"):
+    rundir.acquire(str(w))
+  assert os.path.realpath(w) not in rundir._HELD
+
+
+def test_a_url_workdir_or_checkpoint_is_refused_up_front(tmp_path, monkeypatch):
+  from test_train import tiny_config
+
+  monkeypatch.chdir(tmp_path)
+  c = tiny_config()
+  c.data.data_dir = str(tmp_path / "tfds")
+  c.model.checkpoint_path = "gs://b/ViT-B_16.npz"
+  with pytest.raises(preflight.PreflightError) as e:
+    protocol.run(c, "gs://bucket/runs/x")
+  text = "\n".join(e.value.problems)
+  assert e.value.problems[0].startswith("--workdir=gs://bucket/runs/x is a")
+  assert "local directory named 'gs:'" in text and "gcsfuse" in text
+  assert "checkpoint_path='gs://b/ViT-B_16.npz' is a URL" in text
+  assert os.listdir(tmp_path) == []  # no ./gs:/bucket/runs/x

@@ -115,14 +115,21 @@ def test_folder_dataset_labels_missing_and_corrupt_images(tmp_path):
   assert "1 image(s)" in p[1] and "images/0.png" in p[1]
   p, w = pipeline.folder_problems(str(root), "train", 10)
   assert "num_classes=10" in w[0] and "classes 6..9" in w[0]
-  # A corrupt image passes the file checks and fails when decoded, before
-  # the workdir exists.
+  # A corrupt image is named by the preflight's header check; with the
+  # check off it fails when the (cached) split is decoded. Either way
+  # before the workdir exists.
   good = tmp_path / "g"
   _folder(good, [0, 1, 2, 3])
   (good / "images" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
   c = tiny_config("parallel=jit")
   c.data.source, c.data.folder = "folder", str(good)
   c.data.train_split, c.data.eval_split = "train", "test"
+  with pytest.raises(preflight.PreflightError) as e:
+    train.train_and_evaluate(c, str(tmp_path / "w"))
+  assert len(e.value.problems) == 2  # train.txt and test.txt list it
+  assert "images/2.png" in e.value.problems[0]
+  assert "verify_images=off" in e.value.problems[0]
+  c.data.verify_images = "off"
   with pytest.raises(pipeline.DataError, match="2.png"):
     train.train_and_evaluate(c, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
@@ -312,3 +319,126 @@ def test_serve_reports_a_bad_line_and_carries_on(
   assert len(errs) == 4 and all(e.startswith("error: stdin line") for e in errs)
   assert "no such file" in errs[0] and "cannot read image" in errs[1]
   assert "expected 'task path'" in errs[2] and "unknown task 'zzz'" in errs[3]
+
+
+def _tiny32_npz(path, seed):
+  """A random-weight ``tiny32`` backbone saved as a vit_jax .npz."""
+  import jax
+
+  from vptpc import checkpoint
+  from vptpc.models import vit
+
+  model = vit.create_model("tiny32", num_classes=None)
+  shapes = jax.eval_shape(
+    lambda r: vit.init_params(model, r, 32), jax.random.key(0)
+  )
+  rng = np.random.default_rng(seed)  # numpy: no init to compile
+  backbone = jax.tree.map(
+    lambda s: rng.standard_normal(s.shape).astype(np.float32),
+    vit.split_head(shapes)[0],
+  )
+  checkpoint.save_npz(path, backbone)
+  return backbone
+
+
+def test_a_prompts_file_of_another_backbone_is_refused_up_front(tmp_path):
+  import jax
+
+  from vptpc import prompts
+
+  a = _tiny32_npz(tmp_path / "a.npz", 0)
+  _tiny32_npz(tmp_path / "b.npz", 1)  # same shapes, other weights
+  p = prompts.init_prompts(
+    jax.random.key(0), num_prompts=2, hidden_size=32, patch_size=4, num_layers=3
+  )
+  head = {"kernel": np.zeros((32, 4), np.float32), "bias": np.zeros(4)}
+  c = tiny_config()
+  c.condense.keep = 0.5
+  full = tmp_path / "w" / "full"
+  full.mkdir(parents=True)
+  (full / "results.json").write_text("{}")
+  prompts.save_prompts(full / "prompts.npz", p, head, backbone=a)
+  stage = preflight.stages(c, str(tmp_path / "w"))[1]
+  c.model.checkpoint_path = str(tmp_path / "a.npz")
+  assert preflight.stage_problems(stage) == []
+  c.model.checkpoint_path = str(tmp_path / "b.npz")
+  got = preflight.stage_problems(stage)
+  assert len(got) == 1 and "same shapes, other weights" in got[0], got
+  assert "fingerprint" in got[0] and "b.npz" in got[0]
+  assert "prompts.npz" in got[0] and "--config.overwrite=True" in got[0]
+  # Another width and depth: named from the headers, no weights read.
+  c.model.checkpoint_path = os.path.join(
+    ROOT, "vptpc", "assets", "fractal_vit_ti4.npz"
+  )
+  t0 = time.perf_counter()
+  got = preflight.stage_problems(stage)
+  took = time.perf_counter() - t0
+  text = "\n".join(got)
+  assert len(got) == 3, text  # width, depth, head
+  assert "hidden_size 32 in the file vs 128" in text
+  assert "num_layers 3 in the file vs 6" in text
+  assert took < 0.5, took
+  # A timm Swin .safetensors: its per-block widths, from the JSON header.
+  c.model.checkpoint_path = os.path.join(
+    ROOT, "tests", "data", "timm_swin_tiny.safetensors"
+  )
+  got = preflight.stage_problems(stage)
+  assert any("widths[0] 32 in the file vs 8" in g for g in got), got
+  # Without a checkpoint: the config's model shapes (jax.eval_shape).
+  c.model.checkpoint_path = ""
+  c.model.name = "ViT-Ti_16"
+  got = preflight.stage_problems(stage)
+  assert any("hidden_size 32 in the file vs 192" in g for g in got), got
+  # Through protocol.run: refused before anything is written.
+  c.model.name = "tiny32"
+  c.model.checkpoint_path = str(tmp_path / "b.npz")
+  before = _listing(tmp_path)
+  with pytest.raises(preflight.PreflightError, match="other weights"):
+    protocol.run(c, str(tmp_path / "w"))
+  assert _listing(tmp_path) == before
+
+
+def _jpeg_folder(root, n_train, n_test):
+  """A folder dataset of 48-px JPEGs, 4 classes; returns the test paths."""
+  (root / "images").mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  for split, n in (("train", n_train), ("test", n_test)):
+    lines = []
+    for i in range(n):
+      rel = f"images/{split}{i}.jpg"
+      Image.fromarray(rng.integers(0, 255, (48, 48, 3), np.uint8)).save(
+        root / rel
+      )
+      lines.append(f"{rel} {i % 4}")
+    (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_a_corrupt_image_in_an_uncached_split_keeps_the_run_resumable(tmp_path):
+  root = tmp_path / "f"
+  _jpeg_folder(root, 64, 128)
+  victim = root / "images" / "test5.jpg"
+  good = victim.read_bytes()
+  victim.write_bytes(good[: len(good) // 2])  # truncated scan data
+  # PIL's header check cannot see truncated JPEG data; a full decode can.
+  assert pipeline.image_problems(str(root), "test", "header") == []
+  got = pipeline.image_problems(str(root), "test", "decode")
+  assert len(got) == 1 and "images/test5.jpg" in got[0]
+  c = tiny_config("parallel=jit,epochs=1")
+  c.data.source, c.data.folder = "folder", str(root)
+  c.data.train_split, c.data.eval_split = "train", "test"
+  # 64 training images (196 KB at 32 px) are cached, 128 test images are
+  # not: the test split is decoded per batch, as a VTAB test set would be.
+  c.data.cache_max_gb = 300_000 / 2**30
+  c.data.on_device = "never"
+  w = tmp_path / "w"
+  with pytest.raises(pipeline.DataError) as e:
+    train.train_and_evaluate(c, str(w))
+  msg = str(e.value)
+  assert "test5.jpg" in msg and "Found mid-run" in msg
+  assert "latest: step 1" in msg and "resume" in msg
+  assert (w / "checkpoints" / "1").is_dir() and not (
+    w / "results.json"
+  ).exists()
+  victim.write_bytes(good)
+  res = train.train_and_evaluate(c, str(w))  # resumes: evaluation only
+  assert res["step"] == 1 and res["eval_examples"] == 128

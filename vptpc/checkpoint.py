@@ -106,6 +106,103 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
   return flat
 
 
+def read_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+  """Every array's shape in an `.npz` or `.safetensors` file, data unread.
+
+  An `.npz` is a zip of `.npy` members whose headers hold the shapes; a
+  `.safetensors` file starts with a JSON header that does. Either costs
+  milliseconds for a 350 MB ViT-B/16, so preflight checks can use it.
+
+  Args:
+    path: a local `.npz` or `.safetensors` file.
+
+  Returns:
+    ``{key: shape}`` (npz keys without the ``.npy`` suffix).
+
+  Raises:
+    CheckpointError: the file is missing or its headers are unreadable.
+  """
+  import json
+  import struct
+
+  path = os.fspath(path)
+  try:
+    if path.endswith(".safetensors"):
+      with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+      return {
+        k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"
+      }
+    read = {
+      (1, 0): np.lib.format.read_array_header_1_0,
+      (2, 0): np.lib.format.read_array_header_2_0,
+    }
+    out = {}
+    with zipfile.ZipFile(path) as z:
+      for info in z.infolist():
+        with z.open(info) as f:
+          shape, _, _ = read[np.lib.format.read_magic(f)](f)
+        out[info.filename.removesuffix(".npy")] = tuple(shape)
+    return out
+  except (OSError, ValueError, KeyError, struct.error, zipfile.BadZipFile) as e:
+    raise CheckpointError(
+      f"Cannot read the array headers of {path!r} ({type(e).__name__}: {e})."
+    ) from e
+
+
+def backbone_dims(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+  """Width, depth and patch size of a backbone file, from its shapes alone.
+
+  Knows vit_jax `.npz` keys and timm's ViT and Swin `.safetensors` keys;
+  the fields are those `vptpc.prompts.save_prompts` records (Swin adds the
+  per-block ``widths``).
+
+  Args:
+    shapes: `read_shapes` of the file.
+
+  Returns:
+    ``{"hidden_size", "num_layers", "patch_size"}`` (+ ``arch``, ``widths``
+    for Swin), or ``{}`` for a layout it does not know.
+  """
+  arch = _file_arch(shapes)
+  if arch == "vit_jax" and "cls" in shapes and "embedding/kernel" in shapes:
+    blocks = {
+      m.group(1)
+      for k in shapes
+      if (m := re.match(r"Transformer/encoderblock_(\d+)/", k))
+    }
+    return {
+      "hidden_size": int(shapes["cls"][-1]),
+      "num_layers": len(blocks),
+      "patch_size": int(shapes["embedding/kernel"][0]),
+    }
+  if arch == "vit" and "cls_token" in shapes:
+    blocks = {
+      m.group(1) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))
+    }
+    return {
+      "hidden_size": int(shapes["cls_token"][-1]),
+      "num_layers": len(blocks),
+      "patch_size": int(shapes["patch_embed.proj.weight"][-1]),
+    }
+  if arch == "swin" and "norm.weight" in shapes:
+    found = [
+      (int(m.group(1)), int(m.group(2)), int(v[0]))
+      for k, v in shapes.items()
+      if (m := re.fullmatch(r"layers\.(\d+)\.blocks\.(\d+)\.norm1\.weight", k))
+    ]
+    widths = [w for _, _, w in sorted(found)]
+    return {
+      "arch": "swin",
+      "hidden_size": int(shapes["norm.weight"][0]),
+      "num_layers": len(widths),
+      "widths": widths,
+      "patch_size": int(shapes["patch_embed.proj.weight"][-1]),
+    }
+  return {}
+
+
 def save_npz(path: str | os.PathLike, params: Mapping[str, Any]) -> None:
   """Writes a params tree as a vit_jax-layout `.npz`, atomically.
 

@@ -257,6 +257,12 @@ def base_config() -> ml_collections.ConfigDict:
   # crop: shorter side + centre crop (what folder users often do).
   c.data.preprocess = "vtab"
   c.data.cache_max_gb = 4.0  # larger splits are decoded per batch
+  # Folder datasets: open every listed image before anything is written, so
+  # a corrupt one is named up front, not when a batch decodes it mid-run.
+  # header: PIL's verify (headers, PNG checksums; ~0.1 s per 3,000 files);
+  # decode: a full decode (~1.4 s per 3,000 256-px JPEGs; also catches
+  # truncated JPEG data); off: skip.
+  c.data.verify_images = "header"
   # auto: cached splits up to device_max_gb live on the accelerator and
   # batches are gathered, cropped and normalised there (one process, jit
   # mode; vptpc.data.device); never: batches are built on the host.
@@ -351,6 +357,7 @@ _CHOICES = {
   "data.source": ("tfds", "folder"),
   "data.preprocess": ("vtab", "fgvc", "crop"),
   "data.on_device": ("auto", "never"),
+  "data.verify_images": ("header", "decode", "off"),
   "model.dtype": ("float32", "bfloat16", "float16"),
   "model.attention_impl": ("", "matmul", "xla", "cudnn"),
   "parallel": ("auto", "jit", "pmap"),
@@ -514,6 +521,7 @@ SAFE_TO_CHANGE = (
   "data.on_device",
   "data.device_max_gb",
   "data.cache_max_gb",
+  "data.verify_images",
   "model.attention_impl",
   "model.fuse_qkv",
 )

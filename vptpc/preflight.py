@@ -8,7 +8,9 @@ point of a process):
 
 * the config: every invalid value (`vptpc.config_util.problems`);
 * the workdir: not a file, creatable and writable (probed with a temporary
-  directory that is removed at once);
+  directory that is removed at once); a URL (``gs://``) workdir or
+  checkpoint is refused (`vptpc.rundir.local_workdir`: vptpc works on
+  local or mounted paths);
 * the backbone checkpoint: present, a zip archive whose members are
   readable ``.npy`` headers, with vit_jax keys (read from the archive's
   directory and headers, never its data, so a 350 MB file costs
@@ -16,7 +18,10 @@ point of a process):
   still before the workdir is touched);
 * the data: a prepared TFDS dataset with the split names asked for, or a
   folder layout whose split files parse, whose labels fit
-  ``config.data.num_classes`` and whose listed images exist (vptpc's own
+  ``config.data.num_classes``, whose listed images exist and open
+  (``config.data.verify_images``: PIL's header check by default, about
+  0.1 s per 3,000 files; a split too large to cache is decoded per batch,
+  so a corrupt image would otherwise stop the run mid-way) (vptpc's own
   generated datasets are fine: they are generated on first use, after these
   checks);
 * the devices: a batch that divides over the devices ``config.parallel``
@@ -25,8 +30,13 @@ point of a process):
   seeds of ``mode=final``, the two stages of Prompt Condensation): a stored
   ``config.json`` that differs in a key that cannot change mid-run
   (`vptpc.config_util.SAFE_TO_CHANGE`), unless ``config.overwrite``; an
-  ``eval_only`` run without a checkpoint; a condensation stage's prompts
-  file that does not load;
+  ``eval_only`` run without a checkpoint; a prompts file the run will read
+  (a condensation's ``full/prompts.npz``, a finished stage evaluated again)
+  that does not load or does not fit the run's backbone: width (per block
+  for Swin), depth and head from the file's and the checkpoint's array
+  headers, milliseconds; when those fit, the recorded fingerprint against
+  the checkpoint as the run loads it (`run_fingerprint`, about 1 s for
+  ViT-B/16, paid only on these paths);
 * the lock: another live run on the same workdir (`vptpc.rundir`);
 * ``protocol.tuned_from``: present and readable.
 
@@ -164,9 +174,16 @@ def checkpoint_problems(path: str) -> list[str]:
   """The checkpoint file exists and is a vit_jax ``.npz`` (headers only)."""
   import numpy as np
 
-  if not path or _is_remote(path):
+  if not path:
     return []
   key = f"config.model.checkpoint_path={path!r}"
+  if _is_remote(path):
+    # Nothing is downloaded at run time, and the readers open local files.
+    return [
+      f"{key} is a URL: vptpc reads checkpoints from local files only "
+      "(nothing is downloaded at run time): copy it locally (e.g. gsutil cp "
+      "or gcloud storage cp) and pass that path."
+    ]
   if not os.path.exists(path):
     return [f"{key} does not exist: {_CKPT_FIX}."]
   if os.path.isdir(path):
@@ -226,10 +243,13 @@ def data_problems(
         [],
         "",
       )
-    for split in splits:
+    for split in dict.fromkeys(splits):
       p, w = pipeline.folder_problems(root, split, d.num_classes)
       problems += p
       warnings += w if split == d.train_split else []
+      problems += pipeline.image_problems(
+        root, split, d.get("verify_images", "header")
+      )
     return problems, warnings, f"{d.name}: folder {root}"
   base = d.name.split(":")[0]
   where = describe = pipeline.describe_data_dir(data_dir)
@@ -293,6 +313,136 @@ def _has_checkpoint(workdir: str) -> bool:
   )
 
 
+def run_backbone(
+  config: ml_collections.ConfigDict,
+) -> tuple[dict[str, Any], str]:
+  """(dims, source) of the backbone a run will use, no weights read.
+
+  From the checkpoint's array headers (`vptpc.checkpoint.read_shapes`,
+  milliseconds for ViT-B/16) or, without a checkpoint, from the model's
+  shapes (`jax.eval_shape`, nothing initialised). ``dims`` holds what
+  `vptpc.prompts.save_prompts` records except the fingerprint; it is
+  ``{}`` when the checkpoint cannot be read (`checkpoint_problems` says
+  why).
+  """
+  from vptpc import checkpoint
+
+  path = config.model.checkpoint_path
+  if path:
+    source = f"config.model.checkpoint_path={path!r}"
+    if _is_remote(path) or not os.path.isfile(path):
+      return {}, source
+    try:
+      return checkpoint.backbone_dims(checkpoint.read_shapes(path)), source
+    except checkpoint.CheckpointError:
+      return {}, source
+  import jax
+
+  from vptpc import build, prompts
+  from vptpc.models import vit
+
+  size = config.data.image_size
+  try:
+    model = build.build_model(config)
+    shapes = jax.eval_shape(
+      lambda r: model.init(r, jax.numpy.zeros((1, size, size, 3)))["params"],
+      jax.random.key(0),
+    )
+    dims = prompts._backbone_meta(vit.split_head(shapes)[0], fingerprint=False)  # noqa: SLF001
+  except Exception:  # noqa: BLE001 - an invalid model config is reported elsewhere
+    return {}, f"config.model.name={config.model.name!r}"
+  return dims, f"config.model.name={config.model.name!r} (random init)"
+
+
+def run_fingerprint(config: ml_collections.ConfigDict) -> str | None:
+  """`vptpc.prompts.backbone_fingerprint` of the run's checkpoint, or None.
+
+  The fingerprint hashes the loaded tree (position embedding resized to
+  the run's image size, timm tensors transposed), so it is computed exactly
+  as the run will load the backbone: the model's template by
+  `jax.eval_shape` (no initialisation) and `vptpc.checkpoint.load_pretrained`.
+  That reads every array: about 1 s for a ViT-B/16 .npz from the page
+  cache (`benchmarks/preflight_prompt_cost.py`: 0.6 to 1.0 s), which is why
+  `prompt_file_problems` calls it only when a prompt file will be read and
+  its shapes fit. None for a random-init backbone or an unreadable file.
+  """
+  path = config.model.checkpoint_path
+  if not path or _is_remote(path) or not os.path.isfile(path):
+    return None
+  import jax
+
+  from vptpc import build, checkpoint, prompts
+  from vptpc.models import vit
+
+  size = config.data.image_size
+  try:
+    model = build.build_model(config)
+    shapes = jax.eval_shape(
+      lambda r: model.init(r, jax.numpy.zeros((1, size, size, 3)))["params"],
+      jax.random.key(0),
+    )
+    backbone = checkpoint.load_pretrained(path, vit.split_head(shapes)[0])
+  except Exception:  # noqa: BLE001 - the stage's own load reports it
+    return None
+  return prompts.backbone_fingerprint(backbone)
+
+
+def prompt_file_problems(
+  path: str, config: ml_collections.ConfigDict, why: str
+) -> list[str]:
+  """A prompt file the run will read does not fit the run's backbone.
+
+  Shapes first, from headers only (`vptpc.prompts.read_prompt_file`,
+  `run_backbone`): width (per block for Swin), depth, head width. Only when
+  they fit, and the file records a fingerprint, is the checkpoint read to
+  compare it (`run_fingerprint`): same shapes, other weights (an augreg
+  file in place of the ImageNet-21k one, a relative checkpoint path read
+  from another directory).
+
+  Args:
+    path: the prompt file.
+    config: the config of the stage that reads it.
+    why: what reads it, for the message.
+
+  Returns:
+    One line per problem: the file, the field, both values, the fix.
+  """
+  from vptpc import prompts
+
+  fix = (
+    f"{why}: run with the backbone it was trained with, or pass "
+    "--config.overwrite=True to train afresh"
+  )
+  try:
+    shapes, head, meta = prompts.read_prompt_file(path)
+  except prompts.PromptFileError as e:
+    return [f"{e} {why}: pass --config.overwrite=True to train afresh."]
+  want, source = run_backbone(config)
+  if not want:
+    return []
+  saved = meta.get("backbone") or {}
+  if "widths" in saved and "widths" not in want:
+    return [
+      f"prompt file {path} was trained on a Swin backbone (arch swin in the "
+      f"file vs a ViT in {source}); {fix}."
+    ]
+  misfits = prompts.fit_problems(shapes, head, meta, want)
+  if not misfits and saved.get("fingerprint"):
+    now = run_fingerprint(config)
+    if now:
+      misfits = prompts.fit_problems(
+        shapes, head, meta, dict(want, fingerprint=now)
+      )
+  out = []
+  for m in misfits:
+    what = " (same shapes, other weights)" if m.field == "fingerprint" else ""
+    out.append(
+      f"prompt file {path} was trained on another backbone{what}: {m.field} "
+      f"{m.in_file} in the file vs {m.backbone} in {source}; {fix}."
+    )
+  return out
+
+
 def stage_problems(stage: Stage) -> list[str]:
   """A changed config, a missing checkpoint for eval_only, a bad export."""
   from vptpc import rundir
@@ -311,20 +461,23 @@ def stage_problems(stage: Stage) -> list[str]:
   export = os.path.join(d, "prompts.npz")
   if (
     stage.kind == "stage"
-    and os.path.basename(d) == "full"
+    and not c.get("overwrite")
     and os.path.exists(os.path.join(d, "results.json"))
     and os.path.exists(export)
-    and not c.get("overwrite")
   ):
-    from vptpc import prompts
+    from vptpc import rundir
 
-    try:
-      prompts.load_prompts(export)
-    except prompts.PromptFileError as e:
-      out.append(
-        f"{e} Condensation reads it: pass --config.overwrite=True to train "
-        "afresh."
+    if os.path.basename(d) == "full":
+      done = rundir.finished(c, os.path.dirname(d), "pc")
+      why = (
+        "" if done and "condensed" in done else "Prompt Condensation reads it"
       )
+    elif rundir.finished(c, d, "stage") is None:
+      why = "this run evaluates that stage's checkpoint again"
+    else:
+      why = ""  # finished with this config: only its results are read
+    if why:
+      out += prompt_file_problems(export, c, why)
   return out
 
 

@@ -30,7 +30,7 @@ import re
 import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -315,26 +315,36 @@ def _swin_widths(backbone: Mapping[str, Any]) -> list[int]:
   return widths
 
 
-def _backbone_meta(backbone: Mapping[str, Any]) -> dict[str, Any]:
+def _backbone_meta(
+  backbone: Mapping[str, Any], fingerprint: bool = True
+) -> dict[str, Any]:
+  """What `save_prompts` records of a backbone (shapes alone work too).
+
+  Args:
+    backbone: params tree; its leaves may be arrays or, with ``fingerprint``
+      False, anything with a shape (`jax.eval_shape` output).
+    fingerprint: also hash the weights (`backbone_fingerprint`).
+  """
   if "Transformer" not in backbone and "patch_embed" in backbone:
     # Swin: prompt widths follow the stages; VPT-Deep has one set per block.
     widths = _swin_widths(backbone)
-    return {
+    meta = {
       "arch": "swin",
       "hidden_size": int(np.shape(backbone["norm"]["scale"])[0]),
       "num_layers": len(widths),
       "widths": widths,
       "patch_size": int(np.shape(backbone["patch_embed"]["proj"]["kernel"])[0]),
-      "fingerprint": backbone_fingerprint(backbone),
     }
-  tf = backbone["Transformer"]
-  depth = sum(1 for k in tf if _LAYER_RE.match(k))
-  return {
-    "hidden_size": int(np.shape(backbone["cls"])[-1]),
-    "num_layers": depth,
-    "patch_size": int(np.shape(backbone["embedding"]["kernel"])[0]),
-    "fingerprint": backbone_fingerprint(backbone),
-  }
+  else:
+    tf = backbone["Transformer"]
+    meta = {
+      "hidden_size": int(np.shape(backbone["cls"])[-1]),
+      "num_layers": sum(1 for k in tf if _LAYER_RE.match(k)),
+      "patch_size": int(np.shape(backbone["embedding"]["kernel"])[0]),
+    }
+  if fingerprint:
+    meta["fingerprint"] = backbone_fingerprint(backbone)
+  return meta
 
 
 def save_prompts(
@@ -383,6 +393,152 @@ def save_prompts(
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+class Misfit(NamedTuple):
+  """One way a prompt file does not fit a backbone (`fit_problems`)."""
+
+  field: str  # hidden_size | widths | num_layers | head | fingerprint
+  in_file: Any  # the prompt file's value
+  backbone: Any  # the backbone's value
+  text: str  # the phrase `load_prompts` joins into its message
+
+
+def fit_problems(
+  prompt_shapes: Mapping[str, Sequence[int]],
+  head_kernel_shape: Sequence[int] | None,
+  meta: Mapping[str, Any],
+  want: Mapping[str, Any],
+  *,
+  check_fingerprint: bool = True,
+) -> list[Misfit]:
+  """How prompts of these shapes do not fit a backbone (shapes suffice).
+
+  Shared by `load_prompts` and the preflight checks (`vptpc.preflight`),
+  which pass shapes read from file headers and never load an array.
+
+  Args:
+    prompt_shapes: prompt-tree key -> shape, as in the file.
+    head_kernel_shape: the head kernel's shape, or None (no head).
+    meta: the file's ``__meta__`` record (`save_prompts`).
+    want: `_backbone_meta` of the backbone, or the same fields read from a
+      checkpoint's headers (`vptpc.checkpoint.backbone_dims`); a missing
+      ``fingerprint`` is not compared.
+    check_fingerprint: compare the recorded fingerprint with ``want``'s.
+
+  Returns:
+    One `Misfit` per mismatch; empty when the prompts fit.
+  """
+  out = []
+  widths = {int(s[-1]) for s in prompt_shapes.values()}
+  if "widths" in want:  # Swin: widths follow the stages
+    for k, s in prompt_shapes.items():
+      m = _LAYER_RE.match(k)
+      i = int(m.group(1)) if m else 0
+      if i < len(want["widths"]) and s[-1] != want["widths"][i]:
+        out.append(
+          Misfit(
+            f"widths[{i}]",
+            int(s[-1]),
+            want["widths"][i],
+            f"prompt set {k} width {s[-1]} vs block width {want['widths'][i]}",
+          )
+        )
+  elif widths - {want["hidden_size"]}:
+    out.append(
+      Misfit(
+        "hidden_size",
+        sorted(widths)[0] if len(widths) == 1 else sorted(widths),
+        want["hidden_size"],
+        f"prompt width {sorted(widths)} vs backbone width "
+        f"{want['hidden_size']}",
+      )
+    )
+  if meta.get("variant") == "deep" and len(prompt_shapes) != want["num_layers"]:
+    out.append(
+      Misfit(
+        "num_layers",
+        len(prompt_shapes),
+        want["num_layers"],
+        f"{len(prompt_shapes)} prompt layers vs {want['num_layers']} backbone "
+        "blocks",
+      )
+    )
+  if (
+    head_kernel_shape is not None
+    and head_kernel_shape[0] != want["hidden_size"]
+  ):
+    out.append(
+      Misfit(
+        "head",
+        int(head_kernel_shape[0]),
+        want["hidden_size"],
+        f"head input {head_kernel_shape[0]} vs width {want['hidden_size']}",
+      )
+    )
+  saved = (meta.get("backbone") or {}).get("fingerprint")
+  now = want.get("fingerprint")
+  if check_fingerprint and saved and now and saved != now:
+    out.append(
+      Misfit(
+        "fingerprint",
+        saved,
+        now,
+        f"backbone fingerprint {now} differs from the one the prompts were "
+        f"trained on ({saved}); pass check_fingerprint=False to load them "
+        "anyway",
+      )
+    )
+  return out
+
+
+def read_prompt_file(
+  path: str | os.PathLike,
+) -> tuple[dict[str, tuple[int, ...]], tuple[int, ...] | None, dict[str, Any]]:
+  """A prompt file's prompt shapes, head kernel shape and meta, data unread.
+
+  Reads the zip's array headers and the small ``__meta__`` member only, so
+  preflight checks cost milliseconds whatever the prompt count.
+
+  Returns:
+    (prompt key -> shape, head kernel shape or None, meta as saved).
+
+  Raises:
+    PromptFileError: the file is missing, unreadable or not a prompt file.
+  """
+  from vptpc.checkpoint import CheckpointError, read_shapes
+
+  path = os.fspath(path)
+  if not zipfile.is_zipfile(path):
+    raise PromptFileError(
+      f"Prompt file {path!r} is not a readable .npz (not a zip file: "
+      "truncated, corrupt or another format)."
+    )
+  try:
+    shapes = read_shapes(path)
+    with np.load(path, allow_pickle=False) as z:
+      meta = json.loads(str(z["__meta__"])) if "__meta__" in z.files else None
+  except (
+    CheckpointError,
+    zipfile.BadZipFile,
+    EOFError,
+    OSError,
+    ValueError,
+  ) as e:
+    raise PromptFileError(
+      f"Prompt file {path!r} is not a readable .npz (truncated?): "
+      f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    ) from e
+  if meta is None or meta.get("format") != FORMAT:
+    raise PromptFileError(
+      f"{path!r} is not a vptpc prompt file (no {FORMAT} __meta__ record)."
+    )
+  prompt_shapes = {
+    k.removeprefix("prompts/"): s
+    for k, s in shapes.items()
+    if k.startswith("prompts/")
+  }
+  return prompt_shapes, shapes.get("head/kernel"), meta
 
 
 def load_prompts(
@@ -442,41 +598,17 @@ def load_prompts(
     if k.startswith("head/")
   } or None
   if backbone is not None:
-    want = _backbone_meta(backbone)
-    widths = {int(v.shape[-1]) for v in prompts.values()}
-    problems = []
-    if "widths" in want:  # Swin: widths follow the stages
-      for k, v in prompts.items():
-        m = _LAYER_RE.match(k)
-        i = int(m.group(1)) if m else 0
-        if i < len(want["widths"]) and v.shape[-1] != want["widths"][i]:
-          problems.append(
-            f"prompt set {k} width {v.shape[-1]} vs block width "
-            f"{want['widths'][i]}"
-          )
-    elif widths - {want["hidden_size"]}:
-      problems.append(
-        f"prompt width {sorted(widths)} vs backbone width {want['hidden_size']}"
-      )
-    if meta["variant"] == "deep" and len(prompts) != want["num_layers"]:
-      problems.append(
-        f"{len(prompts)} prompt layers vs {want['num_layers']} backbone blocks"
-      )
-    if head is not None and head["kernel"].shape[0] != want["hidden_size"]:
-      problems.append(
-        f"head input {head['kernel'].shape[0]} vs width {want['hidden_size']}"
-      )
-    saved = (meta.get("backbone") or {}).get("fingerprint")
-    if check_fingerprint and saved and saved != want["fingerprint"]:
-      problems.append(
-        f"backbone fingerprint {want['fingerprint']} differs from the one "
-        f"the prompts were trained on ({saved}); pass "
-        "check_fingerprint=False to load them anyway"
-      )
+    problems = fit_problems(
+      {k: v.shape for k, v in prompts.items()},
+      None if head is None else head["kernel"].shape,
+      meta,
+      _backbone_meta(backbone),
+      check_fingerprint=check_fingerprint,
+    )
     if problems:
       raise PromptFileError(
         f"Prompt file {path!r} does not fit this backbone: "
-        + "; ".join(problems)
+        + "; ".join(p.text for p in problems)
         + "."
       )
   return prompts, head, meta

@@ -104,7 +104,7 @@ def tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """
   from vptpc import rundir
 
-  workdir = os.path.abspath(workdir)
+  workdir = rundir.local_workdir(workdir, config)
   with rundir.entry(config, workdir, kind="protocol") as run:
     run.start(store_config=False)
     return _tune(config, workdir)
@@ -240,7 +240,7 @@ def final(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains the seeds on the final splits; writes ``final.json``."""
   from vptpc import rundir
 
-  workdir = os.path.abspath(workdir)
+  workdir = rundir.local_workdir(workdir, config)
   with rundir.entry(config, workdir, kind="protocol") as run:
     run.start(store_config=False)
     return _final(config, workdir)

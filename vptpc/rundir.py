@@ -18,10 +18,29 @@ Every entry point that writes a workdir (`vptpc.protocol.run`,
 
 The lock is ``<workdir>/.vptpc.lock``: an exclusive ``flock`` held while
 the run lives (the kernel drops it when the process dies, ``kill -9``
-included) on a file naming the holder's pid, host and start time. A second
-run on the same workdir refuses with the holder named; a lock file whose
-holder is gone is taken over with a warning. Nested entries of one process
-(the stages of a run) share it.
+included) on a file naming the holder's pid, host, start time and a random
+token. A second run on the same workdir refuses with the holder named; a
+lock file whose holder is gone is taken over with a warning. Nested entries
+of one process (the stages of a run) share it.
+
+Across hosts ``flock`` holds only where the filesystem passes it to a
+server: local disks, NFSv4, NFSv3 with NLM. It does not on NFS mounted
+``nolock`` or ``local_lock=all``, Lustre's ``localflock``, or gcsfuse,
+where a second host gets the ``flock`` too. So the lock file is also a
+lease: the holder touches it every `HEARTBEAT_S` seconds, and a run that
+gets the ``flock`` but finds another host's record touched less than
+`LEASE_S` seconds ago refuses (a record older than that is a dead run's and
+is taken over). After writing its record a run reads it back through a new
+open and refuses if another run's token is there (two hosts taking a free
+lock at the same moment). What remains: two hosts that both find the lock
+free and both read back their own record within the same instant, and
+clocks more than `LEASE_S` apart (the age is the file's mtime, set by the
+file server, against the reader's clock).
+
+A URL workdir (``gs://...``) is refused up front: the workdir is written
+with local file operations (the lock, ``config.json``, metrics, exports),
+so ``os.path.abspath`` would turn it into a local directory named ``gs:``.
+Mount the bucket (gcsfuse) or use a shared filesystem path instead.
 """
 
 from __future__ import annotations
@@ -31,8 +50,11 @@ import dataclasses
 import fcntl
 import json
 import os
+import re
+import secrets
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -41,10 +63,58 @@ import ml_collections
 from absl import logging
 
 LOCK = ".vptpc.lock"
+# The holder touches its lock file this often; a record from another host
+# touched within LEASE_S is a live run (module docstring).
+HEARTBEAT_S = 30.0
+LEASE_S = 120.0
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class WorkdirLocked(RuntimeError):
   """Another live run holds the workdir's lock."""
+
+
+def is_url(path: str) -> bool:
+  """Whether ``path`` is a URL (``gs://``, ``s3://``, ...), not a local path."""
+  return bool(_URL.match(os.fspath(path)))
+
+
+def url_message(name: str, path: str) -> str:
+  """The error for a URL where vptpc needs a local (or mounted) path."""
+  scheme = os.fspath(path).split("://", 1)[0]
+  return (
+    f"{name}={path} is a {scheme}:// URL, but vptpc reads and writes its "
+    "workdir with local file operations (the run lock, config.json, "
+    "metrics, checkpoints' bookkeeping, exports), so it would become a "
+    f"local directory named '{scheme}:': mount the bucket (e.g. gcsfuse) "
+    "or use a shared filesystem path, and pass that path."
+  )
+
+
+def local_workdir(
+  workdir: str, config: ml_collections.ConfigDict | None = None
+) -> str:
+  """``workdir`` made absolute; a URL is refused before anything happens.
+
+  Args:
+    workdir: the run's workdir.
+    config: the run's config; with a URL workdir its other preflight
+      problems are listed too, all at once.
+
+  Raises:
+    vptpc.preflight.PreflightError: ``workdir`` is a URL (`url_message`).
+  """
+  if is_url(workdir):
+    from vptpc import preflight
+
+    problems = [url_message("--workdir", workdir)]
+    if config is not None:
+      try:
+        preflight.check(config, workdir)
+      except preflight.PreflightError as e:
+        problems += e.problems
+    raise preflight.PreflightError(problems)
+  return os.path.abspath(workdir)
 
 
 # ---------------------------------------------------------------------------
@@ -108,10 +178,46 @@ def holder(workdir: str) -> dict[str, Any] | None:
     return read_lock(workdir) or {}
   finally:
     os.close(fd)  # also drops a lock taken above
+  return _live_elsewhere(workdir)
+
+
+def _age(path: str) -> float | None:
+  """Seconds since ``path`` was last touched (its mtime), or None."""
+  try:
+    return time.time() - os.stat(path).st_mtime
+  except OSError:
+    return None
+
+
+def _live_elsewhere(workdir: str) -> dict[str, Any] | None:
+  """Another host's lock record touched within `LEASE_S`, or None.
+
+  Its ``flock`` did not stop us, so the filesystem does not pass locks
+  between hosts; the record's heartbeat says whether that run lives.
+  """
+  info = read_lock(workdir)
+  age = _age(os.path.join(workdir, LOCK))
+  if (
+    info
+    and info.get("host") not in (None, socket.gethostname())
+    and age is not None
+    and age < LEASE_S
+  ):
+    return dict(info, heartbeat_age_s=round(age, 1))
   return None
 
 
 def _locked_message(workdir: str, info: dict[str, Any] | None) -> str:
+  if info and "heartbeat_age_s" in info:
+    return (
+      f"workdir {workdir} is in use by {describe(info)}: its lock file "
+      f"{os.path.join(workdir, LOCK)} was touched {info['heartbeat_age_s']} "
+      "s ago, though this filesystem let us take the flock too (NFS "
+      "mounted nolock or local_lock, gcsfuse: locks do not span hosts). "
+      "Wait for that run to end or use another --workdir; if it is dead, "
+      f"wait {LEASE_S:.0f} s after its last heartbeat or delete the lock "
+      "file."
+    )
   return (
     f"workdir {workdir} is in use by {describe(info)} (lock file "
     f"{os.path.join(workdir, LOCK)}): wait for that run to end, or use "
@@ -119,8 +225,38 @@ def _locked_message(workdir: str, info: dict[str, Any] | None) -> str:
   )
 
 
-# Locks this process holds: realpath -> [fd, depth].
-_HELD: dict[str, list[int]] = {}
+# Locks this process holds: realpath -> [fd, depth, token, stop event].
+_HELD: dict[str, list[Any]] = {}
+
+
+def _read_back(path: str) -> dict[str, Any]:
+  """The lock record as a fresh open sees it (NFS: close-to-open)."""
+  try:
+    with open(path) as f:
+      return json.loads(f.read())
+  except (OSError, ValueError):
+    return {}
+
+
+def _heartbeat(path: str, token: str, stop: threading.Event) -> None:
+  """Touches the lock file every `HEARTBEAT_S` until ``stop`` is set.
+
+  Warns (once) if the file stops holding this run's token: another host
+  took the workdir, which a filesystem without cross-host locks allows.
+  """
+  warned = False
+  while not stop.wait(HEARTBEAT_S):
+    with contextlib.suppress(OSError):
+      os.utime(path)
+    rec = _read_back(path)
+    if rec and rec.get("token") != token and not warned:
+      warned = True
+      logging.error(
+        "The lock file %s now names %s: another run took this workdir; "
+        "two runs writing it corrupt each other's checkpoints. Stop one.",
+        path,
+        describe(rec),
+      )
 
 
 def acquire(workdir: str) -> None:
@@ -153,6 +289,10 @@ def acquire(workdir: str) -> None:
     os.close(fd)  # the holder removed the file as we opened it; again
   else:
     raise WorkdirLocked(_locked_message(workdir, read_lock(workdir)))
+  live = _live_elsewhere(workdir)
+  if live is not None:  # flock does not span hosts here (module docstring)
+    os.close(fd)
+    raise WorkdirLocked(_locked_message(workdir, live))
   previous = os.read(fd, 1 << 16).decode(errors="replace").strip()
   if previous:
     try:
@@ -165,18 +305,29 @@ def acquire(workdir: str) -> None:
       describe(old),
       workdir,
     )
+  token = secrets.token_hex(8)
   info = {
     "pid": os.getpid(),
     "host": socket.gethostname(),
     "start": _proc_start(os.getpid()),
     "since": time.time(),
     "argv": sys.argv,
+    "token": token,
   }
   os.lseek(fd, 0, os.SEEK_SET)
   os.ftruncate(fd, 0)
   os.write(fd, json.dumps(info).encode())
   os.fsync(fd)
-  _HELD[real] = [fd, 1]
+  back = _read_back(path)
+  if back.get("token") != token:
+    # Another host wrote its record after ours: it holds the workdir.
+    os.close(fd)
+    raise WorkdirLocked(_locked_message(workdir, back or None))
+  stop = threading.Event()
+  threading.Thread(
+    target=_heartbeat, args=(path, token, stop), daemon=True
+  ).start()
+  _HELD[real] = [fd, 1, token, stop]
 
 
 def release(workdir: str) -> None:
@@ -187,9 +338,13 @@ def release(workdir: str) -> None:
   _HELD[real][1] -= 1
   if _HELD[real][1] > 0:
     return
-  fd, _ = _HELD.pop(real)
-  with contextlib.suppress(FileNotFoundError):
-    os.remove(os.path.join(workdir, LOCK))
+  fd, _, token, stop = _HELD.pop(real)
+  stop.set()
+  path = os.path.join(workdir, LOCK)
+  # Another host's record (a filesystem without cross-host locks) stays.
+  if _read_back(path).get("token") in (token, None):
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(path)
   os.close(fd)
 
 

@@ -445,7 +445,7 @@ def train_stage(
   """
   from vptpc import rundir
 
-  workdir = os.path.abspath(workdir)
+  workdir = rundir.local_workdir(workdir, config)
   with rundir.entry(config, workdir, kind="stage") as run:
     done = rundir.finished(config, workdir, "stage")
     if done is not None and (
@@ -536,6 +536,19 @@ def _train_stage(
       t0 = time.perf_counter()
       runner.evaluate(state, s.eval, config)
       ev["img_per_s"] = len(s.eval) / (time.perf_counter() - t0)
+  except pipeline.DataError as e:
+    # A split too large to cache decodes each batch as it comes, so a
+    # corrupt example surfaces here, mid-run; say what survives and how to
+    # go on, in the one error line main prints.
+    mngr.wait_until_finished()
+    latest = mngr.latest_step()
+    raise pipeline.DataError(
+      f"{e} Found mid-run: that split is decoded per batch (larger than "
+      "config.data.cache_max_gb). The checkpoints in "
+      f"{workdir}/checkpoints are kept as they were (latest: "
+      f"{'none' if latest is None else f'step {latest}'}): replace or remove "
+      "the file and run the same command to resume."
+    ) from e
   finally:
     mngr.wait_until_finished()
     mngr.close()
@@ -619,7 +632,7 @@ def train_and_evaluate(
     return train_stage(config, workdir, stop_after_steps=stop_after_steps)
   from vptpc import rundir
 
-  workdir = os.path.abspath(workdir)
+  workdir = rundir.local_workdir(workdir, config)
   with rundir.entry(config, workdir, kind="pc") as run:
     done = rundir.finished(config, workdir, "pc")
     if done is not None and "condensed" in done:

@@ -220,8 +220,7 @@ def folder_problems(
   Problems: a missing root or split file, a malformed line, a label outside
   ``[0, num_classes)``, a listed image that does not exist. Warning: a
   ``num_classes`` larger than the labels use (the head's extra classes never
-  see an example). Corrupt images are found when the split is decoded,
-  before the workdir is created.
+  see an example). Corrupt images are `image_problems`' job.
   """
   try:
     items = folder_items(root, split)
@@ -256,6 +255,58 @@ def folder_problems(
       f"not exist under {root} (first: {', '.join(missing[:3])})."
     )
   return problems, warnings
+
+
+VERIFY_IMAGES = ("header", "decode", "off")
+
+
+def verify_image(path: str, mode: str = "header") -> str | None:
+  """Why an image file would not decode, or None if it looks fine.
+
+  Args:
+    path: the file.
+    mode: ``header``: `PIL.Image.Image.verify` (the format's headers; for
+      PNG every chunk's checksum; JPEG scan data is not read); ``decode``:
+      a full decode, as training does.
+  """
+  try:
+    with Image.open(path) as im:
+      if mode == "decode":
+        im.convert("RGB")
+      else:
+        im.verify()
+  except Exception as e:  # noqa: BLE001 - PIL raises many types on bad data
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+  return None
+
+
+def image_problems(root: str, split: str, mode: str = "header") -> list[str]:
+  """Corrupt images of a folder split, as one line (empty: none found).
+
+  Listed files that do not exist are left to `folder_problems`; see
+  `verify_image` for ``mode`` (``off`` checks nothing).
+  """
+  if mode == "off":
+    return []
+  try:
+    items = folder_items(root, split)
+  except DataError:
+    return []  # folder_problems names it
+  bad = []
+  for rel in dict.fromkeys(rel for rel, _ in items):
+    full = os.path.join(root, rel)
+    if os.path.isfile(full):
+      why = verify_image(full, mode)
+      if why:
+        bad.append(f"{rel} ({why})")
+  if not bad:
+    return []
+  return [
+    f"{len(bad)} corrupt image(s) in split {split!r} of {root} (first: "
+    f"{'; '.join(bad[:3])}): replace or remove them (and their lines), or "
+    "set config.data.verify_images=off to skip this check (a corrupt image "
+    "then stops the run when a batch decodes it)."
+  ]
 
 
 class _TfrecordSource(Sequence):
@@ -424,7 +475,7 @@ class FolderSource(Sequence):
     try:
       with Image.open(full) as im:
         image = np.asarray(im.convert("RGB"))
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - PIL raises many types on bad data
       raise DataError(f"Cannot read image {full!r}: {e}") from e
     return {"image": image, "label": label}
 
@@ -595,7 +646,17 @@ class Split:
     """
     if self.labels is None:
       exs = _get_many(self.source, [int(i) for i in idx])
-      pairs = [self.example_fn(e) for e in exs]
+      pairs = []
+      for i, e in zip(idx, exs, strict=True):
+        try:
+          pairs.append(self.example_fn(e))
+        except DataError:
+          raise
+        except Exception as err:  # noqa: BLE001 - decoders raise many types
+          raise DataError(
+            f"Cannot decode example {int(i)} of {self.name!r}: "
+            f"{type(err).__name__}: {err}"
+          ) from err
       labels = np.asarray([p[1] for p in pairs], np.int32)
       _check_labels(labels, self.num_classes, self.name)
       images = (
