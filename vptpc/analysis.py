@@ -289,7 +289,7 @@ def accuracy_curve(
   """
   from vptpc import flops, train
 
-  dims = flops.model_dims(train.build_model(config), config.data.image_size)
+  model = train.build_model(config)
   rows = []
   for seed in seeds:
     for c in counts:
@@ -311,7 +311,7 @@ def accuracy_curve(
           prompts_per_layer=float(c),
           seed=seed,
           accuracy=res["eval_accuracy"],
-          gflops_naive=flops.vit_gmacs(**dims, prompts_per_layer=c),
+          gflops_naive=flops.model_gmacs(model, config.data.image_size, c),
           run=run,
         )
       )
