@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_swin import numpy_vpt_swin
-from test_train import tiny_config
 
 from vptpc import build, config_util, flops, preflight, train
 from vptpc import prompts as pr
@@ -23,15 +22,20 @@ from vptpc.models import registry, swin, vit
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def swin_config(arg="epochs=1,num_prompts=2,parallel=jit", **over):
-  """tiny.py's run on the tiny Swin: 2 steps of 16 images, 32 eval images."""
-  c = tiny_config(arg, **over)
-  c.model.name = registry.SWIN_TESTING
-  c.batch_size = c.eval_batch_size = 16
-  c.data.train_split = "train[:32]"
-  c.data.eval_split = "test[:32]"
-  c.warmup_epochs = 0
-  return c
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compiles():
+  # Compiles dominate these tests; XLA's optimisations roughly double them
+  # and change nothing the tests check (both sides of every comparison run
+  # under the same flag).
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+
+
+TWO_STAGES = dict(
+  swin.get_model_config("testing", depths=(2, 2), num_heads=(1, 2)).to_dict()
+)
 
 
 # ---------------------------------------------------------------- registry
@@ -69,8 +73,11 @@ def test_registry_aliases_ambiguity_and_errors():
 
 
 def test_cast_backbone_keeps_swin_bf16_logits_bit_identical():
-  model = registry.create_model(
-    "swin-testing", num_classes=4, kv_only=True, dtype=jnp.bfloat16
+  # Two stages of the test Swin (patch embedding, blocks, shifted windows,
+  # a patch merging, final norm): every kind of parameter, half the compile.
+  model = swin.SwinTransformer(
+    **{**TWO_STAGES, "num_classes": 4, "kv_only": True},
+    dtype=jnp.bfloat16,
   )
   params = swin.init_params(model, jax.random.key(0), 32)
   frozen, head = vit.split_head(params)
@@ -95,28 +102,67 @@ def test_cast_backbone_keeps_swin_bf16_logits_bit_identical():
   np.testing.assert_array_equal(fwd(cast, prompts), fwd(frozen, prompts))
 
 
-# ---------------------------------------------------------------- training
+# ------------------------------------------------- vtab, training and PC
 
 
-def test_train_and_condense_swin_device_and_host_data(tmp_path, data_dir):
-  c = swin_config(**{"data.data_dir": data_dir})
-  c.condense.keep = 0.5
-  c.condense.ft_epochs = 1
-  res = train.train_and_evaluate(c, str(tmp_path / "pc"))
-  host_c = swin_config(**{"data.data_dir": data_dir})
-  host_c.data.on_device = "never"
-  host = train.train_stage(host_c, str(tmp_path / "host"), quiet=True)
-  # The PC run's first stage trained on device data; same prompts as host.
-  full_p, full_h, _ = pr.load_prompts(tmp_path / "pc" / "full" / "prompts.npz")
-  host_p, _, _ = pr.load_prompts(host["export"])
+def test_vtab_swin_smoke_with_pc_through_main_then_host_data(tmp_path):
+  """configs/vtab.py with model=swin_b and PC through vptpc.main (mock data).
+
+  The run (``parallel=auto``: pmap over the 8 CPU devices, host data)
+  trains, scores, condenses and fine-tunes; then the same first stage under
+  jit on device data (one scan per epoch) must end with the same prompts.
+  """
+  import tensorflow_datasets as tfds
+  from absl import flags
+
+  from vptpc import main as entry
+
+  data_dir = tmp_path / "tfds"
+  d = data_dir / "eurosat" / "rgb" / "2.0.0"
+  d.mkdir(parents=True)  # looks prepared; the reads themselves are mocked
+  (d / "dataset_info.json").write_text(
+    json.dumps({"version": "2.0.0", "fileFormat": "array_record"})
+  )
+  work = tmp_path / "work"
+  cfg = os.path.join(ROOT, "configs", "vtab.py")
+  arg = (
+    "task=eurosat,model=swin_b,smoke,mode=single,condense_keep=0.5,"
+    f"data_dir={data_dir}"
+  )
+  with tfds.testing.mock_data(num_examples=12):
+    entry._parse_flags(
+      [
+        "vptpc.main",
+        f"--config={cfg}:{arg}",
+        f"--workdir={work}",
+      ]
+    )
+    entry.main(["vptpc.main"])
+    c = flags.FLAGS.config
+    flags.FLAGS.unparse_flags()
+    dev_c = config_util.load_config(f"{cfg}:{arg}")
+    dev_c.parallel = "jit"
+    dev_c.condense.keep = 0.0
+    dev = train.train_stage(dev_c, str(tmp_path / "dev"), quiet=True)
+  stored = json.loads((work / "config.json").read_text())
+  assert stored["model"]["name"] == "swin-testing"
+  assert stored["data"]["image_size"] == 32
+  res = json.loads((work / "results.json").read_text())
+  full_dir = work / "full"
+  assert json.loads((full_dir / "results.json").read_text())["step"] == 2
+  # Host data (the run's first stage) and device data: the same prompts.
+  full_p, full_h, meta = pr.load_prompts(full_dir / "prompts.npz")
+  dev_p, _, _ = pr.load_prompts(dev["export"])
+  assert meta["backbone"]["widths"] == [16, 16, 32, 32, 64, 64]
   for k in full_p:
-    np.testing.assert_allclose(full_p[k], host_p[k], rtol=0, atol=1e-6)
-  assert host["eval_accuracy"] == res["full"]["eval_accuracy"]
-  # Ragged per-block counts; widths still follow the stages.
+    np.testing.assert_allclose(full_p[k], dev_p[k], rtol=0, atol=1e-6)
+  assert dev["eval_accuracy"] == res["full"]["eval_accuracy"]
+  # PC: ragged per-block counts, widths still following the stages, saved
+  # with the backbone's fingerprint.
   model = train.build_model(c)
   backbone, _ = train.load_backbone(c, model)
   cond_p, _, meta = pr.load_prompts(
-    tmp_path / "pc" / "condensed" / "prompts.npz", backbone=backbone
+    work / "condensed" / "prompts.npz", backbone=backbone
   )
   counts = res["condensed"]["prompts_per_layer"]
   assert res["full"]["prompts_per_layer"] == [2] * 6
@@ -137,43 +183,10 @@ def test_train_and_condense_swin_device_and_host_data(tmp_path, data_dir):
   kept = pr.gather_prompts(full_p, res["kept_indices"])
   params = vit.merge_head(backbone, full_h)
   x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
-  got = model.apply({"params": params}, x, kept)
-  cfg = swin.get_model_config("testing").to_dict()
-  want, _ = numpy_vpt_swin(params, x, kept, cfg)
+  # jit: the eager Swin forward takes longer than its compile.
+  got = jax.jit(lambda p, k: model.apply({"params": p}, x, k))(params, kept)
+  want, _ = numpy_vpt_swin(params, x, kept, swin.get_model_config("testing"))
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-
-
-# ---------------------------------------------------------------- vtab
-
-
-def test_vtab_swin_smoke_through_main_on_mock_data(tmp_path):
-  import tensorflow_datasets as tfds
-  from absl import flags
-
-  from vptpc import main as entry
-
-  data_dir = tmp_path / "tfds"
-  d = data_dir / "eurosat" / "rgb" / "2.0.0"
-  d.mkdir(parents=True)  # looks prepared; the reads themselves are mocked
-  (d / "dataset_info.json").write_text(
-    json.dumps({"version": "2.0.0", "fileFormat": "array_record"})
-  )
-  work = tmp_path / "work"
-  cfg = os.path.join(ROOT, "configs", "vtab.py")
-  arg = f"task=eurosat,model=swin_b,smoke,mode=single,data_dir={data_dir}"
-  with tfds.testing.mock_data(num_examples=12):
-    entry._parse_flags(
-      ["vptpc.main", f"--config={cfg}:{arg}", f"--workdir={work}"]
-    )
-    entry.main(["vptpc.main"])
-  flags.FLAGS.unparse_flags()
-  stored = json.loads((work / "config.json").read_text())
-  assert stored["model"]["name"] == "swin-testing"
-  assert stored["data"]["image_size"] == 32
-  res = json.loads((work / "results.json").read_text())
-  assert res["prompts_per_layer"] == [2] * 6
-  _, _, meta = pr.load_prompts(work / "prompts.npz")
-  assert meta["backbone"]["widths"] == [16, 16, 32, 32, 64, 64]
 
 
 def _vtab(arg):
