@@ -33,8 +33,10 @@ def _fast_compiles():
   jax.config.update("jax_disable_most_optimizations", old)
 
 
+# Two one-block stages of the test Swin: every kind of parameter (patch
+# embedding, block, patch merging, final norm) at a fraction of the compile.
 TWO_STAGES = dict(
-  swin.get_model_config("testing", depths=(2, 2), num_heads=(1, 2)).to_dict()
+  swin.get_model_config("testing", depths=(1, 1), num_heads=(1, 2)).to_dict()
 )
 
 
@@ -73,8 +75,6 @@ def test_registry_aliases_ambiguity_and_errors():
 
 
 def test_cast_backbone_keeps_swin_bf16_logits_bit_identical():
-  # Two stages of the test Swin (patch embedding, blocks, shifted windows,
-  # a patch merging, final norm): every kind of parameter, half the compile.
   model = swin.SwinTransformer(
     **{**TWO_STAGES, "num_classes": 4, "kv_only": True},
     dtype=jnp.bfloat16,
@@ -88,14 +88,14 @@ def test_cast_backbone_keeps_swin_bf16_logits_bit_identical():
   }
   assert flat["norm/scale"] == flat["patch_embed/norm/bias"] == jnp.float32
   assert flat["layers_1/downsample/norm/scale"] == jnp.float32
-  assert flat["layers_0/blocks_1/norm2/scale"] == jnp.float32
+  assert flat["layers_0/blocks_0/norm2/scale"] == jnp.float32
   assert flat["layers_0/blocks_0/attn/relative_position_bias_table"] == (
     jnp.float32
   )
   assert flat["layers_0/blocks_0/attn/qkv/kernel"] == jnp.bfloat16
   assert flat["patch_embed/proj/kernel"] == jnp.bfloat16
   prompts = registry.init_prompts(jax.random.key(1), model, num_prompts=3)
-  x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  x = np.random.default_rng(0).normal(size=(1, 32, 32, 3)).astype(np.float32)
   fwd = jax.jit(
     lambda f, p: model.apply({"params": vit.merge_head(f, head)}, x, p)
   )
@@ -187,6 +187,44 @@ def test_vtab_swin_smoke_with_pc_through_main_then_host_data(tmp_path):
   got = jax.jit(lambda p, k: model.apply({"params": p}, x, k))(params, kept)
   want, _ = numpy_vpt_swin(params, x, kept, swin.get_model_config("testing"))
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_setup_swin_token_init_and_standardized_prelogits(data_dir):
+  from test_train import tiny_config
+
+  c = tiny_config("epochs=1,num_prompts=2,parallel=jit")
+  c.model.name = registry.SWIN_TESTING
+  # The vtab smoke run's model (10 classes): its jitted initialisers are
+  # reused (build._init_fn caches them per model), so only the feature and
+  # token programs compile here.
+  c.data.num_classes = 10
+  c.data.data_dir = data_dir
+  c.data.train_split = "train[:16]"
+  c.eval_batch_size = 16
+  c.prompt.init = "tokens"
+  c.prompt.init_images = 2
+  c.model.prelogit_norm = "standardize"
+  c.model.prelogit_norm_images = 16
+  s = build.setup(c)
+  head = s.state.trainable["head"]
+  # Prompts are block inputs of the stage's width (Swin's top-level
+  # intermediates), drawn from the un-standardised backbone's pools.
+  pools = build.token_pools(
+    s.model, vit.merge_head(s.checkpoint_backbone, head), s.train, c
+  )
+  for g, w in enumerate(s.model.prompt_widths()):
+    p = np.asarray(s.state.trainable["prompts"][f"encoderblock_{g}"])
+    pool = np.asarray(pools[f"encoderblock_{g}"])
+    assert p.shape == (2, w) and pool.shape[0] == 2 * (256 >> (2 * (g // 2)))
+    assert all(np.abs(pool - row).max(-1).min() == 0 for row in p)
+  # The stats folded into Swin's final `norm` standardise the pooled
+  # features of the same images.
+  assert "Transformer" not in s.frozen
+  mean, std = build.prelogit_stats(
+    s.model, vit.merge_head(s.frozen, head), s.train, c
+  )
+  np.testing.assert_allclose(mean, 0, atol=1e-4)
+  np.testing.assert_allclose(std, 1, atol=1e-3)
 
 
 def _vtab(arg):

@@ -365,12 +365,12 @@ def token_pools(
     )
   )
   n = int(batch["mask"].sum())
-  _, inter = model.apply(
-    {"params": params},
-    jnp.asarray(batch["image"][:n]),
-    None,
-    mutable=["intermediates"],
+  # jit: an eager forward dispatches every op on its own, which for a Swin
+  # (window partitions, shifts, merges) takes several times its compile.
+  fwd = jax.jit(
+    lambda p, x: model.apply({"params": p}, x, None, mutable=["intermediates"])
   )
+  _, inter = fwd(params, jnp.asarray(batch["image"][:n]))
   found = inter["intermediates"]
   if not registry.is_swin(model):
     found = found["Transformer"]
