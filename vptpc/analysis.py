@@ -424,6 +424,12 @@ def run_command(command: str, flag_values: Any) -> dict[str, Any]:
     raise ValueError(f"--counts={flag_values.counts!r}: need ints >= 0.")
   if command == "rank":
     model = train.build_model(config)
+    if not isinstance(model, vit.VisionTransformer):
+      raise ValueError(
+        f"'rank' needs a ViT (config.model.name={config.model.name!r} is a "
+        "Swin): it reads square attention maps over [cls, prompts, "
+        "patches], and a Swin attends within windows."
+      )
     backbone, _ = train.load_backbone(config, model)
     trained = (
       _trained_prompts(flag_values.prompts_dir, config.seed)

@@ -229,9 +229,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.head_init = "vpt"
   # "standardize": the head reads pre-logits standardised per feature with
   # the frozen backbone's statistics on the first `prelogit_norm_images`
-  # training images (no prompts), folded into `encoder_norm`; exports fold
-  # it back into the head. MAE's linear-probe protocol (a BatchNorm without
-  # affine before the head); not VPT's, hence "none" by default.
+  # training images (no prompts), folded into the final LayerNorm (ViT
+  # `encoder_norm`, Swin `norm`); exports fold it back into the head. MAE's
+  # linear-probe protocol (a BatchNorm without affine before the head); not
+  # VPT's, hence "none" by default.
   c.model.prelogit_norm = "none"
   c.model.prelogit_norm_images = 1000  # images the statistics use
 
