@@ -105,7 +105,7 @@ def test_cast_backbone_keeps_swin_bf16_logits_bit_identical():
 # ------------------------------------------------- vtab, training and PC
 
 
-def test_vtab_swin_smoke_with_pc_through_main_then_host_data(tmp_path):
+def test_vtab_swin_smoke_with_pc_through_main_then_device_data(tmp_path):
   """configs/vtab.py with model=swin_b and PC through vptpc.main (mock data).
 
   The run (``parallel=auto``: pmap over the 8 CPU devices, host data)
