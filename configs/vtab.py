@@ -12,9 +12,24 @@
       --workdir=runs/vtab/dtd_pc
   python -m vptpc.protocol report runs/vtab --out=runs/vtab/report
 
-Needs the ViT-B/16 ImageNet-21k checkpoint (``checkpoint=``, default
-``imagenet21k_ViT-B_16.npz`` in the working directory; vptpc never downloads
-it) and the task prepared by ``python -m vptpc.prepare --tasks=<task>``.
+  # the same on Swin-B (vpt.md §8; docs/swin.md):
+  python -m vptpc.main --config=configs/vtab.py:task=dtd,model=swin_b \\
+      --workdir=runs/vtab_swin/dtd
+
+Needs the backbone checkpoint and the task prepared by ``python -m
+vptpc.prepare --tasks=<task>``; vptpc never downloads either. ``model``
+picks the backbone: ``B/16`` (default; the ViT-B/16 ImageNet-21k VPT used)
+or ``swin_b`` (also spelled ``swin_base_patch4_window7_224``: Swin-B,
+ImageNet-22k, window 7, 224 px), or any other `vptpc.models.registry`
+name. ``checkpoint=PATH`` names the file; left empty (the default) it is
+the model's standard file in the working directory (`STANDARD_CHECKPOINTS`):
+``imagenet21k_ViT-B_16.npz`` for ``B/16``,
+``swin_base_patch4_window7_224.ms_in22k.safetensors`` (``model.safetensors``
+of ``timm/swin_base_patch4_window7_224.ms_in22k``, renamed) for Swin-B;
+other models need ``checkpoint=``. Swin runs use the same recipe as the ViT
+(ImageNet normalisation, 224 px, VPT-Deep with the exact key/value path):
+vpt.md §8 gives no Swin-specific prompt counts or hyperparameters, so the
+task registry's counts (ViT's) are used.
 
 Arguments: ``task`` (a `vptpc.data.vtab` key: the 19 VTAB-1k tasks and the
 FGVC datasets cub, nabirds, flowers, dogs, cars); ``mode`` single | tune |
@@ -27,12 +42,28 @@ demo values for dmlab, eurosat and sun397 (`DEMO_HPARAMS`), else 0.25 /
 (e.g. ``caltech101`` 3.0.2, the one current TFDS builds; the 1k subset then
 holds other images, vtab.md); ``normalize`` imagenet (VPT) |
 minus1_1; ``source`` tfds | folder; ``condense_keep`` (0 = off);
-``smoke``: a random-init 32-px ``tiny32`` backbone, 1 epoch, two grid
-points and two seeds on tiny slices, for tests on mock data.
+``smoke``: a random-init 32-px backbone of the model's family (``tiny32``,
+or ``swin-testing`` with a Swin), 1 epoch, two grid points and two seeds on
+tiny slices, for tests on mock data.
 """
 
 from vptpc import config_util
 from vptpc.data import vtab
+from vptpc.models import registry
+
+# checkpoint="" -> the model's standard file, looked up by the model name
+# (short spellings resolved first, `_MODEL_ALIASES`).
+STANDARD_CHECKPOINTS = {
+  "B/16": "imagenet21k_ViT-B_16.npz",
+  registry.SWIN_B_TIMM: f"{registry.SWIN_B_TIMM}.ms_in22k.safetensors",
+}
+_MODEL_ALIASES = {
+  "swin_b": registry.SWIN_B_TIMM,
+  "swin-b": registry.SWIN_B_TIMM,
+  "Swin-B": registry.SWIN_B_TIMM,
+  "ViT-B/16": "B/16",
+  "ViT-B_16": "B/16",
+}
 
 # The only per-task VPT-Deep hyperparameters VPT published: its demo.ipynb
 # re-run (vpt.md §7): task -> (base_lr, weight_decay, batch_size). Every
@@ -61,7 +92,7 @@ def get_config(arg=None):
     source="tfds",
     data_dir="",
     model="B/16",
-    checkpoint="imagenet21k_ViT-B_16.npz",
+    checkpoint="",
     condense_keep=0.0,
     dtype="float32",
     seed=42,
@@ -70,8 +101,18 @@ def get_config(arg=None):
   task = vtab.get_task(a.task)
   c = config_util.base_config()
   c.seed = a.seed
-  c.model.name = a.model
-  c.model.checkpoint_path = a.checkpoint
+  c.model.name = _MODEL_ALIASES.get(a.model, a.model)
+  registry.model_family(c.model.name)  # an unknown name fails here, named
+  c.model.checkpoint_path = a.checkpoint or STANDARD_CHECKPOINTS.get(
+    c.model.name, ""
+  )
+  if not c.model.checkpoint_path and not a.smoke:
+    raise config_util.ConfigError(
+      f"configs/vtab.py: model={a.model!r} has no standard checkpoint file; "
+      "pass checkpoint=PATH (standard files: "
+      + ", ".join(f"{m}: {f}" for m, f in STANDARD_CHECKPOINTS.items())
+      + ")."
+    )
   c.model.kv_only = a.variant == "deep"
   c.model.dtype = a.dtype
   c.prompt.variant = a.variant

@@ -289,7 +289,7 @@ def accuracy_curve(
   """
   from vptpc import flops, train
 
-  dims = flops.model_dims(train.build_model(config), config.data.image_size)
+  model = train.build_model(config)
   rows = []
   for seed in seeds:
     for c in counts:
@@ -311,7 +311,7 @@ def accuracy_curve(
           prompts_per_layer=float(c),
           seed=seed,
           accuracy=res["eval_accuracy"],
-          gflops_naive=flops.vit_gmacs(**dims, prompts_per_layer=c),
+          gflops_naive=flops.model_gmacs(model, config.data.image_size, c),
           run=run,
         )
       )
@@ -424,6 +424,12 @@ def run_command(command: str, flag_values: Any) -> dict[str, Any]:
     raise ValueError(f"--counts={flag_values.counts!r}: need ints >= 0.")
   if command == "rank":
     model = train.build_model(config)
+    if not isinstance(model, vit.VisionTransformer):
+      raise ValueError(
+        f"'rank' needs a ViT (config.model.name={config.model.name!r} is a "
+        "Swin): it reads square attention maps over [cls, prompts, "
+        "patches], and a Swin attends within windows."
+      )
     backbone, _ = train.load_backbone(config, model)
     trained = (
       _trained_prompts(flag_values.prompts_dir, config.seed)

@@ -1,6 +1,7 @@
 """Building a run from a config: model, backbone, data, initial state.
 
-`setup` turns a config into a `Setup`: the ViT, the frozen backbone (read
+`setup` turns a config into a `Setup`: the model (a ViT or a Swin, chosen
+by ``config.model.name``: `vptpc.models.registry`), the frozen backbone (read
 once per process, `load_backbone`), the decoded splits, the initial prompts
 and head, the optimiser and schedule, and `program_key`, what the compiled
 steps depend on. With ``config.model.prelogit_norm="standardize"`` the
@@ -28,7 +29,7 @@ from absl import logging
 from vptpc import checkpoint, config_util, optim
 from vptpc import prompts as prompts_lib
 from vptpc.data import pipeline
-from vptpc.models import vit
+from vptpc.models import registry, swin, vit
 from vptpc.steps import TrainState, create_train_state
 
 
@@ -36,7 +37,7 @@ from vptpc.steps import TrainState, create_train_state
 class Setup:
   """Everything a run needs that is derived from the config."""
 
-  model: vit.VisionTransformer
+  model: vit.VisionTransformer | swin.SwinTransformer
   frozen: dict[str, Any]
   state: TrainState
   optimizer: optax.GradientTransformation
@@ -76,9 +77,22 @@ class Setup:
     )
 
 
-def build_model(config: ml_collections.ConfigDict) -> vit.VisionTransformer:
-  """Creates the ViT described by ``config.model`` / ``config.prompt``."""
-  return vit.create_model(
+def build_model(
+  config: ml_collections.ConfigDict,
+) -> vit.VisionTransformer | swin.SwinTransformer:
+  """Creates the ViT or Swin described by ``config.model`` / ``config.prompt``.
+
+  The family follows from ``config.model.name``
+  (`vptpc.models.registry.model_family`: names starting with ``swin`` are
+  Swins, ``swin-testing`` the tiny test Swin; all others ViTs). The
+  ViT-only keys ``attention_impl`` and ``fuse_qkv`` must keep their
+  defaults for a Swin (an error names them otherwise).
+
+  Raises:
+    ValueError: an unknown ``config.model.name`` (named, with the known
+      names) or a ViT-only key set for a Swin.
+  """
+  return registry.create_model(
     config.model.name,
     num_classes=config.data.num_classes,
     kv_only=config.model.kv_only,
@@ -137,7 +151,7 @@ BACKBONE_CACHE_SIZE = 2
 _INIT_FNS: dict[Any, Callable] = {}
 
 
-def _init_fn(model: vit.VisionTransformer, size: int, part: str) -> Callable:
+def _init_fn(model: Any, size: int, part: str) -> Callable:
   """``rng -> params`` (``part="all"``) or ``rng -> head`` (``"head"``).
 
   The head comes out of the full ``model.init`` (Flax draws each
@@ -180,14 +194,15 @@ def _read_backbone(path: str, template: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_backbone(
-  config: ml_collections.ConfigDict, model: vit.VisionTransformer
+  config: ml_collections.ConfigDict, model: Any
 ) -> tuple[dict[str, Any], dict[str, Any]]:
   """Returns (frozen backbone, freshly initialised head).
 
   The head always comes from ``config.seed``, with VPT's init, or all zeros
   when ``config.model.head_init`` is ``zeros``; the backbone from
-  ``config.model.checkpoint_path`` (a vit_jax ``.npz``), or, when that is
-  empty, from a random init with ``config.model.init_seed``.
+  ``config.model.checkpoint_path`` (a vit_jax ``.npz`` for a ViT, or a timm
+  ``.safetensors`` for a ViT or a Swin: `vptpc.checkpoint.load_pretrained`),
+  or, when that is empty, from a random init with ``config.model.init_seed``.
 
   A checkpoint is read once per process (kept, keyed by its path, size and
   modification time); its template comes from `jax.eval_shape`, so no
@@ -219,7 +234,7 @@ def load_backbone(
   else:
     logging.warning(
       "config.model.checkpoint_path is empty: the backbone is RANDOM "
-      "(seed %d). Use a pretrained .npz for real runs.",
+      "(seed %d). Use a pretrained checkpoint for real runs.",
       config.model.init_seed,
     )
     rand = _init_fn(model, size, "all")(jax.random.key(config.model.init_seed))
@@ -232,14 +247,15 @@ _PRELOGIT_STATS: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
 
 def prelogit_stats(
-  model: vit.VisionTransformer,
+  model: Any,
   params: dict[str, Any],
   split: pipeline.Split,
   config: ml_collections.ConfigDict,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Per-feature mean and std of the frozen pre-logits on training images.
 
-  The class-token features after ``encoder_norm``, without prompts, on the
+  The features the head reads (ViT: the class token after ``encoder_norm``;
+  Swin: the average pool after ``norm``), without prompts, on the
   first ``config.model.prelogit_norm_images`` images of ``split`` (in
   order, un-augmented), accumulated in float64. The std is floored at 1e-6
   so that a constant feature does not divide by zero.
@@ -250,8 +266,9 @@ def prelogit_stats(
   fwd = jax.jit(
     lambda p, x: model.apply({"params": p}, x, None, return_features=True)[1]
   )
-  total = np.zeros(model.hidden_size)
-  total_sq = np.zeros(model.hidden_size)
+  width = registry.feature_width(model)
+  total = np.zeros(width)
+  total_sq = np.zeros(width)
   n = 0
   for batch in pipeline.eval_batches(
     split,
@@ -273,19 +290,31 @@ def prelogit_stats(
 def standardize_prelogits(
   backbone: dict[str, Any], mean: np.ndarray, std: np.ndarray
 ) -> dict[str, Any]:
-  """Folds ``(features - mean) / std`` into the backbone's ``encoder_norm``.
+  """Folds ``(features - mean) / std`` into the backbone's final LayerNorm.
 
-  LayerNorm ends in ``scale * x_hat + bias``, so dividing both by ``std``
-  and shifting the bias by ``-mean / std`` standardises the pre-logits
-  exactly, with no change to the model code or its shapes.
+  ViT: ``Transformer/encoder_norm``; Swin: ``norm``
+  (`vptpc.models.registry.final_norm_path`). LayerNorm ends in
+  ``scale * x_hat + bias``, so dividing both by ``std`` and shifting the
+  bias by ``-mean / std`` standardises the pre-logits exactly, with no
+  change to the model code or its shapes. Swin averages the normalised
+  tokens after the norm; the mean of an affine map is the affine map of
+  the mean, so the fold is exact there too.
   """
-  norm = backbone["Transformer"]["encoder_norm"]
+  path = registry.final_norm_path(backbone)
+  node = backbone
+  for k in path:
+    node = node[k]
   new_norm = {
-    "scale": jnp.asarray(norm["scale"] / std, norm["scale"].dtype),
-    "bias": jnp.asarray((norm["bias"] - mean) / std, norm["bias"].dtype),
+    "scale": jnp.asarray(node["scale"] / std, node["scale"].dtype),
+    "bias": jnp.asarray((node["bias"] - mean) / std, node["bias"].dtype),
   }
-  tr = dict(backbone["Transformer"], encoder_norm=new_norm)
-  return dict(backbone, Transformer=tr)
+
+  def replace(tree, keys):
+    if len(keys) == 1:
+      return dict(tree, **{keys[0]: new_norm})
+    return dict(tree, **{keys[0]: replace(tree[keys[0]], keys[1:])})
+
+  return replace(backbone, path)
 
 
 def head_to_raw(
@@ -314,16 +343,19 @@ def head_from_raw(
 
 
 def token_pools(
-  model: vit.VisionTransformer,
+  model: Any,
   params: dict[str, Any],
   split: pipeline.Split,
   config: ml_collections.ConfigDict,
 ) -> dict[str, jax.Array]:
   """Each block's input patch tokens on the first training images.
 
-  Returns ``{"encoderblock_i": (N, D), "input": (N, D)}`` with N =
-  ``config.prompt.init_images`` x patches: the pools that
-  `vptpc.prompts.init_prompts_from_tokens` draws prompts from.
+  Returns ``{"encoderblock_i": (N_i, D_i), "input": (N_0, D_0)}`` with
+  N_i = ``config.prompt.init_images`` x block i's tokens: the pools that
+  `vptpc.prompts.init_prompts_from_tokens` draws prompts from. A ViT's
+  blocks all have width D (class token included in the pool); a Swin's
+  width D_i and token count follow block i's stage (the ``block_input_i``
+  intermediates it sows at the top level).
   """
   batch = next(
     pipeline.eval_batches(
@@ -333,19 +365,19 @@ def token_pools(
     )
   )
   n = int(batch["mask"].sum())
-  _, inter = model.apply(
-    {"params": params},
-    jnp.asarray(batch["image"][:n]),
-    None,
-    mutable=["intermediates"],
+  # jit: an eager forward dispatches every op on its own, which for a Swin
+  # (window partitions, shifts, merges) takes several times its compile.
+  fwd = jax.jit(
+    lambda p, x: model.apply({"params": p}, x, None, mutable=["intermediates"])
   )
-  found = inter["intermediates"]["Transformer"]
-  pools = {
-    f"encoderblock_{i}": found[f"block_input_{i}"][0].reshape(
-      -1, model.hidden_size
-    )
-    for i in range(model.num_layers)
-  }
+  _, inter = fwd(params, jnp.asarray(batch["image"][:n]))
+  found = inter["intermediates"]
+  if not registry.is_swin(model):
+    found = found["Transformer"]
+  pools = {}
+  for i in range(model.num_layers):
+    x = found[f"block_input_{i}"][0]
+    pools[f"encoderblock_{i}"] = x.reshape(-1, x.shape[-1])
   pools["input"] = pools["encoderblock_0"]
   return pools
 
@@ -378,12 +410,11 @@ def setup(
       variant=config.prompt.variant,
     )
   else:
-    prompts = prompts_lib.init_prompts(
+    # VPT's uniform init; Swin: the official Swin bound, per-stage widths.
+    prompts = registry.init_prompts(
       prompt_rng,
+      model,
       num_prompts=config.prompt.num_prompts,
-      hidden_size=model.hidden_size,
-      patch_size=model.patch_size,
-      num_layers=model.num_layers,
       variant=config.prompt.variant,
     )
   spe = pipeline.steps_per_epoch(len(train_split), config.batch_size)

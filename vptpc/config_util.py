@@ -204,8 +204,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 42  # VPT final runs use seeds 42, 44, 82, 100, 800.
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = "B/16"  # See vptpc.models.vit.model_names().
-  # A vit_jax .npz; "" initialises the backbone randomly (tests only).
+  # A ViT (vptpc.models.vit.model_names()) or, for names starting with
+  # "swin", a Swin (e.g. swin_base_patch4_window7_224; vptpc.models.registry).
+  c.model.name = "B/16"
+  # A vit_jax .npz or a timm .safetensors (ViT or Swin); "" initialises the
+  # backbone randomly (tests only).
   c.model.checkpoint_path = ""
   c.model.init_seed = 0  # Seed of a random backbone (checkpoint_path "").
   c.model.kv_only = True  # Exact and cheaper for VPT-Deep (vpt.md §2).
@@ -216,17 +219,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # bfloat16 on TPU/GPU for speed.
   # "": per backend (vptpc.models.vit.resolve_attention_impl): matmul on
   # CPU, cuDNN flash attention on NVIDIA GPUs in bf16/fp16, XLA's elsewhere.
+  # ViT only (a Swin needs "").
   c.model.attention_impl = ""
-  # One matmul for the query, key and value projections (same parameters).
+  # One matmul for the query, key and value projections (same parameters);
+  # ViT only (a Swin needs False).
   c.model.fuse_qkv = False
   # "vpt": VPT's head init (kaiming normal fan_out, 1%-prior bias);
   # "zeros": kernel and bias zero, as vit_jax and big_vision fine-tune.
   c.model.head_init = "vpt"
   # "standardize": the head reads pre-logits standardised per feature with
   # the frozen backbone's statistics on the first `prelogit_norm_images`
-  # training images (no prompts), folded into `encoder_norm`; exports fold
-  # it back into the head. MAE's linear-probe protocol (a BatchNorm without
-  # affine before the head); not VPT's, hence "none" by default.
+  # training images (no prompts), folded into the final LayerNorm (ViT
+  # `encoder_norm`, Swin `norm`); exports fold it back into the head. MAE's
+  # linear-probe protocol (a BatchNorm without affine before the head); not
+  # VPT's, hence "none" by default.
   c.model.prelogit_norm = "none"
   c.model.prelogit_norm_images = 1000  # images the statistics use
 
@@ -332,11 +338,15 @@ def base_config() -> ml_collections.ConfigDict:
 def shrink_for_smoke(c: ml_collections.ConfigDict) -> None:
   """Shrinks a protocol config to seconds, in place (``smoke`` arguments).
 
-  A random-init 32-px ``tiny32`` backbone, at most 2 prompts, batches of
-  8, one epoch, two grid points and two seeds: the whole protocol's
-  plumbing for tests, not a result.
+  A random-init 32-px backbone of the config's family (the ``tiny32`` ViT,
+  or the ``swin-testing`` Swin when ``c.model.name`` names a Swin), at most
+  2 prompts, batches of 8, one epoch, two grid points and two seeds: the
+  whole protocol's plumbing for tests, not a result.
   """
-  c.model.name = "tiny32"
+  from vptpc.models import registry
+
+  swin = registry.model_family(c.model.name) == "swin"
+  c.model.name = registry.SWIN_TESTING if swin else "tiny32"
   c.model.checkpoint_path = ""
   c.data.image_size = 32
   c.prompt.num_prompts = min(c.prompt.num_prompts, 2)
@@ -437,6 +447,10 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
       f"config.model.head_init={config.model.head_init!r} is not one of "
       "vpt, zeros."
     )
+  from vptpc.models import registry
+
+  # An unknown model name, or a ViT-only key set for a Swin.
+  out += registry.model_problems(config.model)
   if config.data.task:
     from vptpc.data import vtab
 

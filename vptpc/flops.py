@@ -16,7 +16,8 @@ Per-layer prompt counts may differ (condensed prompts).
 
 `swin_gmacs` counts a prompted Swin (`vptpc.models.swin`) in the same unit,
 with the official VPT code's computation as its naive count and vptpc's
-full and key/value paths.
+full and key/value paths. `model_gmacs` picks the formula from a built
+model (what a run reports).
 """
 
 from __future__ import annotations
@@ -204,4 +205,47 @@ def swin_dims(model: Any, image_size: int) -> dict[str, Any]:
     image_size=image_size,
     patch_size=model.patch_size,
     mlp_ratio=model.mlp_ratio,
+  )
+
+
+def model_gmacs(
+  model: Any,
+  image_size: int,
+  prompts_per_layer: int | Sequence[int] = 0,
+  count: str = "naive",
+  variant: str = "deep",
+) -> float:
+  """GMACs per image of a built ViT or Swin (what a run reports).
+
+  Args:
+    model: a `vptpc.models.vit.VisionTransformer` or
+      `vptpc.models.swin.SwinTransformer`.
+    image_size: square input side.
+    prompts_per_layer: an int or one count per block (deep), or the
+      shallow count.
+    count: ``naive`` (the paper's convention: every prompt is a full token
+      everywhere; for Swin, what the official VPT code computes) or ``kv``
+      (VPT-Deep's key/value-only path, what ``kv_only`` runs).
+    variant: ``deep`` or ``shallow`` (Swin only; a ViT's naive count of
+      shallow prompts is the same per-block count).
+
+  Returns:
+    Giga multiply-accumulates per image, without the head.
+
+  Raises:
+    ValueError: a bad ``count`` (named).
+  """
+  if count not in ("naive", "kv"):
+    raise ValueError(f"count must be 'naive' or 'kv', got {count!r}.")
+  if hasattr(model, "embed_dim"):  # a Swin
+    return swin_gmacs(
+      **swin_dims(model, image_size),
+      prompts_per_layer=prompts_per_layer,
+      variant=variant,
+      count=count,
+    )
+  return vit_gmacs(
+    **model_dims(model, image_size),
+    prompts_per_layer=prompts_per_layer,
+    count=count,
   )

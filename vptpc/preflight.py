@@ -12,10 +12,11 @@ point of a process):
   checkpoint is refused (`vptpc.rundir.local_workdir`: vptpc works on
   local or mounted paths);
 * the backbone checkpoint: present, a zip archive whose members are
-  readable ``.npy`` headers, with vit_jax keys (read from the archive's
-  directory and headers, never its data, so a 350 MB file costs
-  milliseconds; shapes are checked against the model when it is loaded,
-  still before the workdir is touched);
+  readable ``.npy`` headers, with vit_jax keys, or a ``.safetensors`` file
+  whose JSON header names timm keys of the model's family (ViT or Swin;
+  read from the archive's directory and headers, never its data, so a
+  350 MB file costs milliseconds; shapes are checked against the model
+  when it is loaded, still before the workdir is touched);
 * the data: a prepared TFDS dataset with the split names asked for, or a
   folder layout whose split files parse, whose labels fit
   ``config.data.num_classes``, whose listed images exist and open
@@ -168,14 +169,80 @@ _CKPT_FIX = (
   "ViT-B_16.npz from gs://vit_models/imagenet21k/) and pass its path as "
   "--config.model.checkpoint_path=PATH (configs/vtab.py: checkpoint=PATH)"
 )
+_SWIN_FIX = (
+  "download model.safetensors of timm/swin_base_patch4_window7_224.ms_in22k "
+  "from the Hugging Face hub yourself (vptpc never downloads it; Swin-B, "
+  "ImageNet-22k) and pass its path as --config.model.checkpoint_path=PATH "
+  "(configs/vtab.py: checkpoint=PATH); docs/swin.md"
+)
+_TIMM_VIT_FIX = (
+  "download model.safetensors of timm/vit_base_patch16_224.orig_in21k from "
+  "the Hugging Face hub yourself (vptpc never downloads it) and pass its "
+  "path as --config.model.checkpoint_path=PATH"
+)
 
 
-def checkpoint_problems(path: str) -> list[str]:
-  """The checkpoint file exists and is a vit_jax ``.npz`` (headers only)."""
+def _family(model_name: str) -> str | None:
+  from vptpc.models import registry
+
+  try:
+    return registry.model_family(model_name) if model_name else None
+  except ValueError:
+    return None  # config_util.problems names the bad name
+
+
+def safetensors_problems(path: str, key: str, family: str | None) -> list[str]:
+  """A ``.safetensors`` file parses and holds the model family's timm keys.
+
+  Reads only the 8-byte length and the JSON header (the tensor names),
+  never the data.
+  """
+  import struct
+
+  from vptpc import checkpoint
+
+  fix = _TIMM_VIT_FIX if family == "vit" else _SWIN_FIX
+  try:
+    with open(path, "rb") as f:
+      head = f.read(8)
+      n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+      if not 2 <= n <= min(os.path.getsize(path) - 8, 100 * 2**20):
+        raise ValueError(f"header length {n} does not fit the file")
+      names = [k for k in json.loads(f.read(n)) if k != "__metadata__"]
+  except OSError as e:
+    return [f"{key} cannot be read ({e.strerror}): fix its permissions."]
+  except (ValueError, struct.error, UnicodeDecodeError) as e:
+    return [
+      f"{key} is not a readable .safetensors file (truncated or another "
+      f"format: {e}): {fix}."
+    ]
+  arch = checkpoint._file_arch(names)  # noqa: SLF001 (same key rule)
+  if family is not None and arch != family:
+    what = {
+      "swin": "a timm Swin",
+      "vit": "a timm ViT",
+      "vit_jax": "a vit_jax ViT",
+    }.get(arch, "neither a timm ViT nor a timm Swin")
+    return [
+      f"{key} is {what} checkpoint but config.model.name names a "
+      f"{dict(vit='ViT', swin='Swin')[family]} "
+      f"(first keys: {', '.join(sorted(names)[:3])}): {fix}."
+    ]
+  return []
+
+
+def checkpoint_problems(path: str, model_name: str = "") -> list[str]:
+  """The checkpoint file exists and fits the model (headers only).
+
+  A vit_jax ``.npz`` (ViT) or a timm ``.safetensors`` (ViT or Swin). With
+  ``model_name`` (``config.model.name``) the messages name the file the
+  model's family needs, and a file of the other family is refused.
+  """
   import numpy as np
 
   if not path:
     return []
+  family = _family(model_name)
   key = f"config.model.checkpoint_path={path!r}"
   if _is_remote(path):
     # Nothing is downloaded at run time, and the readers open local files.
@@ -184,10 +251,18 @@ def checkpoint_problems(path: str) -> list[str]:
       "(nothing is downloaded at run time): copy it locally (e.g. gsutil cp "
       "or gcloud storage cp) and pass that path."
     ]
+  fix = _SWIN_FIX if family == "swin" else _CKPT_FIX
   if not os.path.exists(path):
-    return [f"{key} does not exist: {_CKPT_FIX}."]
+    return [f"{key} does not exist: {fix}."]
   if os.path.isdir(path):
-    return [f"{key} is a directory, not a .npz file: {_CKPT_FIX}."]
+    return [f"{key} is a directory, not a checkpoint file: {fix}."]
+  if path.endswith(".safetensors"):
+    return safetensors_problems(path, key, family)
+  if family == "swin":
+    return [
+      f"{key}: a Swin reads a timm .safetensors file, not a vit_jax .npz: "
+      f"{fix}."
+    ]
   try:
     with open(path, "rb"):
       pass
@@ -499,7 +574,9 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> Plan:
   except (OSError, ValueError, KeyError) as e:
     problems.append(str(e))
     planned = [Stage(config, workdir, "stage")]
-  problems += checkpoint_problems(config.model.checkpoint_path)
+  problems += checkpoint_problems(
+    config.model.checkpoint_path, config.model.name
+  )
   data, warnings, seen = [], [], set()
   for s in planned:
     key = json.dumps(s.config.data.to_dict(), sort_keys=True, default=str)

@@ -20,7 +20,7 @@ from vptpc import parallel
 from vptpc.build import Setup
 from vptpc.data import device as device_data
 from vptpc.data import pipeline
-from vptpc.models import vit
+from vptpc.models import registry
 from vptpc.steps import TrainState, make_eval_step, make_train_step
 
 
@@ -138,7 +138,7 @@ class Runner:
   """Places state, backbone and data, and calls the jitted or pmapped steps.
 
   In jit mode the frozen backbone is kept on the device in the compute
-  dtype (`vptpc.models.vit.cast_backbone`: the same function, without a
+  dtype (`vptpc.models.registry.cast_backbone`: the same function, without a
   per-step cast), and cached splits are placed on the device
   (`vptpc.data.device`) unless ``config.data.on_device=never``.
   """
@@ -156,7 +156,7 @@ class Runner:
       self.frozen = parallel.replicate(s.frozen)
     else:
       self.frozen = jax.device_put(
-        vit.cast_backbone(s.frozen, s.model.dtype), _device()
+        registry.cast_backbone(s.model, s.frozen, s.model.dtype), _device()
       )
     self.dtrain = _device_split(s, s.train, mode)
     self.deval = _device_split(s, s.eval, mode)

@@ -36,7 +36,7 @@ from absl import logging
 from vptpc import faults, optim, train
 from vptpc.data import device as device_data
 from vptpc.data import pipeline
-from vptpc.models import vit
+from vptpc.models import registry
 
 
 def grid_optimizer(
@@ -174,7 +174,9 @@ def train_grid(
     _stack([train.create_train_state(trainable, o) for o in opts]), dev
   )
   progs = _grid_programs(config, s, make(lr_scale=1.0, weight_decay=0.0), unit)
-  frozen = jax.device_put(vit.cast_backbone(s.frozen, s.model.dtype), dev)
+  frozen = jax.device_put(
+    registry.cast_backbone(s.model, s.frozen, s.model.dtype), dev
+  )
   # The run key of `train.train_stage`, so dropout matches separate runs.
   rng = jax.random.fold_in(jax.random.key(config.seed), 2)
   # Kept on the device: a host read per step would sync every step.

@@ -718,18 +718,19 @@ def _condense_pipeline(config, workdir, stop_after_steps, run):
     measure_throughput=True,
     quiet=True,
   )
-  dims = flops.model_dims(model, config.data.image_size)
 
   def summary(r):
     per_layer = r["prompts_per_layer"]
+    # `vit_gmacs` or `swin_gmacs`, by the model's family.
+    gmacs = functools.partial(
+      flops.model_gmacs, model, config.data.image_size, per_layer
+    )
     return {
       "eval_accuracy": r["eval_accuracy"],
       "prompts_per_layer": per_layer,
       "prompts_total": sum(per_layer),
-      "gflops_naive": flops.vit_gmacs(**dims, prompts_per_layer=per_layer),
-      "gflops_kv": flops.vit_gmacs(
-        **dims, prompts_per_layer=per_layer, count="kv"
-      ),
+      "gflops_naive": gmacs(count="naive"),
+      "gflops_kv": gmacs(count="kv"),
       "eval_img_per_s": r["eval_img_per_s"],
       "trainable_params": r["trainable_params"],
     }
