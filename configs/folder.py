@@ -21,10 +21,13 @@ runs the grid; ``final`` trains the seeds on the final splits (train800val200
 or train -> test); ``single`` is one run on the final splits.
 
 Arguments: ``root``; ``mode`` single | tune | final; ``model`` (default
-the embedded ``fractal-Ti/4``; ``B/16`` etc. for real weights);
+the embedded ``fractal-Ti/4``; ``B/16``, ``swin_b`` etc. for real weights);
 ``checkpoint`` (default: the embedded backbone with the embedded model,
-whose settings then follow mini-VTAB's recipe for it, else
-``imagenet21k_ViT-B_16.npz``); ``image_size`` (0: 32 for the embedded
+whose settings then follow mini-VTAB's recipe for it, else the model's
+standard file, `vptpc.models.registry.STANDARD_CHECKPOINTS`:
+``imagenet21k_ViT-B_16.npz`` for ``B/16``,
+``swin_base_patch4_window7_224.ms_in22k.safetensors`` for ``swin_b``;
+other models need ``checkpoint=PATH``); ``image_size`` (0: 32 for the embedded
 model, else 224); ``preprocess`` vtab | crop | fgvc; ``variant``;
 ``num_prompts``; ``epochs``; ``base_lr``; ``weight_decay``;
 ``batch_size``; ``normalize`` ("": minus1_1 for the embedded backbone,
@@ -36,6 +39,7 @@ import os
 
 from vptpc import assets, config_util
 from vptpc.data import folder_layout
+from vptpc.models import registry
 
 
 def get_config(arg=None):
@@ -69,10 +73,18 @@ def get_config(arg=None):
   embedded = a.model == assets.DEFAULT_MODEL
   c = config_util.base_config()
   c.seed = a.seed
-  c.model.name = a.model
+  c.model.name = registry.canonical_name(a.model)
+  registry.model_family(c.model.name)  # an unknown name fails here, named
   c.model.checkpoint_path = a.checkpoint or (
-    assets.path() if embedded else "imagenet21k_ViT-B_16.npz"
+    assets.path() if embedded else registry.standard_checkpoint(c.model.name)
   )
+  if not c.model.checkpoint_path and not a.smoke:
+    raise config_util.ConfigError(
+      f"configs/folder.py: model={a.model!r} has no standard checkpoint "
+      "file; pass checkpoint=PATH (standard files: "
+      + ", ".join(f"{m}: {f}" for m, f in registry.STANDARD_CHECKPOINTS.items())
+      + ")."
+    )
   c.model.kv_only = a.variant == "deep"
   c.model.dtype = a.dtype
   c.prompt.variant = a.variant

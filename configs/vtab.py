@@ -51,19 +51,8 @@ from vptpc import config_util
 from vptpc.data import vtab
 from vptpc.models import registry
 
-# checkpoint="" -> the model's standard file, looked up by the model name
-# (short spellings resolved first, `_MODEL_ALIASES`).
-STANDARD_CHECKPOINTS = {
-  "B/16": "imagenet21k_ViT-B_16.npz",
-  registry.SWIN_B_TIMM: f"{registry.SWIN_B_TIMM}.ms_in22k.safetensors",
-}
-_MODEL_ALIASES = {
-  "swin_b": registry.SWIN_B_TIMM,
-  "swin-b": registry.SWIN_B_TIMM,
-  "Swin-B": registry.SWIN_B_TIMM,
-  "ViT-B/16": "B/16",
-  "ViT-B_16": "B/16",
-}
+# checkpoint="" -> the model's standard file (registry.STANDARD_CHECKPOINTS).
+STANDARD_CHECKPOINTS = registry.STANDARD_CHECKPOINTS
 
 # The only per-task VPT-Deep hyperparameters VPT published: its demo.ipynb
 # re-run (vpt.md §7): task -> (base_lr, weight_decay, batch_size). Every
@@ -101,10 +90,10 @@ def get_config(arg=None):
   task = vtab.get_task(a.task)
   c = config_util.base_config()
   c.seed = a.seed
-  c.model.name = _MODEL_ALIASES.get(a.model, a.model)
+  c.model.name = registry.canonical_name(a.model)
   registry.model_family(c.model.name)  # an unknown name fails here, named
-  c.model.checkpoint_path = a.checkpoint or STANDARD_CHECKPOINTS.get(
-    c.model.name, ""
+  c.model.checkpoint_path = a.checkpoint or registry.standard_checkpoint(
+    c.model.name
   )
   if not c.model.checkpoint_path and not a.smoke:
     raise config_util.ConfigError(

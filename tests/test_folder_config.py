@@ -140,3 +140,24 @@ def test_folder_task_on_the_embedded_backbone(tmp_path):
   c.progress_bar = False
   res = protocol.run(c, str(tmp_path / "run"))
   assert res["eval_examples"] == 15 and res["prompts_per_layer"] == [10] * 6
+
+
+@pytest.mark.parametrize(
+  "model, want",
+  [
+    ("B/16", "imagenet21k_ViT-B_16.npz"),
+    ("swin_b", "swin_base_patch4_window7_224.ms_in22k.safetensors"),
+    ("L/16", None),  # no standard file: checkpoint=PATH is required
+  ],
+)
+def test_folder_config_picks_the_models_standard_checkpoint(
+  tmp_path, model, want
+):
+  root = class_folders(tmp_path)
+  if want is None:
+    with pytest.raises(ValueError, match="checkpoint=PATH"):
+      folder_config(f"root={root},model={model}")
+    return
+  c = folder_config(f"root={root},model={model}")
+  assert c.model.checkpoint_path == want
+  assert c.data.image_size == 224 and c.data.normalize == "imagenet"

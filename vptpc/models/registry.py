@@ -35,6 +35,33 @@ SWIN_TESTING = "swin-testing"
 SWIN_B_TIMM = "swin_base_patch4_window7_224"
 
 
+# The file each pretrained backbone VPT / the PC paper use is saved as (in
+# the working directory, unless a config names another path); vptpc never
+# downloads it. Keys are canonical names (`canonical_name`).
+STANDARD_CHECKPOINTS = {
+  "B/16": "imagenet21k_ViT-B_16.npz",
+  SWIN_B_TIMM: f"{SWIN_B_TIMM}.ms_in22k.safetensors",
+}
+# Spellings of those two models that configs accept.
+_ALIASES = {
+  "swin_b": SWIN_B_TIMM,
+  "swin-b": SWIN_B_TIMM,
+  "Swin-B": SWIN_B_TIMM,
+  "ViT-B/16": "B/16",
+  "ViT-B_16": "B/16",
+}
+
+
+def canonical_name(name: str) -> str:
+  """``name`` with the short spellings of ViT-B/16 and Swin-B resolved."""
+  return _ALIASES.get(name, name)
+
+
+def standard_checkpoint(name: str) -> str:
+  """The standard checkpoint file name of a model, or "" if it has none."""
+  return STANDARD_CHECKPOINTS.get(canonical_name(name), "")
+
+
 def _is_swin_name(name: str) -> bool:
   return name.lower().startswith("swin")
 
