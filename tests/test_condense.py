@@ -228,6 +228,15 @@ def test_gflops_reproduce_the_paper_table():
     flops.vit_gmacs(**b16, prompts_per_layer=[1, 2])
 
 
+def test_flops_cli_prints_the_readme_table(capsys):
+  assert flops.main(["--models=B/16,swin_b", "--prompts=0,100"]) == 0
+  rows = capsys.readouterr().out.splitlines()
+  assert rows[0].startswith("| prompts/block | B/16 naive | B/16 kv")
+  assert rows[3] == "| 100 | 26.97 | 19.34 | 33.87 | 18.53 |"
+  assert flops.main(["--models=nope"]) == 2
+  assert "config.model.name='nope'" in capsys.readouterr().err
+
+
 def test_condense_pipeline_end_to_end(tmp_path, data_dir):
   from test_train import tiny_config
 

@@ -249,3 +249,64 @@ def model_gmacs(
     prompts_per_layer=prompts_per_layer,
     count=count,
   )
+
+
+def table(
+  models: Sequence[str], prompts: Sequence[int], image_size: int = 224
+) -> str:
+  """A Markdown table of `model_gmacs`, naive and kv, per model and count.
+
+  Args:
+    models: ``config.model.name`` values (`vptpc.models.registry`), e.g.
+      ``("B/16", "swin_b")``.
+    prompts: deep prompts per block, one row each.
+    image_size: square input side.
+  """
+  from vptpc.models import registry
+
+  built = [
+    registry.create_model(registry.canonical_name(m), num_classes=None)
+    for m in models
+  ]
+  head = "| prompts/block | " + " | ".join(
+    f"{m} naive | {m} kv" for m in models
+  )
+  lines = [head + " |", "|---" * (1 + 2 * len(models)) + "|"]
+  for n in prompts:
+    cells = [
+      f"{model_gmacs(m, image_size, n, count=c):.2f}"
+      for m in built
+      for c in ("naive", "kv")
+    ]
+    lines.append(f"| {n} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """``python -m vptpc.flops --models=B/16,swin_b --prompts=0,50,100``."""
+  import argparse
+  import sys
+
+  ap = argparse.ArgumentParser(prog="python -m vptpc.flops")
+  ap.add_argument("--models", default="B/16,swin_b")
+  ap.add_argument("--prompts", default="0,50,100,150,200")
+  ap.add_argument("--image_size", type=int, default=224)
+  a = ap.parse_args(argv)
+  try:
+    print(
+      table(
+        a.models.split(","),
+        [int(x) for x in a.prompts.split(",")],
+        a.image_size,
+      )
+    )
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  import sys
+
+  sys.exit(main())
