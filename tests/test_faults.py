@@ -205,3 +205,16 @@ def test_a_url_workdir_or_checkpoint_is_refused_up_front(tmp_path, monkeypatch):
   assert "local directory named 'gs:'" in text and "gcsfuse" in text
   assert "checkpoint_path='gs://b/ViT-B_16.npz' is a URL" in text
   assert os.listdir(tmp_path) == []  # no ./gs:/bucket/runs/x
+  # A URL data_dir is named too (the readers open local files), and the
+  # suite and pretraining commands refuse a URL workdir the same way.
+  c.data.data_dir = "gs://b/tfds"
+  with pytest.raises(preflight.PreflightError) as e:
+    protocol.run(c, str(tmp_path / "w"))
+  assert any(
+    "config.data.data_dir=gs://b/tfds is a URL" in p for p in e.value.problems
+  )
+  from vptpc import rundir
+
+  with pytest.raises(preflight.PreflightError, match="--workdir=gs://b/s is a"):
+    rundir.local_workdir("gs://b/s")
+  assert os.listdir(tmp_path) == []

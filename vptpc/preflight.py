@@ -302,11 +302,25 @@ def data_problems(
   config: ml_collections.ConfigDict,
 ) -> tuple[list[str], list[str], str]:
   """(problems, warnings, one line naming the data) of ``config.data``."""
+  from vptpc import rundir
   from vptpc.data import pipeline, vtab
 
   d = config.data
   data_dir = d.data_dir or pipeline.default_data_dir()
   splits = [d.train_split, d.eval_split]
+  for key, path in (("data_dir", data_dir), ("folder", d.get("folder", ""))):
+    if path and rundir.is_url(path):
+      # The readers (TFDS files, folders of images) open local paths.
+      return (
+        [
+          f"config.data.{key}={path} is a URL: vptpc reads datasets with "
+          "local file operations: mount the bucket (e.g. gcsfuse) or copy "
+          "the prepared dataset locally (gcloud storage cp -r), and pass "
+          "that path."
+        ],
+        [],
+        "",
+      )
   if d.get("source", "tfds") == "folder":
     root = d.get("folder", "") or (
       vtab.folder_root(data_dir, d.task) if d.get("task", "") else ""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -34,7 +35,7 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vptpc import checkpoint, train
+from vptpc import checkpoint, preflight, rundir, train
 from vptpc.data import fractals
 from vptpc.data.pipeline import normalize
 from vptpc.models import vit
@@ -247,7 +248,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     The model-card record.
   """
   _check(config)
-  workdir = os.path.abspath(workdir)
+  # A URL would become a local "gs:" directory: refused before any work.
+  workdir = rundir.local_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   t_start = time.time()
   codes = fractals.make_class_codes(config.num_classes, config.class_seed)
@@ -421,7 +423,12 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def main(argv):
   """Entry point."""
   del argv
-  card = pretrain(flags.FLAGS.config, flags.FLAGS.workdir)
+  try:
+    card = pretrain(flags.FLAGS.config, flags.FLAGS.workdir)
+  except preflight.PreflightError as e:
+    for line in e.problems:
+      print(f"error: {line}", file=sys.stderr, flush=True)
+    sys.exit(2)
   print(
     json.dumps({k: card[k] for k in ("upstream_held_out", "train_seconds")})
   )

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -32,7 +33,7 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vptpc import train
+from vptpc import preflight, rundir, train
 from vptpc.data import minivtab, pipeline
 from vptpc.models import vit
 
@@ -473,7 +474,8 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str) -> str:
   Returns:
     The Markdown table.
   """
-  workdir = os.path.abspath(workdir)
+  # A URL would become a local "gs:" directory: refused before any work.
+  workdir = rundir.local_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   t0 = time.time()
   if config.get("workers", 1) > 1 and len(config.tasks) > 1:
@@ -539,7 +541,12 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str) -> str:
 def main(argv):
   """Entry point."""
   del argv
-  run_suite(flags.FLAGS.config, flags.FLAGS.workdir)
+  try:
+    run_suite(flags.FLAGS.config, flags.FLAGS.workdir)
+  except preflight.PreflightError as e:
+    for line in e.problems:
+      print(f"error: {line}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":
