@@ -44,3 +44,18 @@ def tiny_params():
 def data_dir(tmp_path_factory):
   """One TFDS data_dir per test session (datasets are generated once)."""
   return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def fast_compiles():
+  """XLA without most optimisations, for a module of compile-bound tests.
+
+  Compiles dominate tests of many small programs; XLA's optimisations
+  roughly double them and change nothing the tests compare (both sides of
+  every comparison run under the same flag). Use it with
+  ``pytestmark = pytest.mark.usefixtures("fast_compiles")``.
+  """
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)

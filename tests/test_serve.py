@@ -70,12 +70,8 @@ def test_mixed_task_batch_equals_each_task_alone(tiny_params):
     bank.task_ids(["a", "zzz"])
 
 
-def test_serve_cli_reads_stdin_and_writes_json_lines(
-  tiny_params, tmp_path, monkeypatch, capsys
-):
-  frozen, _ = vit.split_head(tiny_params)
-  checkpoint.save_npz(tmp_path / "backbone.npz", frozen)
-  tasks = _tasks(frozen)
+def _requests(tmp_path, tasks, frozen, monkeypatch):
+  """Saves tasks a and b, writes three images and their stdin lines."""
   for name in ("a", "b"):
     pr.save_prompts(tmp_path / f"{name}.npz", *tasks[name], backbone=frozen)
   rng = np.random.default_rng(2)
@@ -87,6 +83,16 @@ def test_serve_cli_reads_stdin_and_writes_json_lines(
     )
     lines.append(f"{t} {path}")
   monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+  return lines
+
+
+def test_serve_cli_reads_stdin_and_writes_json_lines(
+  tiny_params, tmp_path, monkeypatch, capsys
+):
+  frozen, _ = vit.split_head(tiny_params)
+  checkpoint.save_npz(tmp_path / "backbone.npz", frozen)
+  tasks = _tasks(frozen)
+  lines = _requests(tmp_path, tasks, frozen, monkeypatch)
   args = [
     f"--task=a={tmp_path / 'a.npz'}",
     f"--task=b={tmp_path / 'b.npz'}",
@@ -196,17 +202,7 @@ def test_serve_cli_serves_a_swin_from_a_timm_file(
   model, frozen = swin_backbone
   save_file(_timm_names(frozen), str(tmp_path / "swin.safetensors"))
   tasks = _swin_tasks(model)
-  for name in ("a", "b"):
-    pr.save_prompts(tmp_path / f"{name}.npz", *tasks[name], backbone=frozen)
-  rng = np.random.default_rng(2)
-  lines = []
-  for i, t in enumerate(["a", "b", "a"]):
-    path = tmp_path / f"img{i}.png"
-    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
-      path
-    )
-    lines.append(f"{t} {path}")
-  monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+  lines = _requests(tmp_path, tasks, frozen, monkeypatch)
   args = [
     f"--task=a={tmp_path / 'a.npz'}",
     f"--task=b={tmp_path / 'b.npz'}",

@@ -26,14 +26,8 @@ IMAGE = 32  # grids 16, 8, 4: shifted windows in stages 0-1, clamped in 2
 TWO = dict(depths=(2, 2), num_heads=(1, 2))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  # These tests compile a dozen small programs; XLA's optimisations roughly
-  # double their compile time and change nothing the tests check.
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+# A dozen small programs compile here (conftest.fast_compiles).
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 @functools.cache

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_swin import numpy_vpt_swin
+from test_vtab_pipeline import fake_prepared_eurosat
 
 from vptpc import build, config_util, flops, preflight, train
 from vptpc import prompts as pr
@@ -22,15 +23,8 @@ from vptpc.models import registry, swin, vit
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  # Compiles dominate these tests; XLA's optimisations roughly double them
-  # and change nothing the tests check (both sides of every comparison run
-  # under the same flag).
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+# Compiles dominate these tests (conftest.fast_compiles).
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 # Two one-block stages of the test Swin: every kind of parameter (patch
@@ -117,12 +111,7 @@ def test_vtab_swin_smoke_with_pc_through_main_then_device_data(tmp_path):
 
   from vptpc import main as entry
 
-  data_dir = tmp_path / "tfds"
-  d = data_dir / "eurosat" / "rgb" / "2.0.0"
-  d.mkdir(parents=True)  # looks prepared; the reads themselves are mocked
-  (d / "dataset_info.json").write_text(
-    json.dumps({"version": "2.0.0", "fileFormat": "array_record"})
-  )
+  data_dir = fake_prepared_eurosat(tmp_path)
   work = tmp_path / "work"
   cfg = os.path.join(ROOT, "configs", "vtab.py")
   arg = (
@@ -285,3 +274,41 @@ def test_vtab_swin_config_and_missing_weights_fail_fast(tmp_path):
   npz.write_bytes(b"PK")
   (msg,) = preflight.checkpoint_problems(str(npz), "swin_b")
   assert "timm .safetensors" in msg
+
+
+def test_swin_vmapped_grid_equals_separate_runs(tmp_path, data_dir):
+  from test_train import tiny_config
+
+  from vptpc import sweep
+
+  def cfg():
+    c = tiny_config("epochs=1,num_prompts=2,parallel=jit")
+    c.model.name = registry.SWIN_TESTING
+    c.data.num_classes = 10  # the smoke run's model: its inits are cached
+    c.data.data_dir = data_dir
+    c.data.train_split = "train[:32]"
+    c.data.eval_split = "test[:16]"
+    c.batch_size = c.eval_batch_size = 16
+    c.warmup_epochs = 0
+    return c
+
+  members = [(1.0, 1e-2), (0.1, 0.0)]
+  grid = sweep.train_grid_chunked(cfg(), members, chunk=2)
+  lr, wd = members[1]
+  c = cfg()
+  c.base_lr, c.weight_decay = lr, wd
+  res = train.train_stage(c, str(tmp_path / "alone"), quiet=True)
+  prompts, head, _ = pr.load_prompts(res["export"])
+  assert [p.shape[-1] for p in prompts.values()] == list(
+    registry.create_model(
+      registry.SWIN_TESTING, num_classes=None
+    ).prompt_widths()
+  )
+  for a, b in zip(
+    jax.tree_util.tree_leaves({"prompts": prompts, "head": head}),
+    jax.tree_util.tree_leaves(grid[1]["trainable"]),
+    strict=True,
+  ):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  a, b = grid[0]["trainable"]["head"], grid[1]["trainable"]["head"]
+  assert np.abs(a["kernel"] - b["kernel"]).max() > 1e-4

@@ -221,18 +221,24 @@ def test_vtab_config_keys_and_errors():
     vtab_config("task=nope")
 
 
+def fake_prepared_eurosat(tmp_path):
+  """A TFDS data_dir where eurosat looks prepared (reads are mocked)."""
+  data_dir = tmp_path / "tfds"
+  d = data_dir / "eurosat" / "rgb" / "2.0.0"
+  d.mkdir(parents=True)
+  (d / "dataset_info.json").write_text(
+    json.dumps({"version": "2.0.0", "fileFormat": "array_record"})
+  )
+  return data_dir
+
+
 def test_vtab_smoke_protocol_through_main_on_mock_data(tmp_path):
   import tensorflow_datasets as tfds
   from absl import flags
 
   from vptpc import main as entry
 
-  data_dir = tmp_path / "tfds"
-  d = data_dir / "eurosat" / "rgb" / "2.0.0"
-  d.mkdir(parents=True)  # looks prepared; the reads themselves are mocked
-  (d / "dataset_info.json").write_text(
-    json.dumps({"version": "2.0.0", "fileFormat": "array_record"})
-  )
+  data_dir = fake_prepared_eurosat(tmp_path)
   work = tmp_path / "work"
   cfg = os.path.join(ROOT, "configs", "vtab.py")
   with tfds.testing.mock_data(num_examples=12):

@@ -425,22 +425,33 @@ def run_backbone(
       return checkpoint.backbone_dims(checkpoint.read_shapes(path)), source
     except checkpoint.CheckpointError:
       return {}, source
-  import jax
+  from vptpc import prompts
 
-  from vptpc import build, prompts
-  from vptpc.models import vit
-
-  size = config.data.image_size
   try:
-    model = build.build_model(config)
-    shapes = jax.eval_shape(
-      lambda r: model.init(r, jax.numpy.zeros((1, size, size, 3)))["params"],
-      jax.random.key(0),
-    )
-    dims = prompts._backbone_meta(vit.split_head(shapes)[0], fingerprint=False)  # noqa: SLF001
+    dims = prompts._backbone_meta(_backbone_template(config), fingerprint=False)  # noqa: SLF001
   except Exception:  # noqa: BLE001 - an invalid model config is reported elsewhere
     return {}, f"config.model.name={config.model.name!r}"
   return dims, f"config.model.name={config.model.name!r} (random init)"
+
+
+def _backbone_template(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The run's backbone as shapes (`jax.eval_shape`: nothing initialised).
+
+  Raises:
+    ValueError: an invalid model config (reported by the config checks).
+  """
+  import jax
+
+  from vptpc import build
+  from vptpc.models import vit
+
+  size = config.data.image_size
+  model = build.build_model(config)
+  shapes = jax.eval_shape(
+    lambda r: model.init(r, jax.numpy.zeros((1, size, size, 3)))["params"],
+    jax.random.key(0),
+  )
+  return vit.split_head(shapes)[0]
 
 
 def run_fingerprint(config: ml_collections.ConfigDict) -> str | None:
@@ -458,19 +469,10 @@ def run_fingerprint(config: ml_collections.ConfigDict) -> str | None:
   path = config.model.checkpoint_path
   if not path or _is_remote(path) or not os.path.isfile(path):
     return None
-  import jax
+  from vptpc import checkpoint, prompts
 
-  from vptpc import build, checkpoint, prompts
-  from vptpc.models import vit
-
-  size = config.data.image_size
   try:
-    model = build.build_model(config)
-    shapes = jax.eval_shape(
-      lambda r: model.init(r, jax.numpy.zeros((1, size, size, 3)))["params"],
-      jax.random.key(0),
-    )
-    backbone = checkpoint.load_pretrained(path, vit.split_head(shapes)[0])
+    backbone = checkpoint.load_pretrained(path, _backbone_template(config))
   except Exception:  # noqa: BLE001 - the stage's own load reports it
     return None
   return prompts.backbone_fingerprint(backbone)
