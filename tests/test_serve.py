@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 
 import jax
 import numpy as np
@@ -226,3 +227,15 @@ def test_serve_cli_serves_a_swin_from_a_timm_file(
     model, frozen, bank, imgs, bank.task_ids(["a", "b", "a"])
   )
   assert [o["label"] for o in out] == np.argmax(want, -1).tolist()
+
+
+def test_export_refuses_a_swin_task_and_points_to_serve(
+  swin_backbone, tmp_path
+):
+  from vptpc import export
+
+  model, frozen = swin_backbone
+  pr.save_prompts(tmp_path / "a.npz", *_swin_tasks(model)["a"], backbone=frozen)
+  with pytest.raises(export.ExportError, match="Swin.*vptpc.serve"):
+    export.export_task(tmp_path / "a.npz", tmp_path / "a.hlo", fmt="stablehlo")
+  assert os.listdir(tmp_path) == ["a.npz"]

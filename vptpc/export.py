@@ -525,6 +525,16 @@ def export_task(
     or run.get("model", {}).get("name")
     or assets.DEFAULT_MODEL
   )
+  if str(model_name).lower().startswith("swin") or (
+    saved.get("backbone") or {}
+  ).get("widths"):
+    # The exported graphs are the ViT's (`task_function`); a Swin task is
+    # served by `vptpc.serve` (key/value cache per task) instead.
+    raise ExportError(
+      f"{prompts_path!r} belongs to a Swin ({model_name}); vptpc.export "
+      "writes ViT graphs only: serve Swin tasks with python -m vptpc.serve "
+      "--model=<swin name> --backbone=<.safetensors>."
+    )
   try:
     cfg = vit.get_model_config(model_name)
   except ValueError as e:
