@@ -80,10 +80,7 @@ def get_config(arg=None):
   )
   if not c.model.checkpoint_path and not a.smoke:
     raise config_util.ConfigError(
-      f"configs/folder.py: model={a.model!r} has no standard checkpoint "
-      "file; pass checkpoint=PATH (standard files: "
-      + ", ".join(f"{m}: {f}" for m, f in registry.STANDARD_CHECKPOINTS.items())
-      + ")."
+      registry.no_checkpoint_message("configs/folder.py", a.model)
     )
   c.model.kv_only = a.variant == "deep"
   c.model.dtype = a.dtype

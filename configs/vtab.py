@@ -22,7 +22,7 @@ picks the backbone: ``B/16`` (default; the ViT-B/16 ImageNet-21k VPT used)
 or ``swin_b`` (also spelled ``swin_base_patch4_window7_224``: Swin-B,
 ImageNet-22k, window 7, 224 px), or any other `vptpc.models.registry`
 name. ``checkpoint=PATH`` names the file; left empty (the default) it is
-the model's standard file in the working directory (`STANDARD_CHECKPOINTS`):
+the model's standard file in the working directory (`vptpc.models.registry.STANDARD_CHECKPOINTS`):
 ``imagenet21k_ViT-B_16.npz`` for ``B/16``,
 ``swin_base_patch4_window7_224.ms_in22k.safetensors`` (``model.safetensors``
 of ``timm/swin_base_patch4_window7_224.ms_in22k``, renamed) for Swin-B;
@@ -50,9 +50,6 @@ tiny slices, for tests on mock data.
 from vptpc import config_util
 from vptpc.data import vtab
 from vptpc.models import registry
-
-# checkpoint="" -> the model's standard file (registry.STANDARD_CHECKPOINTS).
-STANDARD_CHECKPOINTS = registry.STANDARD_CHECKPOINTS
 
 # The only per-task VPT-Deep hyperparameters VPT published: its demo.ipynb
 # re-run (vpt.md §7): task -> (base_lr, weight_decay, batch_size). Every
@@ -97,10 +94,7 @@ def get_config(arg=None):
   )
   if not c.model.checkpoint_path and not a.smoke:
     raise config_util.ConfigError(
-      f"configs/vtab.py: model={a.model!r} has no standard checkpoint file; "
-      "pass checkpoint=PATH (standard files: "
-      + ", ".join(f"{m}: {f}" for m, f in STANDARD_CHECKPOINTS.items())
-      + ")."
+      registry.no_checkpoint_message("configs/vtab.py", a.model)
     )
   c.model.kv_only = a.variant == "deep"
   c.model.dtype = a.dtype

@@ -69,7 +69,7 @@ from vptpc.data.pipeline import (  # noqa: F401 - re-exported
   IMAGENET_STD,
   NORMALIZATIONS,
 )
-from vptpc.models import vit
+from vptpc.models import registry, vit
 
 FORMATS = ("onnx", "stablehlo")
 SUFFIXES = {".onnx": "onnx", ".stablehlo": "stablehlo"}
@@ -525,9 +525,9 @@ def export_task(
     or run.get("model", {}).get("name")
     or assets.DEFAULT_MODEL
   )
-  if str(model_name).lower().startswith("swin") or (
-    saved.get("backbone") or {}
-  ).get("widths"):
+  if registry.is_swin_name(model_name) or (saved.get("backbone") or {}).get(
+    "widths"
+  ):
     # The exported graphs are the ViT's (`task_function`); a Swin task is
     # served by `vptpc.serve` (key/value cache per task) instead.
     raise ExportError(

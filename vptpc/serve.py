@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vptpc import prompts as prompts_lib
-from vptpc.models import swin, vit
+from vptpc.models import registry, swin, vit
 
 
 @dataclasses.dataclass
@@ -238,20 +238,6 @@ def _read_requests(images: str) -> list[Request]:
   return out
 
 
-def _create_model(name: str):
-  """The key/value-path model named ``name``, a Swin or a ViT.
-
-  ``swin*`` names (e.g. ``swin_base_patch4_window7_224``) are Swins
-  (`vptpc.models.swin`); any other name is a ViT (`vptpc.models.vit`).
-
-  Raises:
-    ValueError: an unknown name (the family's known names are listed).
-  """
-  if name.lower().startswith("swin"):
-    return swin.create_model(name, num_classes=None, kv_only=True)
-  return vit.create_model(name, num_classes=None, kv_only=True)
-
-
 def _load_image(path: str, size: int) -> np.ndarray:
   """The cached-form image of ``path`` (`pipeline.preprocess_image`).
 
@@ -316,7 +302,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ValueError(f"--task={spec!r}: expected name=prompts.npz.")
       prompts_lib.load_prompts(path)  # a bad file fails before any JAX work
       specs.append((name, path))
-    model = _create_model(a.model)
+    # A Swin or a ViT, by `vptpc.models.registry`'s naming rule.
+    model = registry.create_model(
+      registry.canonical_name(a.model), num_classes=None, kv_only=True
+    )
     images = jax.ShapeDtypeStruct(
       (1, a.image_size, a.image_size, 3), jnp.float32
     )

@@ -57,13 +57,23 @@ def canonical_name(name: str) -> str:
   return _ALIASES.get(name, name)
 
 
+def no_checkpoint_message(config_file: str, model: str) -> str:
+  """The error for a model without a standard file and no ``checkpoint=``."""
+  files = ", ".join(f"{m}: {f}" for m, f in STANDARD_CHECKPOINTS.items())
+  return (
+    f"{config_file}: model={model!r} has no standard checkpoint file; pass "
+    f"checkpoint=PATH (standard files: {files})."
+  )
+
+
 def standard_checkpoint(name: str) -> str:
   """The standard checkpoint file name of a model, or "" if it has none."""
   return STANDARD_CHECKPOINTS.get(canonical_name(name), "")
 
 
-def _is_swin_name(name: str) -> bool:
-  return name.lower().startswith("swin")
+def is_swin_name(name: str) -> bool:
+  """Whether ``name`` names a Swin (module docstring: the one rule)."""
+  return str(name).lower().startswith("swin")
 
 
 def swin_variant(name: str) -> str:
@@ -93,7 +103,7 @@ def model_family(name: str) -> str:
       names of both families, when neither family knows it.
   """
   try:
-    if _is_swin_name(name):
+    if is_swin_name(name):
       swin.get_model_config(swin_variant(name))
       return "swin"
     vit.get_model_config(name)
