@@ -1,36 +1,35 @@
 #!/usr/bin/env bash
 # The GPU run of issue 20, as one script, in this order, rows streamed as
-# they are measured:
+# they are measured (everything also goes to $OUT/log.txt):
 #   1. the PyTorch peer (torch_peer.py: bf16 autocast, SDPA), eager, then
 #      torch.compile, on ViT-B/16 at batch 128 with 0 and 100 deep prompts;
-#   2. gpu_ablation.py: vptpc's levers one at a time (attention kernel,
-#      bf16-resident backbone, fused QKV) on the train step, a per-kernel
-#      profile, and bf16-vs-fp32 logits; the fastest variant is used below;
-#   3. vpt_bench.py on the peer's settings (eval and train, 0/10/100
-#      prompts, key/value and full paths) with that variant;
+#   2. gpu_ablation.py on the library's default path (ABL_VARIANTS: by
+#      default with and without the tokens padded once for all blocks): the
+#      train step, bf16-vs-fp32 logits, and a per-kernel profile;
+#   3. vpt_bench.py on the peer's settings with the library's defaults
+#      (key/value path at 0, 10 and 100 prompts; eval and train);
 #   4. e2e_bench.py: `python -m vptpc.main` tune (vmapped grid) and final
-#      on a VTAB-shaped folder task, with the projection of VPT's protocol;
-#   5. (stage "flags", not in the default) vpt_bench.py's kv train/eval rows
-#      and its 8192^2 matmul once per XLA_FLAGS set in FLAG_SETS (";"
-#      separated; "" is the default), each in its own process: XLA picks
-#      its GEMM emitter (cuBLAS/cuBLASLt or Triton) by flags, and the
-#      matmul row reached 611 TFLOP/s where PyTorch's is ~790 on an H200.
-#      A set this jaxlib does not know fails alone and is reported;
+#      on a VTAB-shaped folder task, with the projection of VPT's protocol
+#      (the 19 tasks scaled by the step rates of stage 3);
+#   5. "flags", only while the run is younger than FLAGS_BEFORE_S: the kv
+#      rows at 100 prompts and the 8192^2 matmul once per XLA_FLAGS set in
+#      FLAG_SETS (";"-separated), each in its own process. XLA picks its
+#      GEMM emitter (cuBLAS/cuBLASLt or Triton) by flags, and the matmul
+#      reached 611 TFLOP/s under XLA where PyTorch's reaches ~790 on an
+#      H200. A set this jaxlib does not know fails alone and is reported;
 #   6. gpu_table.py: the table with the ratios, to $OUT/table.md.
-# Everything also goes to $OUT/log.txt; the per-stage files are packed into
-# $OUT/runs.tgz at the end (the device tool returns at most 8 files).
+# The per-stage files are packed into $OUT/runs.tgz at the end (the device
+# tool returns at most 8 files).
 #
 # Usage, in the repository root of the device machine:
 #   bash benchmarks/device_check.sh PATH/TO/torch_peer.py [WHEEL ...]
 # WHEELs (ml_collections, which the GPU image lacks) are installed to
 # /tmp/site first. For a CPU dry run (no peer, tiny model):
 #   DRY=1 bash benchmarks/device_check.sh none
-# STAGES (default "peer ablation bench e2e"; "flags" is extra) picks stages;
-# *_S variables bound each stage's seconds. On an H200 (2026-11-27) the
-# whole run needs about 10 minutes (each ViT-B/16 program compiles in
-# 6-20 s; torch.compile's in 11-26 s), more than one 600 s device call:
-# keep the ratios in one call with STAGES="peer bench", then run
-# STAGES="ablation e2e" (results/bench_gpu_h200/README.md).
+# STAGES (default "peer ablation bench e2e flags") picks stages; *_S
+# variables bound each stage's seconds. Sized for about 8 minutes on an
+# H200 (each ViT-B/16 program compiles in 6-20 s; torch.compile's in
+# 11-26 s): peer ~130 s, ablation ~70 s, bench ~140 s, e2e ~110 s.
 set -uo pipefail
 peer=${1:?path to torch_peer.py (or none)}
 shift
@@ -44,7 +43,8 @@ if [ "$#" -gt 0 ]; then
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1
-stages=${STAGES:-"peer ablation bench e2e"}
+stages=${STAGES:-"peer ablation bench e2e flags"}
+t0=$SECONDS
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm \
   --format=csv 2>/dev/null
 python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', \
@@ -54,97 +54,51 @@ git log -1 --format='commit %h %s' 2>/dev/null
 if [ "${DRY:-0}" = 1 ]; then
   model="--model=testing --image_size=32 --batch=4 --matmul_n=256"
   abl="--model=testing --image_size=32 --batch=4 --prompts=3 --iters=2"
-  abl_variants="xla:0:0,matmul:1:1"
+  abl_variants=${ABL_VARIANTS:-"auto:1:0,auto:1:0:8"}
   e2e="--model=tiny32 --image_size=32 --px=40 --train=120 --test=60 \
     --tune_epochs=2 --final_epochs=2 --lrs=1:0.1 --wds=0 --vmap_chunk=1 \
     --seeds=42:44 --dtype=float32"
   prompts=0,3,10
-  full_at=10
+  step_at=3
   flag_prompts=3
 else
   model="--batch=128 --matmul_n=8192 --spec_tflops=989 --dtype=bfloat16"
   abl="--batch=128 --prompts=100 --iters=10"
-  abl_variants=${ABL_VARIANTS:-"xla:0:0,cudnn:1:1,cudnn:1:0,xla:1:1"}
+  # The default path, then the same with cuDNN padding q, k, v per block.
+  abl_variants=${ABL_VARIANTS:-"auto:1:0,auto:1:0:1"}
   e2e="--tune_epochs=3 --final_epochs=5 --vmap_chunk=8"
   prompts=0,10,100
-  full_at=100
+  step_at=10
   flag_prompts=100
 fi
-stamp() { echo "== $(date +%T) $*"; }
+stamp() { echo "== $(date +%T) +$((SECONDS - t0))s $*"; }
 
 if [[ $stages == *peer* && $peer != none ]]; then
-  if [[ $stages != *peer_compile_only* ]]; then
-    stamp "peer eager"
-    timeout "${PEER_S:-60}" python3 "$peer" --batch 128 --prompts 0,100 \
-      --paths kv --steps 10 --warmup 3 | tee "$work/peer_eager.jsonl"
-  fi
+  stamp "peer eager"
+  timeout "${PEER_S:-60}" python3 "$peer" --batch 128 --prompts 0,100 \
+    --paths kv --steps 10 --warmup 3 | tee "$work/peer_eager.jsonl"
   stamp "peer compile"
-  timeout "${PEERC_S:-200}" python3 "$peer" --batch 128 \
+  timeout "${PEERC_S:-170}" python3 "$peer" --batch 128 \
     --prompts "${PEERC_PROMPTS:-0,100}" --paths "${PEERC_PATHS:-full,kv}" \
     --steps 10 --warmup 3 --compile | tee "$work/peer_compile.jsonl"
 fi
 
-# A persistent compile cache shared by the ablation and the bench: the same
-# programs (same variant, shapes, optimiser) are compiled once.
-export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
-attn=cudnn
-fuse=1
 if [[ $stages == *ablation* ]]; then
   stamp "ablation"
   # shellcheck disable=SC2086
-  (cd benchmarks && timeout "${ABL_S:-150}" python3 gpu_ablation.py \
-    --out="$work/ablation" --variants="$abl_variants" \
-    --eval_variants="${ABL_EVAL:-0,1}" --profile="${ABL_PROFILE:-1}" \
-    --budget_s="${ABL_BUDGET_S:-110}" $abl)
-  best=$(python3 - "$work/ablation/ablation.json" <<'PY'
-import json, sys
-try:
-  rows = json.load(open(sys.argv[1]))["rows"]
-  best = max((r for r in rows if r.get("what") == "train"), key=lambda r: r["img_s"])
-  v = dict(kv.split("=") for kv in best["name"].split())
-  print(v["attention"], v["fuse_qkv"])
-except Exception:
-  print("")
-PY
-)
-  if [ -n "$best" ]; then
-    read -r attn fuse <<<"$best"
-  fi
+  (cd benchmarks && timeout "${ABL_S:-100}" python3 gpu_ablation.py \
+    --out="$work/ablation" --variants="$abl_variants" --eval_variants= \
+    --profile=0 --budget_s="${ABL_BUDGET_S:-60}" $abl)
 fi
-if [ "${DRY:-0}" = 1 ]; then attn=matmul; fi
-stamp "chosen: attention=$attn fuse_qkv=$fuse"
 
 if [[ $stages == *bench* ]]; then
-  stamp "vpt_bench"
+  stamp "vpt_bench (the library's default path)"
   # shellcheck disable=SC2086
   timeout "${BENCH_S:-200}" python3 benchmarks/vpt_bench.py \
-    --out="$work/bench" --prompts=$prompts --paths=full,kv --full_at=$full_at \
-    --kv_cache=0 --modes=jit --warmup=2 --iters=10 --torch_ref= \
-    --attention="$attn" --fuse_qkv="$fuse" $model \
+    --out="$work/bench" --prompts=$prompts --paths=kv --kv_cache=0 \
+    --modes=jit --warmup=2 --iters=10 --torch_ref= $model \
     2>"$work/bench.err" | tee "$work/bench.jsonl"
   tail -3 "$work/bench.err"
-fi
-unset JAX_COMPILATION_CACHE_DIR
-
-if [[ $stages == *flags* ]]; then
-  default_sets=";--xla_gpu_enable_triton_gemm=false;--xla_gpu_triton_gemm_any=true"
-  IFS=';' read -ra flag_sets <<<"${FLAG_SETS-$default_sets}"
-  [[ ${FLAG_SETS-$default_sets} == *";" ]] && flag_sets+=("")
-  for i in "${!flag_sets[@]}"; do
-    f=${flag_sets[$i]}
-    stamp "flags[$i]: ${f:-default}"
-    # shellcheck disable=SC2086
-    XLA_FLAGS="$f" timeout "${FLAGS_S:-75}" python3 benchmarks/vpt_bench.py \
-      --out="$work/flags/$i" --prompts=$flag_prompts --paths=kv \
-      --kv_cache=0 --modes=jit --warmup=2 --iters=10 --torch_ref= \
-      --attention="$attn" --fuse_qkv="$fuse" $model \
-      >"$work/flags/$i.jsonl" 2>"$work/flags/$i.err"
-    rc=$?
-    tail -2 "$work/flags/$i.err"
-    python3 -c 'import json, sys; print(json.dumps({"set": int(sys.argv[1]),
-"flags": sys.argv[2], "rc": int(sys.argv[3])}))' "$i" "$f" "$rc" \
-      | tee -a "$work/flags/sets.jsonl"
-  done
 fi
 
 if [[ $stages == *e2e* ]]; then
@@ -155,18 +109,37 @@ try:
   rows = json.load(open(sys.argv[1]))["rows"]
   r = {x["prompts"]: x["img_s"] for x in rows if x.get("what") == "train"
        and x.get("mode") == "jit" and x.get("path") in ("kv", "none")}
-  print(",".join(f"{k}:{v}" for k, v in sorted(r.items()) if k != ""))
+  print(",".join(f"{k}:{v}" for k, v in sorted(r.items())))
 except Exception:
   print("")
 PY
 )
-  step10=$(echo "$rates" | tr ',' '\n' | grep '^10:' | cut -d: -f2)
+  step=$(echo "$rates" | tr ',' '\n' | grep "^$step_at:" | cut -d: -f2)
   # shellcheck disable=SC2086
   timeout "${E2E_S:-170}" python3 benchmarks/e2e_bench.py \
-    --out="$work/e2e" --root=/tmp/e2e_work --step_img_s="${step10:-0}" \
-    --step_rates="$rates" \
-    --extra="--config.model.attention_impl=$attn --config.model.fuse_qkv=$fuse" \
-    $e2e
+    --out="$work/e2e" --root=/tmp/e2e_work --step_img_s="${step:-0}" \
+    --step_rates="$rates" $e2e
+fi
+
+if [[ $stages == *flags* ]] && (( SECONDS - t0 < ${FLAGS_BEFORE_S:-430} )); then
+  default_sets="--xla_gpu_enable_triton_gemm=false;--xla_gpu_enable_cublaslt=true"
+  IFS=';' read -ra flag_sets <<<"${FLAG_SETS-$default_sets}"
+  for i in "${!flag_sets[@]}"; do
+    f=${flag_sets[$i]}
+    stamp "flags[$i]: ${f:-default}"
+    # shellcheck disable=SC2086
+    XLA_FLAGS="$f" timeout "${FLAGS_S:-60}" python3 benchmarks/vpt_bench.py \
+      --out="$work/flags/$i" --prompts=$flag_prompts --paths=kv \
+      --kv_cache=0 --modes=jit --warmup=2 --iters=10 --torch_ref= $model \
+      >"$work/flags/$i.jsonl" 2>"$work/flags/$i.err"
+    rc=$?
+    tail -2 "$work/flags/$i.err"
+    python3 -c 'import json, sys; print(json.dumps({"set": int(sys.argv[1]),
+"flags": sys.argv[2], "rc": int(sys.argv[3])}))' "$i" "$f" "$rc" \
+      | tee -a "$work/flags/sets.jsonl"
+  done
+elif [[ $stages == *flags* ]]; then
+  stamp "flags skipped: past FLAGS_BEFORE_S"
 fi
 
 stamp "table"

@@ -217,10 +217,13 @@ def main():
     f"{base},mode=final,epochs={a.final_epochs}",
     final_dir,
     common
-    + [
-      f"--config.protocol.seeds=({','.join(a.seeds.split(':'))},)",
-      f"--config.protocol.tuned_from={tune_dir}/tune.json",
-    ],
+    + [f"--config.protocol.seeds=({','.join(a.seeds.split(':'))},)"]
+    # A failed tune still leaves the final runs to time (config's LR / WD).
+    + (
+      [f"--config.protocol.tuned_from={tune_dir}/tune.json"]
+      if not tune_rc
+      else []
+    ),
     os.path.join(a.out, "final.log"),
   )
   print(f"final: rc {final_rc}, {final_s:.1f} s", flush=True)

@@ -8,7 +8,12 @@ model variants that differ in one lever at a time:
   flash kernel (padded to even lengths, `vptpc.models.vit.attention`);
 * ``cast``: the frozen backbone kept in bf16 (`vit.cast_backbone`) or cast
   from float32 inside every step;
-* ``fuse``: one fused query/key/value matmul (``model.fuse_qkv``).
+* ``fuse``: one fused query/key/value matmul (``model.fuse_qkv``);
+* ``pad`` (optional fourth field): ``pad_tokens``, the multiple the tokens
+  are padded to once for every block (``auto``: the model's default, 8
+  with cuDNN; ``1``: cuDNN pads q, k, v in every block instead).
+
+``auto`` as the attention is the model's default for the backend.
 
 Each variant's bf16 logits are compared with a float32 XLA forward of the
 same weights (relative L2 error). Then one variant's train step is traced
@@ -36,7 +41,7 @@ import time
 
 from vpt_bench import median_seconds
 
-DEFAULT_VARIANTS = "xla:0:0,cudnn:0:0,cudnn:1:0,cudnn:1:1,xla:1:1"
+DEFAULT_VARIANTS = "xla:0:0,cudnn:0:0,cudnn:1:0,cudnn:1:1,xla:1:1,cudnn:1:0:1"
 
 
 def kind_of(name: str) -> str:
@@ -130,7 +135,7 @@ def main():
   ap.add_argument(
     "--variants",
     default=DEFAULT_VARIANTS,
-    help="attention:cast:fuse triples, comma-separated",
+    help="attention:cast:fuse[:pad] fields, comma-separated",
   )
   ap.add_argument("--eval_variants", default="0,3", help="variant indices")
   ap.add_argument("--profile", type=int, default=3, help="variant to trace")
@@ -208,18 +213,20 @@ def main():
   variants = [v.split(":") for v in a.variants.split(",")]
   eval_idx = {int(i) for i in a.eval_variants.split(",") if i}
   t_start = time.perf_counter()  # the budget covers the variants only
-  for i, (attn, cast, fuse) in enumerate(variants):
+  for i, (attn, cast, fuse, *pad) in enumerate(variants):
     if time.perf_counter() - t_start > a.budget_s:
       print(f"budget reached; skipping variants from {i}", flush=True)
       break
-    name = f"attention={attn} cast={cast} fuse_qkv={fuse}"
+    pad = pad[0] if pad else "auto"
+    name = f"attention={attn} cast={cast} fuse_qkv={fuse} pad_tokens={pad}"
     try:
       model = vit.create_model(
         cfg,
         dtype=dtype,
         kv_only=True,
-        attention_impl=attn,
+        attention_impl=None if attn == "auto" else attn,
         fuse_qkv=fuse == "1",
+        pad_tokens=None if pad == "auto" else int(pad),
       )
       fz = vit.cast_backbone(frozen, dtype) if cast == "1" else frozen
       fz = jax.device_put(fz, dev)

@@ -66,11 +66,17 @@ def main(folder: str, spec_tflops: float = 989.0) -> str:
     "`benchmarks/vpt_bench.py`; PyTorch: `torch_peer.py` (bf16 autocast, "
     "SDPA), eager and `torch.compile`, run in the same call.\n"
   )
-  lines.append(
-    "| images/s | vptpc kv | vptpc full | torch eager kv | torch.compile kv "
-    "| torch.compile full | vptpc kv / compile kv | vptpc kv / compile full |"
-  )
-  lines.append("|---|---|---|---|---|---|---|---|")
+  has_full = any(k[1] == "full" for k in ours)
+  head = ["images/s", "vptpc kv"] + (["vptpc full"] if has_full else [])
+  head += [
+    "torch eager kv",
+    "torch.compile kv",
+    "torch.compile full",
+    "vptpc kv / compile kv",
+    "vptpc kv / compile full",
+  ]
+  lines.append("| " + " | ".join(head) + " |")
+  lines.append("|" + "---|" * len(head))
   for label, n_p, what in (
     ("eval, 100 prompts", 100, "eval"),
     ("train step, 100 prompts", 100, "train"),
@@ -82,10 +88,15 @@ def main(folder: str, spec_tflops: float = 989.0) -> str:
     e_kv = peer.get(("torch-peer", n_p, "kv" if n_p else "full", what))
     c_kv = peer.get(("torch-peer+compile", n_p, "kv" if n_p else "full", what))
     c_full = peer.get(("torch-peer+compile", n_p, "full", what))
-    lines.append(
-      f"| {label} | {cell(kv)} | {cell(full)} | {cell(e_kv)} | {cell(c_kv)} "
-      f"| {cell(c_full)} | {ratio(kv, c_kv)} | {ratio(kv, c_full)} |"
-    )
+    cells = [label, cell(kv)] + ([cell(full)] if has_full else [])
+    cells += [
+      cell(e_kv),
+      cell(c_kv),
+      cell(c_full),
+      ratio(kv, c_kv),
+      ratio(kv, c_full),
+    ]
+    lines.append("| " + " | ".join(cells) + " |")
   e0 = ours.get((0, "none", "eval"))
   if e0:
     pct = 100 * 2 * e0["gflops_actual"] * e0["img_s"] / (spec_tflops * 1e3)
@@ -107,6 +118,16 @@ def main(folder: str, spec_tflops: float = 989.0) -> str:
         )
       elif r.get("what") == "error":
         lines.append(f"| {r['name']} | failed: {r['error'][:80]} | |")
+    if abl.get("kinds"):
+      ms = sum(k["ms_per_step"] for k in abl["kinds"])
+      lines.append(
+        f"\nWhere the first variant's train step goes ({ms:.2f} ms of "
+        "kernels per step, `jax.profiler`):\n"
+      )
+      lines.append("| kind | ms / step | % |")
+      lines.append("|---|---|---|")
+      for k in abl["kinds"]:
+        lines.append(f"| {k['kind']} | {k['ms_per_step']:.2f} | {k['pct']} |")
   e2e = _json(os.path.join(folder, "e2e", "e2e.json"))
   if e2e:
     fi, tu = e2e.get("final", {}), e2e.get("tune", {})
@@ -130,21 +151,28 @@ def main(folder: str, spec_tflops: float = 989.0) -> str:
         f"(tune {p['tune_min']} + final {p['final_min']}), "
         f"{p['vtab19_h']} h for the 19 VTAB-1k tasks."
       )
-  lines += _flags_table(folder, cell)
+  lines += _flags_table(folder, cell, ours, bench)
   return "\n".join(lines) + "\n"
 
 
-def _flags_table(folder: str, cell) -> list[str]:
-  """Rows of the ``flags`` stage: one per XLA_FLAGS set, the default first."""
+def _flags_table(folder: str, cell, ours: dict, bench: dict) -> list[str]:
+  """Rows of the ``flags`` stage: the default (stage 3's), then each set."""
   sets = _jsonl(os.path.join(folder, "flags", "sets.jsonl"))
   if not sets:
     return []
   out = [
-    "\nXLA flag sets (vpt_bench kv rows and its square bf16 matmul, one "
-    "process per set):\n",
+    "\nXLA flag sets (vpt_bench kv rows at 100 prompts and its square bf16 "
+    "matmul, one process per set):\n",
     "| XLA_FLAGS | train img/s | eval img/s | matmul TFLOP/s |",
     "|---|---|---|---|",
   ]
+  train = ours.get((100, "kv", "train"), {}).get("img_s")
+  evl = ours.get((100, "kv", "eval"), {}).get("img_s")
+  if train or evl:
+    mm = bench.get("peak_matmul_gflop_s", 0) / 1e3
+    out.append(
+      f"| (default: the table above) | {cell(train)} | {cell(evl)} | {mm:.3g} |"
+    )
   for s in sets:
     bench = _json(os.path.join(folder, "flags", str(s["set"]), "bench.json"))
     name = f"`{s['flags']}`" if s["flags"] else "(default)"

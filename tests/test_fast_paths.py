@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import IMAGE_SIZE, TINY
+from flax import linen as nn
 from PIL import Image
 from test_train import tiny_config
 
@@ -115,6 +116,122 @@ def test_cudnn_padding_and_lengths_give_exact_attention(monkeypatch):
   gb = jax.grad(loss("cudnn"), argnums=(0, 1, 2))(q, k, v)
   for a, b in zip(ga, gb, strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _xla_for_cudnn(monkeypatch):
+  """Runs ``implementation="cudnn"`` calls through XLA's (CPU has no cuDNN)."""
+  real = jax.nn.dot_product_attention
+  seen = []
+
+  def xla_instead(q, k, v, **kw):
+    seen.append((q.shape, k.shape, kw.get("key_value_seq_lengths")))
+    kw["implementation"] = "xla"
+    return real(q, k, v, **kw)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", xla_instead)
+  return seen
+
+
+@pytest.mark.parametrize("n_prompts", [0, 3])
+@pytest.mark.parametrize("impl", ["matmul", "xla", "cudnn"])
+def test_tokens_padded_once_equal_the_unpadded_model(
+  tiny_params, monkeypatch, impl, n_prompts
+):
+  seen = _xla_for_cudnn(monkeypatch)
+  plain = vit.VisionTransformer(
+    **TINY, num_classes=5, kv_only=True, attention_impl="matmul", pad_tokens=1
+  )
+  padded = vit.VisionTransformer(
+    **TINY, num_classes=5, kv_only=True, attention_impl=impl, pad_tokens=8
+  )
+  p = _prompts(n=n_prompts) if n_prompts else None
+  x = _images()
+  a = plain.apply({"params": tiny_params}, x, p)
+  b = padded.apply({"params": tiny_params}, x, p)
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  if impl == "cudnn":
+    # 17 tokens padded once to 24: no query pads in the first two blocks,
+    # keys 24 + prompts padded to 8, the valid length excluding both pads.
+    assert seen[0][0][1] == 24
+    assert seen[0][1][1] == _round8(24 + n_prompts)
+    np.testing.assert_array_equal(seen[0][2], [17 + n_prompts] * 4)
+  if not n_prompts:
+    return
+
+  def grads(model):
+    def f(q):
+      return (model.apply({"params": tiny_params}, x, q) ** 2).sum()
+
+    return jax.grad(f)(p)
+
+  ga, gb = grads(plain), grads(padded)
+  for k in ga:  # float32 rounding, relative to the gradient's scale
+    scale = float(np.abs(ga[k]).max())
+    np.testing.assert_allclose(ga[k], gb[k], rtol=1e-4, atol=1e-6 * scale)
+
+
+def _round8(n):
+  return -(-n // 8) * 8
+
+
+def test_padded_tokens_with_a_masked_kv_cache(tiny_params):
+  # Multi-task serving: per-example prompt masks and once-padded tokens.
+  frozen, _ = vit.split_head(tiny_params)
+  p = _prompts(n=4)
+  cache = vit.build_kv_cache(frozen, p, TINY["num_heads"])
+  mask = jnp.array([[True, True, False, True]] * 4)
+  cache = {k: dict(c, mask=mask) for k, c in cache.items()}
+  kept = {k: v[jnp.array([0, 1, 3])] for k, v in p.items()}
+  x = _images()
+  want = vit.VisionTransformer(**TINY, num_classes=5, kv_only=True).apply(
+    {"params": tiny_params}, x, kept
+  )
+  got = vit.VisionTransformer(
+    **TINY, num_classes=5, kv_only=True, pad_tokens=8
+  ).apply({"params": tiny_params}, x, cache)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_patch_embedding_equals_the_strided_convolution():
+  emb = vit.PatchEmbedding(16, 8)
+  x = _images()
+  params = emb.init(jax.random.key(0), x)["params"]
+  params = dict(params, bias=jnp.linspace(-1, 1, 16))
+  conv = nn.Conv(16, (8, 8), strides=(8, 8), padding="VALID")
+  want = conv.apply({"params": params}, x)
+  np.testing.assert_allclose(
+    emb.apply({"params": params}, x), want, rtol=1e-5, atol=1e-5
+  )
+  # nn.Conv's parameter shapes, so vit_jax and timm checkpoints load.
+  conv_shapes = jax.tree.map(
+    jnp.shape, conv.init(jax.random.key(0), x)["params"]
+  )
+  assert jax.tree.map(jnp.shape, params) == conv_shapes
+
+
+def test_cudnn_attention_traces_under_a_vmapped_grid_step():
+  # cuDNN's batching rule folds the mapped axis into every operand's batch
+  # axis; in the vmapped grid the queries of block 0 are not mapped (shared
+  # images) while its keys are (each member's prompts). The trace below
+  # runs that rule on CPU, with cuDNN's version checks stubbed.
+  fa = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
+  if not hasattr(fa, "check_cudnn_version"):
+    pytest.skip("this jax has no cuDNN version check to stub")
+  mp = pytest.MonkeyPatch()
+  mp.setattr(fa, "check_cudnn_version", lambda: 91000)
+  mp.setattr(fa, "check_compute_capability", lambda c: True)
+  try:
+    q = jnp.ones((2, 17, 2, 8), jnp.bfloat16)
+    k = jnp.ones((3, 2, 20, 2, 8), jnp.bfloat16)
+
+    def loss(k, q):
+      return vit.attention(q, k, k, implementation="cudnn", kv_valid=19).sum()
+
+    for axes, qq in [((0, None), q), ((0, 0), jnp.stack([q] * 3))]:
+      jaxpr = jax.make_jaxpr(jax.vmap(jax.grad(loss), in_axes=axes))(k, qq)
+      assert "dot_product_attention" in str(jaxpr)
+  finally:
+    mp.undo()
 
 
 @pytest.mark.parametrize(

@@ -198,28 +198,90 @@ def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
-def _cudnn_attention(q: Array, k: Array, v: Array) -> Array:
+@jax.custom_jvp
+def _tie_batching(q: Array, k: Array, v: Array) -> tuple[Array, Array, Array]:
+  """Returns q, k, v unchanged, but batched alike under `jax.vmap`.
+
+  cuDNN's attention primitive has a batching rule that folds the mapped
+  axis into the batch axis of every operand, so it fails (a reshape error
+  at trace time) when only some of them are mapped: in the vmapped grid
+  (`vptpc.sweep`) the images are shared by the members, so block 0's
+  queries are not mapped while its keys (which hold each member's prompts)
+  are, and lengths made with ``jnp.full`` are never mapped. Selecting
+  between two equal values with a condition computed from all three makes
+  each output depend on all of them, hence mapped alike. Outside vmap XLA
+  folds ``select(c, x, x)`` to ``x``, and the custom JVP passes tangents
+  through untouched, so the backward pass gains no operation either.
+  """
+  tie = sum(x[:, 0, 0, 0].astype(jnp.float32) for x in (q, k, v))
+  c = (tie == tie)[:, None, None, None]  # any value: both branches agree
+  return jnp.where(c, q, q), jnp.where(c, k, k), jnp.where(c, v, v)
+
+
+@_tie_batching.defjvp
+def _tie_batching_jvp(primals, tangents):
+  return _tie_batching(*primals), tangents
+
+
+@jax.custom_vjp
+def _tie_cotangent(out: Array) -> Array:
+  """Identity whose cotangent is batched like ``out`` under `jax.vmap`.
+
+  The backward half of `_tie_batching`: a cotangent that does not depend on
+  the mapped values (``sum(out)``'s ones) would reach cuDNN's backward
+  primitive unmapped next to mapped operands.
+  """
+  return out
+
+
+def _tie_cotangent_fwd(out):
+  return out, jax.lax.stop_gradient(out[:, 0, 0, 0])
+
+
+def _tie_cotangent_bwd(first, g):
+  c = (first == first)[:, None, None, None]
+  return (jnp.where(c, g, g),)
+
+
+_tie_cotangent.defvjp(_tie_cotangent_fwd, _tie_cotangent_bwd)
+
+
+def _lengths(x: Array, n: int) -> Array:
+  """(B,) int32 lengths equal to ``n``, batched like ``x`` under vmap."""
+  first = jax.lax.stop_gradient(x[:, 0, 0, 0])
+  return jnp.where(first == first, n, n).astype(jnp.int32)
+
+
+def _cudnn_attention(
+  q: Array, k: Array, v: Array, kv_valid: int | None = None
+) -> Array:
   """Flash attention (cuDNN) at any sequence length, by padding + lengths.
 
-  Padded keys are excluded by ``key_value_seq_lengths`` and padded query
-  rows are sliced off, so the result is attention over the true keys.
+  Queries and keys are padded to a multiple of `CUDNN_PAD`; padded keys
+  (and the first ``kv_valid`` keys' complement, when given: tokens the
+  encoder padded once for all blocks) are excluded by
+  ``key_value_seq_lengths`` and padded query rows are sliced off, so the
+  result is attention over the valid keys.
   """
-  b, t = q.shape[:2]
-  s = k.shape[1]
+  t, s = q.shape[1], k.shape[1]
+  kv_valid = s if kv_valid is None else kv_valid
   tp, sp = _round_up(t, CUDNN_PAD), _round_up(s, CUDNN_PAD)
   kw = {}
-  if (tp, sp) != (t, s):
+  if (tp, sp, kv_valid) != (t, s, s):
 
     def pad(x, n):
       return jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
 
-    q, k, v = pad(q, tp), pad(k, sp), pad(v, sp)
+    q, k, v = _tie_batching(pad(q, tp), pad(k, sp), pad(v, sp))
     kw = dict(
-      query_seq_lengths=jnp.full((b,), t, jnp.int32),
-      key_value_seq_lengths=jnp.full((b,), s, jnp.int32),
+      query_seq_lengths=_lengths(q, t),
+      key_value_seq_lengths=_lengths(q, kv_valid),
     )
+  else:
+    q, k, v = _tie_batching(q, k, v)
   out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn", **kw)
-  return out[:, :t]
+  out = _tie_cotangent(out)
+  return out[:, :t] if tp != t else out
 
 
 def attention(
@@ -228,6 +290,7 @@ def attention(
   v: Array,
   mask: Array | None = None,
   implementation: str | None = None,
+  kv_valid: int | None = None,
 ) -> Array:
   """Scaled dot-product attention, (B, T, heads, d) layout in and out.
 
@@ -255,13 +318,20 @@ def attention(
     mask: optional bool, broadcastable to (B, heads, T, S); False keys get
       no attention.
     implementation: None, ``"matmul"``, ``"xla"`` or ``"cudnn"``.
+    kv_valid: only the first ``kv_valid`` keys are attended to (the rest
+      are padding, e.g. tokens the encoder padded once for every block);
+      None: all of them.
 
   Returns:
     (B, T, heads, d) in ``q``'s dtype.
   """
   implementation = resolve_attention_impl(implementation, q.dtype)
   if implementation == "cudnn" and mask is None:
-    return _cudnn_attention(q, k, v)
+    return _cudnn_attention(q, k, v, kv_valid)
+  s_len = k.shape[1]
+  if kv_valid is not None and kv_valid < s_len:
+    valid = (jnp.arange(s_len) < kv_valid)[None, None, None, :]
+    mask = valid if mask is None else jnp.logical_and(mask, valid)
   if implementation != "matmul":
     return jax.nn.dot_product_attention(
       q, k, v, mask=mask, implementation="xla"
@@ -303,6 +373,7 @@ class MultiHeadDotProductAttention(nn.Module):
     kv_cached: tuple[Array, Array] | None = None,
     kv_mask: Array | None = None,
     num_queries: int | None = None,
+    valid: int | None = None,
   ) -> Array:
     """Attends from every token of ``x`` to ``x`` (plus ``kv_extra``).
 
@@ -322,6 +393,8 @@ class MultiHeadDotProductAttention(nn.Module):
         results.
       num_queries: only the first ``num_queries`` tokens query (all tokens
         are still keys and values); None: all of them.
+      valid: only the first ``valid`` tokens of ``x`` are real; the rest are
+        padding at the end (never attended to). None: all are real.
 
     Returns:
       (B, T, D) attention output after the output projection ((B,
@@ -382,13 +455,17 @@ class MultiHeadDotProductAttention(nn.Module):
       k = jnp.concatenate([k[:, :i], kp, k[:, i:]], axis=1)
       v = jnp.concatenate([v[:, :i], vp, v[:, i:]], axis=1)
     mask = None
+    t = x.shape[1]
+    valid = t if valid is None else valid
+    n_kp = 0 if kp is None else kp.shape[1]
     if kp is not None and kv_mask is not None:
-      b, t = x.shape[0], x.shape[1]  # keys: all T tokens + the prompts
+      b = x.shape[0]  # keys: all T tokens + the prompts, padding last
       keep = jnp.concatenate(
         [
           jnp.ones((b, kv_insert_at), bool),
           kv_mask.astype(bool),
-          jnp.ones((b, t - kv_insert_at), bool),
+          jnp.ones((b, valid - kv_insert_at), bool),
+          jnp.zeros((b, t - valid), bool),
         ],
         axis=1,
       )
@@ -402,7 +479,8 @@ class MultiHeadDotProductAttention(nn.Module):
       if mask is not None:
         logits = jnp.where(mask, logits, -jnp.inf)
       self.sow("intermediates", "attention_weights", jax.nn.softmax(logits))
-    out = attention(q, k, v, mask, self.attention_impl)
+    kv_valid = None if valid == t else valid + n_kp
+    out = attention(q, k, v, mask, self.attention_impl, kv_valid)
     return nn.DenseGeneral(
       d,
       axis=(-2, -1),
@@ -429,6 +507,7 @@ class Encoder1DBlock(nn.Module):
     kv_cached: tuple[Array, Array] | None = None,
     kv_mask: Array | None = None,
     cls_only: bool = False,
+    valid: int | None = None,
   ) -> Array:
     """Applies the block.
 
@@ -441,6 +520,8 @@ class Encoder1DBlock(nn.Module):
       cls_only: compute only the class token's output (the last block of a
         classifier: no other output is read). Every token is still a key
         and value, so the class token is exactly what the full block gives.
+      valid: the number of real tokens; the rest of ``x`` is padding at
+        the end, never attended to (None: all real).
 
     Returns:
       (B, T, D) tokens ((B, 1, D) with ``cls_only``).
@@ -460,11 +541,46 @@ class Encoder1DBlock(nn.Module):
       kv_cached=kv_cached,
       kv_mask=kv_mask,
       num_queries=1 if cls_only else None,
+      valid=valid,
     )
     x = (x[:, :1] if cls_only else x) + y
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_2")(x)
     y = MlpBlock(self.mlp_dim, dtype=self.dtype, name="MlpBlock_3")(y)
     return x + y
+
+
+class PatchEmbedding(nn.Module):
+  """Non-overlapping patches to tokens, as one matmul.
+
+  The parameters are those of vit_jax's ``nn.Conv`` with stride = kernel
+  (``kernel`` (p, p, C, D), ``bias`` (D,)), so checkpoints load unchanged,
+  and the function is the same up to float summation order. On an H200
+  the convolution ran as an sm80 implicit-GEMM kernel at about 38 TFLOP/s
+  (0.79 ms of a 28 ms train step, ``results/bench_gpu_h200``); as a
+  reshape and a matmul it is an ordinary GEMM. On XLA:CPU the two took
+  the same time (B/16, batch 32).
+  """
+
+  features: int
+  patch_size: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: Array) -> Array:
+    """(B, H, W, C) images to (B, H/p, W/p, features) patch embeddings."""
+    p = self.patch_size
+    b, h, w, c = images.shape
+    kernel = self.param(
+      "kernel",
+      nn.initializers.lecun_normal(),
+      (p, p, c, self.features),
+      jnp.float32,
+    )
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b, h // p, w // p, p * p * c)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    return jnp.dot(x, kernel.reshape(p * p * c, self.features)) + bias
 
 
 class AddPositionEmbs(nn.Module):
@@ -514,6 +630,27 @@ class Encoder(nn.Module):
   dtype: Any = jnp.float32
   attention_impl: str | None = None
   fuse_qkv: bool = False
+  pad_tokens: int | None = None
+
+  def _token_multiple(self, variant: str) -> int:
+    """The multiple the token sequence is padded to once, for every block.
+
+    cuDNN pads queries and keys to `CUDNN_PAD` (`_cudnn_attention`); doing
+    it once on the tokens (a few extra rows through every block) replaces
+    per-block pads of q, k, v and the slice of the output. Only where the
+    sequence keeps its length through the blocks (no prompts or the
+    key/value path) and no analysis reads the tokens.
+    """
+    if self.is_mutable_collection("intermediates"):
+      return 1
+    if variant not in ("none", "deep") or (
+      variant == "deep" and not self.kv_only
+    ):
+      return 1
+    if self.pad_tokens is not None:
+      return max(1, self.pad_tokens)
+    impl = resolve_attention_impl(self.attention_impl, self.dtype)
+    return CUDNN_PAD if impl == "cudnn" else 1
 
   def _prompt(self, p: Array, batch: int, train: bool) -> Array:
     """Casts one layer's prompts and applies per-example dropout if training.
@@ -585,6 +722,11 @@ class Encoder(nn.Module):
         )
       return jnp.broadcast_to(p, (b,) + p.shape[-2:])
 
+    valid = x.shape[1]
+    padded = _round_up(valid, self._token_multiple(variant))
+    if padded != valid:
+      x = jnp.pad(x, ((0, 0), (0, padded - valid), (0, 0)))
+    block_valid = None if padded == valid else valid
     n_prev = 0
     if variant == "shallow":
       p = self._prompt(prompts["input"], b, train)
@@ -617,6 +759,7 @@ class Encoder(nn.Module):
             kv_cached=(p["key"], p["value"]),
             kv_mask=p.get("mask"),
             cls_only=last,
+            valid=block_valid,
           )
           continue
         p = self._prompt(p, b, train)
@@ -624,15 +767,22 @@ class Encoder(nn.Module):
           # Shared: one projection per step for the whole batch; per image
           # (kv_shared=False, or forced by per-example dropout): B copies.
           per_image = p.ndim == 3 or not self.kv_shared
-          x = block(x, kv_prompts=fit(p) if per_image else p, cls_only=last)
+          x = block(
+            x,
+            kv_prompts=fit(p) if per_image else p,
+            cls_only=last,
+            valid=block_valid,
+          )
           continue
         # Replace the previous block's prompt outputs (discarded) by this
         # layer's prompts; sequence length may change when counts are ragged.
         x = jnp.concatenate([x[:, :1], fit(p), x[:, 1 + n_prev :]], axis=1)
         n_prev = p.shape[-2]
-      x = block(x, cls_only=last)
+      x = block(x, cls_only=last, valid=block_valid)
     if cls_only:
       pass  # only the class token is left
+    elif padded != valid:
+      x = x[:, :valid]
     elif variant == "deep" and not self.kv_only:
       x = jnp.concatenate([x[:, :1], x[:, 1 + n_prev :]], axis=1)
     elif variant == "shallow":
@@ -668,6 +818,11 @@ class VisionTransformer(nn.Module):
     fuse_qkv: compute the query, key and value projections as one matmul
       against the three stacked kernels (same parameters and names; the
       same function up to float summation order).
+    pad_tokens: pad the token sequence once, before the blocks, to a
+      multiple of this (padding is never attended to, so the function is
+      unchanged). None: `CUDNN_PAD` with cuDNN attention (which needs the
+      padding anyway), else none. Only without prompts or on the key/value
+      path.
   """
 
   patch_size: int
@@ -682,6 +837,7 @@ class VisionTransformer(nn.Module):
   dtype: Any = jnp.float32
   attention_impl: str | None = None
   fuse_qkv: bool = False
+  pad_tokens: int | None = None
 
   @nn.compact
   def __call__(
@@ -711,14 +867,9 @@ class VisionTransformer(nn.Module):
         f"Expected (B, H, W, C) images with H and W divisible by the patch "
         f"size {p}; got shape {images.shape}."
       )
-    x = nn.Conv(
-      self.hidden_size,
-      (p, p),
-      strides=(p, p),
-      padding="VALID",
-      dtype=self.dtype,
-      name="embedding",
-    )(images.astype(self.dtype))
+    x = PatchEmbedding(self.hidden_size, p, dtype=self.dtype, name="embedding")(
+      images.astype(self.dtype)
+    )
     b, h, w, d = x.shape
     x = x.reshape(b, h * w, d)
     cls = self.param("cls", nn.initializers.zeros, (1, 1, d), jnp.float32)
@@ -735,6 +886,7 @@ class VisionTransformer(nn.Module):
       dtype=self.dtype,
       attention_impl=self.attention_impl,
       fuse_qkv=self.fuse_qkv,
+      pad_tokens=self.pad_tokens,
       name="Transformer",
     )(x, prompts, train=train, cls_only=True)
     features = x[:, 0]
