@@ -81,7 +81,6 @@ def main(folder: str, spec_tflops: float = 989.0) -> str:
     ("eval, 100 prompts", 100, "eval"),
     ("train step, 100 prompts", 100, "train"),
     ("eval, 0 prompts", 0, "eval"),
-    ("train step, 0 prompts", 0, "train"),
   ):
     kv = ours.get((n_p, "kv" if n_p else "none", what), {}).get("img_s")
     full = ours.get((n_p, "full", what), {}).get("img_s") if n_p else None
