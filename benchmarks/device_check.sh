@@ -4,8 +4,9 @@
 #   1. the PyTorch peer (torch_peer.py: bf16 autocast, SDPA), eager, then
 #      torch.compile, on ViT-B/16 at batch 128 with 0 and 100 deep prompts;
 #   2. gpu_ablation.py on the library's default path (ABL_VARIANTS: by
-#      default with and without the tokens padded once for all blocks): the
-#      train step, bf16-vs-fp32 logits, and a per-kernel profile;
+#      default also with the GELU's own backward pass, model.gelu_vjp, the
+#      lever not measured yet): the train step, bf16-vs-fp32 logits, and a
+#      per-kernel profile of the first variant;
 #   3. vpt_bench.py on the peer's settings with the library's defaults
 #      (key/value path at 0, 10 and 100 prompts; eval and train);
 #   4. e2e_bench.py: `python -m vptpc.main` tune (vmapped grid) and final
@@ -54,7 +55,7 @@ git log -1 --format='commit %h %s' 2>/dev/null
 if [ "${DRY:-0}" = 1 ]; then
   model="--model=testing --image_size=32 --batch=4 --matmul_n=256"
   abl="--model=testing --image_size=32 --batch=4 --prompts=3 --iters=2"
-  abl_variants=${ABL_VARIANTS:-"auto:1:0,auto:1:0:8"}
+  abl_variants=${ABL_VARIANTS:-"auto:1:0,auto:1:0:8:1"}
   e2e="--model=tiny32 --image_size=32 --px=40 --train=120 --test=60 \
     --tune_epochs=2 --final_epochs=2 --lrs=1:0.1 --wds=0 --vmap_chunk=1 \
     --seeds=42:44 --dtype=float32"
@@ -64,8 +65,8 @@ if [ "${DRY:-0}" = 1 ]; then
 else
   model="--batch=128 --matmul_n=8192 --spec_tflops=989 --dtype=bfloat16"
   abl="--batch=128 --prompts=100 --iters=10"
-  # The default path, then the same with cuDNN padding q, k, v per block.
-  abl_variants=${ABL_VARIANTS:-"auto:1:0,auto:1:0:1"}
+  # The default path, then the same with the GELU's own backward pass.
+  abl_variants=${ABL_VARIANTS:-"auto:1:0,auto:1:0:auto:1"}
   e2e="--tune_epochs=3 --final_epochs=5 --vmap_chunk=8"
   prompts=0,10,100
   step_at=10

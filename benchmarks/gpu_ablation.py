@@ -11,7 +11,9 @@ model variants that differ in one lever at a time:
 * ``fuse``: one fused query/key/value matmul (``model.fuse_qkv``);
 * ``pad`` (optional fourth field): ``pad_tokens``, the multiple the tokens
   are padded to once for every block (``auto``: the model's default, 8
-  with cuDNN; ``1``: cuDNN pads q, k, v in every block instead).
+  with cuDNN; ``1``: cuDNN pads q, k, v in every block instead);
+* ``gelu`` (optional fifth field): ``1`` runs the MLP's exact GELU with
+  its own backward pass (``model.gelu_vjp``, `vit.exact_gelu`).
 
 ``auto`` as the attention is the model's default for the backend.
 
@@ -135,7 +137,7 @@ def main():
   ap.add_argument(
     "--variants",
     default=DEFAULT_VARIANTS,
-    help="attention:cast:fuse[:pad] fields, comma-separated",
+    help="attention:cast:fuse[:pad[:gelu]] fields, comma-separated",
   )
   ap.add_argument("--eval_variants", default="0,3", help="variant indices")
   ap.add_argument("--profile", type=int, default=3, help="variant to trace")
@@ -213,12 +215,15 @@ def main():
   variants = [v.split(":") for v in a.variants.split(",")]
   eval_idx = {int(i) for i in a.eval_variants.split(",") if i}
   t_start = time.perf_counter()  # the budget covers the variants only
-  for i, (attn, cast, fuse, *pad) in enumerate(variants):
+  for i, (attn, cast, fuse, *more) in enumerate(variants):
     if time.perf_counter() - t_start > a.budget_s:
       print(f"budget reached; skipping variants from {i}", flush=True)
       break
-    pad = pad[0] if pad else "auto"
-    name = f"attention={attn} cast={cast} fuse_qkv={fuse} pad_tokens={pad}"
+    pad, gelu = (more + ["auto", "0"][len(more) :])[:2]
+    name = (
+      f"attention={attn} cast={cast} fuse_qkv={fuse} pad_tokens={pad}"
+      f" gelu_vjp={gelu}"
+    )
     try:
       model = vit.create_model(
         cfg,
@@ -227,6 +232,7 @@ def main():
         attention_impl=None if attn == "auto" else attn,
         fuse_qkv=fuse == "1",
         pad_tokens=None if pad == "auto" else int(pad),
+        gelu_vjp=gelu == "1",
       )
       fz = vit.cast_backbone(frozen, dtype) if cast == "1" else frozen
       fz = jax.device_put(fz, dev)

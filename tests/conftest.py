@@ -55,7 +55,14 @@ def fast_compiles():
   every comparison run under the same flag). Use it with
   ``pytestmark = pytest.mark.usefixtures("fast_compiles")``.
   """
+  # The flag is not part of jit's in-memory cache key (it is of the
+  # persistent cache's): without clearing, a program compiled inside the
+  # module (unoptimised) would be reused after it by an in-process run whose
+  # CLI twin compiles it optimised, and the two differ in the last bits
+  # (test_faults' bit-identical resumes failed after test_swin so).
   old = jax.config.read("jax_disable_most_optimizations")
+  jax.clear_caches()
   jax.config.update("jax_disable_most_optimizations", True)
   yield
   jax.config.update("jax_disable_most_optimizations", old)
+  jax.clear_caches()

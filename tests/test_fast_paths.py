@@ -192,6 +192,38 @@ def test_padded_tokens_with_a_masked_kv_cache(tiny_params):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_gelu_with_its_own_vjp_equals_autodiff(tiny_params):
+  x = jnp.linspace(-6.0, 6.0, 97)
+  np.testing.assert_allclose(
+    vit.exact_gelu(x), nn.gelu(x, approximate=False), rtol=1e-6, atol=1e-7
+  )
+  np.testing.assert_allclose(
+    jax.grad(lambda x: vit.exact_gelu(x).sum())(x),
+    jax.grad(lambda x: nn.gelu(x, approximate=False).sum())(x),
+    rtol=1e-5,
+    atol=1e-6,
+  )
+  plain = vit.VisionTransformer(**TINY, num_classes=5, kv_only=True)
+  own = vit.VisionTransformer(
+    **TINY, num_classes=5, kv_only=True, gelu_vjp=True
+  )
+  p, x = _prompts(), _images()
+
+  def grads(model):
+    return jax.grad(
+      lambda q: (model.apply({"params": tiny_params}, x, q) ** 2).sum()
+    )(p)
+
+  np.testing.assert_array_equal(
+    plain.apply({"params": tiny_params}, x, p),
+    own.apply({"params": tiny_params}, x, p),
+  )
+  ga, gb = grads(plain), grads(own)
+  for k in ga:
+    scale = float(np.abs(ga[k]).max())
+    np.testing.assert_allclose(ga[k], gb[k], rtol=1e-4, atol=1e-6 * scale)
+
+
 def test_patch_embedding_equals_the_strided_convolution():
   emb = vit.PatchEmbedding(16, 8)
   x = _images()

@@ -128,11 +128,43 @@ def get_model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(cfg)
 
 
+@jax.custom_vjp
+def exact_gelu(x: Array) -> Array:
+  """The exact GELU, x Φ(x), whose backward pass needs only ``x``.
+
+  The same function as ``nn.gelu(x, approximate=False)``. Autodiff of that
+  keeps several activation-sized intermediates of the forward pass for the
+  backward (the erfc term, its derivative's exponential); this VJP keeps
+  ``x`` alone and recomputes Φ(x) + x φ(x) in float32. Whether that is
+  faster depends on the backend (``benchmarks/gpu_ablation.py`` measures
+  it as the ``gelu`` lever); `MlpBlock.gelu_vjp` turns it on.
+  """
+  return nn.gelu(x, approximate=False)
+
+
+def _exact_gelu_fwd(x):
+  return exact_gelu(x), x
+
+
+def _exact_gelu_bwd(x, g):
+  xf = x.astype(jnp.float32)
+  cdf = 0.5 * jax.lax.erfc(-xf * math.sqrt(0.5))
+  pdf = jnp.exp(-0.5 * xf * xf) * (1.0 / math.sqrt(2.0 * math.pi))
+  return ((g.astype(jnp.float32) * (cdf + xf * pdf)).astype(g.dtype),)
+
+
+exact_gelu.defvjp(_exact_gelu_fwd, _exact_gelu_bwd)
+
+
 class MlpBlock(nn.Module):
-  """Transformer MLP: Dense -> exact GELU -> Dense."""
+  """Transformer MLP: Dense -> exact GELU -> Dense.
+
+  ``gelu_vjp`` uses `exact_gelu`'s own backward pass (the same function).
+  """
 
   mlp_dim: int
   dtype: Any = jnp.float32
+  gelu_vjp: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -148,7 +180,7 @@ class MlpBlock(nn.Module):
       name="Dense_0",
     )(x)
     # torch's GELU (used by the official VPT) is exact; flax defaults to tanh.
-    x = nn.gelu(x, approximate=False)
+    x = exact_gelu(x) if self.gelu_vjp else nn.gelu(x, approximate=False)
     return nn.Dense(
       d, dtype=self.dtype, kernel_init=init, bias_init=bias_init, name="Dense_1"
     )(x)
@@ -498,6 +530,7 @@ class Encoder1DBlock(nn.Module):
   dtype: Any = jnp.float32
   attention_impl: str | None = None
   fuse_qkv: bool = False
+  gelu_vjp: bool = False
 
   @nn.compact
   def __call__(
@@ -545,7 +578,9 @@ class Encoder1DBlock(nn.Module):
     )
     x = (x[:, :1] if cls_only else x) + y
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_2")(x)
-    y = MlpBlock(self.mlp_dim, dtype=self.dtype, name="MlpBlock_3")(y)
+    y = MlpBlock(
+      self.mlp_dim, dtype=self.dtype, gelu_vjp=self.gelu_vjp, name="MlpBlock_3"
+    )(y)
     return x + y
 
 
@@ -631,6 +666,7 @@ class Encoder(nn.Module):
   attention_impl: str | None = None
   fuse_qkv: bool = False
   pad_tokens: int | None = None
+  gelu_vjp: bool = False
 
   def _token_multiple(self, variant: str) -> int:
     """The multiple the token sequence is padded to once, for every block.
@@ -744,6 +780,7 @@ class Encoder(nn.Module):
         dtype=self.dtype,
         attention_impl=self.attention_impl,
         fuse_qkv=self.fuse_qkv,
+        gelu_vjp=self.gelu_vjp,
         name=f"encoderblock_{i}",
       )
       if variant == "deep":
@@ -823,6 +860,8 @@ class VisionTransformer(nn.Module):
       unchanged). None: `CUDNN_PAD` with cuDNN attention (which needs the
       padding anyway), else none. Only without prompts or on the key/value
       path.
+    gelu_vjp: the MLP's exact GELU with its own backward pass (`exact_gelu`:
+      the same function, fewer activations kept for the backward).
   """
 
   patch_size: int
@@ -838,6 +877,7 @@ class VisionTransformer(nn.Module):
   attention_impl: str | None = None
   fuse_qkv: bool = False
   pad_tokens: int | None = None
+  gelu_vjp: bool = False
 
   @nn.compact
   def __call__(
@@ -887,6 +927,7 @@ class VisionTransformer(nn.Module):
       attention_impl=self.attention_impl,
       fuse_qkv=self.fuse_qkv,
       pad_tokens=self.pad_tokens,
+      gelu_vjp=self.gelu_vjp,
       name="Transformer",
     )(x, prompts, train=train, cls_only=True)
     features = x[:, 0]
