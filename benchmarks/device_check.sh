@@ -4,9 +4,10 @@
 #   1. the PyTorch peer (torch_peer.py: bf16 autocast, SDPA), eager, then
 #      torch.compile, on ViT-B/16 at batch 128 with 0 and 100 deep prompts;
 #   2. gpu_ablation.py on the library's default path (ABL_VARIANTS: by
-#      default also with the GELU's own backward pass, model.gelu_vjp, the
-#      lever not measured yet): the train step, bf16-vs-fp32 logits, and a
-#      per-kernel profile of the first variant;
+#      default also with the GELU's own backward pass,
+#      VisionTransformer.gelu_vjp, the lever not measured yet): the train
+#      step, bf16-vs-fp32 logits, and a per-kernel profile of the first
+#      variant;
 #   3. vpt_bench.py on the peer's settings with the library's defaults
 #      (key/value path at 0, 10 and 100 prompts; eval and train);
 #   4. e2e_bench.py: `python -m vptpc.main` tune (vmapped grid) and final

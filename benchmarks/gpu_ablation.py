@@ -13,7 +13,7 @@ model variants that differ in one lever at a time:
   are padded to once for every block (``auto``: the model's default, 8
   with cuDNN; ``1``: cuDNN pads q, k, v in every block instead);
 * ``gelu`` (optional fifth field): ``1`` runs the MLP's exact GELU with
-  its own backward pass (``model.gelu_vjp``, `vit.exact_gelu`).
+  its own backward pass (``VisionTransformer.gelu_vjp``, `vit.exact_gelu`).
 
 ``auto`` as the attention is the model's default for the backend.
 
