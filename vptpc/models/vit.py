@@ -289,10 +289,10 @@ def _cudnn_attention(
 ) -> Array:
   """Flash attention (cuDNN) at any sequence length, by padding + lengths.
 
-  Queries and keys are padded to a multiple of `CUDNN_PAD`; padded keys
-  (and the first ``kv_valid`` keys' complement, when given: tokens the
-  encoder padded once for all blocks) are excluded by
-  ``key_value_seq_lengths`` and padded query rows are sliced off, so the
+  Queries and keys are padded to a multiple of `CUDNN_PAD`. Keys from
+  ``kv_valid`` on (the padding added here, and tokens the encoder padded
+  once for all blocks; None: all keys are valid) are excluded by
+  ``key_value_seq_lengths``, and padded query rows are sliced off, so the
   result is attention over the valid keys.
   """
   t, s = q.shape[1], k.shape[1]
