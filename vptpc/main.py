@@ -14,7 +14,6 @@ written (`vptpc.preflight`).
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -61,12 +60,9 @@ def _config_file_error(argv: list[str]) -> str | None:
 
 def _fail(lines: list[str] | str) -> None:
   """Prints one ``error:`` line per problem and exits with status 2."""
-  if isinstance(lines, str):
-    first, *rest = lines.splitlines() or [""]
-    lines = [first + "".join(f"\n  {r}" for r in rest)]
-  for line in lines:
-    print(f"error: {line}", file=sys.stderr, flush=True)
-  sys.exit(2)
+  from vptpc.preflight import exit_with
+
+  exit_with(lines)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -51,6 +51,7 @@ import dataclasses
 import glob
 import json
 import os
+import sys
 import tempfile
 import zipfile
 from typing import Any
@@ -66,6 +67,21 @@ class PreflightError(ValueError):
     """Keeps every problem; the message is one line per problem."""
     self.problems = list(problems)
     super().__init__("\n".join(self.problems))
+
+
+def exit_with(lines: list[str] | str) -> None:
+  """Prints one ``error:`` line per problem and exits with status 2.
+
+  A string is one problem; its further lines are indented under the first.
+  The command-line entry points (`vptpc.main`, `vptpc.suite`,
+  `vptpc.pretrain`) end this way on bad input.
+  """
+  if isinstance(lines, str):
+    first, *rest = lines.splitlines() or [""]
+    lines = [first + "".join(f"\n  {r}" for r in rest)]
+  for line in lines:
+    print(f"error: {line}", file=sys.stderr, flush=True)
+  sys.exit(2)
 
 
 @dataclasses.dataclass

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from typing import Any
 
@@ -426,9 +425,7 @@ def main(argv):
   try:
     card = pretrain(flags.FLAGS.config, flags.FLAGS.workdir)
   except preflight.PreflightError as e:
-    for line in e.problems:
-      print(f"error: {line}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    preflight.exit_with(e.problems)
   print(
     json.dumps({k: card[k] for k in ("upstream_held_out", "train_seconds")})
   )

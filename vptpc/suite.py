@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import sys
 import time
 from typing import Any
 
@@ -544,9 +543,7 @@ def main(argv):
   try:
     run_suite(flags.FLAGS.config, flags.FLAGS.workdir)
   except preflight.PreflightError as e:
-    for line in e.problems:
-      print(f"error: {line}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    preflight.exit_with(e.problems)
 
 
 if __name__ == "__main__":
