@@ -16,9 +16,12 @@
 #   5. "flags", only while the run is younger than FLAGS_BEFORE_S: the kv
 #      rows at 100 prompts and the 8192^2 matmul once per XLA_FLAGS set in
 #      FLAG_SETS (";"-separated), each in its own process. XLA picks its
-#      GEMM emitter (cuBLAS/cuBLASLt or Triton) by flags, and the matmul
-#      reached 611 TFLOP/s under XLA where PyTorch's reaches ~790 on an
-#      H200. A set this jaxlib does not know fails alone and is reported;
+#      GEMM emitter (cuBLAS/cuBLASLt or Triton) by flags; `import vptpc`
+#      already adds --xla_gpu_enable_triton_gemm=false (stage 3 runs with
+#      it), so the default sets are XLA's own default (Triton on) and
+#      cuBLASLt on top of vptpc's. The 8192^2 matmul reached 594-658
+#      TFLOP/s under XLA where PyTorch's reaches ~790 on an H200. A set
+#      this jaxlib does not know fails alone and is reported;
 #   6. gpu_table.py: the table with the ratios, to $OUT/table.md.
 # The per-stage files are packed into $OUT/runs.tgz at the end (the device
 # tool returns at most 8 files).
@@ -124,7 +127,8 @@ PY
 fi
 
 if [[ $stages == *flags* ]] && (( SECONDS - t0 < ${FLAGS_BEFORE_S:-430} )); then
-  default_sets="--xla_gpu_enable_triton_gemm=false;--xla_gpu_enable_cublaslt=true"
+  # A set that names the Triton flag replaces vptpc's choice of it.
+  default_sets="--xla_gpu_enable_triton_gemm=true;--xla_gpu_enable_cublaslt=true"
   IFS=';' read -ra flag_sets <<<"${FLAG_SETS-$default_sets}"
   for i in "${!flag_sets[@]}"; do
     f=${flag_sets[$i]}
