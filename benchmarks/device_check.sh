@@ -4,10 +4,11 @@
 #   1. the PyTorch peer (torch_peer.py: bf16 autocast, SDPA), eager, then
 #      torch.compile, on ViT-B/16 at batch 128 with 0 and 100 deep prompts;
 #   2. gpu_ablation.py on the library's default path (ABL_VARIANTS: by
-#      default also with the GELU's own backward pass,
-#      VisionTransformer.gelu_vjp, the lever not measured yet): the train
-#      step, bf16-vs-fp32 logits, and a per-kernel profile of the first
-#      variant;
+#      default that path, which on a GPU runs the GELU and the LayerNorms
+#      with their own backward passes, VisionTransformer.gelu_vjp / ln_vjp,
+#      chosen by reasoning and not measured yet; then autodiff for both,
+#      and each lever alone), timed in interleaved rounds: the train step,
+#      bf16-vs-fp32 logits, and a per-kernel profile of the first variant;
 #   3. vpt_bench.py on the peer's settings with the library's defaults
 #      (key/value path at 0, 10 and 100 prompts; eval and train);
 #   4. e2e_bench.py: `python -m vptpc.main` tune (vmapped grid) and final
@@ -15,13 +16,13 @@
 #      (the 19 tasks scaled by the step rates of stage 3);
 #   5. "flags", only while the run is younger than FLAGS_BEFORE_S: the kv
 #      rows at 100 prompts and the 8192^2 matmul once per XLA_FLAGS set in
-#      FLAG_SETS (";"-separated), each in its own process. XLA picks its
-#      GEMM emitter (cuBLAS/cuBLASLt or Triton) by flags; `import vptpc`
-#      already adds --xla_gpu_enable_triton_gemm=false (stage 3 runs with
-#      it), so the default sets are XLA's own default (Triton on) and
-#      cuBLASLt on top of vptpc's. The 8192^2 matmul reached 594-658
-#      TFLOP/s under XLA where PyTorch's reaches ~790 on an H200. A set
-#      this jaxlib does not know fails alone and is reported;
+#      FLAG_SETS (";"-separated), each in its own process, to compare with
+#      stage 3 (vptpc's own flags). `import vptpc` adds
+#      --xla_gpu_enable_triton_gemm=false unless the set names it (call 3
+#      measured that flag: +10% eval). The default sets try the fusions
+#      that are a third of the train step: cuDNN's LayerNorm and XLA's
+#      block-level (Triton) rewriter of fusions. A set this jaxlib does not
+#      know fails alone and is reported;
 #   6. gpu_table.py: the table with the ratios, to $OUT/table.md.
 # The per-stage files are packed into $OUT/runs.tgz at the end (the device
 # tool returns at most 8 files).
@@ -34,12 +35,15 @@
 # STAGES (default "peer ablation bench e2e flags") picks stages; *_S
 # variables bound each stage's seconds. Sized for about 8 minutes on an
 # H200 (each ViT-B/16 program compiles in 6-20 s; torch.compile's in
-# 11-26 s): peer ~130 s, ablation ~70 s, bench ~140 s, e2e ~110 s.
+# 11-26 s; calls 3-4): peer ~120 s, ablation ~130 s (4 variants), bench
+# ~70 s, e2e ~60 s, then ~45 s per flag set while time is left.
 set -uo pipefail
 peer=${1:?path to torch_peer.py (or none)}
 shift
 out=${OUT:-/tmp/vptpc_device_check}
 work=/tmp/vdc
+# A fresh folder: the table reads every row there (flag sets append).
+rm -rf "$work"
 mkdir -p "$out" "$work" "$work/flags"
 exec > >(tee -a "$out/log.txt") 2>&1
 if [ "$#" -gt 0 ]; then
@@ -59,7 +63,7 @@ git log -1 --format='commit %h %s' 2>/dev/null
 if [ "${DRY:-0}" = 1 ]; then
   model="--model=testing --image_size=32 --batch=4 --matmul_n=256"
   abl="--model=testing --image_size=32 --batch=4 --prompts=3 --iters=2"
-  abl_variants=${ABL_VARIANTS:-"auto:1:0,auto:1:0:8:1"}
+  abl_variants=${ABL_VARIANTS:-"auto:1:0,auto:1:0:8:0:0,auto:1:0:8:1:1"}
   e2e="--model=tiny32 --image_size=32 --px=40 --train=120 --test=60 \
     --tune_epochs=2 --final_epochs=2 --lrs=1:0.1 --wds=0 --vmap_chunk=1 \
     --seeds=42:44 --dtype=float32"
@@ -69,8 +73,9 @@ if [ "${DRY:-0}" = 1 ]; then
 else
   model="--batch=128 --matmul_n=8192 --spec_tflops=989 --dtype=bfloat16"
   abl="--batch=128 --prompts=100 --iters=10"
-  # The default path, then the same with the GELU's own backward pass.
-  abl_variants=${ABL_VARIANTS:-"auto:1:0,auto:1:0:auto:1"}
+  # The default path, then autodiff's GELU and LayerNorm backward (the
+  # default before), then each of the two levers alone.
+  abl_variants=${ABL_VARIANTS:-"auto:1:0,auto:1:0:auto:0:0,auto:1:0:auto:1:0,auto:1:0:auto:0:1"}
   e2e="--tune_epochs=3 --final_epochs=5 --vmap_chunk=8"
   prompts=0,10,100
   step_at=10
@@ -91,9 +96,10 @@ fi
 if [[ $stages == *ablation* ]]; then
   stamp "ablation"
   # shellcheck disable=SC2086
-  (cd benchmarks && timeout "${ABL_S:-100}" python3 gpu_ablation.py \
+  (cd benchmarks && timeout "${ABL_S:-150}" python3 gpu_ablation.py \
     --out="$work/ablation" --variants="$abl_variants" --eval_variants= \
-    --profile=0 --budget_s="${ABL_BUDGET_S:-60}" $abl)
+    --profile=0 --rounds="${ABL_ROUNDS:-3}" --budget_s="${ABL_BUDGET_S:-90}" \
+    $abl)
 fi
 
 if [[ $stages == *bench* ]]; then
@@ -126,12 +132,16 @@ PY
     --step_rates="$rates" $e2e
 fi
 
-if [[ $stages == *flags* ]] && (( SECONDS - t0 < ${FLAGS_BEFORE_S:-430} )); then
+if [[ $stages == *flags* ]]; then
   # A set that names the Triton flag replaces vptpc's choice of it.
-  default_sets="--xla_gpu_enable_triton_gemm=true;--xla_gpu_enable_cublaslt=true"
+  default_sets="--xla_gpu_enable_cudnn_layer_norm=true;--xla_gpu_experimental_enable_fusion_block_level_rewriter=true"
   IFS=';' read -ra flag_sets <<<"${FLAG_SETS-$default_sets}"
   for i in "${!flag_sets[@]}"; do
     f=${flag_sets[$i]}
+    if (( SECONDS - t0 >= ${FLAGS_BEFORE_S:-430} )); then
+      stamp "flags[$i] and later skipped: past FLAGS_BEFORE_S"
+      break
+    fi
     stamp "flags[$i]: ${f:-default}"
     # shellcheck disable=SC2086
     XLA_FLAGS="$f" timeout "${FLAGS_S:-60}" python3 benchmarks/vpt_bench.py \
@@ -144,8 +154,6 @@ if [[ $stages == *flags* ]] && (( SECONDS - t0 < ${FLAGS_BEFORE_S:-430} )); then
 "flags": sys.argv[2], "rc": int(sys.argv[3])}))' "$i" "$f" "$rc" \
       | tee -a "$work/flags/sets.jsonl"
   done
-elif [[ $stages == *flags* ]]; then
-  stamp "flags skipped: past FLAGS_BEFORE_S"
 fi
 
 stamp "table"

@@ -13,9 +13,17 @@ model variants that differ in one lever at a time:
   are padded to once for every block (``auto``: the model's default, 8
   with cuDNN; ``1``: cuDNN pads q, k, v in every block instead);
 * ``gelu`` (optional fifth field): ``1`` runs the MLP's exact GELU with
-  its own backward pass (``VisionTransformer.gelu_vjp``, `vit.exact_gelu`).
+  its own backward pass (``VisionTransformer.gelu_vjp``, `vit.exact_gelu`),
+  ``0`` autodiff's;
+* ``ln`` (optional sixth field): the same for the blocks' LayerNorms
+  (``VisionTransformer.ln_vjp``, `vit.layer_norm`).
 
-``auto`` as the attention is the model's default for the backend.
+``auto`` (and an omitted field) is the model's default for the backend.
+
+After every variant has run once, ``--rounds`` - 1 more rounds time each
+again in turn, and a variant's rate is the median over its rounds, so a
+drift of the device over the run (clocks, memory) does not fall on one
+variant alone.
 
 Each variant's bf16 logits are compared with a float32 XLA forward of the
 same weights (relative L2 error). Then one variant's train step is traced
@@ -137,11 +145,14 @@ def main():
   ap.add_argument(
     "--variants",
     default=DEFAULT_VARIANTS,
-    help="attention:cast:fuse[:pad[:gelu]] fields, comma-separated",
+    help="attention:cast:fuse[:pad[:gelu[:ln]]] fields, comma-separated",
   )
   ap.add_argument("--eval_variants", default="0,3", help="variant indices")
   ap.add_argument("--profile", type=int, default=3, help="variant to trace")
   ap.add_argument("--iters", type=int, default=10)
+  ap.add_argument(
+    "--rounds", type=int, default=3, help="timing rounds over the variants"
+  )
   ap.add_argument("--top", type=int, default=20, help="kernels listed")
   ap.add_argument(
     "--budget_s", type=float, default=240.0, help="no new variant after this"
@@ -219,10 +230,10 @@ def main():
     if time.perf_counter() - t_start > a.budget_s:
       print(f"budget reached; skipping variants from {i}", flush=True)
       break
-    pad, gelu = (more + ["auto", "0"][len(more) :])[:2]
+    pad, gelu, ln = (more + ["auto"] * 3)[:3]
     name = (
       f"attention={attn} cast={cast} fuse_qkv={fuse} pad_tokens={pad}"
-      f" gelu_vjp={gelu}"
+      f" gelu_vjp={gelu} ln_vjp={ln}"
     )
     try:
       model = vit.create_model(
@@ -232,7 +243,8 @@ def main():
         attention_impl=None if attn == "auto" else attn,
         fuse_qkv=fuse == "1",
         pad_tokens=None if pad == "auto" else int(pad),
-        gelu_vjp=gelu == "1",
+        gelu_vjp=None if gelu == "auto" else gelu == "1",
+        ln_vjp=None if ln == "auto" else ln == "1",
       )
       fz = vit.cast_backbone(frozen, dtype) if cast == "1" else frozen
       fz = jax.device_put(fz, dev)
@@ -270,13 +282,14 @@ def main():
         prompts=a.prompts,
         what="train",
         img_s=round(b / s, 1),
+        img_s_rounds=[round(b / s, 1)],
         logits_rel_err=f"{err:.1e}",
         first_call_s=round(compile_s, 1),
         device=device,
       )
       rows.append(row)
       print(json.dumps(row), flush=True)
-      steps_fns[i] = (once, name)
+      steps_fns[i] = (once, name, row)
       if i in eval_idx:
         for n_p in sorted({0, a.prompts}):
           p = prompts if n_p else None
@@ -308,9 +321,16 @@ def main():
       row = dict(variant=i, name=name, what="error", error=str(e)[:300])
       rows.append(row)
       print(json.dumps(row), flush=True)
+  for _ in range(a.rounds - 1):
+    for once, _, row in steps_fns.values():
+      row["img_s_rounds"].append(round(b / median_seconds(once, 1, a.iters), 1))
+  for _, _, row in steps_fns.values():
+    row["img_s"] = round(float(np.median(row["img_s_rounds"])), 1)
+    if a.rounds > 1:
+      print(json.dumps(dict(row, what="train (median of rounds)")), flush=True)
   prof_rows, ms = [], 0.0
   if a.profile in steps_fns:
-    once, name = steps_fns[a.profile]
+    once, name, _ = steps_fns[a.profile]
     n = 3
     with tempfile.TemporaryDirectory() as d:
       try:
@@ -343,6 +363,7 @@ def main():
             "prompts",
             "what",
             "img_s",
+            "img_s_rounds",
             "logits_rel_err",
             "first_call_s",
             "error",

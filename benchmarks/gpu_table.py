@@ -108,15 +108,20 @@ def main(folder: str, spec_tflops: float = 989.0) -> str:
   abl = _json(os.path.join(folder, "ablation", "ablation.json"))
   if abl:
     lines.append("\nLevers, one at a time (train step, 100 prompts, kv):\n")
-    lines.append("| variant | train img/s | logits rel. err vs fp32 |")
-    lines.append("|---|---|---|")
+    lines.append(
+      "| variant | train img/s (median of rounds) | rounds | "
+      "logits rel. err vs fp32 |"
+    )
+    lines.append("|---|---|---|---|")
     for r in abl["rows"]:
       if r.get("what") == "train":
+        rounds = " / ".join(cell(x) for x in r.get("img_s_rounds", []))
         lines.append(
-          f"| {r['name']} | {cell(r['img_s'])} | {r['logits_rel_err']} |"
+          f"| {r['name']} | {cell(r['img_s'])} | {rounds} | "
+          f"{r['logits_rel_err']} |"
         )
       elif r.get("what") == "error":
-        lines.append(f"| {r['name']} | failed: {r['error'][:80]} | |")
+        lines.append(f"| {r['name']} | failed: {r['error'][:80]} | | |")
     if abl.get("kinds"):
       ms = sum(k["ms_per_step"] for k in abl["kinds"])
       lines.append(

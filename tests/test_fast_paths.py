@@ -224,6 +224,88 @@ def test_gelu_with_its_own_vjp_equals_autodiff(tiny_params):
     np.testing.assert_allclose(ga[k], gb[k], rtol=1e-4, atol=1e-6 * scale)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_layer_norm_with_its_own_vjp_equals_flax(dtype):
+  rng = np.random.default_rng(0)
+  # Offset rows (the fast variance's hard case) and one constant row.
+  x = rng.normal(size=(3, 7, 16)) * 2.0 + 5.0
+  x[0, 0] = 1.5
+  x = jnp.asarray(x, dtype)
+  params = {
+    "scale": jnp.asarray(rng.normal(size=16), jnp.float32),
+    "bias": jnp.asarray(rng.normal(size=16), jnp.float32),
+  }
+  ref = nn.LayerNorm(epsilon=1e-6, dtype=dtype)
+  own = vit.LayerNorm(epsilon=1e-6, dtype=dtype)
+  assert jax.tree.map(jnp.shape, own.init(jax.random.key(0), x)) == (
+    jax.tree.map(jnp.shape, ref.init(jax.random.key(0), x))
+  )
+  want = ref.apply({"params": params}, x)
+  got = own.apply({"params": params}, x)
+  assert got.dtype == want.dtype == dtype
+  np.testing.assert_array_equal(got, want)
+  cot = jnp.asarray(rng.normal(size=x.shape), dtype)
+
+  def grads(m):
+    return jax.grad(
+      lambda p, x: (m.apply({"params": p}, x).astype(jnp.float32) * cot).sum(),
+      argnums=(0, 1),
+    )(params, x)
+
+  (gp_want, gx_want), (gp_got, gx_got) = grads(ref), grads(own)
+  tol = (
+    dict(rtol=1e-5, atol=1e-5)
+    if dtype == jnp.float32
+    else dict(rtol=2e-2, atol=2e-2)
+  )
+  np.testing.assert_allclose(
+    np.asarray(gx_got, np.float32), np.asarray(gx_want, np.float32), **tol
+  )
+  for k in params:
+    np.testing.assert_allclose(gp_got[k], gp_want[k], rtol=1e-5, atol=1e-5)
+
+
+def test_vit_with_layer_norm_vjp_equals_the_plain_model(tiny_params):
+  plain = vit.VisionTransformer(**TINY, num_classes=5, kv_only=True)
+  own = vit.VisionTransformer(
+    **TINY, num_classes=5, kv_only=True, ln_vjp=True, gelu_vjp=True
+  )
+  p, x = _prompts(), _images()
+
+  def grads(model):
+    return jax.grad(
+      lambda q: (model.apply({"params": tiny_params}, x, q) ** 2).sum()
+    )(p)
+
+  np.testing.assert_array_equal(
+    plain.apply({"params": tiny_params}, x, p),
+    own.apply({"params": tiny_params}, x, p),
+  )
+  ga, gb = grads(plain), grads(own)
+  for k in ga:
+    scale = float(np.abs(ga[k]).max())
+    np.testing.assert_allclose(ga[k], gb[k], rtol=1e-4, atol=1e-6 * scale)
+
+
+def test_own_vjps_are_the_default_on_gpus_only(monkeypatch, tiny_params):
+  p, x = _prompts(), _images()
+
+  def grad_jaxpr():
+    model = vit.VisionTransformer(**TINY, num_classes=5, kv_only=True)
+    return str(
+      jax.make_jaxpr(
+        jax.grad(lambda q: model.apply({"params": tiny_params}, x, q).sum())
+      )(p)
+    )
+
+  assert not vit.own_vjp_default(None)  # this test runs on a CPU
+  assert "custom_vjp" not in grad_jaxpr()
+  assert vit.own_vjp_default(True) and not vit.own_vjp_default(False)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert vit.own_vjp_default(None) and not vit.own_vjp_default(False)
+  assert "custom_vjp" in grad_jaxpr()
+
+
 def test_patch_embedding_equals_the_strided_convolution():
   emb = vit.PatchEmbedding(16, 8)
   x = _images()

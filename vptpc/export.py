@@ -143,8 +143,14 @@ def task_function(
       "no key/value form; export them with --graph=full."
     )
   num_classes = int(np.shape(head["kernel"])[-1])
+  # Forward only: the GELU's and LayerNorms' own VJPs (on by default on
+  # GPUs) change nothing here and would put custom-VJP calls in the graph.
   model = vit.create_model(
-    model_name, num_classes=num_classes, kv_only=graph == "kv"
+    model_name,
+    num_classes=num_classes,
+    kv_only=graph == "kv",
+    gelu_vjp=False,
+    ln_vjp=False,
   )
   as_np = lambda t: jax.tree_util.tree_map(  # noqa: E731
     lambda a: np.asarray(a, np.float32), t

@@ -32,6 +32,8 @@ dropout depends on `train`.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -111,13 +113,12 @@ def get_model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
       f"Unknown ViT variant {name!r}; known: {', '.join(_VARIANTS)}."
     )
   cfg = dict(_VARIANTS[key], num_classes=None)
-  allowed = set(cfg) | {
-    "prompt_dropout",
-    "kv_only",
-    "kv_shared",
-    "dtype",
-    "attention_impl",
-    "fuse_qkv",
+  # Every field of the module is a valid override; a list here fell behind
+  # the module once (pad_tokens, gelu_vjp were refused).
+  allowed = {
+    f.name
+    for f in dataclasses.fields(VisionTransformer)
+    if f.name not in ("parent", "name")
   }
   bad = sorted(set(overrides) - allowed)
   if bad:
@@ -137,7 +138,8 @@ def exact_gelu(x: Array) -> Array:
   backward (the erfc term, its derivative's exponential); this VJP keeps
   ``x`` alone and recomputes Φ(x) + x φ(x) in float32. Whether that is
   faster depends on the backend (``benchmarks/gpu_ablation.py`` measures
-  it as the ``gelu`` lever); `MlpBlock.gelu_vjp` turns it on.
+  it as the ``gelu`` lever); `MlpBlock.gelu_vjp` turns it on
+  (`own_vjp_default`).
   """
   return nn.gelu(x, approximate=False)
 
@@ -156,15 +158,132 @@ def _exact_gelu_bwd(x, g):
 exact_gelu.defvjp(_exact_gelu_fwd, _exact_gelu_bwd)
 
 
+def _ln_stats(x: Array, epsilon: float) -> tuple[Array, Array]:
+  """Float32 (at least) mean and 1/std over the last axis, as flax has them.
+
+  The variance is flax's fast one, ``E[x^2] - E[x]^2`` clipped at zero.
+  """
+  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  mu = xf.mean(-1, keepdims=True)
+  mu2 = jax.lax.square(xf).mean(-1, keepdims=True)
+  var = jnp.maximum(0.0, mu2 - jax.lax.square(mu))
+  return mu, jax.lax.rsqrt(var + epsilon)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def layer_norm(
+  x: Array, scale: Array, bias: Array, epsilon: float, dtype: Any
+) -> Array:
+  """LayerNorm over the last axis whose backward pass keeps only ``x``.
+
+  The same function as ``nn.LayerNorm(epsilon, dtype=dtype)`` (statistics
+  in float32, flax's fast variance), in the same operations. Autodiff of
+  flax's version keeps several float32 activation-sized intermediates (the
+  float32 copy of ``x``, ``x - mean``, their product with the scale) for
+  the backward; this VJP keeps ``x`` in its own dtype and the per-token
+  mean and 1/std, and recomputes the normalised tokens. Whether that is
+  faster depends on the backend (``benchmarks/gpu_ablation.py`` measures
+  it as the ``ln`` lever); `VisionTransformer.ln_vjp` turns it on
+  (`own_vjp_default`).
+
+  Args:
+    x: (..., D) tokens.
+    scale: (D,) LayerNorm scale.
+    bias: (D,) LayerNorm bias.
+    epsilon: added to the variance.
+    dtype: the output dtype (None: ``x``, scale and bias promoted, as flax).
+  """
+  mu, rstd = _ln_stats(x, epsilon)
+  return _ln_apply(x, mu, rstd, scale, bias, dtype)
+
+
+def _ln_apply(x, mu, rstd, scale, bias, dtype):
+  y = (x - mu) * (rstd * scale)
+  y = y + bias
+  return y.astype(dtype or jnp.result_type(x, scale, bias))
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon, dtype):
+  mu, rstd = _ln_stats(x, epsilon)
+  return _ln_apply(x, mu, rstd, scale, bias, dtype), (x, mu, rstd, scale, bias)
+
+
+def _layer_norm_bwd(epsilon, dtype, res, g):
+  del epsilon, dtype
+  x, mu, rstd, scale, bias = res
+  xhat = (x.astype(mu.dtype) - mu) * rstd
+  gf = g.astype(mu.dtype)
+  gy = gf * scale.astype(mu.dtype)
+  dx = rstd * (
+    gy - gy.mean(-1, keepdims=True) - xhat * (gy * xhat).mean(-1, keepdims=True)
+  )
+  rows = tuple(range(x.ndim - 1))
+  return (
+    dx.astype(x.dtype),
+    (gf * xhat).sum(rows).astype(scale.dtype),
+    gf.sum(rows).astype(bias.dtype),
+  )
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nn.Module):
+  """``nn.LayerNorm`` over the last axis, computed by `layer_norm`.
+
+  The same parameters (``scale``, ``bias``, float32) and function; only
+  the backward pass keeps less.
+  """
+
+  epsilon: float = 1e-6
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """Normalises ``x`` (..., D) over its last axis."""
+    d = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
+    return layer_norm(x, scale, bias, self.epsilon, self.dtype)
+
+
+def own_vjp_default(value: bool | None) -> bool:
+  """Whether `exact_gelu` / `layer_norm` replace autodiff for a field value.
+
+  None picks per backend: on for GPUs, off elsewhere. The two compute the
+  same function and gradients as autodiff (``tests/test_fast_paths.py``);
+  they differ in what the forward pass keeps for the backward. On a GPU
+  the elementwise and reduction fusions around them are bound by memory
+  traffic, and autodiff keeps 2 more bf16 MLP-sized tensors per GELU and
+  float32 copies around each LayerNorm (``jax.ad_checkpoint.
+  print_saved_residuals`` of a bf16 ViT-B/16 train step at 100 prompts:
+  95 MB per image, 68 with the GELU's VJP, 59 with the LayerNorms', 32
+  with both (``benchmarks/saved_residuals.py``); weights and the
+  attention's own residuals aside); the largest fusion of the H200
+  train-step profile (2.8 ms of 27, ``loop_convert_multiply``) is most
+  likely the exact GELU's backward. Where the cost is arithmetic,
+  recomputing costs: on this project's 2-core CPU an S/16 train step
+  (batch 8, float32) ran 1-8% slower with either or both. The GPU
+  default is the reasoned one, not yet
+  measured on a GPU: ``benchmarks/gpu_ablation.py`` (stage 2 of
+  ``benchmarks/device_check.sh``) times it against the autodiff version
+  in the same process; TPU keeps autodiff until measured there.
+  """
+  if value is not None:
+    return bool(value)
+  return jax.default_backend() == "gpu"
+
+
 class MlpBlock(nn.Module):
   """Transformer MLP: Dense -> exact GELU -> Dense.
 
-  ``gelu_vjp`` uses `exact_gelu`'s own backward pass (the same function).
+  ``gelu_vjp`` uses `exact_gelu`'s own backward pass (the same function;
+  None: `own_vjp_default`).
   """
 
   mlp_dim: int
   dtype: Any = jnp.float32
-  gelu_vjp: bool = False
+  gelu_vjp: bool | None = None
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -180,7 +299,10 @@ class MlpBlock(nn.Module):
       name="Dense_0",
     )(x)
     # torch's GELU (used by the official VPT) is exact; flax defaults to tanh.
-    x = exact_gelu(x) if self.gelu_vjp else nn.gelu(x, approximate=False)
+    if own_vjp_default(self.gelu_vjp):
+      x = exact_gelu(x)
+    else:
+      x = nn.gelu(x, approximate=False)
     return nn.Dense(
       d, dtype=self.dtype, kernel_init=init, bias_init=bias_init, name="Dense_1"
     )(x)
@@ -530,7 +652,8 @@ class Encoder1DBlock(nn.Module):
   dtype: Any = jnp.float32
   attention_impl: str | None = None
   fuse_qkv: bool = False
-  gelu_vjp: bool = False
+  gelu_vjp: bool | None = None
+  ln_vjp: bool | None = None
 
   @nn.compact
   def __call__(
@@ -559,7 +682,8 @@ class Encoder1DBlock(nn.Module):
     Returns:
       (B, T, D) tokens ((B, 1, D) with ``cls_only``).
     """
-    ln1 = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_0")
+    norm = LayerNorm if own_vjp_default(self.ln_vjp) else nn.LayerNorm
+    ln1 = norm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_0")
     y = ln1(x)
     extra = None if kv_prompts is None else ln1(kv_prompts)
     y = MultiHeadDotProductAttention(
@@ -577,7 +701,7 @@ class Encoder1DBlock(nn.Module):
       valid=valid,
     )
     x = (x[:, :1] if cls_only else x) + y
-    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_2")(x)
+    y = norm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_2")(x)
     y = MlpBlock(
       self.mlp_dim, dtype=self.dtype, gelu_vjp=self.gelu_vjp, name="MlpBlock_3"
     )(y)
@@ -666,7 +790,8 @@ class Encoder(nn.Module):
   attention_impl: str | None = None
   fuse_qkv: bool = False
   pad_tokens: int | None = None
-  gelu_vjp: bool = False
+  gelu_vjp: bool | None = None
+  ln_vjp: bool | None = None
 
   def _token_multiple(self, variant: str) -> int:
     """The multiple the token sequence is padded to once, for every block.
@@ -781,6 +906,7 @@ class Encoder(nn.Module):
         attention_impl=self.attention_impl,
         fuse_qkv=self.fuse_qkv,
         gelu_vjp=self.gelu_vjp,
+        ln_vjp=self.ln_vjp,
         name=f"encoderblock_{i}",
       )
       if variant == "deep":
@@ -861,7 +987,11 @@ class VisionTransformer(nn.Module):
       padding anyway), else none. Only without prompts or on the key/value
       path.
     gelu_vjp: the MLP's exact GELU with its own backward pass (`exact_gelu`:
-      the same function, fewer activations kept for the backward).
+      the same function, fewer activations kept for the backward). None
+      (the default): `own_vjp_default`, on for GPUs only.
+    ln_vjp: the blocks' LayerNorms with their own backward pass
+      (`layer_norm`: the same function and parameters, only the input and
+      per-token statistics kept for the backward). None: as ``gelu_vjp``.
   """
 
   patch_size: int
@@ -877,7 +1007,8 @@ class VisionTransformer(nn.Module):
   attention_impl: str | None = None
   fuse_qkv: bool = False
   pad_tokens: int | None = None
-  gelu_vjp: bool = False
+  gelu_vjp: bool | None = None
+  ln_vjp: bool | None = None
 
   @nn.compact
   def __call__(
@@ -928,6 +1059,7 @@ class VisionTransformer(nn.Module):
       fuse_qkv=self.fuse_qkv,
       pad_tokens=self.pad_tokens,
       gelu_vjp=self.gelu_vjp,
+      ln_vjp=self.ln_vjp,
       name="Transformer",
     )(x, prompts, train=train, cls_only=True)
     features = x[:, 0]
