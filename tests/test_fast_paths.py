@@ -272,19 +272,25 @@ def test_vit_with_layer_norm_vjp_equals_the_plain_model(tiny_params):
   )
   p, x = _prompts(), _images()
 
-  def grads(model):
+  def grad_fn(model):
     return jax.grad(
       lambda q: (model.apply({"params": tiny_params}, x, q) ** 2).sum()
-    )(p)
+    )
 
   np.testing.assert_array_equal(
     plain.apply({"params": tiny_params}, x, p),
     own.apply({"params": tiny_params}, x, p),
   )
-  ga, gb = grads(plain), grads(own)
+  ga, gb = grad_fn(plain)(p), grad_fn(own)(p)
   for k in ga:
     scale = float(np.abs(ga[k]).max())
     np.testing.assert_allclose(ga[k], gb[k], rtol=1e-4, atol=1e-6 * scale)
+  # As the vmapped grid runs them: members' prompts mapped, images shared.
+  members = jax.tree.map(lambda a: jnp.stack([a, 0.5 * a]), p)
+  va, vb = jax.vmap(grad_fn(plain))(members), jax.vmap(grad_fn(own))(members)
+  for k in va:
+    scale = float(np.abs(va[k]).max())
+    np.testing.assert_allclose(va[k], vb[k], rtol=1e-4, atol=1e-6 * scale)
 
 
 def test_own_vjps_are_the_default_on_gpus_only(monkeypatch, tiny_params):
