@@ -192,6 +192,34 @@ def test_padded_tokens_with_a_masked_kv_cache(tiny_params):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def _assert_equals_the_plain_model(tiny_params, own):
+  """``own`` gives the plain tiny ViT's logits (bitwise) and gradients.
+
+  Prompt gradients alone and vmapped as the grid runs members (prompts
+  mapped, images shared).
+  """
+  plain = vit.VisionTransformer(**TINY, num_classes=5, kv_only=True)
+  p, x = _prompts(), _images()
+
+  def grad_fn(model):
+    return jax.grad(
+      lambda q: (model.apply({"params": tiny_params}, x, q) ** 2).sum()
+    )
+
+  np.testing.assert_array_equal(
+    plain.apply({"params": tiny_params}, x, p),
+    own.apply({"params": tiny_params}, x, p),
+  )
+  members = jax.tree.map(lambda a: jnp.stack([a, 0.5 * a]), p)
+  for ga, gb in (
+    (grad_fn(plain)(p), grad_fn(own)(p)),
+    (jax.vmap(grad_fn(plain))(members), jax.vmap(grad_fn(own))(members)),
+  ):
+    for k in ga:
+      scale = float(np.abs(ga[k]).max())
+      np.testing.assert_allclose(ga[k], gb[k], rtol=1e-4, atol=1e-6 * scale)
+
+
 def test_gelu_with_its_own_vjp_equals_autodiff(tiny_params):
   x = jnp.linspace(-6.0, 6.0, 97)
   np.testing.assert_allclose(
@@ -203,25 +231,10 @@ def test_gelu_with_its_own_vjp_equals_autodiff(tiny_params):
     rtol=1e-5,
     atol=1e-6,
   )
-  plain = vit.VisionTransformer(**TINY, num_classes=5, kv_only=True)
-  own = vit.VisionTransformer(
-    **TINY, num_classes=5, kv_only=True, gelu_vjp=True
+  _assert_equals_the_plain_model(
+    tiny_params,
+    vit.VisionTransformer(**TINY, num_classes=5, kv_only=True, gelu_vjp=True),
   )
-  p, x = _prompts(), _images()
-
-  def grads(model):
-    return jax.grad(
-      lambda q: (model.apply({"params": tiny_params}, x, q) ** 2).sum()
-    )(p)
-
-  np.testing.assert_array_equal(
-    plain.apply({"params": tiny_params}, x, p),
-    own.apply({"params": tiny_params}, x, p),
-  )
-  ga, gb = grads(plain), grads(own)
-  for k in ga:
-    scale = float(np.abs(ga[k]).max())
-    np.testing.assert_allclose(ga[k], gb[k], rtol=1e-4, atol=1e-6 * scale)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -266,31 +279,12 @@ def test_layer_norm_with_its_own_vjp_equals_flax(dtype):
 
 
 def test_vit_with_layer_norm_vjp_equals_the_plain_model(tiny_params):
-  plain = vit.VisionTransformer(**TINY, num_classes=5, kv_only=True)
-  own = vit.VisionTransformer(
-    **TINY, num_classes=5, kv_only=True, ln_vjp=True, gelu_vjp=True
+  _assert_equals_the_plain_model(
+    tiny_params,
+    vit.VisionTransformer(
+      **TINY, num_classes=5, kv_only=True, ln_vjp=True, gelu_vjp=True
+    ),
   )
-  p, x = _prompts(), _images()
-
-  def grad_fn(model):
-    return jax.grad(
-      lambda q: (model.apply({"params": tiny_params}, x, q) ** 2).sum()
-    )
-
-  np.testing.assert_array_equal(
-    plain.apply({"params": tiny_params}, x, p),
-    own.apply({"params": tiny_params}, x, p),
-  )
-  ga, gb = grad_fn(plain)(p), grad_fn(own)(p)
-  for k in ga:
-    scale = float(np.abs(ga[k]).max())
-    np.testing.assert_allclose(ga[k], gb[k], rtol=1e-4, atol=1e-6 * scale)
-  # As the vmapped grid runs them: members' prompts mapped, images shared.
-  members = jax.tree.map(lambda a: jnp.stack([a, 0.5 * a]), p)
-  va, vb = jax.vmap(grad_fn(plain))(members), jax.vmap(grad_fn(own))(members)
-  for k in va:
-    scale = float(np.abs(va[k]).max())
-    np.testing.assert_allclose(va[k], vb[k], rtol=1e-4, atol=1e-6 * scale)
 
 
 def test_own_vjps_are_the_default_on_gpus_only(monkeypatch, tiny_params):
