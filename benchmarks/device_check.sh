@@ -138,7 +138,7 @@ if [[ $stages == *flags* ]]; then
   IFS=';' read -ra flag_sets <<<"${FLAG_SETS-$default_sets}"
   for i in "${!flag_sets[@]}"; do
     f=${flag_sets[$i]}
-    if (( SECONDS - t0 >= ${FLAGS_BEFORE_S:-430} )); then
+    if (( SECONDS - t0 >= ${FLAGS_BEFORE_S:-400} )); then
       stamp "flags[$i] and later skipped: past FLAGS_BEFORE_S"
       break
     fi
