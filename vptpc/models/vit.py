@@ -263,7 +263,9 @@ def own_vjp_default(value: bool | None) -> bool:
   train-step profile (2.8 ms of 27, ``loop_convert_multiply``) is most
   likely the exact GELU's backward. Where the cost is arithmetic,
   recomputing costs: on this project's 2-core CPU an S/16 train step
-  (batch 8, float32) ran 1-8% slower with either or both. The GPU
+  (batch 8, float32, 10 prompts) ran 7.8 img/s with autodiff and 7.4-7.5
+  with either lever or both (``benchmarks/gpu_ablation.py --model=S/16
+  --batch=8 --prompts=10 --dtype=float32``, median of 3 rounds). The GPU
   default is the reasoned one, not yet
   measured on a GPU: ``benchmarks/gpu_ablation.py`` (stage 2 of
   ``benchmarks/device_check.sh``) times it against the autodiff version
