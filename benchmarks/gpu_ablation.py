@@ -289,7 +289,7 @@ def main():
       )
       rows.append(row)
       print(json.dumps(row), flush=True)
-      steps_fns[i] = (once, name, row)
+      steps_fns[i] = (once, row)
       if i in eval_idx:
         for n_p in sorted({0, a.prompts}):
           p = prompts if n_p else None
@@ -322,15 +322,15 @@ def main():
       rows.append(row)
       print(json.dumps(row), flush=True)
   for _ in range(a.rounds - 1):
-    for once, _, row in steps_fns.values():
+    for once, row in steps_fns.values():
       row["img_s_rounds"].append(round(b / median_seconds(once, 1, a.iters), 1))
-  for _, _, row in steps_fns.values():
+  for _, row in steps_fns.values():
     row["img_s"] = round(float(np.median(row["img_s_rounds"])), 1)
     if a.rounds > 1:
       print(json.dumps(dict(row, what="train (median of rounds)")), flush=True)
   prof_rows, ms = [], 0.0
   if a.profile in steps_fns:
-    once, name, _ = steps_fns[a.profile]
+    once, _ = steps_fns[a.profile]
     n = 3
     with tempfile.TemporaryDirectory() as d:
       try:
@@ -374,7 +374,7 @@ def main():
     )
     if prof_rows:
       print(
-        f"\nTrain step of variant {a.profile} ({steps_fns[a.profile][1]}), "
+        f"\nTrain step of variant {a.profile} ({steps_fns[a.profile][1]['name']}), "
         f"traced: {ms:.2f} ms of kernels per step.\n"
       )
       print_rows(kinds)

@@ -193,19 +193,14 @@ def layer_norm(
     epsilon: added to the variance.
     dtype: the output dtype (None: ``x``, scale and bias promoted, as flax).
   """
-  mu, rstd = _ln_stats(x, epsilon)
-  return _ln_apply(x, mu, rstd, scale, bias, dtype)
-
-
-def _ln_apply(x, mu, rstd, scale, bias, dtype):
-  y = (x - mu) * (rstd * scale)
-  y = y + bias
-  return y.astype(dtype or jnp.result_type(x, scale, bias))
+  return _layer_norm_fwd(x, scale, bias, epsilon, dtype)[0]
 
 
 def _layer_norm_fwd(x, scale, bias, epsilon, dtype):
   mu, rstd = _ln_stats(x, epsilon)
-  return _ln_apply(x, mu, rstd, scale, bias, dtype), (x, mu, rstd, scale, bias)
+  y = (x - mu) * (rstd * scale) + bias
+  y = y.astype(dtype or jnp.result_type(x, scale, bias))
+  return y, (x, mu, rstd, scale, bias)
 
 
 def _layer_norm_bwd(epsilon, dtype, res, g):
