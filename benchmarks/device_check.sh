@@ -8,7 +8,9 @@
 #      with their own backward passes, VisionTransformer.gelu_vjp / ln_vjp,
 #      chosen by reasoning and not measured yet; then autodiff for both,
 #      and each lever alone), timed in interleaved rounds: the train step,
-#      bf16-vs-fp32 logits, and a per-kernel profile of the first variant;
+#      bf16-vs-fp32 logits, and per-kernel profiles of the first variant's
+#      train step and of its eval forward at 0 and 100 prompts
+#      (ABL_EVAL_PROFILE; the forward's own table, for the eval goals);
 #   3. vpt_bench.py on the peer's settings with the library's defaults
 #      (key/value path at 0, 10 and 100 prompts; eval and train);
 #   4. e2e_bench.py: `python -m vptpc.main` tune (vmapped grid) and final
@@ -35,7 +37,7 @@
 # STAGES (default "peer ablation bench e2e flags") picks stages; *_S
 # variables bound each stage's seconds. Sized for about 8 minutes on an
 # H200 (each ViT-B/16 program compiles in 6-20 s; torch.compile's in
-# 11-26 s; calls 3-4): peer ~120 s, ablation ~130 s (4 variants), bench
+# 11-26 s; calls 3-4): peer ~120 s, ablation ~155 s (4 variants, 3 profiles), bench
 # ~70 s, e2e ~60 s, then ~45 s per flag set while time is left.
 set -uo pipefail
 peer=${1:?path to torch_peer.py (or none)}
@@ -96,9 +98,10 @@ fi
 if [[ $stages == *ablation* ]]; then
   stamp "ablation"
   # shellcheck disable=SC2086
-  (cd benchmarks && timeout "${ABL_S:-150}" python3 gpu_ablation.py \
+  (cd benchmarks && timeout "${ABL_S:-175}" python3 gpu_ablation.py \
     --out="$work/ablation" --variants="$abl_variants" --eval_variants= \
-    --profile=0 --rounds="${ABL_ROUNDS:-3}" --budget_s="${ABL_BUDGET_S:-90}" \
+    --profile=0 --profile_eval="${ABL_EVAL_PROFILE-0,$flag_prompts}" \
+    --rounds="${ABL_ROUNDS:-3}" --budget_s="${ABL_BUDGET_S:-90}" \
     $abl)
 fi
 

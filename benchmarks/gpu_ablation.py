@@ -29,7 +29,8 @@ Each variant's bf16 logits are compared with a float32 XLA forward of the
 same weights (relative L2 error). Then one variant's train step is traced
 with `jax.profiler` and its device time is summed per kernel and per kind
 (matmul, attention, fusion, ...), the GPU counterpart of
-``profile_forward.py``'s table. Rows stream to stdout as JSON; ``--out``
+``profile_forward.py``'s table; ``--profile_eval`` traces the same
+variant's eval forward at the given prompt counts too. Rows stream to stdout as JSON; ``--out``
 gets ``ablation.md`` and ``ablation.json``::
 
   python benchmarks/gpu_ablation.py --out=results/bench_gpu_h200
@@ -149,6 +150,11 @@ def main():
   )
   ap.add_argument("--eval_variants", default="0,3", help="variant indices")
   ap.add_argument("--profile", type=int, default=3, help="variant to trace")
+  ap.add_argument(
+    "--profile_eval",
+    default="",
+    help="prompt counts whose eval forward of --profile is traced too",
+  )
   ap.add_argument("--iters", type=int, default=10)
   ap.add_argument(
     "--rounds", type=int, default=3, help="timing rounds over the variants"
@@ -222,7 +228,7 @@ def main():
   with jax.default_matmul_precision("highest"):  # no TF32 in the reference
     ref = jax.jit(ref_model.apply)({"params": params}, x32, prompts)
   ref = np.asarray(ref, np.float64)
-  rows, steps_fns = [], {}
+  rows, steps_fns, models = [], {}, {}
   variants = [v.split(":") for v in a.variants.split(",")]
   eval_idx = {int(i) for i in a.eval_variants.split(",") if i}
   t_start = time.perf_counter()  # the budget covers the variants only
@@ -290,6 +296,7 @@ def main():
       rows.append(row)
       print(json.dumps(row), flush=True)
       steps_fns[i] = (once, row)
+      models[i] = (model, fz)
       if i in eval_idx:
         for n_p in sorted({0, a.prompts}):
           p = prompts if n_p else None
@@ -340,10 +347,64 @@ def main():
         prof_rows, ms = kernel_table(d, n)
       except Exception as e:  # noqa: BLE001
         print(f"profile failed: {e}", flush=True)
+  # The eval forward's kernels: the train step's profile mixes forward and
+  # backward, and the eval goals (share of peak, ratio to the peer) are
+  # about the forward alone.
+  eval_profiles = {}
+  if a.profile in models and a.profile_eval:
+    model, fz = models[a.profile]
+    fwd = jax.jit(
+      lambda fz, x, p, m=model: m.apply(
+        {"params": vit.merge_head(fz, head)}, x, p
+      )
+    )
+    for n_p in (int(v) for v in a.profile_eval.split(",")):
+      p = prompts if n_p == a.prompts else None
+      if n_p not in (0, a.prompts):
+        p = pr.init_prompts(
+          jax.random.key(1),
+          num_prompts=n_p,
+          hidden_size=cfg.hidden_size,
+          patch_size=cfg.patch_size,
+          num_layers=cfg.num_layers,
+        )
+
+      def ev(fwd=fwd, fz=fz, p=p):
+        jax.block_until_ready(fwd(fz, data["image"], p))
+
+      n = 5
+      try:
+        ev()  # compile outside the trace
+        with tempfile.TemporaryDirectory() as d:
+          with jax.profiler.trace(d, create_perfetto_trace=True):
+            for _ in range(n):
+              ev()
+          e_rows, e_ms = kernel_table(d, n)
+      except Exception as e:  # noqa: BLE001
+        print(f"eval profile ({n_p} prompts) failed: {e}", flush=True)
+        continue
+      eval_profiles[n_p] = dict(
+        ms=round(e_ms, 3), profile=e_rows, kinds=kinds_table(e_rows)[0]
+      )
+      print(
+        json.dumps(
+          dict(what="eval profile", prompts=n_p, ms_per_batch=round(e_ms, 3))
+        ),
+        flush=True,
+      )
   os.makedirs(a.out, exist_ok=True)
   kinds, _ = kinds_table(prof_rows)
   with open(os.path.join(a.out, "ablation.json"), "w") as f:
-    json.dump({"rows": rows, "profile": prof_rows, "kinds": kinds}, f, indent=1)
+    json.dump(
+      {
+        "rows": rows,
+        "profile": prof_rows,
+        "kinds": kinds,
+        "eval_profiles": eval_profiles,
+      },
+      f,
+      indent=1,
+    )
   import contextlib
   import io
 
@@ -380,6 +441,16 @@ def main():
       print_rows(kinds)
       print()
       print_rows(prof_rows[: a.top])
+    for n_p, ep in eval_profiles.items():
+      if not ep["profile"]:
+        continue  # no GPU kernels in the trace (a CPU dry run)
+      print(
+        f"\nEval forward of variant {a.profile}, {n_p} prompts, traced: "
+        f"{ep['ms']:.2f} ms of kernels per batch of {b}.\n"
+      )
+      print_rows(ep["kinds"])
+      print()
+      print_rows(ep["profile"][: a.top])
   with open(os.path.join(a.out, "ablation.md"), "w") as f:
     f.write(buf.getvalue())
   print(buf.getvalue())
