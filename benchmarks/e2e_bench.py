@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -198,6 +199,9 @@ def main():
     "--config.progress_bar=False",
     *a.extra.split(),
   ]
+  # Fresh run folders: vptpc.main would find an earlier invocation's runs
+  # finished (same config) and train nothing, and that would be timed.
+  shutil.rmtree(os.path.join(root, "runs"), ignore_errors=True)
   tune_dir = os.path.join(root, "runs", "tune")
   tune_s, tune_rc = run_main(
     f"{base},mode=tune,epochs={a.tune_epochs}",
@@ -230,6 +234,7 @@ def main():
 
   report = {
     "task": task.key,
+    "extra": a.extra,
     "model": a.model,
     "image_size": a.image_size,
     "dtype": a.dtype,

@@ -285,6 +285,10 @@ def main():
       row = dict(
         variant=i,
         name=name,
+        # What the two levers resolved to here ("auto": per backend), so
+        # a caller can pick the fastest setting (device_check.sh does).
+        gelu_vjp=vit.own_vjp_default(model.gelu_vjp),
+        ln_vjp=vit.own_vjp_default(model.ln_vjp),
         prompts=a.prompts,
         what="train",
         img_s=round(b / s, 1),

@@ -96,6 +96,13 @@ def main(folder: str, spec_tflops: float = 989.0) -> str:
       ratio(kv, c_full),
     ]
     lines.append("| " + " | ".join(cells) + " |")
+  args, vjps = bench.get("args", {}), bench.get("own_vjps")
+  if vjps:
+    asked = ", ".join(
+      f"{k}={args.get(k, 'auto')}" for k in ("gelu_vjp", "ln_vjp")
+    )
+    on = ", ".join(f"{k} {'on' if v else 'off'}" for k, v in vjps.items())
+    lines.append(f"\nvptpc's own-VJP levers in these rows: {on} ({asked}).")
   e0 = ours.get((0, "none", "eval"))
   if e0:
     pct = 100 * 2 * e0["gflops_actual"] * e0["img_s"] / (spec_tflops * 1e3)
@@ -131,6 +138,17 @@ def main(folder: str, spec_tflops: float = 989.0) -> str:
       lines.append("| kind | ms / step | % |")
       lines.append("|---|---|---|")
       for k in abl["kinds"]:
+        lines.append(f"| {k['kind']} | {k['ms_per_step']:.2f} | {k['pct']} |")
+    for n_p, ep in (abl.get("eval_profiles") or {}).items():
+      if not ep.get("kinds"):
+        continue
+      lines.append(
+        f"\nWhere its eval forward goes, {n_p} prompts ({ep['ms']:.2f} ms "
+        "of kernels per batch):\n"
+      )
+      lines.append("| kind | ms / batch | % |")
+      lines.append("|---|---|---|")
+      for k in ep["kinds"]:
         lines.append(f"| {k['kind']} | {k['ms_per_step']:.2f} | {k['pct']} |")
   e2e = _json(os.path.join(folder, "e2e", "e2e.json"))
   if e2e:

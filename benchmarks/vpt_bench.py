@@ -153,6 +153,13 @@ def main():
     "--attention", default="", help="attention_impl: '', matmul, xla or cudnn"
   )
   ap.add_argument("--fuse_qkv", type=int, default=0, help="model.fuse_qkv")
+  for lever in ("gelu_vjp", "ln_vjp"):
+    ap.add_argument(
+      f"--{lever}",
+      default="auto",
+      choices=("auto", "on", "off"),
+      help=f"model.{lever} (auto: per backend, vit.own_vjp_default)",
+    )
   ap.add_argument(
     "--full_at", default="", help="prompt counts of the full path ('': all)"
   )
@@ -188,7 +195,7 @@ def main():
   from vptpc import flops, optim, parallel, train
   from vptpc import prompts as pr
   from vptpc.data import pipeline
-  from vptpc.models import vit
+  from vptpc.models import registry, vit
 
   dtype = jnp.dtype(a.dtype)
   dev = jax.devices()[0]
@@ -247,6 +254,8 @@ def main():
           dtype=dtype,
           attention_impl=a.attention or None,
           fuse_qkv=bool(a.fuse_qkv),
+          gelu_vjp=registry.own_vjp_setting(a.gelu_vjp),
+          ln_vjp=registry.own_vjp_setting(a.ln_vjp),
           **over,
         )
         actual = naive if path == "full" else kvc
@@ -399,7 +408,20 @@ def main():
   rows += torch_rows
   os.makedirs(a.out, exist_ok=True)
   with open(os.path.join(a.out, "bench.json"), "w") as f:
-    json.dump({"peak_matmul_gflop_s": peak, "rows": rows}, f, indent=1)
+    json.dump(
+      {
+        "peak_matmul_gflop_s": peak,
+        "args": vars(a),
+        # What "auto" resolved to on this backend (vit.own_vjp_default).
+        "own_vjps": {
+          k: vit.own_vjp_default(registry.own_vjp_setting(getattr(a, k)))
+          for k in ("gelu_vjp", "ln_vjp")
+        },
+        "rows": rows,
+      },
+      f,
+      indent=1,
+    )
   cols = [
     "model",
     "prompts",

@@ -306,6 +306,31 @@ def test_own_vjps_are_the_default_on_gpus_only(monkeypatch, tiny_params):
   assert "custom_vjp" in grad_jaxpr()
 
 
+def test_own_vjps_are_config_keys_a_run_can_force(monkeypatch):
+  from vptpc import config_util
+  from vptpc.models import registry
+
+  c = tiny_config()
+  assert (c.model.gelu_vjp, c.model.ln_vjp) == ("auto", "auto")
+  m = train.build_model(c)
+  assert (m.gelu_vjp, m.ln_vjp) == (None, None)  # own_vjp_default decides
+  c.model.gelu_vjp, c.model.ln_vjp = "off", "on"
+  m = train.build_model(c)
+  assert (m.gelu_vjp, m.ln_vjp) == (False, True)
+  # On a GPU, "off" keeps autodiff although the default would not.
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert not vit.own_vjp_default(m.gelu_vjp) and vit.own_vjp_default(m.ln_vjp)
+  c.model.ln_vjp = "yes"
+  (msg,) = config_util.problems(c)
+  assert "model.ln_vjp" in msg and "'yes'" in msg
+  with pytest.raises(ValueError, match="'yes'"):
+    registry.own_vjp_setting("yes")
+  # A different program, and a setting a run may change when it resumes.
+  a = tiny_config()
+  assert train.program_key(a, 3) != train.program_key(c, 3)
+  assert {"model.gelu_vjp", "model.ln_vjp"} <= set(config_util.SAFE_TO_CHANGE)
+
+
 def test_patch_embedding_equals_the_strided_convolution():
   emb = vit.PatchEmbedding(16, 8)
   x = _images()

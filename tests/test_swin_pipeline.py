@@ -62,8 +62,10 @@ def test_registry_aliases_ambiguity_and_errors():
   c.model.name = "swin_b"
   c.model.fuse_qkv = True
   c.model.attention_impl = "cudnn"
+  c.model.ln_vjp = "on"
   text = "\n".join(config_util.problems(c))
   assert "config.model.fuse_qkv" in text and "attention_impl" in text
+  assert "config.model.ln_vjp='on'" in text and "gelu_vjp" not in text
   with pytest.raises(ValueError, match="fuse_qkv"):
     build.build_model(c)
 

@@ -224,6 +224,13 @@ def base_config() -> ml_collections.ConfigDict:
   # One matmul for the query, key and value projections (same parameters);
   # ViT only (a Swin needs False).
   c.model.fuse_qkv = False
+  # The MLP's exact GELU / the blocks' LayerNorms with their own backward
+  # pass (vptpc.models.vit.exact_gelu / layer_norm): the same function and
+  # gradients, less kept for the backward. auto: on for GPUs, off elsewhere
+  # (vit.own_vjp_default; the GPU choice is reasoned, not yet measured);
+  # on | off. ViT only (a Swin needs auto).
+  c.model.gelu_vjp = "auto"
+  c.model.ln_vjp = "auto"
   # "vpt": VPT's head init (kaiming normal fan_out, 1%-prior bias);
   # "zeros": kernel and bias zero, as vit_jax and big_vision fine-tune.
   c.model.head_init = "vpt"
@@ -370,6 +377,8 @@ _CHOICES = {
   "data.verify_images": ("header", "decode", "off"),
   "model.dtype": ("float32", "bfloat16", "float16"),
   "model.attention_impl": ("", "matmul", "xla", "cudnn"),
+  "model.gelu_vjp": ("auto", "on", "off"),
+  "model.ln_vjp": ("auto", "on", "off"),
   "parallel": ("auto", "jit", "pmap"),
   "protocol.mode": ("single", "tune", "final"),
   "condense.score_fn": ("taylor", "taylor_abs", "grad_norm", "random"),
@@ -538,6 +547,8 @@ SAFE_TO_CHANGE = (
   "data.verify_images",
   "model.attention_impl",
   "model.fuse_qkv",
+  "model.gelu_vjp",
+  "model.ln_vjp",
 )
 # Subtrees a training stage does not compare (see above).
 STAGE_IGNORES = ("protocol", "condense")

@@ -140,7 +140,32 @@ def model_problems(model_config: Mapping[str, Any]) -> list[str]:
         "config.model.fuse_qkv=True applies to ViT only (Swin's qkv "
         "projection is already one fused matmul): leave it False."
       )
+    for key in ("gelu_vjp", "ln_vjp"):
+      if model_config.get(key, "auto") not in ("auto", None):
+        out.append(
+          f"config.model.{key}={model_config[key]!r} applies to ViT only "
+          "(a Swin's GELU and LayerNorms use autodiff): leave it 'auto'."
+        )
   return out
+
+
+def own_vjp_setting(value: str | bool | None) -> bool | None:
+  """A ``config.model.gelu_vjp`` / ``ln_vjp`` value as the ViT field's value.
+
+  ``"auto"`` (or None) is None, which `vptpc.models.vit.own_vjp_default`
+  resolves per backend; ``"on"`` / ``"off"`` (or a bool) force it.
+
+  Raises:
+    ValueError: any other value, named.
+  """
+  if value is None or isinstance(value, bool):
+    return value
+  table = {"auto": None, "on": True, "off": False}
+  if value not in table:
+    raise ValueError(
+      f"An own-VJP setting must be 'auto', 'on' or 'off', got {value!r}."
+    )
+  return table[value]
 
 
 def create_model(
@@ -153,12 +178,17 @@ def create_model(
   dtype: Any = jnp.float32,
   attention_impl: str | None = None,
   fuse_qkv: bool = False,
+  gelu_vjp: bool | None = None,
+  ln_vjp: bool | None = None,
 ) -> vit.VisionTransformer | swin.SwinTransformer:
   """Builds the ViT or Swin that ``name`` names (see `model_family`).
 
+  ``gelu_vjp`` / ``ln_vjp`` are `vptpc.models.vit.VisionTransformer`'s
+  fields (None: per backend).
+
   Raises:
     ValueError: an unknown name, or a ViT-only option (``attention_impl``,
-      ``fuse_qkv``) given for a Swin.
+      ``fuse_qkv``, ``gelu_vjp``, ``ln_vjp``) given for a Swin.
   """
   kw = dict(
     num_classes=num_classes,
@@ -169,13 +199,24 @@ def create_model(
   )
   if model_family(name) == "swin":
     bad = model_problems(
-      {"name": name, "attention_impl": attention_impl, "fuse_qkv": fuse_qkv}
+      {
+        "name": name,
+        "attention_impl": attention_impl,
+        "fuse_qkv": fuse_qkv,
+        "gelu_vjp": gelu_vjp,
+        "ln_vjp": ln_vjp,
+      }
     )
     if bad:
       raise ValueError(" ".join(bad))
     return swin.create_model(swin_variant(name), **kw)
   return vit.create_model(
-    name, attention_impl=attention_impl, fuse_qkv=fuse_qkv, **kw
+    name,
+    attention_impl=attention_impl,
+    fuse_qkv=fuse_qkv,
+    gelu_vjp=gelu_vjp,
+    ln_vjp=ln_vjp,
+    **kw,
   )
 
 
