@@ -134,7 +134,7 @@ fi
 levers="--gelu_vjp=$gelu --ln_vjp=$ln"
 
 if [[ $stages == *bench* ]]; then
-  stamp "vpt_bench (the library's default path)"
+  stamp "vpt_bench (the library's default path; levers: $gelu / $ln)"
   # shellcheck disable=SC2086
   timeout "${BENCH_S:-200}" python3 benchmarks/vpt_bench.py \
     --out="$work/bench" --prompts=$prompts --paths=kv --kv_cache=0 \
