@@ -135,6 +135,17 @@ def kernel_table(trace_dir: str, steps: int) -> tuple[list[dict], float]:
   return rows, busy / 1e3 / steps
 
 
+def trace_kernels(fn, n: int) -> tuple[list[dict], float]:
+  """`kernel_table` of ``n`` calls of ``fn`` (already compiled), traced."""
+  import jax
+
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      for _ in range(n):
+        fn()
+    return kernel_table(d, n)
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", default="results/ablation")
@@ -198,13 +209,22 @@ def main():
   base = vit.create_model(cfg)
   params = vit.init_params(base, jax.random.key(0), a.image_size)
   frozen, head = vit.split_head(jax.device_get(params))
-  prompts = pr.init_prompts(
-    jax.random.key(1),
-    num_prompts=a.prompts,
-    hidden_size=cfg.hidden_size,
-    patch_size=cfg.patch_size,
-    num_layers=cfg.num_layers,
-  )
+
+  def make_prompts(n):
+    return pr.init_prompts(
+      jax.random.key(1),
+      num_prompts=n,
+      hidden_size=cfg.hidden_size,
+      patch_size=cfg.patch_size,
+      num_layers=cfg.num_layers,
+    )
+
+  def eval_forward(model):
+    return jax.jit(
+      lambda fz, x, p: model.apply({"params": vit.merge_head(fz, head)}, x, p)
+    )
+
+  prompts = make_prompts(a.prompts)
   rng = np.random.default_rng(0)
   b, size = a.batch, a.image_size
   data = jax.device_put(
@@ -302,13 +322,9 @@ def main():
       steps_fns[i] = (once, row)
       models[i] = (model, fz)
       if i in eval_idx:
+        fwd = eval_forward(model)
         for n_p in sorted({0, a.prompts}):
           p = prompts if n_p else None
-          fwd = jax.jit(
-            lambda fz, x, p, m=model: m.apply(
-              {"params": vit.merge_head(fz, head)}, x, p
-            )
-          )
           s = median_seconds(
             lambda f=fwd, fz=fz, p=p: jax.block_until_ready(
               f(fz, data["image"], p)
@@ -341,49 +357,29 @@ def main():
       print(json.dumps(dict(row, what="train (median of rounds)")), flush=True)
   prof_rows, ms = [], 0.0
   if a.profile in steps_fns:
-    once, _ = steps_fns[a.profile]
-    n = 3
-    with tempfile.TemporaryDirectory() as d:
-      try:
-        with jax.profiler.trace(d, create_perfetto_trace=True):
-          for _ in range(n):
-            once()
-        prof_rows, ms = kernel_table(d, n)
-      except Exception as e:  # noqa: BLE001
-        print(f"profile failed: {e}", flush=True)
+    try:
+      prof_rows, ms = trace_kernels(steps_fns[a.profile][0], 3)
+    except Exception as e:  # noqa: BLE001
+      print(f"profile failed: {e}", flush=True)
   # The eval forward's kernels: the train step's profile mixes forward and
   # backward, and the eval goals (share of peak, ratio to the peer) are
   # about the forward alone.
   eval_profiles = {}
   if a.profile in models and a.profile_eval:
     model, fz = models[a.profile]
-    fwd = jax.jit(
-      lambda fz, x, p, m=model: m.apply(
-        {"params": vit.merge_head(fz, head)}, x, p
-      )
-    )
+    fwd = eval_forward(model)
     for n_p in (int(v) for v in a.profile_eval.split(",")):
-      p = prompts if n_p == a.prompts else None
-      if n_p not in (0, a.prompts):
-        p = pr.init_prompts(
-          jax.random.key(1),
-          num_prompts=n_p,
-          hidden_size=cfg.hidden_size,
-          patch_size=cfg.patch_size,
-          num_layers=cfg.num_layers,
-        )
+      if n_p in (0, a.prompts):
+        p = prompts if n_p else None
+      else:
+        p = make_prompts(n_p)
 
       def ev(fwd=fwd, fz=fz, p=p):
         jax.block_until_ready(fwd(fz, data["image"], p))
 
-      n = 5
       try:
         ev()  # compile outside the trace
-        with tempfile.TemporaryDirectory() as d:
-          with jax.profiler.trace(d, create_perfetto_trace=True):
-            for _ in range(n):
-              ev()
-          e_rows, e_ms = kernel_table(d, n)
+        e_rows, e_ms = trace_kernels(ev, 5)
       except Exception as e:  # noqa: BLE001
         print(f"eval profile ({n_p} prompts) failed: {e}", flush=True)
         continue
