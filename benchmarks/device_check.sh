@@ -82,7 +82,7 @@ else
   # default before), then each of the two levers alone.
   abl_variants=${ABL_VARIANTS:-"auto:1:0,auto:1:0:auto:0:0,auto:1:0:auto:1:0,auto:1:0:auto:0:1"}
   e2e="--tune_epochs=3 --final_epochs=5 --vmap_chunk=8"
-  prompts=0,10,100
+  prompts=${BENCH_PROMPTS:-0,10,100}
   step_at=10
   flag_prompts=100
 fi
@@ -102,7 +102,8 @@ if [[ $stages == *ablation* ]]; then
   stamp "ablation"
   # shellcheck disable=SC2086
   (cd benchmarks && timeout "${ABL_S:-175}" python3 gpu_ablation.py \
-    --out="$work/ablation" --variants="$abl_variants" --eval_variants= \
+    --out="$work/ablation" --variants="$abl_variants" \
+    --eval_variants="${ABL_EVAL_VARIANTS-}" \
     --profile=0 --profile_eval="${ABL_EVAL_PROFILE-0,$flag_prompts}" \
     --rounds="${ABL_ROUNDS:-3}" --budget_s="${ABL_BUDGET_S:-90}" \
     $abl)

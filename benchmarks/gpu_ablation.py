@@ -16,7 +16,10 @@ model variants that differ in one lever at a time:
   its own backward pass (``VisionTransformer.gelu_vjp``, `vit.exact_gelu`),
   ``0`` autodiff's;
 * ``ln`` (optional sixth field): the same for the blocks' LayerNorms
-  (``VisionTransformer.ln_vjp``, `vit.layer_norm`).
+  (``VisionTransformer.ln_vjp``, `vit.layer_norm`);
+* ``form`` (optional seventh field): how the exact GELU is computed,
+  ``erf`` (`vit.gelu`, the default) or ``erfc`` (flax's ``nn.gelu``),
+  ``VisionTransformer.gelu_form``.
 
 ``auto`` (and an omitted field) is the model's default for the backend.
 
@@ -157,7 +160,7 @@ def main():
   ap.add_argument(
     "--variants",
     default=DEFAULT_VARIANTS,
-    help="attention:cast:fuse[:pad[:gelu[:ln]]] fields, comma-separated",
+    help="attention:cast:fuse[:pad[:gelu[:ln[:form]]]] fields, comma-separated",
   )
   ap.add_argument("--eval_variants", default="0,3", help="variant indices")
   ap.add_argument("--profile", type=int, default=3, help="variant to trace")
@@ -256,10 +259,11 @@ def main():
     if time.perf_counter() - t_start > a.budget_s:
       print(f"budget reached; skipping variants from {i}", flush=True)
       break
-    pad, gelu, ln = (more + ["auto"] * 3)[:3]
+    pad, gelu, ln, form = (more + ["auto"] * 4)[:4]
+    form = "erf" if form == "auto" else form
     name = (
       f"attention={attn} cast={cast} fuse_qkv={fuse} pad_tokens={pad}"
-      f" gelu_vjp={gelu} ln_vjp={ln}"
+      f" gelu_vjp={gelu} ln_vjp={ln} gelu_form={form}"
     )
     try:
       model = vit.create_model(
@@ -271,6 +275,7 @@ def main():
         pad_tokens=None if pad == "auto" else int(pad),
         gelu_vjp=None if gelu == "auto" else gelu == "1",
         ln_vjp=None if ln == "auto" else ln == "1",
+        gelu_form=form,
       )
       fz = vit.cast_backbone(frozen, dtype) if cast == "1" else frozen
       fz = jax.device_put(fz, dev)
@@ -307,8 +312,9 @@ def main():
         name=name,
         # What the two levers resolved to here ("auto": per backend), so
         # a caller can pick the fastest setting (device_check.sh does).
-        gelu_vjp=vit.own_vjp_default(model.gelu_vjp),
-        ln_vjp=vit.own_vjp_default(model.ln_vjp),
+        gelu_vjp=vit.own_vjp_default(model.gelu_vjp, "gelu"),
+        ln_vjp=vit.own_vjp_default(model.ln_vjp, "ln"),
+        gelu_form=model.gelu_form,
         prompts=a.prompts,
         what="train",
         img_s=round(b / s, 1),

@@ -414,7 +414,9 @@ def main():
         "args": vars(a),
         # What "auto" resolved to on this backend (vit.own_vjp_default).
         "own_vjps": {
-          k: vit.own_vjp_default(registry.own_vjp_setting(getattr(a, k)))
+          k: vit.own_vjp_default(
+            registry.own_vjp_setting(getattr(a, k)), k.removesuffix("_vjp")
+          )
           for k in ("gelu_vjp", "ln_vjp")
         },
         "rows": rows,

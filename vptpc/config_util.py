@@ -226,9 +226,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.fuse_qkv = False
   # The MLP's exact GELU / the blocks' LayerNorms with their own backward
   # pass (vptpc.models.vit.exact_gelu / layer_norm): the same function and
-  # gradients, less kept for the backward. auto: on for GPUs, off elsewhere
-  # (vit.own_vjp_default; the GPU choice is reasoned, not yet measured);
-  # on | off. ViT only (a Swin needs auto).
+  # gradients, less kept for the backward. auto: per lever and backend
+  # (vit.own_vjp_default: the LayerNorms' on GPUs, the GELU's nowhere, as
+  # measured on an H200); on | off. ViT only (a Swin needs auto).
   c.model.gelu_vjp = "auto"
   c.model.ln_vjp = "auto"
   # "vpt": VPT's head init (kaiming normal fan_out, 1%-prior bias);

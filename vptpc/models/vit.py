@@ -129,19 +129,40 @@ def get_model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(cfg)
 
 
+GELU_FORMS = ("erf", "erfc")
+_SQRT_HALF = math.sqrt(0.5)
+
+
+def gelu(x: Array) -> Array:
+  """The exact GELU, x Φ(x), as ``x / 2 (1 + erf(x / sqrt 2))`` in float32.
+
+  The same function as ``nn.gelu(x, approximate=False)`` (which is
+  ``x / 2 erfc(-x / sqrt 2)``) to float32 rounding, and PyTorch's form of
+  it (``torch.nn.GELU()``, which the official VPT uses); computed in
+  float32 and rounded once to ``x``'s dtype. XLA expands erf into one
+  rational polynomial and erfc into several branches with an exponential,
+  all evaluated: on an H200 the erfc form's fusion was the largest
+  elementwise kernel of the bf16 ViT-B/16 forward (2.66 ms of 11.0 per
+  batch of 128, ``results/bench_gpu_h200/call5``). The erfc form is more
+  accurate where Φ(x) is tiny (x < -4), where the GELU is below 1e-4 in
+  magnitude and both are within float32 rounding of 0 relative to the
+  activations around it. `MlpBlock.gelu_form` picks the form.
+  """
+  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  return (0.5 * xf * (1.0 + jax.lax.erf(xf * _SQRT_HALF))).astype(x.dtype)
+
+
 @jax.custom_vjp
 def exact_gelu(x: Array) -> Array:
-  """The exact GELU, x Φ(x), whose backward pass needs only ``x``.
+  """`gelu` with its own backward pass, which needs only ``x``.
 
-  The same function as ``nn.gelu(x, approximate=False)``. Autodiff of that
-  keeps several activation-sized intermediates of the forward pass for the
-  backward (the erfc term, its derivative's exponential); this VJP keeps
-  ``x`` alone and recomputes Φ(x) + x φ(x) in float32. Whether that is
-  faster depends on the backend (``benchmarks/gpu_ablation.py`` measures
-  it as the ``gelu`` lever); `MlpBlock.gelu_vjp` turns it on
-  (`own_vjp_default`).
+  Autodiff keeps activation-sized intermediates of the forward pass for
+  the backward; this VJP keeps ``x`` alone and recomputes Φ(x) + x φ(x)
+  in float32. Whether that is faster depends on the backend
+  (``benchmarks/gpu_ablation.py`` measures it as the ``gelu`` lever);
+  `MlpBlock.gelu_vjp` turns it on (`own_vjp_default`).
   """
-  return nn.gelu(x, approximate=False)
+  return gelu(x)
 
 
 def _exact_gelu_fwd(x):
@@ -150,7 +171,7 @@ def _exact_gelu_fwd(x):
 
 def _exact_gelu_bwd(x, g):
   xf = x.astype(jnp.float32)
-  cdf = 0.5 * jax.lax.erfc(-xf * math.sqrt(0.5))
+  cdf = 0.5 * (1.0 + jax.lax.erf(xf * _SQRT_HALF))
   pdf = jnp.exp(-0.5 * xf * xf) * (1.0 / math.sqrt(2.0 * math.pi))
   return ((g.astype(jnp.float32) * (cdf + xf * pdf)).astype(g.dtype),)
 
@@ -242,45 +263,51 @@ class LayerNorm(nn.Module):
     return layer_norm(x, scale, bias, self.epsilon, self.dtype)
 
 
-def own_vjp_default(value: bool | None) -> bool:
+# Where each own-VJP lever is on by default (`own_vjp_default`), measured on
+# an H200 (bf16 ViT-B/16 train step at 100 prompts, batch 128, 3 interleaved
+# rounds, ``benchmarks/gpu_ablation.py`` in ``results/bench_gpu_h200/call5``):
+# the LayerNorms' VJP 4,316 img/s against 4,303 with autodiff (the same
+# speed; it keeps 36 MB less per image), the GELU's 4,149 (slower: the
+# backward recomputes the erfc form's polynomials, which cost more than the
+# memory they save). TPU and CPU keep autodiff (on the 2-core CPU an S/16
+# step ran 7.8 img/s with autodiff, 7.4-7.5 with either lever).
+OWN_VJP_BACKENDS = {"gelu": (), "ln": ("gpu",)}
+
+
+def own_vjp_default(value: bool | None, lever: str = "ln") -> bool:
   """Whether `exact_gelu` / `layer_norm` replace autodiff for a field value.
 
-  None picks per backend: on for GPUs, off elsewhere. The two compute the
-  same function and gradients as autodiff (``tests/test_fast_paths.py``);
-  they differ in what the forward pass keeps for the backward. On a GPU
-  the elementwise and reduction fusions around them are bound by memory
-  traffic, and autodiff keeps 2 more bf16 MLP-sized tensors per GELU and
-  float32 copies around each LayerNorm (``jax.ad_checkpoint.
-  print_saved_residuals`` of a bf16 ViT-B/16 train step at 100 prompts:
-  95 MB per image, 68 with the GELU's VJP, 59 with the LayerNorms', 32
-  with both (``benchmarks/saved_residuals.py``); weights and the
-  attention's own residuals aside); the largest fusion of the H200
-  train-step profile (2.8 ms of 27, ``loop_convert_multiply``) is most
-  likely the exact GELU's backward. Where the cost is arithmetic,
-  recomputing costs: on this project's 2-core CPU an S/16 train step
-  (batch 8, float32, 10 prompts) ran 7.8 img/s with autodiff and 7.4-7.5
-  with either lever or both (``benchmarks/gpu_ablation.py --model=S/16
-  --batch=8 --prompts=10 --dtype=float32``, median of 3 rounds). The GPU
-  default is the reasoned one, not yet
-  measured on a GPU: ``benchmarks/gpu_ablation.py`` (stage 2 of
-  ``benchmarks/device_check.sh``) times it against the autodiff version
-  in the same process; TPU keeps autodiff until measured there.
+  None picks per backend and lever from `OWN_VJP_BACKENDS`. The two compute
+  the same function and gradients as autodiff
+  (``tests/test_fast_paths.py``); they differ in what the forward pass
+  keeps for the backward: ``jax.ad_checkpoint.print_saved_residuals`` of a
+  bf16 ViT-B/16 train step at 100 prompts keeps 95 MB per image with
+  autodiff, 68 with the GELU's VJP, 59 with the LayerNorms', 32 with both
+  (``benchmarks/saved_residuals.py``; weights and the attention's own
+  residuals aside).
+
+  Args:
+    value: the module field (True/False force the lever; None: default).
+    lever: ``"gelu"`` or ``"ln"``.
   """
   if value is not None:
     return bool(value)
-  return jax.default_backend() == "gpu"
+  return jax.default_backend() in OWN_VJP_BACKENDS[lever]
 
 
 class MlpBlock(nn.Module):
   """Transformer MLP: Dense -> exact GELU -> Dense.
 
-  ``gelu_vjp`` uses `exact_gelu`'s own backward pass (the same function;
-  None: `own_vjp_default`).
+  ``gelu_form`` is how the exact GELU is computed (`GELU_FORMS`): ``"erf"``
+  (`gelu`, the default, PyTorch's form) or ``"erfc"`` (``nn.gelu``); the
+  same function to float32 rounding. ``gelu_vjp`` uses `exact_gelu`'s own
+  backward pass (erf form only; None: `own_vjp_default`).
   """
 
   mlp_dim: int
   dtype: Any = jnp.float32
   gelu_vjp: bool | None = None
+  gelu_form: str = "erf"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -296,8 +323,16 @@ class MlpBlock(nn.Module):
       name="Dense_0",
     )(x)
     # torch's GELU (used by the official VPT) is exact; flax defaults to tanh.
-    if own_vjp_default(self.gelu_vjp):
+    if self.gelu_form not in GELU_FORMS:
+      raise ValueError(
+        f"gelu_form={self.gelu_form!r}; expected one of {GELU_FORMS}."
+      )
+    if own_vjp_default(self.gelu_vjp, "gelu"):
+      if self.gelu_form != "erf":
+        raise ValueError("gelu_vjp needs gelu_form='erf' (exact_gelu's form).")
       x = exact_gelu(x)
+    elif self.gelu_form == "erf":
+      x = gelu(x)
     else:
       x = nn.gelu(x, approximate=False)
     return nn.Dense(
@@ -651,6 +686,7 @@ class Encoder1DBlock(nn.Module):
   fuse_qkv: bool = False
   gelu_vjp: bool | None = None
   ln_vjp: bool | None = None
+  gelu_form: str = "erf"
 
   @nn.compact
   def __call__(
@@ -700,7 +736,11 @@ class Encoder1DBlock(nn.Module):
     x = (x[:, :1] if cls_only else x) + y
     y = norm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_2")(x)
     y = MlpBlock(
-      self.mlp_dim, dtype=self.dtype, gelu_vjp=self.gelu_vjp, name="MlpBlock_3"
+      self.mlp_dim,
+      dtype=self.dtype,
+      gelu_vjp=self.gelu_vjp,
+      gelu_form=self.gelu_form,
+      name="MlpBlock_3",
     )(y)
     return x + y
 
@@ -789,6 +829,7 @@ class Encoder(nn.Module):
   pad_tokens: int | None = None
   gelu_vjp: bool | None = None
   ln_vjp: bool | None = None
+  gelu_form: str = "erf"
 
   def _token_multiple(self, variant: str) -> int:
     """The multiple the token sequence is padded to once, for every block.
@@ -904,6 +945,7 @@ class Encoder(nn.Module):
         fuse_qkv=self.fuse_qkv,
         gelu_vjp=self.gelu_vjp,
         ln_vjp=self.ln_vjp,
+        gelu_form=self.gelu_form,
         name=f"encoderblock_{i}",
       )
       if variant == "deep":
@@ -988,7 +1030,10 @@ class VisionTransformer(nn.Module):
       (the default): `own_vjp_default`, on for GPUs only.
     ln_vjp: the blocks' LayerNorms with their own backward pass
       (`layer_norm`: the same function and parameters, only the input and
-      per-token statistics kept for the backward). None: as ``gelu_vjp``.
+      per-token statistics kept for the backward). None:
+      `own_vjp_default`, on for GPUs only.
+    gelu_form: how the MLP computes the exact GELU, ``"erf"`` (`gelu`,
+      the default) or ``"erfc"`` (``nn.gelu``); see `MlpBlock`.
   """
 
   patch_size: int
@@ -1006,6 +1051,7 @@ class VisionTransformer(nn.Module):
   pad_tokens: int | None = None
   gelu_vjp: bool | None = None
   ln_vjp: bool | None = None
+  gelu_form: str = "erf"
 
   @nn.compact
   def __call__(
@@ -1057,6 +1103,7 @@ class VisionTransformer(nn.Module):
       pad_tokens=self.pad_tokens,
       gelu_vjp=self.gelu_vjp,
       ln_vjp=self.ln_vjp,
+      gelu_form=self.gelu_form,
       name="Transformer",
     )(x, prompts, train=train, cls_only=True)
     features = x[:, 0]
