@@ -647,7 +647,9 @@ def test_gelu_erf_form_is_flaxs_exact_gelu(tiny_params):
   p, x = _prompts(), _images()
   outs = []
   for form in ("erf", "erfc"):
-    m = vit.VisionTransformer(**TINY, num_classes=5, kv_only=True, gelu_form=form)
+    m = vit.VisionTransformer(
+      **TINY, num_classes=5, kv_only=True, gelu_form=form
+    )
     f = lambda q, m=m: (m.apply({"params": tiny_params}, x, q) ** 2).sum()  # noqa: E731
     outs.append((m.apply({"params": tiny_params}, x, p), jax.grad(f)(p)))
   (la, ga), (lb, gb) = outs
