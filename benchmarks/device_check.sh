@@ -25,10 +25,13 @@
 #      FLAG_SETS (";"-separated), each in its own process, to compare with
 #      stage 3 (vptpc's own flags). `import vptpc` adds
 #      --xla_gpu_enable_triton_gemm=false unless the set names it (call 3
-#      measured that flag: +10% eval). The default sets try the fusions
-#      that are a third of the train step: cuDNN's LayerNorm and XLA's
-#      block-level (Triton) rewriter of fusions. A set this jaxlib does not
-#      know fails alone and is reported;
+#      measured that flag: +10% eval). The default sets try the ~2 ms
+#      per train step between kernels (call 6: 26.05 ms of kernels in a
+#      28.1 ms step; the ablation's profiles now split that idle time),
+#      CUDA graphs for every run of kernels (XLA's command buffers down to
+#      one kernel), then XLA's block-level (Triton) rewriter of fusions
+#      (never reached; call 5's cuDNN LayerNorm set was within noise). A
+#      set this jaxlib does not know fails alone and is reported;
 #   6. gpu_table.py: the table with the ratios, to $OUT/table.md.
 # The per-stage files are packed into $OUT/runs.tgz at the end (the device
 # tool returns at most 8 files).
@@ -172,7 +175,7 @@ fi
 
 if [[ $stages == *flags* ]]; then
   # A set that names the Triton flag replaces vptpc's choice of it.
-  default_sets="--xla_gpu_enable_cudnn_layer_norm=true;--xla_gpu_experimental_enable_fusion_block_level_rewriter=true"
+  default_sets="--xla_gpu_graph_min_graph_size=1;--xla_gpu_experimental_enable_fusion_block_level_rewriter=true"
   IFS=';' read -ra flag_sets <<<"${FLAG_SETS-$default_sets}"
   for i in "${!flag_sets[@]}"; do
     f=${flag_sets[$i]}

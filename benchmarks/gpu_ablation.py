@@ -88,13 +88,13 @@ def kinds_table(prof_rows: list[dict]) -> tuple[list[dict], float]:
   ], ms
 
 
-def kernel_table(trace_dir: str, steps: int) -> tuple[list[dict], float]:
-  """Device kernel time per name from a perfetto trace; (rows, ms/step)."""
+def stream_events(trace_dir: str) -> list[dict]:
+  """The device kernels ("X" events on the GPU's stream lines) of a trace."""
   paths = glob.glob(
     os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz")
   )
   if not paths:
-    return [], 0.0
+    return []
   with gzip.open(sorted(paths)[-1]) as f:
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
@@ -116,11 +116,18 @@ def kernel_table(trace_dir: str, steps: int) -> tuple[list[dict], float]:
       for k, n in threads.items()
       if k[0] in dev and not n.lower().startswith("xla")
     }
+  return [
+    e
+    for e in events
+    if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams
+  ]
+
+
+def kernel_table(events: list[dict], steps: int) -> tuple[list[dict], float]:
+  """Device kernel time per name from `stream_events`; (rows, ms/step)."""
   total = collections.Counter()
   count = collections.Counter()
   for e in events:
-    if e.get("ph") != "X" or (e.get("pid"), e.get("tid")) not in streams:
-      continue
     name = e.get("name", "")
     total[name] += float(e.get("dur", 0.0))
     count[name] += 1
@@ -138,15 +145,66 @@ def kernel_table(trace_dir: str, steps: int) -> tuple[list[dict], float]:
   return rows, busy / 1e3 / steps
 
 
-def trace_kernels(fn, n: int) -> tuple[list[dict], float]:
-  """`kernel_table` of ``n`` calls of ``fn`` (already compiled), traced."""
+def idle_gaps(events: list[dict], steps: int, short_us: float = 20.0) -> dict:
+  """Where the device ran no kernel between the first and the last one.
+
+  Kernels on all streams are merged into busy intervals; the uncovered
+  time is split at ``short_us``: short gaps are most likely launch
+  latency between the kernels of one program (what CUDA graphs / XLA's
+  command buffers remove), long ones the host between two calls (its
+  dispatch, the benchmark's synchronisation). Milliseconds and counts are
+  per step.
+  """
+  spans = sorted(
+    (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)))
+    for e in events
+    if "ts" in e
+  )
+  if not spans:
+    return {}
+  merged = [list(spans[0])]
+  for start, end in spans[1:]:
+    if start <= merged[-1][1]:
+      merged[-1][1] = max(merged[-1][1], end)
+    else:
+      merged.append([start, end])
+  gaps = [b[0] - a[1] for a, b in zip(merged[:-1], merged[1:], strict=True)]
+  short = [g for g in gaps if g < short_us]
+  long_ = [g for g in gaps if g >= short_us]
+  per = 1e3 * steps
+  return dict(
+    span_ms=round((merged[-1][1] - merged[0][0]) / per, 4),
+    busy_ms=round(sum(e - s for s, e in merged) / per, 4),
+    short_gap_ms=round(sum(short) / per, 4),
+    short_gaps=round(len(short) / steps, 1),
+    long_gap_ms=round(sum(long_) / per, 4),
+    long_gaps=round(len(long_) / steps, 1),
+    short_us=short_us,
+  )
+
+
+def gaps_sentence(gaps: dict, per: str = "step") -> str:
+  """`idle_gaps` in words, for the tables ('' without a trace)."""
+  if not gaps:
+    return ""
+  return (
+    f"From the first kernel to the last, {gaps['span_ms']:.2f} ms per {per}: "
+    f"kernels {gaps['busy_ms']:.2f}, {gaps['short_gaps']:g} gaps under "
+    f"{gaps['short_us']:g} µs {gaps['short_gap_ms']:.2f}, "
+    f"{gaps['long_gaps']:g} longer gaps {gaps['long_gap_ms']:.2f}."
+  )
+
+
+def trace_kernels(fn, n: int) -> tuple[list[dict], float, dict]:
+  """`kernel_table` and `idle_gaps` of ``n`` calls of ``fn`` (compiled)."""
   import jax
 
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d, create_perfetto_trace=True):
       for _ in range(n):
         fn()
-    return kernel_table(d, n)
+    events = stream_events(d)
+  return (*kernel_table(events, n), idle_gaps(events, n))
 
 
 def main():
@@ -361,10 +419,10 @@ def main():
     row["img_s"] = round(float(np.median(row["img_s_rounds"])), 1)
     if a.rounds > 1:
       print(json.dumps(dict(row, what="train (median of rounds)")), flush=True)
-  prof_rows, ms = [], 0.0
+  prof_rows, ms, prof_gaps = [], 0.0, {}
   if a.profile in steps_fns:
     try:
-      prof_rows, ms = trace_kernels(steps_fns[a.profile][0], 3)
+      prof_rows, ms, prof_gaps = trace_kernels(steps_fns[a.profile][0], 3)
     except Exception as e:  # noqa: BLE001
       print(f"profile failed: {e}", flush=True)
   # The eval forward's kernels: the train step's profile mixes forward and
@@ -385,12 +443,15 @@ def main():
 
       try:
         ev()  # compile outside the trace
-        e_rows, e_ms = trace_kernels(ev, 5)
+        e_rows, e_ms, e_gaps = trace_kernels(ev, 5)
       except Exception as e:  # noqa: BLE001
         print(f"eval profile ({n_p} prompts) failed: {e}", flush=True)
         continue
       eval_profiles[n_p] = dict(
-        ms=round(e_ms, 3), profile=e_rows, kinds=kinds_table(e_rows)[0]
+        ms=round(e_ms, 3),
+        profile=e_rows,
+        kinds=kinds_table(e_rows)[0],
+        gaps=e_gaps,
       )
       print(
         json.dumps(
@@ -406,6 +467,7 @@ def main():
         "rows": rows,
         "profile": prof_rows,
         "kinds": kinds,
+        "gaps": prof_gaps,
         "eval_profiles": eval_profiles,
       },
       f,
@@ -442,7 +504,8 @@ def main():
     if prof_rows:
       print(
         f"\nTrain step of variant {a.profile} ({steps_fns[a.profile][1]['name']}), "
-        f"traced: {ms:.2f} ms of kernels per step.\n"
+        f"traced: {ms:.2f} ms of kernels per step. "
+        f"{gaps_sentence(prof_gaps)}\n"
       )
       print_rows(kinds)
       print()
@@ -452,7 +515,8 @@ def main():
         continue  # no GPU kernels in the trace (a CPU dry run)
       print(
         f"\nEval forward of variant {a.profile}, {n_p} prompts, traced: "
-        f"{ep['ms']:.2f} ms of kernels per batch of {b}.\n"
+        f"{ep['ms']:.2f} ms of kernels per batch of {b}. "
+        f"{gaps_sentence(ep['gaps'], 'batch')}\n"
       )
       print_rows(ep["kinds"])
       print()

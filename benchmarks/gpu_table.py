@@ -15,6 +15,8 @@ import json
 import os
 import sys
 
+from gpu_ablation import gaps_sentence
+
 
 def _jsonl(path: str) -> list[dict]:
   if not os.path.exists(path):
@@ -139,6 +141,8 @@ def main(folder: str, spec_tflops: float = 989.0) -> str:
       lines.append("|---|---|---|")
       for k in abl["kinds"]:
         lines.append(f"| {k['kind']} | {k['ms_per_step']:.2f} | {k['pct']} |")
+      if abl.get("gaps"):
+        lines.append("\n" + gaps_sentence(abl["gaps"]))
     for n_p, ep in (abl.get("eval_profiles") or {}).items():
       if not ep.get("kinds"):
         continue
@@ -150,6 +154,8 @@ def main(folder: str, spec_tflops: float = 989.0) -> str:
       lines.append("|---|---|---|")
       for k in ep["kinds"]:
         lines.append(f"| {k['kind']} | {k['ms_per_step']:.2f} | {k['pct']} |")
+      if ep.get("gaps"):
+        lines.append("\n" + gaps_sentence(ep["gaps"], "batch"))
   e2e = _json(os.path.join(folder, "e2e", "e2e.json"))
   if e2e:
     fi, tu = e2e.get("final", {}), e2e.get("tune", {})
