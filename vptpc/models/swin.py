@@ -95,7 +95,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from vptpc.models.vit import HEAD_BIAS_INIT, prompt_variant
+from vptpc.models.vit import HEAD_BIAS_INIT, gelu, prompt_variant
 
 Array = jax.Array
 
@@ -541,7 +541,9 @@ class Mlp(nn.Module):
     """Applies the MLP to tokens (..., C)."""
     c = x.shape[-1]
     x = _dense(self.hidden, self.dtype, "fc1")(x)
-    x = nn.gelu(x, approximate=False)  # torch's GELU is exact
+    # torch's exact GELU, in its erf form (vit.gelu: faster under XLA than
+    # flax's erfc form, the same function to float32 rounding).
+    x = gelu(x)
     return _dense(c, self.dtype, "fc2")(x)
 
 
