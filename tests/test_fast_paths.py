@@ -220,17 +220,25 @@ def _assert_equals_the_plain_model(tiny_params, own):
       np.testing.assert_allclose(ga[k], gb[k], rtol=1e-4, atol=1e-6 * scale)
 
 
-def test_gelu_with_its_own_vjp_equals_autodiff(tiny_params):
-  x = jnp.linspace(-6.0, 6.0, 97)
+def _assert_is_flax_exact_gelu(fn, x, atol):
+  """``fn`` and its gradient are ``nn.gelu(approximate=False)``'s, in float32.
+
+  To rounding: 1 + erf loses the far negative tail's digits, absolute
+  errors of float32 epsilon times |x|.
+  """
   np.testing.assert_allclose(
-    vit.exact_gelu(x), nn.gelu(x, approximate=False), rtol=1e-6, atol=1e-6
+    fn(x), nn.gelu(x, approximate=False), rtol=1e-6, atol=atol
   )
   np.testing.assert_allclose(
-    jax.grad(lambda x: vit.exact_gelu(x).sum())(x),
+    jax.grad(lambda x: fn(x).sum())(x),
     jax.grad(lambda x: nn.gelu(x, approximate=False).sum())(x),
     rtol=1e-5,
     atol=1e-6,
   )
+
+
+def test_gelu_with_its_own_vjp_equals_autodiff(tiny_params):
+  _assert_is_flax_exact_gelu(vit.exact_gelu, jnp.linspace(-6.0, 6.0, 97), 1e-6)
   _assert_equals_the_plain_model(
     tiny_params,
     vit.VisionTransformer(**TINY, num_classes=5, kv_only=True, gelu_vjp=True),
@@ -622,18 +630,8 @@ def test_program_key_drops_the_seed_not_the_recipe():
 
 
 def test_gelu_erf_form_is_flaxs_exact_gelu(tiny_params):
-  # float32: the same function to rounding (1 + erf loses the far negative
-  # tail's digits: absolute errors of float32 epsilon times |x|).
   x = jnp.linspace(-12.0, 12.0, 481)
-  np.testing.assert_allclose(
-    vit.gelu(x), nn.gelu(x, approximate=False), rtol=1e-6, atol=2e-6
-  )
-  np.testing.assert_allclose(
-    jax.grad(lambda x: vit.gelu(x).sum())(x),
-    jax.grad(lambda x: nn.gelu(x, approximate=False).sum())(x),
-    rtol=1e-5,
-    atol=1e-6,
-  )
+  _assert_is_flax_exact_gelu(vit.gelu, x, 2e-6)
   # bfloat16: computed in float32 and rounded once, so within half a bf16
   # ulp of the float32 value (flax's bf16 form rounds every step).
   xb = x.astype(jnp.bfloat16)
