@@ -146,8 +146,9 @@ def gelu(x: Array) -> Array:
   batch of 128, ``results/bench_gpu_h200/call5``), and this form ran the
   eval forward 12.8% and the train step 4.7% faster (``call6``). The erfc
   form is more accurate in relative terms where Φ(x) is tiny (x below
-  about -4, where |GELU| is under 2e-4); the absolute difference stays
-  within float32 epsilon times |x| everywhere (tested). `MlpBlock.
+  about -4, where the GELU's magnitude is under 2e-4); the absolute
+  difference stays within float32 epsilon times the magnitude of x
+  everywhere (tested). `MlpBlock.
   gelu_form` picks the form.
   """
   xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
