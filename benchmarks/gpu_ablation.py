@@ -145,7 +145,9 @@ def kernel_table(events: list[dict], steps: int) -> tuple[list[dict], float]:
   return rows, busy / 1e3 / steps
 
 
-def idle_gaps(events: list[dict], steps: int, short_us: float = 20.0) -> dict:
+def idle_gaps(
+  events: list[dict], steps: int, short_us: float = 20.0, top: int = 12
+) -> dict:
   """Where the device ran no kernel between the first and the last one.
 
   Kernels on all streams are merged into busy intervals; the uncovered
@@ -153,33 +155,47 @@ def idle_gaps(events: list[dict], steps: int, short_us: float = 20.0) -> dict:
   latency between the kernels of one program (what CUDA graphs / XLA's
   command buffers remove), long ones the host between two calls (its
   dispatch, the benchmark's synchronisation). Milliseconds and counts are
-  per step.
+  per step; ``longest`` lists the ``top`` longest gaps (all steps) with
+  the kernel that followed each.
   """
   spans = sorted(
-    (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)))
+    (
+      float(e["ts"]),
+      float(e["ts"]) + float(e.get("dur", 0.0)),
+      e.get("name", ""),
+    )
     for e in events
     if "ts" in e
   )
   if not spans:
     return {}
+  # [start, end, the kernel that opens the interval]
   merged = [list(spans[0])]
-  for start, end in spans[1:]:
+  for start, end, name in spans[1:]:
     if start <= merged[-1][1]:
       merged[-1][1] = max(merged[-1][1], end)
     else:
-      merged.append([start, end])
-  gaps = [b[0] - a[1] for a, b in zip(merged[:-1], merged[1:], strict=True)]
-  short = [g for g in gaps if g < short_us]
-  long_ = [g for g in gaps if g >= short_us]
+      merged.append([start, end, name])
+  gaps = [
+    (b[0] - a[1], b[2]) for a, b in zip(merged[:-1], merged[1:], strict=True)
+  ]
+  short = [g for g, _ in gaps if g < short_us]
+  long_ = [g for g, _ in gaps if g >= short_us]
   per = 1e3 * steps
   return dict(
     span_ms=round((merged[-1][1] - merged[0][0]) / per, 4),
-    busy_ms=round(sum(e - s for s, e in merged) / per, 4),
+    busy_ms=round(sum(e - s for s, e, _ in merged) / per, 4),
     short_gap_ms=round(sum(short) / per, 4),
     short_gaps=round(len(short) / steps, 1),
     long_gap_ms=round(sum(long_) / per, 4),
     long_gaps=round(len(long_) / steps, 1),
     short_us=short_us,
+    # The longest gaps and the kernel each one waited for: a gap inside a
+    # step points at what the host or a synchronisation holds up.
+    longest=[
+      dict(us=round(g, 1), before=name[:90])
+      for g, name in sorted(gaps, key=lambda x: -x[0])[:top]
+    ],
   )
 
 
@@ -510,6 +526,9 @@ def main():
       print_rows(kinds)
       print()
       print_rows(prof_rows[: a.top])
+      if prof_gaps.get("longest"):
+        print("\nThe longest gaps (µs) and the kernel each one waited for:\n")
+        print_rows(prof_gaps["longest"])
     for n_p, ep in eval_profiles.items():
       if not ep["profile"]:
         continue  # no GPU kernels in the trace (a CPU dry run)
@@ -521,6 +540,9 @@ def main():
       print_rows(ep["kinds"])
       print()
       print_rows(ep["profile"][: a.top])
+      if ep["gaps"].get("longest"):
+        print("\nThe longest gaps (µs) and the kernel each one waited for:\n")
+        print_rows(ep["gaps"]["longest"])
   with open(os.path.join(a.out, "ablation.md"), "w") as f:
     f.write(buf.getvalue())
   print(buf.getvalue())

@@ -57,3 +57,12 @@ def test_kernel_table_sums_per_name():
   assert rows[0]["calls_per_step"] == 1.0 and rows[0]["pct"] == pytest.approx(
     85.7
   )
+
+
+def test_idle_gaps_names_the_kernel_after_the_longest_gaps():
+  events = [_k(0, 10, "a"), _k(50, 10, "b"), _k(62, 10, "c"), _k(75, 5, "d")]
+  g = gpu_ablation.idle_gaps(events, steps=1, top=2)
+  assert g["longest"] == [
+    {"us": 40.0, "before": "b"},
+    {"us": 3.0, "before": "d"},
+  ]
