@@ -435,10 +435,10 @@ def main():
     row["img_s"] = round(float(np.median(row["img_s_rounds"])), 1)
     if a.rounds > 1:
       print(json.dumps(dict(row, what="train (median of rounds)")), flush=True)
-  prof_rows, ms, prof_gaps = [], 0.0, {}
+  prof_rows, prof_gaps = [], {}
   if a.profile in steps_fns:
     try:
-      prof_rows, ms, prof_gaps = trace_kernels(steps_fns[a.profile][0], 3)
+      prof_rows, _, prof_gaps = trace_kernels(steps_fns[a.profile][0], 3)
     except Exception as e:  # noqa: BLE001
       print(f"profile failed: {e}", flush=True)
   # The eval forward's kernels: the train step's profile mixes forward and
@@ -517,32 +517,37 @@ def main():
         for r in rows
       ]
     )
-    if prof_rows:
+
+    def print_profile(title, kinds, rows, gaps, per):
       print(
-        f"\nTrain step of variant {a.profile} ({steps_fns[a.profile][1]['name']}), "
-        f"traced: {ms:.2f} ms of kernels per step. "
-        f"{gaps_sentence(prof_gaps)}\n"
+        f"\n{title}, traced: {sum(k['ms_per_step'] for k in kinds):.2f} ms "
+        f"of kernels per {per}. {gaps_sentence(gaps, per)}\n"
       )
       print_rows(kinds)
       print()
-      print_rows(prof_rows[: a.top])
-      if prof_gaps.get("longest"):
+      print_rows(rows[: a.top])
+      if gaps.get("longest"):
         print("\nThe longest gaps (µs) and the kernel each one waited for:\n")
-        print_rows(prof_gaps["longest"])
-    for n_p, ep in eval_profiles.items():
-      if not ep["profile"]:
-        continue  # no GPU kernels in the trace (a CPU dry run)
-      print(
-        f"\nEval forward of variant {a.profile}, {n_p} prompts, traced: "
-        f"{ep['ms']:.2f} ms of kernels per batch of {b}. "
-        f"{gaps_sentence(ep['gaps'], 'batch')}\n"
+        print_rows(gaps["longest"])
+
+    if prof_rows:
+      name = steps_fns[a.profile][1]["name"]
+      print_profile(
+        f"Train step of variant {a.profile} ({name})",
+        kinds,
+        prof_rows,
+        prof_gaps,
+        "step",
       )
-      print_rows(ep["kinds"])
-      print()
-      print_rows(ep["profile"][: a.top])
-      if ep["gaps"].get("longest"):
-        print("\nThe longest gaps (µs) and the kernel each one waited for:\n")
-        print_rows(ep["gaps"]["longest"])
+    for n_p, ep in eval_profiles.items():
+      if ep["profile"]:  # none in a CPU dry run's trace
+        print_profile(
+          f"Eval forward of variant {a.profile}, {n_p} prompts",
+          ep["kinds"],
+          ep["profile"],
+          ep["gaps"],
+          f"batch of {b}",
+        )
   with open(os.path.join(a.out, "ablation.md"), "w") as f:
     f.write(buf.getvalue())
   print(buf.getvalue())

@@ -18,6 +18,22 @@ import sys
 from gpu_ablation import gaps_sentence
 
 
+def _kinds_lines(what: str, kinds: list[dict], gaps, per: str) -> list[str]:
+  """A profile's per-kind table (and its idle-gap sentence) as lines."""
+  ms = sum(k["ms_per_step"] for k in kinds)
+  lines = [
+    f"\nWhere {what} ({ms:.2f} ms of kernels per {per}, `jax.profiler`):\n",
+    f"| kind | ms / {per} | % |",
+    "|---|---|---|",
+  ]
+  lines += [
+    f"| {k['kind']} | {k['ms_per_step']:.2f} | {k['pct']} |" for k in kinds
+  ]
+  if gaps:
+    lines.append("\n" + gaps_sentence(gaps, per))
+  return lines
+
+
 def _jsonl(path: str) -> list[dict]:
   if not os.path.exists(path):
     return []
@@ -132,30 +148,20 @@ def main(folder: str, spec_tflops: float = 989.0) -> str:
       elif r.get("what") == "error":
         lines.append(f"| {r['name']} | failed: {r['error'][:80]} | | |")
     if abl.get("kinds"):
-      ms = sum(k["ms_per_step"] for k in abl["kinds"])
-      lines.append(
-        f"\nWhere the first variant's train step goes ({ms:.2f} ms of "
-        "kernels per step, `jax.profiler`):\n"
+      lines += _kinds_lines(
+        "the first variant's train step goes",
+        abl["kinds"],
+        abl.get("gaps"),
+        "step",
       )
-      lines.append("| kind | ms / step | % |")
-      lines.append("|---|---|---|")
-      for k in abl["kinds"]:
-        lines.append(f"| {k['kind']} | {k['ms_per_step']:.2f} | {k['pct']} |")
-      if abl.get("gaps"):
-        lines.append("\n" + gaps_sentence(abl["gaps"]))
     for n_p, ep in (abl.get("eval_profiles") or {}).items():
-      if not ep.get("kinds"):
-        continue
-      lines.append(
-        f"\nWhere its eval forward goes, {n_p} prompts ({ep['ms']:.2f} ms "
-        "of kernels per batch):\n"
-      )
-      lines.append("| kind | ms / batch | % |")
-      lines.append("|---|---|---|")
-      for k in ep["kinds"]:
-        lines.append(f"| {k['kind']} | {k['ms_per_step']:.2f} | {k['pct']} |")
-      if ep.get("gaps"):
-        lines.append("\n" + gaps_sentence(ep["gaps"], "batch"))
+      if ep.get("kinds"):
+        lines += _kinds_lines(
+          f"its eval forward goes, {n_p} prompts",
+          ep["kinds"],
+          ep.get("gaps"),
+          "batch",
+        )
   e2e = _json(os.path.join(folder, "e2e", "e2e.json"))
   if e2e:
     fi, tu = e2e.get("final", {}), e2e.get("tune", {})

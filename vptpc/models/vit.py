@@ -148,8 +148,7 @@ def gelu(x: Array) -> Array:
   form is more accurate in relative terms where Φ(x) is tiny (x below
   about -4, where the GELU's magnitude is under 2e-4); the absolute
   difference stays within float32 epsilon times the magnitude of x
-  everywhere (tested). `MlpBlock.
-  gelu_form` picks the form.
+  everywhere (tested). ``MlpBlock.gelu_form`` picks the form.
   """
   xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   return (0.5 * xf * (1.0 + jax.lax.erf(xf * _SQRT_HALF))).astype(x.dtype)
@@ -719,7 +718,7 @@ class Encoder1DBlock(nn.Module):
     Returns:
       (B, T, D) tokens ((B, 1, D) with ``cls_only``).
     """
-    norm = LayerNorm if own_vjp_default(self.ln_vjp) else nn.LayerNorm
+    norm = LayerNorm if own_vjp_default(self.ln_vjp, "ln") else nn.LayerNorm
     ln1 = norm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_0")
     y = ln1(x)
     extra = None if kv_prompts is None else ln1(kv_prompts)
