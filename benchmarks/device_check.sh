@@ -4,19 +4,20 @@
 #   1. the PyTorch peer (torch_peer.py: bf16 autocast, SDPA), eager, then
 #      torch.compile, on ViT-B/16 at batch 128 with 0 and 100 deep prompts;
 #   2. gpu_ablation.py on the library's default path (ABL_VARIANTS: by
-#      default that path, which on a GPU runs the LayerNorms with their
-#      own backward pass and the GELU in its erf form with autodiff's,
-#      as calls 5 and 6 measured; then flax's erfc form of the GELU, the
-#      GELU's own backward pass, and autodiff's LayerNorms), timed in
+#      default that path, then the levers no call has measured yet, alone
+#      and together: cuDNN lengths padded to even instead of multiples of 8
+#      (model field cudnn_multiple=2) and every block's prompt keys and
+#      values computed at once before the blocks (kv_stacked=1)), timed in
 #      interleaved rounds: the train step,
 #      bf16-vs-fp32 logits, and per-kernel profiles of the first variant's
 #      train step and of its eval forward at 0 and 100 prompts
 #      (ABL_EVAL_PROFILE; the forward's own table, for the eval goals);
 #   3. vpt_bench.py on the peer's settings with the library's defaults
 #      (key/value path at 0, 10 and 100 prompts; eval and train), except
-#      the GELU/LayerNorm levers: stages 3-5 run the ablation's fastest
-#      setting of them where it beat the default by more than 1%
-#      (PICK_LEVERS=1, the default; the log and bench.json name it);
+#      the levers: stages 3-5 run the ablation's fastest variant (its
+#      own-VJP settings and model fields) where it beat the default by
+#      more than 1% (PICK_LEVERS=1, the default; the log, bench.json and
+#      the table name it);
 #   4. e2e_bench.py: `python -m vptpc.main` tune (vmapped grid) and final
 #      on a VTAB-shaped folder task, with the projection of VPT's protocol
 #      (the 19 tasks scaled by the step rates of stage 3);
@@ -72,7 +73,7 @@ git log -1 --format='commit %h %s' 2>/dev/null
 if [ "${DRY:-0}" = 1 ]; then
   model="--model=testing --image_size=32 --batch=4 --matmul_n=256"
   abl="--model=testing --image_size=32 --batch=4 --prompts=3 --iters=2"
-  abl_variants=${ABL_VARIANTS:-"auto:1:0,auto:1:0:8:0:0,auto:1:0:8:1:1"}
+  abl_variants=${ABL_VARIANTS:-"auto:1:0,auto:1:0:8:0:0,auto:1:0:kv_stacked=1:cudnn_multiple=2"}
   e2e="--model=tiny32 --image_size=32 --px=40 --train=120 --test=60 \
     --tune_epochs=2 --final_epochs=2 --lrs=1:0.1 --wds=0 --vmap_chunk=1 \
     --seeds=42:44 --dtype=float32"
@@ -82,9 +83,12 @@ if [ "${DRY:-0}" = 1 ]; then
 else
   model="--batch=128 --matmul_n=8192 --spec_tflops=989 --dtype=bfloat16"
   abl="--batch=128 --prompts=100 --iters=10"
-  # The default path, then one lever changed at a time: flax's erfc GELU,
-  # the GELU's own VJP, autodiff's LayerNorms.
-  abl_variants=${ABL_VARIANTS:-"auto:1:0,auto:1:0:auto:auto:auto:erfc,auto:1:0:auto:1:auto,auto:1:0:auto:auto:0"}
+  # The default path, then the levers not measured yet, one at a time and
+  # together: cuDNN lengths padded to even (198 tokens, 298 keys at 100
+  # prompts) instead of multiples of 8, and every block's prompt keys and
+  # values in one batched computation. (Calls 5-6 measured the GELU's form
+  # and the own-VJP levers; ABL_VARIANTS can add them back.)
+  abl_variants=${ABL_VARIANTS:-"auto:1:0,auto:1:0:cudnn_multiple=2,auto:1:0:kv_stacked=1,auto:1:0:cudnn_multiple=2:kv_stacked=1"}
   e2e="--tune_epochs=3 --final_epochs=5 --vmap_chunk=8"
   prompts=${BENCH_PROMPTS:-0,10,100}
   step_at=10
@@ -113,20 +117,26 @@ if [[ $stages == *ablation* ]]; then
     $abl)
 fi
 
-# The GELU/LayerNorm levers for the stages below: the ablation's fastest
-# variant, where one beat the default by more than 1% (PICK_LEVERS=0: the
-# library's default, "auto"), so one call measures the table on the
-# faster setting whichever way the ablation goes.
+# The levers for the stages below: the ablation's fastest variant, where
+# one beat the default by more than 1% (PICK_LEVERS=0: the library's
+# defaults), so one call measures the table on the faster setting
+# whichever way the ablation goes: its own-VJP settings and its named
+# model fields (vpt_bench --model_fields; e2e as --config.model.* where
+# the config has the key).
 gelu=auto
 ln=auto
+fields=""
+cfg_fields=""
 if [[ ${PICK_LEVERS:-1} = 1 && -f $work/ablation/ablation.json ]]; then
-  read -r gelu ln < <(python3 - "$work/ablation/ablation.json" <<'PY'
+  { read -r gelu ln; read -r fields; read -r cfg_fields; } < <(
+    python3 - "$work/ablation/ablation.json" <<'PY'
 import json, sys
+from vptpc import config_util
 rows = [r for r in json.load(open(sys.argv[1]))["rows"]
         if r.get("what") == "train" and "gelu_vjp" in r]
 default = next((r for r in rows if r["variant"] == 0), None)
-# Only the two own-VJP levers can be passed on; a variant that differs in
-# anything else (the GELU's form) is reported, not picked.
+# A variant that differs in a positional field other than the own-VJPs
+# (the GELU's form) is reported, not picked.
 if default:
   rows = [r for r in rows if r.get("gelu_form") == default.get("gelu_form")]
 best = max(rows, key=lambda r: r["img_s"], default=None)
@@ -135,12 +145,20 @@ if default and best["img_s"] <= 1.01 * default["img_s"]:
 onoff = lambda b: "on" if b else "off"
 print(*(onoff(best[k]) for k in ("gelu_vjp", "ln_vjp")) if best
       else ("auto", "auto"))
+fields = (best or {}).get("fields") or {}
+print(",".join(f"{k}={v}" for k, v in fields.items()) or "-")
+model = config_util.base_config().model
+as_cfg = lambda k, v: bool(v) if isinstance(model[k], bool) else v
+print(" ".join(f"--config.model.{k}={as_cfg(k, v)}"
+               for k, v in fields.items() if k in model) or "-")
 PY
   )
   gelu=${gelu:-auto} ln=${ln:-auto}
-  stamp "levers for the stages below: gelu_vjp=$gelu ln_vjp=$ln"
+  [[ ${fields:--} = - ]] && fields=""
+  [[ ${cfg_fields:--} = - ]] && cfg_fields=""
+  stamp "levers for the stages below: gelu_vjp=$gelu ln_vjp=$ln fields=${fields:-none}"
 fi
-levers="--gelu_vjp=$gelu --ln_vjp=$ln"
+levers="--gelu_vjp=$gelu --ln_vjp=$ln --model_fields=$fields"
 
 if [[ $stages == *bench* ]]; then
   stamp "vpt_bench (the library's default path; levers: $gelu / $ln)"
@@ -170,7 +188,7 @@ PY
   timeout "${E2E_S:-170}" python3 benchmarks/e2e_bench.py \
     --out="$work/e2e" --root=/tmp/e2e_work --step_img_s="${step:-0}" \
     --step_rates="$rates" $e2e \
-    --extra="--config.model.gelu_vjp=$gelu --config.model.ln_vjp=$ln"
+    --extra="--config.model.gelu_vjp=$gelu --config.model.ln_vjp=$ln $cfg_fields"
 fi
 
 if [[ $stages == *flags* ]]; then

@@ -22,6 +22,11 @@ model variants that differ in one lever at a time:
   ``VisionTransformer.gelu_form``.
 
 ``auto`` (and an omitted field) is the model's default for the backend.
+Any field may be followed by ``name=value`` items, which set any other
+`vptpc.models.vit.VisionTransformer` field (`parse_fields`), e.g.
+``auto:1:0:cudnn_multiple=2`` or ``auto:1:0:kv_stacked=1``; a row
+records them as ``fields``, so a caller can run the fastest variant
+(``device_check.sh`` does, through ``vpt_bench.py --model_fields``).
 
 After every variant has run once, ``--rounds`` - 1 more rounds time each
 again in turn, and a variant's rate is the median over its rounds, so a
@@ -53,7 +58,7 @@ import os
 import tempfile
 import time
 
-from vpt_bench import median_seconds
+from vpt_bench import median_seconds, parse_fields
 
 DEFAULT_VARIANTS = "xla:0:0,cudnn:0:0,cudnn:1:0,cudnn:1:1,xla:1:1,cudnn:1:0:1"
 
@@ -234,7 +239,8 @@ def main():
   ap.add_argument(
     "--variants",
     default=DEFAULT_VARIANTS,
-    help="attention:cast:fuse[:pad[:gelu[:ln[:form]]]] fields, comma-separated",
+    help="attention:cast:fuse[:pad[:gelu[:ln[:form]]]][:name=value...] "
+    "per variant, comma-separated",
   )
   ap.add_argument("--eval_variants", default="0,3", help="variant indices")
   ap.add_argument("--profile", type=int, default=3, help="variant to trace")
@@ -326,10 +332,14 @@ def main():
     ref = jax.jit(ref_model.apply)({"params": params}, x32, prompts)
   ref = np.asarray(ref, np.float64)
   rows, steps_fns, models = [], {}, {}
-  variants = [v.split(":") for v in a.variants.split(",")]
+  variants = []
+  for v in a.variants.split(","):
+    items = v.split(":")
+    named = [t for t in items if "=" in t]
+    variants.append(([t for t in items if "=" not in t], parse_fields(named)))
   eval_idx = {int(i) for i in a.eval_variants.split(",") if i}
   t_start = time.perf_counter()  # the budget covers the variants only
-  for i, (attn, cast, fuse, *more) in enumerate(variants):
+  for i, ((attn, cast, fuse, *more), fields) in enumerate(variants):
     if time.perf_counter() - t_start > a.budget_s:
       print(f"budget reached; skipping variants from {i}", flush=True)
       break
@@ -338,7 +348,7 @@ def main():
     name = (
       f"attention={attn} cast={cast} fuse_qkv={fuse} pad_tokens={pad}"
       f" gelu_vjp={gelu} ln_vjp={ln} gelu_form={form}"
-    )
+    ) + "".join(f" {k}={v}" for k, v in fields.items())
     try:
       model = vit.create_model(
         cfg,
@@ -350,6 +360,7 @@ def main():
         gelu_vjp=None if gelu == "auto" else gelu == "1",
         ln_vjp=None if ln == "auto" else ln == "1",
         gelu_form=form,
+        **fields,
       )
       fz = vit.cast_backbone(frozen, dtype) if cast == "1" else frozen
       fz = jax.device_put(fz, dev)
@@ -389,6 +400,7 @@ def main():
         gelu_vjp=vit.own_vjp_default(model.gelu_vjp, "gelu"),
         ln_vjp=vit.own_vjp_default(model.ln_vjp, "ln"),
         gelu_form=model.gelu_form,
+        fields=fields,
         prompts=a.prompts,
         what="train",
         img_s=round(b / s, 1),

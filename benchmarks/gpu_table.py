@@ -121,6 +121,8 @@ def main(folder: str, spec_tflops: float = 989.0) -> str:
     )
     on = ", ".join(f"{k} {'on' if v else 'off'}" for k, v in vjps.items())
     lines.append(f"\nvptpc's own-VJP levers in these rows: {on} ({asked}).")
+  if args.get("model_fields"):
+    lines.append(f"\nModel fields set in these rows: {args['model_fields']}.")
   e0 = ours.get((0, "none", "eval"))
   if e0:
     pct = 100 * 2 * e0["gflops_actual"] * e0["img_s"] / (spec_tflops * 1e3)

@@ -38,6 +38,49 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def parse_value(text: str):
+  """A model field's value from text.
+
+  None (``none``, ``auto``), a bool (``true``, ``false``), an int, a float,
+  or else the text itself.
+  """
+  low = text.lower()
+  if low in ("none", "auto"):
+    return None
+  if low in ("true", "false"):
+    return low == "true"
+  for cast in (int, float):
+    try:
+      return cast(text)
+    except ValueError:
+      pass
+  return text
+
+
+def parse_fields(items: list[str]) -> dict:
+  """``["name=value", ...]`` as model fields, checked against the ViT's.
+
+  Raises:
+    ValueError: an item without ``=`` or a name that is not a
+      `VisionTransformer` field (named, with the known ones).
+  """
+  import dataclasses
+
+  from vptpc.models import vit
+
+  known = {f.name for f in dataclasses.fields(vit.VisionTransformer)}
+  out = {}
+  for item in items:
+    name, eq, value = item.partition("=")
+    if not eq or name not in known:
+      raise ValueError(
+        f"model field item {item!r}: expected name=value with a "
+        f"VisionTransformer field name, one of {sorted(known)}."
+      )
+    out[name] = parse_value(value)
+  return out
+
+
 def median_seconds(fn, warmup: int, iters: int) -> float:
   """Median wall seconds of ``fn()`` (which blocks) after warm-up calls."""
   for _ in range(warmup):
@@ -161,6 +204,11 @@ def main():
       help=f"model.{lever} (auto: per backend, vit.own_vjp_default)",
     )
   ap.add_argument(
+    "--model_fields",
+    default="",
+    help="more VisionTransformer fields, name=value,... (e.g. kv_stacked=1)",
+  )
+  ap.add_argument(
     "--full_at", default="", help="prompt counts of the full path ('': all)"
   )
   ap.add_argument("--kv_cache", type=int, default=1, help="time kv_cache eval")
@@ -198,6 +246,7 @@ def main():
   from vptpc.models import registry, vit
 
   dtype = jnp.dtype(a.dtype)
+  fields = parse_fields([f for f in a.model_fields.split(",") if f])
   dev = jax.devices()[0]
   device = f"{dev.platform}:{dev.device_kind}"
   peak = peak_matmul_gflops(jax, jnp, dtype, a.matmul_n)
@@ -257,6 +306,7 @@ def main():
           gelu_vjp=registry.own_vjp_setting(a.gelu_vjp),
           ln_vjp=registry.own_vjp_setting(a.ln_vjp),
           **over,
+          **fields,
         )
         actual = naive if path == "full" else kvc
 

@@ -66,3 +66,20 @@ def test_idle_gaps_names_the_kernel_after_the_longest_gaps():
     {"us": 40.0, "before": "b"},
     {"us": 3.0, "before": "d"},
   ]
+
+
+def test_variant_fields_are_checked_model_fields():
+  parse = gpu_ablation.parse_fields
+  assert parse(["kv_stacked=1", "cudnn_multiple=2", "pad_tokens=auto"]) == {
+    "kv_stacked": 1,
+    "cudnn_multiple": 2,
+    "pad_tokens": None,
+  }
+  assert parse(["gelu_form=erfc", "fuse_qkv=true"]) == {
+    "gelu_form": "erfc",
+    "fuse_qkv": True,
+  }
+  with pytest.raises(ValueError, match="'kv_stackd=1'"):
+    parse(["kv_stackd=1"])
+  with pytest.raises(ValueError, match="'kv_stacked'"):
+    parse(["kv_stacked"])

@@ -174,6 +174,89 @@ def _round8(n):
   return -(-n // 8) * 8
 
 
+@pytest.mark.parametrize("n_prompts", [0, 3, 4])
+def test_cudnn_multiple_two_pads_to_even_lengths(
+  tiny_params, monkeypatch, n_prompts
+):
+  # 17 tokens padded once to 18; keys 18 + prompts, padded only when odd.
+  seen = _xla_for_cudnn(monkeypatch)
+  plain = vit.VisionTransformer(
+    **TINY, num_classes=5, kv_only=True, attention_impl="matmul", pad_tokens=1
+  )
+  even = vit.VisionTransformer(
+    **TINY, num_classes=5, kv_only=True, attention_impl="cudnn",
+    cudnn_multiple=2,
+  )  # fmt: skip
+  p = _prompts(n=n_prompts) if n_prompts else None
+  x = _images()
+  a = plain.apply({"params": tiny_params}, x, p)
+  b = even.apply({"params": tiny_params}, x, p)
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  assert seen[0][0][1] == 18
+  assert seen[0][1][1] == 18 + n_prompts + n_prompts % 2
+  np.testing.assert_array_equal(seen[0][2], [17 + n_prompts] * 4)
+
+
+@pytest.mark.parametrize("fuse_qkv", [False, True])
+def test_stacked_prompt_keys_values_equal_per_block(
+  tiny_params, monkeypatch, fuse_qkv
+):
+  calls = []
+  real = vit.Encoder._stacked_kv
+  monkeypatch.setattr(
+    vit.Encoder,
+    "_stacked_kv",
+    lambda self, ps: calls.append(len(ps)) or real(self, ps),
+  )
+  kw = dict(TINY, num_classes=5, kv_only=True, fuse_qkv=fuse_qkv)
+  plain = vit.VisionTransformer(**kw)
+  stacked = vit.VisionTransformer(**kw, kv_stacked=True)
+  p, x = _prompts(), _images()
+  a = plain.apply({"params": tiny_params}, x, p)
+  assert not calls
+  b = stacked.apply({"params": tiny_params}, x, p)
+  assert calls == [TINY["num_layers"]]
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+  def grads(model):
+    def f(q):
+      return (model.apply({"params": tiny_params}, x, q) ** 2).sum()
+
+    return jax.grad(f)(p)
+
+  ga, gb = grads(plain), grads(stacked)
+  for k in ga:
+    scale = float(np.abs(ga[k]).max())
+    np.testing.assert_allclose(ga[k], gb[k], rtol=1e-4, atol=1e-6 * scale)
+  # Vmapped as the grid runs members: prompts mapped, images shared.
+  members = jax.tree.map(lambda t: jnp.stack([t, 0.5 * t]), p)
+  va = jax.vmap(lambda q: plain.apply({"params": tiny_params}, x, q))(members)
+  vb = jax.vmap(lambda q: stacked.apply({"params": tiny_params}, x, q))(members)
+  np.testing.assert_allclose(va, vb, rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_prompt_keys_values_fall_back_per_block(tiny_params):
+  # Ragged counts (a condensed tree) and per-example dropout run per block,
+  # with the same dropout masks as without the lever.
+  kw = dict(TINY, num_classes=5, kv_only=True)
+  p, x = _prompts(n=4), _images()
+  ragged = dict(p, encoderblock_1=p["encoderblock_1"][:2])
+  for model_kw, tree, is_train in (
+    ({}, ragged, False),
+    ({"prompt_dropout": 0.5}, p, True),
+  ):
+    plain = vit.VisionTransformer(**kw, **model_kw)
+    stacked = vit.VisionTransformer(**kw, **model_kw, kv_stacked=True)
+    rngs = {"dropout": jax.random.key(3)}
+    kw_apply = dict(train=is_train, rngs=rngs)
+    a = plain.apply({"params": tiny_params}, x, tree, **kw_apply)
+    b = stacked.apply({"params": tiny_params}, x, tree, **kw_apply)
+    np.testing.assert_array_equal(a, b)
+    if is_train:  # the masks drew from the rng: not the no-dropout logits
+      c = plain.apply({"params": tiny_params}, x, tree)
+      assert not np.allclose(a, c)
+
+
 def test_padded_tokens_with_a_masked_kv_cache(tiny_params):
   # Multi-task serving: per-example prompt masks and once-padded tokens.
   frozen, _ = vit.split_head(tiny_params)
@@ -340,6 +423,24 @@ def test_own_vjps_are_config_keys_a_run_can_force(monkeypatch):
   a = tiny_config()
   assert train.program_key(a, 3) != train.program_key(c, 3)
   assert {"model.gelu_vjp", "model.ln_vjp"} <= set(config_util.SAFE_TO_CHANGE)
+
+
+def test_unmeasured_levers_are_config_keys_off_by_default():
+  from vptpc import config_util
+
+  c = tiny_config()
+  assert (c.model.cudnn_multiple, c.model.kv_stacked) == (0, False)
+  m = train.build_model(c)
+  assert (m.cudnn_multiple, m.kv_stacked) == (None, False)
+  c.model.cudnn_multiple, c.model.kv_stacked = 2, True
+  m = train.build_model(c)
+  assert (m.cudnn_multiple, m.kv_stacked) == (2, True)
+  c.model.cudnn_multiple = -2
+  (msg,) = config_util.problems(c)
+  assert "config.model.cudnn_multiple" in msg and "-2" in msg
+  assert {"model.cudnn_multiple", "model.kv_stacked"} <= set(
+    config_util.SAFE_TO_CHANGE
+  )
 
 
 def test_patch_embedding_equals_the_strided_convolution():

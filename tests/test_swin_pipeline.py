@@ -66,6 +66,9 @@ def test_registry_aliases_ambiguity_and_errors():
   text = "\n".join(config_util.problems(c))
   assert "config.model.fuse_qkv" in text and "attention_impl" in text
   assert "config.model.ln_vjp='on'" in text and "gelu_vjp" not in text
+  assert "cudnn_multiple" not in text and "kv_stacked" not in text
+  c.model.kv_stacked = True
+  assert "config.model.kv_stacked=True" in "\n".join(config_util.problems(c))
   with pytest.raises(ValueError, match="fuse_qkv"):
     build.build_model(c)
 

@@ -85,8 +85,9 @@ def build_model(
   The family follows from ``config.model.name``
   (`vptpc.models.registry.model_family`: names starting with ``swin`` are
   Swins, ``swin-testing`` the tiny test Swin; all others ViTs). The
-  ViT-only keys ``attention_impl``, ``fuse_qkv``, ``gelu_vjp`` and
-  ``ln_vjp`` must keep their defaults for a Swin (an error names them otherwise).
+  ViT-only keys ``attention_impl``, ``fuse_qkv``, ``gelu_vjp``,
+  ``ln_vjp``, ``cudnn_multiple`` and ``kv_stacked`` must keep their
+  defaults for a Swin (an error names them otherwise).
 
   Raises:
     ValueError: an unknown ``config.model.name`` (named, with the known
@@ -103,6 +104,8 @@ def build_model(
     fuse_qkv=config.model.get("fuse_qkv", False),
     gelu_vjp=registry.own_vjp_setting(config.model.get("gelu_vjp", "auto")),
     ln_vjp=registry.own_vjp_setting(config.model.get("ln_vjp", "auto")),
+    cudnn_multiple=config.model.get("cudnn_multiple", 0),
+    kv_stacked=config.model.get("kv_stacked", False),
   )
 
 

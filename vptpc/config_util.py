@@ -231,6 +231,16 @@ def base_config() -> ml_collections.ConfigDict:
   # measured on an H200); on | off. ViT only (a Swin needs auto).
   c.model.gelu_vjp = "auto"
   c.model.ln_vjp = "auto"
+  # With cuDNN attention, pad query and key lengths to a multiple of this
+  # (0: vit.CUDNN_PAD, 8; 2 is what jax checks for). The same function;
+  # stays 0 until a GPU measures 2 (benchmarks/gpu_ablation.py). ViT only
+  # (a Swin needs 0).
+  c.model.cudnn_multiple = 0
+  # On the shared key/value path, compute every block's prompt keys and
+  # values before the blocks in one batched computation (fewer, larger
+  # kernels). The same function; off until a GPU measures it. ViT only (a
+  # Swin needs False).
+  c.model.kv_stacked = False
   # "vpt": VPT's head init (kaiming normal fan_out, 1%-prior bias);
   # "zeros": kernel and bias zero, as vit_jax and big_vision fine-tune.
   c.model.head_init = "vpt"
@@ -423,6 +433,14 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
     out.append(
       f"config.prompt.dropout must be in [0, 1), got {config.prompt.dropout}."
     )
+  if not (
+    isinstance(config.model.cudnn_multiple, int)
+    and config.model.cudnn_multiple >= 0
+  ):
+    out.append(
+      "config.model.cudnn_multiple must be an int >= 0 (0: the default), "
+      f"got {config.model.cudnn_multiple!r}."
+    )
   if config.prompt.num_prompts < 0:
     out.append(
       f"config.prompt.num_prompts must be >= 0, got {config.prompt.num_prompts}."
@@ -549,6 +567,8 @@ SAFE_TO_CHANGE = (
   "model.fuse_qkv",
   "model.gelu_vjp",
   "model.ln_vjp",
+  "model.cudnn_multiple",
+  "model.kv_stacked",
 )
 # Subtrees a training stage does not compare (see above).
 STAGE_IGNORES = ("protocol", "condense")

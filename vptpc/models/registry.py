@@ -140,6 +140,12 @@ def model_problems(model_config: Mapping[str, Any]) -> list[str]:
         "config.model.fuse_qkv=True applies to ViT only (Swin's qkv "
         "projection is already one fused matmul): leave it False."
       )
+    for key, default in (("cudnn_multiple", 0), ("kv_stacked", False)):
+      if model_config.get(key, default) not in (default, None):
+        out.append(
+          f"config.model.{key}={model_config[key]!r} applies to ViT only: "
+          f"leave it {default!r}."
+        )
     for key in ("gelu_vjp", "ln_vjp"):
       if model_config.get(key, "auto") not in ("auto", None):
         out.append(
@@ -180,15 +186,19 @@ def create_model(
   fuse_qkv: bool = False,
   gelu_vjp: bool | None = None,
   ln_vjp: bool | None = None,
+  cudnn_multiple: int | None = None,
+  kv_stacked: bool = False,
 ) -> vit.VisionTransformer | swin.SwinTransformer:
   """Builds the ViT or Swin that ``name`` names (see `model_family`).
 
-  ``gelu_vjp`` / ``ln_vjp`` are `vptpc.models.vit.VisionTransformer`'s
-  fields (None: per backend).
+  ``gelu_vjp``, ``ln_vjp``, ``cudnn_multiple`` (0 or None: the default)
+  and ``kv_stacked`` are `vptpc.models.vit.VisionTransformer`'s fields
+  (None: per backend).
 
   Raises:
     ValueError: an unknown name, or a ViT-only option (``attention_impl``,
-      ``fuse_qkv``, ``gelu_vjp``, ``ln_vjp``) given for a Swin.
+      ``fuse_qkv``, ``gelu_vjp``, ``ln_vjp``, ``cudnn_multiple``,
+      ``kv_stacked``) given for a Swin.
   """
   kw = dict(
     num_classes=num_classes,
@@ -205,6 +215,8 @@ def create_model(
         "fuse_qkv": fuse_qkv,
         "gelu_vjp": gelu_vjp,
         "ln_vjp": ln_vjp,
+        "cudnn_multiple": cudnn_multiple,
+        "kv_stacked": kv_stacked,
       }
     )
     if bad:
@@ -216,6 +228,8 @@ def create_model(
     fuse_qkv=fuse_qkv,
     gelu_vjp=gelu_vjp,
     ln_vjp=ln_vjp,
+    cudnn_multiple=cudnn_multiple or None,
+    kv_stacked=kv_stacked,
     **kw,
   )
 

@@ -219,10 +219,15 @@ def layer_norm(
   return _layer_norm_fwd(x, scale, bias, epsilon, dtype)[0]
 
 
+def _ln_normalize(x, mu, rstd, scale, bias, dtype):
+  """The normalisation from the statistics, in flax's operation order."""
+  y = (x - mu) * (rstd * scale) + bias
+  return y.astype(dtype or jnp.result_type(x, scale, bias))
+
+
 def _layer_norm_fwd(x, scale, bias, epsilon, dtype):
   mu, rstd = _ln_stats(x, epsilon)
-  y = (x - mu) * (rstd * scale) + bias
-  y = y.astype(dtype or jnp.result_type(x, scale, bias))
+  y = _ln_normalize(x, mu, rstd, scale, bias, dtype)
   return y, (x, mu, rstd, scale, bias)
 
 
@@ -442,11 +447,16 @@ def _lengths(x: Array, n: int) -> Array:
 
 
 def _cudnn_attention(
-  q: Array, k: Array, v: Array, kv_valid: int | None = None
+  q: Array,
+  k: Array,
+  v: Array,
+  kv_valid: int | None = None,
+  multiple: int = CUDNN_PAD,
 ) -> Array:
   """Flash attention (cuDNN) at any sequence length, by padding + lengths.
 
-  Queries and keys are padded to a multiple of `CUDNN_PAD`. Keys from
+  Queries and keys are padded to a multiple of ``multiple`` (`CUDNN_PAD`
+  unless a model sets ``cudnn_multiple``). Keys from
   ``kv_valid`` on (the padding added here, and tokens the encoder padded
   once for all blocks; None: all keys are valid) are excluded by
   ``key_value_seq_lengths``, and padded query rows are sliced off, so the
@@ -454,7 +464,7 @@ def _cudnn_attention(
   """
   t, s = q.shape[1], k.shape[1]
   kv_valid = s if kv_valid is None else kv_valid
-  tp, sp = _round_up(t, CUDNN_PAD), _round_up(s, CUDNN_PAD)
+  tp, sp = _round_up(t, multiple), _round_up(s, multiple)
   kw = {}
   if (tp, sp, kv_valid) != (t, s, s):
 
@@ -480,6 +490,7 @@ def attention(
   mask: Array | None = None,
   implementation: str | None = None,
   kv_valid: int | None = None,
+  cudnn_multiple: int | None = None,
 ) -> Array:
   """Scaled dot-product attention, (B, T, heads, d) layout in and out.
 
@@ -510,13 +521,15 @@ def attention(
     kv_valid: only the first ``kv_valid`` keys are attended to (the rest
       are padding, e.g. tokens the encoder padded once for every block);
       None: all of them.
+    cudnn_multiple: with cuDNN, the multiple query and key lengths are
+      padded to (None: `CUDNN_PAD`).
 
   Returns:
     (B, T, heads, d) in ``q``'s dtype.
   """
   implementation = resolve_attention_impl(implementation, q.dtype)
   if implementation == "cudnn" and mask is None:
-    return _cudnn_attention(q, k, v, kv_valid)
+    return _cudnn_attention(q, k, v, kv_valid, cudnn_multiple or CUDNN_PAD)
   s_len = k.shape[1]
   if kv_valid is not None and kv_valid < s_len:
     valid = (jnp.arange(s_len) < kv_valid)[None, None, None, :]
@@ -552,6 +565,7 @@ class MultiHeadDotProductAttention(nn.Module):
   dtype: Any = jnp.float32
   attention_impl: str | None = None
   fuse_qkv: bool = False
+  cudnn_multiple: int | None = None
 
   @nn.compact
   def __call__(
@@ -669,7 +683,9 @@ class MultiHeadDotProductAttention(nn.Module):
         logits = jnp.where(mask, logits, -jnp.inf)
       self.sow("intermediates", "attention_weights", jax.nn.softmax(logits))
     kv_valid = None if valid == t else valid + n_kp
-    out = attention(q, k, v, mask, self.attention_impl, kv_valid)
+    out = attention(
+      q, k, v, mask, self.attention_impl, kv_valid, self.cudnn_multiple
+    )
     return nn.DenseGeneral(
       d,
       axis=(-2, -1),
@@ -690,6 +706,7 @@ class Encoder1DBlock(nn.Module):
   gelu_vjp: bool | None = None
   ln_vjp: bool | None = None
   gelu_form: str = "erf"
+  cudnn_multiple: int | None = None
 
   @nn.compact
   def __call__(
@@ -727,6 +744,7 @@ class Encoder1DBlock(nn.Module):
       dtype=self.dtype,
       attention_impl=self.attention_impl,
       fuse_qkv=self.fuse_qkv,
+      cudnn_multiple=self.cudnn_multiple,
       name="MultiHeadDotProductAttention_1",
     )(
       y,
@@ -833,11 +851,13 @@ class Encoder(nn.Module):
   gelu_vjp: bool | None = None
   ln_vjp: bool | None = None
   gelu_form: str = "erf"
+  cudnn_multiple: int | None = None
+  kv_stacked: bool = False
 
   def _token_multiple(self, variant: str) -> int:
     """The multiple the token sequence is padded to once, for every block.
 
-    cuDNN pads queries and keys to `CUDNN_PAD` (`_cudnn_attention`); doing
+    cuDNN pads queries and keys to ``cudnn_multiple`` (`_cudnn_attention`); doing
     it once on the tokens (a few extra rows through every block) replaces
     per-block pads of q, k, v and the slice of the output. Only where the
     sequence keeps its length through the blocks (no prompts or the
@@ -852,7 +872,47 @@ class Encoder(nn.Module):
     if self.pad_tokens is not None:
       return max(1, self.pad_tokens)
     impl = resolve_attention_impl(self.attention_impl, self.dtype)
-    return CUDNN_PAD if impl == "cudnn" else 1
+    return (self.cudnn_multiple or CUDNN_PAD) if impl == "cudnn" else 1
+
+  def _stacked_kv(self, prompts: list[Array]) -> list[tuple[Array, Array]]:
+    """Every block's prompt keys and values, computed for all blocks at once.
+
+    The same function as each block's ``LN1(p) W_k + b_k`` and
+    ``LN1(p) W_v + b_v`` (`build_kv_cache`), as one LayerNorm over the
+    stacked (L, k, D) prompts and one batched matmul each for the keys and
+    the values, instead of L small ones of each in the forward pass and
+    again in the backward pass. Kernels of a few microseconds each are
+    bounded by launch latency on a GPU, not by their work.
+
+    Args:
+      prompts: one (k, D) array per block, in the compute dtype.
+
+    Returns:
+      One (keys, values) pair per block, each (k, heads, head_dim).
+    """
+    params = self.variables["params"]
+    blocks = [params[f"encoderblock_{i}"] for i in range(self.num_layers)]
+
+    def stack(path):
+      out = []
+      for blk in blocks:
+        for key in path:
+          blk = blk[key]
+        out.append(blk)
+      return jnp.stack(out)
+
+    x = jnp.stack(prompts)
+    mu, rstd = _ln_stats(x, 1e-6)
+    scale = stack(("LayerNorm_0", "scale"))[:, None]
+    bias = stack(("LayerNorm_0", "bias"))[:, None]
+    y = _ln_normalize(x, mu, rstd, scale, bias, self.dtype)
+    kv = []
+    for name in ("key", "value"):
+      att = ("MultiHeadDotProductAttention_1", name)
+      w, b = stack(att + ("kernel",)), stack(att + ("bias",))
+      yy, w, b = nn.dtypes.promote_dtype(y, w, b, dtype=self.dtype)
+      kv.append(jnp.einsum("lkd,ldhe->lkhe", yy, w) + b[:, None])
+    return [(kv[0][i], kv[1][i]) for i in range(self.num_layers)]
 
   def _prompt(self, p: Array, batch: int, train: bool) -> Array:
     """Casts one layer's prompts and applies per-example dropout if training.
@@ -934,6 +994,28 @@ class Encoder(nn.Module):
       p = self._prompt(prompts["input"], b, train)
       x = jnp.concatenate([x[:, :1], fit(p), x[:, 1:]], axis=1)
     cls_only = cls_only and not self.is_mutable_collection("intermediates")
+    stacked = None
+    if (
+      variant == "deep"
+      and self.kv_only
+      and self.kv_stacked
+      and not self.is_initializing()
+      and not self.is_mutable_collection("intermediates")
+      and self.kv_shared
+      and not (train and self.prompt_dropout > 0)
+    ):
+      # Shared (k, D) prompts of one count > 0 in every block; per-image
+      # prompts (dropout, kv_shared=False), caches or ragged counts run per
+      # block (and draw their dropout masks there, as without the lever).
+      ps = [prompts[f"encoderblock_{i}"] for i in range(self.num_layers)]
+      if (
+        all(not isinstance(p, Mapping) and p.ndim == 2 for p in ps)
+        and len({p.shape[0] for p in ps}) == 1
+        and ps[0].shape[0] > 0
+      ):
+        for p in ps:
+          fit(p)  # the width check, with its error message
+        stacked = self._stacked_kv([p.astype(self.dtype) for p in ps])
     for i in range(self.num_layers):
       last = cls_only and i == self.num_layers - 1
       if self.is_mutable_collection("intermediates"):
@@ -949,8 +1031,12 @@ class Encoder(nn.Module):
         gelu_vjp=self.gelu_vjp,
         ln_vjp=self.ln_vjp,
         gelu_form=self.gelu_form,
+        cudnn_multiple=self.cudnn_multiple,
         name=f"encoderblock_{i}",
       )
+      if stacked is not None:
+        x = block(x, kv_cached=stacked[i], cls_only=last, valid=block_valid)
+        continue
       if variant == "deep":
         p = prompts[f"encoderblock_{i}"]
         if isinstance(p, Mapping):  # a key/value cache (build_kv_cache)
@@ -1025,8 +1111,8 @@ class VisionTransformer(nn.Module):
       same function up to float summation order).
     pad_tokens: pad the token sequence once, before the blocks, to a
       multiple of this (padding is never attended to, so the function is
-      unchanged). None: `CUDNN_PAD` with cuDNN attention (which needs the
-      padding anyway), else none. Only without prompts or on the key/value
+      unchanged). None: ``cudnn_multiple`` with cuDNN attention (which
+      needs the padding anyway), else none. Only without prompts or on the key/value
       path.
     gelu_vjp: the MLP's exact GELU with its own backward pass (`exact_gelu`:
       the same function, fewer activations kept for the backward). None
@@ -1037,6 +1123,18 @@ class VisionTransformer(nn.Module):
       `own_vjp_default`, on for GPUs only.
     gelu_form: how the MLP computes the exact GELU, ``"erf"`` (`gelu`,
       the default) or ``"erfc"`` (``nn.gelu``); see `MlpBlock`.
+    cudnn_multiple: with cuDNN attention, the multiple that query and key
+      lengths (and the once-padded tokens) are padded to. None:
+      `CUDNN_PAD` (8). jax's check asks for even lengths in training, so 2
+      pads 197 tokens to 198 and, at an even prompt count, the keys not at
+      all; whether cuDNN runs as fast at such lengths is measured by
+      ``benchmarks/gpu_ablation.py``, not known, so 8 stays the default.
+    kv_stacked: on the shared key/value path, compute every block's prompt
+      keys and values before the blocks in one batched computation
+      (`Encoder._stacked_kv`) instead of inside each block. The same
+      function up to float summation order; fewer, larger kernels. Off by
+      default until measured on a GPU (``gpu_ablation.py``). Per-block
+      prompt counts that differ, or per-image prompts, run per block.
   """
 
   patch_size: int
@@ -1055,6 +1153,8 @@ class VisionTransformer(nn.Module):
   gelu_vjp: bool | None = None
   ln_vjp: bool | None = None
   gelu_form: str = "erf"
+  cudnn_multiple: int | None = None
+  kv_stacked: bool = False
 
   @nn.compact
   def __call__(
@@ -1107,6 +1207,8 @@ class VisionTransformer(nn.Module):
       gelu_vjp=self.gelu_vjp,
       ln_vjp=self.ln_vjp,
       gelu_form=self.gelu_form,
+      cudnn_multiple=self.cudnn_multiple,
+      kv_stacked=self.kv_stacked,
       name="Transformer",
     )(x, prompts, train=train, cls_only=True)
     features = x[:, 0]
