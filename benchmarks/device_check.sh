@@ -30,9 +30,11 @@
 #      per train step between kernels (call 6: 26.05 ms of kernels in a
 #      28.1 ms step; the ablation's profiles now split that idle time),
 #      CUDA graphs for every run of kernels (XLA's command buffers down to
-#      one kernel), then XLA's block-level (Triton) rewriter of fusions
-#      (never reached; call 5's cuDNN LayerNorm set was within noise). A
-#      set this jaxlib does not know fails alone and is reported;
+#      one kernel), the same with cuDNN's calls and custom calls recorded
+#      into the graphs too (the "+" adds command types to XLA's defaults),
+#      then XLA's block-level (Triton) rewriter of fusions (never reached;
+#      call 5's cuDNN LayerNorm set was within noise). A set this jaxlib
+#      does not know fails alone and is reported;
 #   6. gpu_table.py: the table with the ratios, to $OUT/table.md.
 # The per-stage files are packed into $OUT/runs.tgz at the end (the device
 # tool returns at most 8 files).
@@ -193,11 +195,11 @@ fi
 
 if [[ $stages == *flags* ]]; then
   # A set that names the Triton flag replaces vptpc's choice of it.
-  default_sets="--xla_gpu_graph_min_graph_size=1;--xla_gpu_experimental_enable_fusion_block_level_rewriter=true"
+  default_sets="--xla_gpu_graph_min_graph_size=1;--xla_gpu_graph_min_graph_size=1 --xla_gpu_enable_command_buffer=+CUDNN,+CUSTOM_CALL;--xla_gpu_experimental_enable_fusion_block_level_rewriter=true"
   IFS=';' read -ra flag_sets <<<"${FLAG_SETS-$default_sets}"
   for i in "${!flag_sets[@]}"; do
     f=${flag_sets[$i]}
-    if (( SECONDS - t0 >= ${FLAGS_BEFORE_S:-400} )); then
+    if (( SECONDS - t0 >= ${FLAGS_BEFORE_S:-430} )); then
       stamp "flags[$i] and later skipped: past FLAGS_BEFORE_S"
       break
     fi
