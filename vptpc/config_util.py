@@ -232,7 +232,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.gelu_vjp = "auto"
   c.model.ln_vjp = "auto"
   # With cuDNN attention, pad query and key lengths to a multiple of this
-  # (0: vit.CUDNN_PAD, 8; 2 is what jax checks for). The same function;
+  # (0: vit.CUDNN_PAD, 8; 2 may be enough, unverified). The same function;
   # stays 0 until a GPU measures 2 (benchmarks/gpu_ablation.py). ViT only
   # (a Swin needs 0).
   c.model.cudnn_multiple = 0

@@ -857,8 +857,8 @@ class Encoder(nn.Module):
   def _token_multiple(self, variant: str) -> int:
     """The multiple the token sequence is padded to once, for every block.
 
-    cuDNN pads queries and keys to ``cudnn_multiple`` (`_cudnn_attention`); doing
-    it once on the tokens (a few extra rows through every block) replaces
+    cuDNN pads queries and keys to ``cudnn_multiple`` (`_cudnn_attention`);
+    doing it once on the tokens (a few extra rows through every block) replaces
     per-block pads of q, k, v and the slice of the output. Only where the
     sequence keeps its length through the blocks (no prompts or the
     key/value path) and no analysis reads the tokens.
@@ -1112,8 +1112,8 @@ class VisionTransformer(nn.Module):
     pad_tokens: pad the token sequence once, before the blocks, to a
       multiple of this (padding is never attended to, so the function is
       unchanged). None: ``cudnn_multiple`` with cuDNN attention (which
-      needs the padding anyway), else none. Only without prompts or on the key/value
-      path.
+      needs the padding anyway), else none. Only without prompts or on the
+      key/value path.
     gelu_vjp: the MLP's exact GELU with its own backward pass (`exact_gelu`:
       the same function, fewer activations kept for the backward). None
       (the default): `own_vjp_default`, on for GPUs only.
@@ -1125,10 +1125,12 @@ class VisionTransformer(nn.Module):
       the default) or ``"erfc"`` (``nn.gelu``); see `MlpBlock`.
     cudnn_multiple: with cuDNN attention, the multiple that query and key
       lengths (and the once-padded tokens) are padded to. None:
-      `CUDNN_PAD` (8). jax's check asks for even lengths in training, so 2
+      `CUDNN_PAD` (8). Under jax 0.11.2 training refused 197 queries with
+      the message of jax's check for even lengths, so 2 may be enough: it
       pads 197 tokens to 198 and, at an even prompt count, the keys not at
-      all; whether cuDNN runs as fast at such lengths is measured by
-      ``benchmarks/gpu_ablation.py``, not known, so 8 stays the default.
+      all. Unverified: whether jax accepts it on a GPU and cuDNN runs as
+      fast at such lengths is what ``benchmarks/gpu_ablation.py``
+      measures, so 8 stays the default.
     kv_stacked: on the shared key/value path, compute every block's prompt
       keys and values before the blocks in one batched computation
       (`Encoder._stacked_kv`) instead of inside each block. The same
