@@ -235,6 +235,28 @@ def test_stacked_prompt_keys_values_equal_per_block(
   np.testing.assert_allclose(va, vb, rtol=1e-5, atol=1e-5)
 
 
+def test_stacked_prompt_keys_values_are_two_matmuls_for_all_blocks(
+  tiny_params,
+):
+  # What the lever is for: 2 prompt projections per step instead of 2 per
+  # block, in the forward pass and in its gradient.
+  kw = dict(TINY, num_classes=5, kv_only=True)
+  p, x = _prompts(), _images()
+
+  def dots(model, grad):
+    def f(q):
+      return model.apply({"params": tiny_params}, x, q).sum()
+
+    jaxpr = jax.make_jaxpr(jax.grad(f) if grad else f)(p)
+    return str(jaxpr).count("dot_general")
+
+  layers = TINY["num_layers"]
+  for grad, per_projection in ((False, 1), (True, 2)):
+    plain = dots(vit.VisionTransformer(**kw), grad)
+    stacked = dots(vit.VisionTransformer(**kw, kv_stacked=True), grad)
+    assert plain - stacked == 2 * per_projection * (layers - 1)
+
+
 def test_stacked_prompt_keys_values_fall_back_per_block(tiny_params):
   # Ragged counts (a condensed tree) and per-example dropout run per block,
   # with the same dropout masks as without the lever.
