@@ -137,8 +137,9 @@ from vptpc import config_util
 rows = [r for r in json.load(open(sys.argv[1]))["rows"]
         if r.get("what") == "train" and "gelu_vjp" in r]
 default = next((r for r in rows if r["variant"] == 0), None)
-# A variant that differs in a positional field other than the own-VJPs
-# (the GELU's form) is reported, not picked.
+# Only the own-VJP settings and the named fields are passed on, so a
+# variant with another GELU form is reported, not picked (the default
+# variants share their other positional fields).
 if default:
   rows = [r for r in rows if r.get("gelu_form") == default.get("gelu_form")]
 best = max(rows, key=lambda r: r["img_s"], default=None)

@@ -38,25 +38,6 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def parse_value(text: str):
-  """A model field's value from text.
-
-  None (``none``, ``auto``), a bool (``true``, ``false``), an int, a float,
-  or else the text itself.
-  """
-  low = text.lower()
-  if low in ("none", "auto"):
-    return None
-  if low in ("true", "false"):
-    return low == "true"
-  for cast in (int, float):
-    try:
-      return cast(text)
-    except ValueError:
-      pass
-  return text
-
-
 def parse_fields(items: list[str]) -> dict:
   """``["name=value", ...]`` as model fields, checked against the ViT's.
 
@@ -66,6 +47,7 @@ def parse_fields(items: list[str]) -> dict:
   """
   import dataclasses
 
+  from vptpc import config_util
   from vptpc.models import vit
 
   known = {f.name for f in dataclasses.fields(vit.VisionTransformer)}
@@ -77,7 +59,9 @@ def parse_fields(items: list[str]) -> dict:
         f"model field item {item!r}: expected name=value with a "
         f"VisionTransformer field name, one of {sorted(known)}."
       )
-    out[name] = parse_value(value)
+    # ``auto`` / ``none``: the field's default; else as a config override.
+    auto = value.lower() in ("auto", "none")
+    out[name] = None if auto else config_util._guess(value)
   return out
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import operator
 from collections.abc import Mapping
 from typing import Any
 
@@ -894,12 +895,9 @@ class Encoder(nn.Module):
     blocks = [params[f"encoderblock_{i}"] for i in range(self.num_layers)]
 
     def stack(path):
-      out = []
-      for blk in blocks:
-        for key in path:
-          blk = blk[key]
-        out.append(blk)
-      return jnp.stack(out)
+      return jnp.stack(
+        [functools.reduce(operator.getitem, path, b) for b in blocks]
+      )
 
     x = jnp.stack(prompts)
     mu, rstd = _ln_stats(x, 1e-6)
