@@ -4,13 +4,19 @@
 #   1. the PyTorch peer (torch_peer.py: bf16 autocast, SDPA), eager, then
 #      torch.compile, on ViT-B/16 at batch 128 with 0 and 100 deep prompts;
 #   2. gpu_ablation.py on the library's default path (ABL_VARIANTS: by
-#      default that path, then the levers no call has measured yet, alone
-#      and together: cuDNN lengths padded to even instead of multiples of 8
-#      (model field cudnn_multiple=2) and every block's prompt keys and
-#      values computed at once before the blocks (kv_stacked=1)), timed in
-#      interleaved rounds: the train step,
-#      bf16-vs-fp32 logits, and per-kernel profiles of the first variant's
-#      train step and of its eval forward at 0 and 100 prompts
+#      default that path, then the levers no call has measured yet, one
+#      at a time: every block's prompt keys and values computed at once
+#      before the blocks (kv_stacked=1); cuDNN lengths not padded at all
+#      (cudnn_multiple=1) or padded to even (=2) instead of to multiples
+#      of 8; and XLA flags, applied per program (compiler options) so they
+#      are timed in the same process: CUDA graphs down to one kernel
+#      (XLA's default needs 5 in a row) and XLA's block-level (Triton)
+#      rewriter of fusions. Where two or more beat the default by over 1%,
+#      their named levers together are one more variant (--combine)),
+#      timed in interleaved rounds: the train step,
+#      bf16-vs-fp32 logits, and per-kernel profiles of the fastest
+#      variant's train step (ABL_PROFILE; -1: the fastest) and of its eval
+#      forward at 0 and 100 prompts
 #      (ABL_EVAL_PROFILE; the forward's own table, for the eval goals);
 #   3. vpt_bench.py on the peer's settings with the library's defaults
 #      (key/value path at 0, 10 and 100 prompts; eval and train), except
@@ -23,18 +29,14 @@
 #      (the 19 tasks scaled by the step rates of stage 3);
 #   5. "flags", only while the run is younger than FLAGS_BEFORE_S: the kv
 #      rows at 100 prompts and the 8192^2 matmul once per XLA_FLAGS set in
-#      FLAG_SETS (";"-separated), each in its own process, to compare with
-#      stage 3 (vptpc's own flags). `import vptpc` adds
+#      FLAG_SETS (";"-separated), each in its own process (after the
+#      picked XLA options), to compare with stage 3. `import vptpc` adds
 #      --xla_gpu_enable_triton_gemm=false unless the set names it (call 3
-#      measured that flag: +10% eval). The default sets try the ~2 ms
-#      per train step between kernels (call 6: 26.05 ms of kernels in a
-#      28.1 ms step; the ablation's profiles now split that idle time),
-#      CUDA graphs for every run of kernels (XLA's command buffers down to
-#      one kernel), the same with cuDNN's calls and custom calls recorded
-#      into the graphs too (the "+" adds command types to XLA's defaults),
-#      then XLA's block-level (Triton) rewriter of fusions (never reached;
-#      call 5's cuDNN LayerNorm set was within noise). A set this jaxlib
-#      does not know fails alone and is reported;
+#      measured that flag: +10% eval). No sets by default: the flags that
+#      calls 5-6 queued here (CUDA graphs down to one kernel, against the
+#      ~2 ms per train step between kernels, call 6: 26.05 ms of kernels
+#      in a 28.1 ms step; the block-level rewriter) are ablation variants
+#      now. A set this jaxlib does not know fails alone and is reported;
 #   6. gpu_table.py: the table with the ratios, to $OUT/table.md.
 # The per-stage files are packed into $OUT/runs.tgz at the end (the device
 # tool returns at most 8 files).
@@ -47,8 +49,9 @@
 # STAGES (default "peer ablation bench e2e flags") picks stages; *_S
 # variables bound each stage's seconds. Sized for about 8 minutes on an
 # H200 (each ViT-B/16 program compiles in 6-20 s; torch.compile's in
-# 11-26 s; calls 3-4): peer ~120 s, ablation ~155 s (4 variants, 3 profiles), bench
-# ~70 s, e2e ~60 s, then ~45 s per flag set while time is left.
+# 11-26 s; calls 3-6): peer ~130 s, ablation ~150 s (6 variants, perhaps
+# the winners together, 3 profiles; call 5's 4 variants and 3 profiles took
+# 87 s), bench ~75 s, e2e ~60 s, then ~60 s per flag set (none by default).
 set -uo pipefail
 peer=${1:?path to torch_peer.py (or none)}
 shift
@@ -74,8 +77,9 @@ python3 -c "import torch; print('torch', torch.__version__)" 2>/dev/null
 git log -1 --format='commit %h %s' 2>/dev/null
 if [ "${DRY:-0}" = 1 ]; then
   model="--model=testing --image_size=32 --batch=4 --matmul_n=256"
-  abl="--model=testing --image_size=32 --batch=4 --prompts=3 --iters=2"
-  abl_variants=${ABL_VARIANTS:-"auto:1:0,auto:1:0:8:0:0,auto:1:0:kv_stacked=1:cudnn_multiple=2"}
+  abl="--model=testing --image_size=32 --batch=4 --prompts=3 --iters=2 \
+    --combine_margin=-1"
+  abl_variants=${ABL_VARIANTS:-"auto:1:0,auto:1:0:8:0:0,auto:1:0:kv_stacked=1:cudnn_multiple=2,auto:1:0:cudnn_multiple=1:xla_gpu_graph_min_graph_size=1"}
   e2e="--model=tiny32 --image_size=32 --px=40 --train=120 --test=60 \
     --tune_epochs=2 --final_epochs=2 --lrs=1:0.1 --wds=0 --vmap_chunk=1 \
     --seeds=42:44 --dtype=float32"
@@ -85,12 +89,17 @@ if [ "${DRY:-0}" = 1 ]; then
 else
   model="--batch=128 --matmul_n=8192 --spec_tflops=989 --dtype=bfloat16"
   abl="--batch=128 --prompts=100 --iters=10"
-  # The default path, then the levers not measured yet, one at a time and
-  # together: cuDNN lengths padded to even (198 tokens, 298 keys at 100
-  # prompts) instead of multiples of 8, and every block's prompt keys and
-  # values in one batched computation. (Calls 5-6 measured the GELU's form
-  # and the own-VJP levers; ABL_VARIANTS can add them back.)
-  abl_variants=${ABL_VARIANTS:-"auto:1:0,auto:1:0:cudnn_multiple=2,auto:1:0:kv_stacked=1,auto:1:0:cudnn_multiple=2:kv_stacked=1"}
+  # The default path, then the levers not measured yet, one at a time
+  # (winners are combined by the ablation itself): every block's prompt
+  # keys and values in one batched computation; CUDA graphs down to one
+  # kernel; the block-level rewriter; cuDNN lengths padded to even (198
+  # tokens, 298 keys at 100 prompts) or not at all (197, 297; no lengths
+  # passed) instead of to multiples of 8 (200, 304). Unpadded is the bet
+  # (vit.CUDNN_PAD says why); even is its fallback should cuDNN refuse
+  # odd lengths. A variant that fails is an error row and the rest go on.
+  # (Calls 5-6 measured the GELU's form and the own-VJP levers;
+  # ABL_VARIANTS can add them back.)
+  abl_variants=${ABL_VARIANTS:-"auto:1:0,auto:1:0:kv_stacked=1,auto:1:0:xla_gpu_graph_min_graph_size=1,auto:1:0:xla_gpu_experimental_enable_fusion_block_level_rewriter=true,auto:1:0:cudnn_multiple=2,auto:1:0:cudnn_multiple=1"}
   e2e="--tune_epochs=3 --final_epochs=5 --vmap_chunk=8"
   prompts=${BENCH_PROMPTS:-0,10,100}
   step_at=10
@@ -111,26 +120,27 @@ fi
 if [[ $stages == *ablation* ]]; then
   stamp "ablation"
   # shellcheck disable=SC2086
-  (cd benchmarks && timeout "${ABL_S:-175}" python3 gpu_ablation.py \
+  (cd benchmarks && timeout "${ABL_S:-215}" python3 gpu_ablation.py \
     --out="$work/ablation" --variants="$abl_variants" \
     --eval_variants="${ABL_EVAL_VARIANTS-}" \
-    --profile=0 --profile_eval="${ABL_EVAL_PROFILE-0,$flag_prompts}" \
-    --rounds="${ABL_ROUNDS:-3}" --budget_s="${ABL_BUDGET_S:-90}" \
+    --profile="${ABL_PROFILE:--1}" --profile_eval="${ABL_EVAL_PROFILE-0,$flag_prompts}" \
+    --rounds="${ABL_ROUNDS:-3}" --budget_s="${ABL_BUDGET_S:-130}" \
     $abl)
 fi
 
 # The levers for the stages below: the ablation's fastest variant, where
 # one beat the default by more than 1% (PICK_LEVERS=0: the library's
 # defaults), so one call measures the table on the faster setting
-# whichever way the ablation goes: its own-VJP settings and its named
+# whichever way the ablation goes: its own-VJP settings, its named
 # model fields (vpt_bench --model_fields; e2e as --config.model.* where
-# the config has the key).
+# the config has the key) and its XLA options (as XLA_FLAGS).
 gelu=auto
 ln=auto
 fields=""
 cfg_fields=""
+picked_xla=""
 if [[ ${PICK_LEVERS:-1} = 1 && -f $work/ablation/ablation.json ]]; then
-  { read -r gelu ln; read -r fields; read -r cfg_fields; } < <(
+  { read -r gelu ln; read -r fields; read -r cfg_fields; read -r picked_xla; } < <(
     python3 - "$work/ablation/ablation.json" <<'PY'
 import json, sys
 from vptpc import config_util
@@ -143,7 +153,9 @@ default = next((r for r in rows if r["variant"] == 0), None)
 if default:
   rows = [r for r in rows if r.get("gelu_form") == default.get("gelu_form")]
 best = max(rows, key=lambda r: r["img_s"], default=None)
-if default and best["img_s"] <= 1.01 * default["img_s"]:
+# The combined variant was timed in rounds of its own, with the default.
+base = best and best.get("default_img_s_same_rounds") or (default or {}).get("img_s")
+if default and best["img_s"] <= 1.01 * base:
   best = default
 onoff = lambda b: "on" if b else "off"
 print(*(onoff(best[k]) for k in ("gelu_vjp", "ln_vjp")) if best
@@ -154,12 +166,18 @@ model = config_util.base_config().model
 as_cfg = lambda k, v: bool(v) if isinstance(model[k], bool) else v
 print(" ".join(f"--config.model.{k}={as_cfg(k, v)}"
                for k, v in fields.items() if k in model) or "-")
+print(" ".join(f"--{k}={v}" for k, v in
+               ((best or {}).get("xla_options") or {}).items()) or "-")
 PY
   )
   gelu=${gelu:-auto} ln=${ln:-auto}
   [[ ${fields:--} = - ]] && fields=""
   [[ ${cfg_fields:--} = - ]] && cfg_fields=""
-  stamp "levers for the stages below: gelu_vjp=$gelu ln_vjp=$ln fields=${fields:-none}"
+  [[ ${picked_xla:--} = - ]] && picked_xla=""
+  stamp "levers for the stages below: gelu_vjp=$gelu ln_vjp=$ln fields=${fields:-none} XLA flags: ${picked_xla:-none}"
+  if [[ -n $picked_xla ]]; then
+    export XLA_FLAGS="$picked_xla ${XLA_FLAGS:-}"
+  fi
 fi
 levers="--gelu_vjp=$gelu --ln_vjp=$ln --model_fields=$fields"
 
@@ -196,7 +214,10 @@ fi
 
 if [[ $stages == *flags* ]]; then
   # A set that names the Triton flag replaces vptpc's choice of it.
-  default_sets="--xla_gpu_graph_min_graph_size=1;--xla_gpu_graph_min_graph_size=1 --xla_gpu_enable_command_buffer=+CUDNN,+CUSTOM_CALL;--xla_gpu_experimental_enable_fusion_block_level_rewriter=true"
+  # None by default: XLA's flags are timed per program in the ablation
+  # now (one process, interleaved rounds); FLAG_SETS is for a flag that
+  # must be set before the process starts.
+  default_sets=""
   IFS=';' read -ra flag_sets <<<"${FLAG_SETS-$default_sets}"
   for i in "${!flag_sets[@]}"; do
     f=${flag_sets[$i]}
@@ -206,7 +227,7 @@ if [[ $stages == *flags* ]]; then
     fi
     stamp "flags[$i]: ${f:-default}"
     # shellcheck disable=SC2086
-    XLA_FLAGS="$f" timeout "${FLAGS_S:-60}" python3 benchmarks/vpt_bench.py \
+    XLA_FLAGS="${picked_xla:+$picked_xla }$f" timeout "${FLAGS_S:-60}" python3 benchmarks/vpt_bench.py \
       --out="$work/flags/$i" --prompts=$flag_prompts --paths=kv \
       --kv_cache=0 --modes=jit --warmup=2 --iters=10 --torch_ref= $model \
       $levers >"$work/flags/$i.jsonl" 2>"$work/flags/$i.err"

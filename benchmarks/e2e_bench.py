@@ -42,6 +42,33 @@ FULL_GRID, FULL_EPOCHS, FULL_SEEDS, VTAB_TASKS = 40, 100, 5, 19
 _PLATFORMS = ""  # the caller's JAX_PLATFORMS, for the runs
 
 
+def time_per_image(step_rates: str):
+  """Seconds per image at a prompt count, from ``"prompts:img_s,..."``.
+
+  Piecewise linear between the measured counts (time per image is close
+  to linear in the prompt count on the key/value path); beyond the last
+  one it goes on at the last segment's slope, but never downwards (more
+  prompt keys never make a step faster, so a noisy pair of rates must not
+  project a negative time); below the first it is the first's.
+  """
+  pts = sorted(
+    (int(k), 1.0 / float(v))
+    for k, v in (x.split(":") for x in step_rates.split(","))
+  )
+
+  def t_img(n: int) -> float:
+    lo = max([p for p in pts if p[0] <= n] or [pts[0]])
+    hi = min([p for p in pts if p[0] >= n] or [pts[-1]])
+    if lo != hi:
+      return lo[1] + (hi[1] - lo[1]) * (n - lo[0]) / (hi[0] - lo[0])
+    if n <= pts[-1][0] or len(pts) < 2:
+      return lo[1]
+    (x0, y0), (x1, y1) = pts[-2], pts[-1]
+    return y1 + max(y1 - y0, 0.0) * (n - x1) / (x1 - x0)
+
+  return t_img
+
+
 def _make_image(args):
   """One smooth random RGB image as JPEG bytes (fast to make and decode)."""
   import io
@@ -323,19 +350,7 @@ def main():
     if a.step_rates:
       # Time per image is close to linear in the prompt count on the
       # key/value path: interpolate the isolated step's, scale training.
-      pts = sorted(
-        (int(k), 1.0 / float(v))
-        for k, v in (x.split(":") for x in a.step_rates.split(","))
-      )
-
-      def t_img(n):
-        lo = max([p for p in pts if p[0] <= n] or [pts[0]])
-        hi = min([p for p in pts if p[0] >= n] or [pts[-1]])
-        if lo == hi:
-          (x0, y0), (x1, y1) = pts[-2], pts[-1]
-          return y0 + (y1 - y0) * (n - x0) / (x1 - x0) if n > x1 else lo[1]
-        return lo[1] + (hi[1] - lo[1]) * (n - lo[0]) / (hi[0] - lo[0])
-
+      t_img = time_per_image(a.step_rates)
       total = sum(
         fixed_s + train_s * t_img(t.num_prompts) / t_img(task.num_prompts)
         for t in vtab.VTAB.values()

@@ -24,14 +24,22 @@ model variants that differ in one lever at a time:
 ``auto`` (and an omitted field) is the model's default for the backend.
 Any field may be followed by ``name=value`` items, which set any other
 `vptpc.models.vit.VisionTransformer` field (`parse_fields`), e.g.
-``auto:1:0:cudnn_multiple=2`` or ``auto:1:0:kv_stacked=1``; a row
-records them as ``fields``, so a caller can run the fastest variant
-(``device_check.sh`` does, through ``vpt_bench.py --model_fields``).
+``auto:1:0:cudnn_multiple=2`` or ``auto:1:0:kv_stacked=1``, or, for names
+that start with ``xla_``, an XLA option of the variant's compiled
+programs (`parse_xla_options`), e.g.
+``auto:1:0:xla_gpu_graph_min_graph_size=1``; a row records them as
+``fields`` and ``xla_options``, so a caller can run the fastest variant
+(``device_check.sh`` does, through ``vpt_bench.py --model_fields`` and
+``XLA_FLAGS``).
 
 After every variant has run once, ``--rounds`` - 1 more rounds time each
 again in turn, and a variant's rate is the median over its rounds, so a
 drift of the device over the run (clocks, memory) does not fall on one
-variant alone.
+variant alone. Then, where two or more variants beat the default by over
+1%, their named items together are one more variant (`combine_winners`,
+``--combine``), timed in rounds of its own alternating with the default,
+whose rate in those rounds the row keeps as
+``default_img_s_same_rounds``.
 
 Each variant's bf16 logits are compared with a float32 XLA forward of the
 same weights (relative L2 error). Then one variant's train step is traced
@@ -61,6 +69,86 @@ import time
 from vpt_bench import median_seconds, parse_fields
 
 DEFAULT_VARIANTS = "xla:0:0,cudnn:0:0,cudnn:1:0,cudnn:1:1,xla:1:1,cudnn:1:0:1"
+
+
+def parse_variant(spec: str) -> tuple[list[str], dict, dict]:
+  """A ``--variants`` entry as (positional fields, model fields, XLA options).
+
+  ``name=value`` items whose name starts with ``xla_`` are XLA compiler
+  options (`parse_xla_options`); the others are model fields
+  (`parse_fields`).
+  """
+  items = spec.split(":")
+  named = [t for t in items if "=" in t]
+  xla = [t for t in named if t.startswith("xla_")]
+  return (
+    [t for t in items if "=" not in t],
+    parse_fields([t for t in named if not t.startswith("xla_")]),
+    parse_xla_options(xla),
+  )
+
+
+def parse_xla_options(items: list[str]) -> dict:
+  """``["xla_name=value", ...]`` as ``jax.jit(compiler_options=...)``.
+
+  Any XLA_FLAGS flag is a field of XLA's DebugOptions, and ``jax.jit``
+  applies such options per compiled program, so variants that differ in
+  a flag are timed in one process, in the same interleaved rounds as the
+  model levers (a flag set in XLA_FLAGS needs a process of its own).
+  Values stay strings, which XLA parses per the field's type: ``1``,
+  ``true`` (bools are ``True`` / ``False`` to XLA; lower case is mapped),
+  and comma-separated names for a repeated field such as
+  ``xla_gpu_enable_command_buffer`` (an empty value clears it). XLA names
+  a misspelled option or a bad value when the program compiles.
+
+  Raises:
+    ValueError: an item without ``=`` or not starting with ``xla_``.
+  """
+  out = {}
+  for item in items:
+    name, eq, value = item.partition("=")
+    if not eq or not name.startswith("xla_"):
+      raise ValueError(f"XLA option item {item!r}: expected xla_name=value.")
+    out[name] = {"true": "True", "false": "False"}.get(value.lower(), value)
+  return out
+
+
+def xla_flags(options: dict) -> str:
+  """`parse_xla_options`' dict as an XLA_FLAGS string for another process."""
+  return " ".join(f"--{k}={v}" for k, v in options.items())
+
+
+def combine_winners(rows: list[dict], margin: float = 0.01) -> dict | None:
+  """The named fields and options of every variant that beat the default.
+
+  ``rows``: train rows (``variant``, ``img_s``, ``fields``,
+  ``xla_options``, ``positional``); variant 0 is the default. Only
+  variants with the default's positional fields take part (the others
+  change a lever that is not a named field). Where two winners set the
+  same name, the faster one's value is kept. None unless at least two
+  variants beat the default by more than ``margin``: one winner is
+  already measured as it is.
+  """
+  default = next((r for r in rows if r["variant"] == 0), None)
+  if default is None:
+    return None
+  wins = sorted(
+    (
+      r
+      for r in rows
+      if r["variant"] != 0
+      and r.get("positional") == default.get("positional")
+      and r["img_s"] > (1 + margin) * default["img_s"]
+    ),
+    key=lambda r: r["img_s"],
+  )
+  if len(wins) < 2:
+    return None
+  fields, xla = {}, {}
+  for r in wins:  # slowest first: a faster winner overwrites a shared name
+    fields.update(r.get("fields") or {})
+    xla.update(r.get("xla_options") or {})
+  return dict(fields=fields, xla_options=xla, of=[r["variant"] for r in wins])
 
 
 def kind_of(name: str) -> str:
@@ -243,7 +331,12 @@ def main():
     "per variant, comma-separated",
   )
   ap.add_argument("--eval_variants", default="0,3", help="variant indices")
-  ap.add_argument("--profile", type=int, default=3, help="variant to trace")
+  ap.add_argument(
+    "--profile",
+    type=int,
+    default=3,
+    help="variant to trace (-1: the fastest train step, after the rounds)",
+  )
   ap.add_argument(
     "--profile_eval",
     default="",
@@ -254,6 +347,20 @@ def main():
     "--rounds", type=int, default=3, help="timing rounds over the variants"
   )
   ap.add_argument("--top", type=int, default=20, help="kernels listed")
+  ap.add_argument(
+    "--combine",
+    type=int,
+    default=1,
+    help="1: time the named levers of all variants that beat the default "
+    "together as one more variant (combine_winners)",
+  )
+  ap.add_argument(
+    "--combine_margin",
+    type=float,
+    default=0.01,
+    help="how much faster than the default a winner is (a negative value "
+    "combines every variant: the CPU dry run's way to run that path)",
+  )
   ap.add_argument(
     "--budget_s", type=float, default=240.0, help="no new variant after this"
   )
@@ -302,9 +409,10 @@ def main():
       num_layers=cfg.num_layers,
     )
 
-  def eval_forward(model):
+  def eval_forward(model, jit_kw=None):
     return jax.jit(
-      lambda fz, x, p: model.apply({"params": vit.merge_head(fz, head)}, x, p)
+      lambda fz, x, p: model.apply({"params": vit.merge_head(fz, head)}, x, p),
+      **(jit_kw or {}),
     )
 
   prompts = make_prompts(a.prompts)
@@ -332,23 +440,20 @@ def main():
     ref = jax.jit(ref_model.apply)({"params": params}, x32, prompts)
   ref = np.asarray(ref, np.float64)
   rows, steps_fns, models = [], {}, {}
-  variants = []
-  for v in a.variants.split(","):
-    items = v.split(":")
-    named = [t for t in items if "=" in t]
-    variants.append(([t for t in items if "=" not in t], parse_fields(named)))
+  variants = [parse_variant(v) for v in a.variants.split(",")]
   eval_idx = {int(i) for i in a.eval_variants.split(",") if i}
-  t_start = time.perf_counter()  # the budget covers the variants only
-  for i, ((attn, cast, fuse, *more), fields) in enumerate(variants):
-    if time.perf_counter() - t_start > a.budget_s:
-      print(f"budget reached; skipping variants from {i}", flush=True)
-      break
+
+  def run_variant(i, positional, fields, xla, label=""):
+    """Compiles and times variant ``i`` once; a failure is an error row."""
+    attn, cast, fuse, *more = positional
     pad, gelu, ln, form = (more + ["auto"] * 4)[:4]
     form = "erf" if form == "auto" else form
-    name = (
+    name = label + (
       f"attention={attn} cast={cast} fuse_qkv={fuse} pad_tokens={pad}"
       f" gelu_vjp={gelu} ln_vjp={ln} gelu_form={form}"
-    ) + "".join(f" {k}={v}" for k, v in fields.items())
+      + "".join(f" {k}={v}" for k, v in {**fields, **xla}.items())
+    )
+    jit_kw = {"compiler_options": xla} if xla else {}
     try:
       model = vit.create_model(
         cfg,
@@ -364,7 +469,7 @@ def main():
       )
       fz = vit.cast_backbone(frozen, dtype) if cast == "1" else frozen
       fz = jax.device_put(fz, dev)
-      logits = jax.jit(model.apply)(
+      logits = jax.jit(model.apply, **jit_kw)(
         {"params": vit.merge_head(fz, head)}, x32, prompts
       )
       err = float(
@@ -372,7 +477,9 @@ def main():
         / np.linalg.norm(ref)
       )
       step = jax.jit(
-        train.make_train_step(model, opt, sched), donate_argnums=(0,)
+        train.make_train_step(model, opt, sched),
+        donate_argnums=(0,),
+        **jit_kw,
       )
       # Host copies: the step donates the state's buffers.
       state = jax.device_put(
@@ -400,7 +507,9 @@ def main():
         gelu_vjp=vit.own_vjp_default(model.gelu_vjp, "gelu"),
         ln_vjp=vit.own_vjp_default(model.ln_vjp, "ln"),
         gelu_form=model.gelu_form,
+        positional=list(positional),
         fields=fields,
+        xla_options=xla,
         prompts=a.prompts,
         what="train",
         img_s=round(b / s, 1),
@@ -412,9 +521,9 @@ def main():
       rows.append(row)
       print(json.dumps(row), flush=True)
       steps_fns[i] = (once, row)
-      models[i] = (model, fz)
+      models[i] = (model, fz, jit_kw)
       if i in eval_idx:
-        fwd = eval_forward(model)
+        fwd = eval_forward(model, jit_kw)
         for n_p in sorted({0, a.prompts}):
           p = prompts if n_p else None
           s = median_seconds(
@@ -440,13 +549,56 @@ def main():
       row = dict(variant=i, name=name, what="error", error=str(e)[:300])
       rows.append(row)
       print(json.dumps(row), flush=True)
-  for _ in range(a.rounds - 1):
-    for once, row in steps_fns.values():
-      row["img_s_rounds"].append(round(b / median_seconds(once, 1, a.iters), 1))
+
+  t_start = time.perf_counter()  # the budget covers the variants only
+  for i, (positional, fields, xla) in enumerate(variants):
+    if time.perf_counter() - t_start > a.budget_s:
+      print(f"budget reached; skipping variants from {i}", flush=True)
+      break
+    run_variant(i, positional, fields, xla)
+
+  def time_rounds(fns, n):
+    for _ in range(n):
+      for once, row in fns:
+        row["img_s_rounds"].append(
+          round(b / median_seconds(once, 1, a.iters), 1)
+        )
+
+  time_rounds(list(steps_fns.values()), a.rounds - 1)
   for _, row in steps_fns.values():
     row["img_s"] = round(float(np.median(row["img_s_rounds"])), 1)
+  # Winners' named levers together, timed against the default again in
+  # rounds of their own (the picker in device_check.sh may pick it).
+  both = combine_winners(
+    list(r for _, r in steps_fns.values()), a.combine_margin
+  )
+  if a.combine and both and 0 in steps_fns:
+    i = len(variants)
+    base_pos = steps_fns[0][1]["positional"]
+    run_variant(
+      i,
+      base_pos,
+      both["fields"],
+      both["xla_options"],
+      label=f"winners {both['of']} together: ",
+    )
+    if i in steps_fns:
+      steps_fns[i][1]["combined_from"] = both["of"]
+      default_row = dict(steps_fns[0][1], img_s_rounds=[])
+      time_rounds(
+        [steps_fns[i], (steps_fns[0][0], default_row)], max(a.rounds - 1, 1)
+      )
+      row = steps_fns[i][1]
+      row["img_s"] = round(float(np.median(row["img_s_rounds"])), 1)
+      # The default, timed in the same rounds: the fair comparison.
+      row["default_img_s_same_rounds"] = round(
+        float(np.median(default_row["img_s_rounds"])), 1
+      )
+  for _, row in steps_fns.values():
     if a.rounds > 1:
       print(json.dumps(dict(row, what="train (median of rounds)")), flush=True)
+  if a.profile < 0 and steps_fns:  # the fastest train step, once known
+    a.profile = max(steps_fns, key=lambda i: steps_fns[i][1]["img_s"])
   prof_rows, prof_gaps = [], {}
   if a.profile in steps_fns:
     try:
@@ -458,8 +610,8 @@ def main():
   # about the forward alone.
   eval_profiles = {}
   if a.profile in models and a.profile_eval:
-    model, fz = models[a.profile]
-    fwd = eval_forward(model)
+    model, fz, jit_kw = models[a.profile]
+    fwd = eval_forward(model, jit_kw)
     for n_p in (int(v) for v in a.profile_eval.split(",")):
       if n_p in (0, a.prompts):
         p = prompts if n_p else None
@@ -493,6 +645,7 @@ def main():
     json.dump(
       {
         "rows": rows,
+        "profiled_variant": a.profile,
         "profile": prof_rows,
         "kinds": kinds,
         "gaps": prof_gaps,

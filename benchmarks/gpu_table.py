@@ -123,6 +123,8 @@ def main(folder: str, spec_tflops: float = 989.0) -> str:
     lines.append(f"\nvptpc's own-VJP levers in these rows: {on} ({asked}).")
   if args.get("model_fields"):
     lines.append(f"\nModel fields set in these rows: {args['model_fields']}.")
+  if bench.get("xla_flags"):
+    lines.append(f"\nXLA_FLAGS of these rows: `{bench['xla_flags']}`.")
   e0 = ours.get((0, "none", "eval"))
   if e0:
     pct = 100 * 2 * e0["gflops_actual"] * e0["img_s"] / (spec_tflops * 1e3)
@@ -150,8 +152,10 @@ def main(folder: str, spec_tflops: float = 989.0) -> str:
       elif r.get("what") == "error":
         lines.append(f"| {r['name']} | failed: {r['error'][:80]} | | |")
     if abl.get("kinds"):
+      v = abl.get("profiled_variant", 0)
+      which = "the first variant's" if v == 0 else f"variant {v}'s"
       lines += _kinds_lines(
-        "the first variant's train step goes",
+        f"{which} train step goes",
         abl["kinds"],
         abl.get("gaps"),
         "step",

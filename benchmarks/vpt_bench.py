@@ -446,6 +446,8 @@ def main():
       {
         "peak_matmul_gflop_s": peak,
         "args": vars(a),
+        # As the process ran (`import vptpc` may have added to it).
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         # What "auto" resolved to on this backend (vit.own_vjp_default).
         "own_vjps": {
           k: vit.own_vjp_default(

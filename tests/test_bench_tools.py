@@ -83,3 +83,80 @@ def test_variant_fields_are_checked_model_fields():
     parse(["kv_stackd=1"])
   with pytest.raises(ValueError, match="'kv_stacked'"):
     parse(["kv_stacked"])
+
+
+def test_variant_items_split_into_model_fields_and_xla_options():
+  pos, fields, xla = gpu_ablation.parse_variant(
+    "auto:1:0:kv_stacked=1:xla_gpu_graph_min_graph_size=1"
+    ":xla_gpu_enable_command_buffer=:xla_foo=false"
+  )
+  assert pos == ["auto", "1", "0"]
+  assert fields == {"kv_stacked": 1}
+  assert xla == {
+    "xla_gpu_graph_min_graph_size": "1",
+    "xla_gpu_enable_command_buffer": "",
+    "xla_foo": "False",
+  }
+  assert gpu_ablation.xla_flags(xla) == (
+    "--xla_gpu_graph_min_graph_size=1 --xla_gpu_enable_command_buffer= "
+    "--xla_foo=False"
+  )
+  with pytest.raises(ValueError, match="'xla_x'"):
+    gpu_ablation.parse_xla_options(["xla_x"])
+  with pytest.raises(ValueError, match="'kv_stackd=1'"):
+    gpu_ablation.parse_variant("auto:1:0:kv_stackd=1")
+
+
+def test_xla_options_reach_the_compiler_and_a_bad_one_is_named():
+  import jax
+  import jax.numpy as jnp
+
+  opts = gpu_ablation.parse_xla_options(["xla_gpu_graph_min_graph_size=1"])
+  f = jax.jit(lambda x: x * 2, compiler_options=opts)
+  assert float(f(jnp.ones(()))) == 2.0
+  bad = gpu_ablation.parse_xla_options(["xla_gpu_graph_min_grph_size=1"])
+  with pytest.raises(Exception, match="xla_gpu_graph_min_grph_size"):
+    jax.jit(lambda x: x * 2, compiler_options=bad)(jnp.ones(()))
+
+
+def _train_row(i, img_s, fields=None, xla=None, pos=("auto", "1", "0")):
+  return dict(
+    variant=i,
+    img_s=img_s,
+    fields=fields or {},
+    xla_options=xla or {},
+    positional=list(pos),
+  )
+
+
+def test_winners_are_combined_the_faster_keeping_a_shared_name():
+  rows = [
+    _train_row(0, 100.0),
+    _train_row(1, 103.0, {"kv_stacked": 1}),
+    _train_row(2, 100.5, {"cudnn_multiple": 2}),  # within the margin
+    _train_row(3, 104.0, {"cudnn_multiple": 1}),
+    _train_row(4, 102.0, {"cudnn_multiple": 2}),
+    _train_row(5, 105.0, xla={"xla_gpu_graph_min_graph_size": "1"}),
+    _train_row(6, 120.0, {"kv_stacked": 1}, pos=("auto", "1", "1")),
+  ]
+  both = gpu_ablation.combine_winners(rows)
+  assert both == dict(
+    fields={"kv_stacked": 1, "cudnn_multiple": 1},
+    xla_options={"xla_gpu_graph_min_graph_size": "1"},
+    of=[4, 1, 3, 5],
+  )
+  # One winner (or none) is already measured as it is.
+  assert gpu_ablation.combine_winners(rows[:3]) is None
+  assert gpu_ablation.combine_winners(rows[1:]) is None  # no default
+
+
+def test_time_per_image_interpolates_and_never_extrapolates_downwards():
+  e2e_bench = pytest.importorskip("e2e_bench")
+  t = e2e_bench.time_per_image("0:1000,10:800,100:500")
+  assert t(0) == pytest.approx(1e-3)
+  assert t(55) == pytest.approx((1 / 800 + 1 / 500) / 2)
+  assert t(200) == pytest.approx(1 / 500 + (1 / 500 - 1 / 800) * 100 / 90)
+  # A faster rate at more prompts (noise on a tiny model) projects flat.
+  noisy = e2e_bench.time_per_image("0:1000,3:900,10:950")
+  assert noisy(200) == pytest.approx(1 / 950)
+  assert e2e_bench.time_per_image("10:800")(100) == pytest.approx(1 / 800)

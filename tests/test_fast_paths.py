@@ -124,7 +124,7 @@ def _xla_for_cudnn(monkeypatch):
   seen = []
 
   def xla_instead(q, k, v, **kw):
-    seen.append((q.shape, k.shape, kw.get("key_value_seq_lengths")))
+    seen.append((q.shape, k.shape, kw.get("key_value_seq_lengths"), sorted(kw)))
     kw["implementation"] = "xla"
     return real(q, k, v, **kw)
 
@@ -175,26 +175,48 @@ def _round8(n):
 
 
 @pytest.mark.parametrize("n_prompts", [0, 3, 4])
-def test_cudnn_multiple_two_pads_to_even_lengths(
-  tiny_params, monkeypatch, n_prompts
+@pytest.mark.parametrize("multiple", [1, 2])
+def test_cudnn_multiple_pads_to_its_multiple_only(
+  tiny_params, monkeypatch, n_prompts, multiple
 ):
-  # 17 tokens padded once to 18; keys 18 + prompts, padded only when odd.
+  # 17 tokens: 2 pads them once to 18 and the keys (18 + prompts) only when
+  # odd; 1 pads nothing, so cuDNN gets no lengths (no mask at all).
   seen = _xla_for_cudnn(monkeypatch)
   plain = vit.VisionTransformer(
     **TINY, num_classes=5, kv_only=True, attention_impl="matmul", pad_tokens=1
   )
-  even = vit.VisionTransformer(
+  model = vit.VisionTransformer(
     **TINY, num_classes=5, kv_only=True, attention_impl="cudnn",
-    cudnn_multiple=2,
+    cudnn_multiple=multiple,
   )  # fmt: skip
   p = _prompts(n=n_prompts) if n_prompts else None
   x = _images()
   a = plain.apply({"params": tiny_params}, x, p)
-  b = even.apply({"params": tiny_params}, x, p)
+  b = model.apply({"params": tiny_params}, x, p)
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  assert seen[0][0][1] == 18
-  assert seen[0][1][1] == 18 + n_prompts + n_prompts % 2
-  np.testing.assert_array_equal(seen[0][2], [17 + n_prompts] * 4)
+  if multiple == 2:
+    assert seen[0][0][1] == 18
+    assert seen[0][1][1] == 18 + n_prompts + n_prompts % 2
+    np.testing.assert_array_equal(seen[0][2], [17 + n_prompts] * 4)
+  else:
+    assert (seen[0][0][1], seen[0][1][1]) == (17, 17 + n_prompts)
+    assert seen[0][2] is None
+  # jax checks even lengths in training only when a bias (or a boolean
+  # mask, which it turns into one) reaches cuDNN; this path passes neither.
+  assert all(not ({"bias", "mask"} & set(kw)) for *_, kw in seen)
+  if not n_prompts:
+    return
+
+  def grads(m):
+    def f(q):
+      return (m.apply({"params": tiny_params}, x, q) ** 2).sum()
+
+    return jax.grad(f)(p)
+
+  ga, gb = grads(plain), grads(model)
+  for k in ga:
+    scale = float(np.abs(ga[k]).max())
+    np.testing.assert_allclose(ga[k], gb[k], rtol=1e-4, atol=1e-6 * scale)
 
 
 @pytest.mark.parametrize("fuse_qkv", [False, True])

@@ -232,9 +232,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.gelu_vjp = "auto"
   c.model.ln_vjp = "auto"
   # With cuDNN attention, pad query and key lengths to a multiple of this
-  # (0: vit.CUDNN_PAD, 8; 2 may be enough, unverified). The same function;
-  # stays 0 until a GPU measures 2 (benchmarks/gpu_ablation.py). ViT only
-  # (a Swin needs 0).
+  # (0: vit.CUDNN_PAD, 8; 1 pads nothing; 1 or 2 may be enough, unverified).
+  # The same function; stays 0 until a GPU measures 1 and 2
+  # (benchmarks/gpu_ablation.py). ViT only (a Swin needs 0).
   c.model.cudnn_multiple = 0
   # On the shared key/value path, compute every block's prompt keys and
   # values before the blocks in one batched computation (fewer, larger

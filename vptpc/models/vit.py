@@ -350,9 +350,12 @@ class MlpBlock(nn.Module):
 
 
 ATTENTION_IMPLS = ("matmul", "xla", "cudnn")
-# cuDNN's fused kernel refuses odd sequence lengths in training (jax 0.11.2
-# on an H100: "Unsupported sequence length Q 197, KV 297"), so queries and
-# keys are zero-padded to a multiple of this and masked by length.
+# A GPU run (jax 0.11.2, an H100) once refused 197 queries and 297 keys in
+# training ("Unsupported sequence length Q 197, KV 297"), so queries and keys
+# are zero-padded to a multiple of this and masked by length. That message
+# is jax's check for a bias (a boolean mask becomes one) in training, in
+# every jax source read since (0.10.2; jax-ml/jax); with lengths and no mask
+# it does not fire, so ``cudnn_multiple=1`` (no padding) may run: unmeasured.
 CUDNN_PAD = 8
 
 
@@ -1123,11 +1126,12 @@ class VisionTransformer(nn.Module):
       the default) or ``"erfc"`` (``nn.gelu``); see `MlpBlock`.
     cudnn_multiple: with cuDNN attention, the multiple that query and key
       lengths (and the once-padded tokens) are padded to. None:
-      `CUDNN_PAD` (8). Under jax 0.11.2 training refused 197 queries with
-      the message of jax's check for even lengths, so 2 may be enough: it
-      pads 197 tokens to 198 and, at an even prompt count, the keys not at
-      all. Unverified: whether jax accepts it on a GPU and cuDNN runs as
-      fast at such lengths is what ``benchmarks/gpu_ablation.py``
+      `CUDNN_PAD` (8). 2 pads 197 tokens to 198 and, at an even prompt
+      count, the keys not at all; 1 pads nothing and passes cuDNN no
+      lengths. The refusal that made 8 the default came from jax's even-
+      length check, which (see `CUDNN_PAD`) applies only with a bias. Not
+      yet measured on a GPU: whether cuDNN accepts 1 or 2 in training and
+      runs as fast at such lengths is what ``benchmarks/gpu_ablation.py``
       measures, so 8 stays the default.
     kv_stacked: on the shared key/value path, compute every block's prompt
       keys and values before the blocks in one batched computation
