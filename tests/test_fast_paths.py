@@ -158,13 +158,19 @@ def test_tokens_padded_once_equal_the_unpadded_model(
   if not n_prompts:
     return
 
+  _assert_prompt_grads_equal(plain, padded, tiny_params, x, p)
+
+
+def _assert_prompt_grads_equal(model_a, model_b, params, x, p):
+  """Both models' prompt gradients agree to float32 rounding."""
+
   def grads(model):
     def f(q):
-      return (model.apply({"params": tiny_params}, x, q) ** 2).sum()
+      return (model.apply({"params": params}, x, q) ** 2).sum()
 
     return jax.grad(f)(p)
 
-  ga, gb = grads(plain), grads(padded)
+  ga, gb = grads(model_a), grads(model_b)
   for k in ga:  # float32 rounding, relative to the gradient's scale
     scale = float(np.abs(ga[k]).max())
     np.testing.assert_allclose(ga[k], gb[k], rtol=1e-4, atol=1e-6 * scale)
@@ -207,16 +213,7 @@ def test_cudnn_multiple_pads_to_its_multiple_only(
   if not n_prompts:
     return
 
-  def grads(m):
-    def f(q):
-      return (m.apply({"params": tiny_params}, x, q) ** 2).sum()
-
-    return jax.grad(f)(p)
-
-  ga, gb = grads(plain), grads(model)
-  for k in ga:
-    scale = float(np.abs(ga[k]).max())
-    np.testing.assert_allclose(ga[k], gb[k], rtol=1e-4, atol=1e-6 * scale)
+  _assert_prompt_grads_equal(plain, model, tiny_params, x, p)
 
 
 @pytest.mark.parametrize("fuse_qkv", [False, True])
@@ -240,16 +237,7 @@ def test_stacked_prompt_keys_values_equal_per_block(
   assert calls == [TINY["num_layers"]]
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
-  def grads(model):
-    def f(q):
-      return (model.apply({"params": tiny_params}, x, q) ** 2).sum()
-
-    return jax.grad(f)(p)
-
-  ga, gb = grads(plain), grads(stacked)
-  for k in ga:
-    scale = float(np.abs(ga[k]).max())
-    np.testing.assert_allclose(ga[k], gb[k], rtol=1e-4, atol=1e-6 * scale)
+  _assert_prompt_grads_equal(plain, stacked, tiny_params, x, p)
   # Vmapped as the grid runs members: prompts mapped, images shared.
   members = jax.tree.map(lambda t: jnp.stack([t, 0.5 * t]), p)
   va = jax.vmap(lambda q: plain.apply({"params": tiny_params}, x, q))(members)
