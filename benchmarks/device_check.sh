@@ -10,9 +10,12 @@
 #      (cudnn_multiple=1) or padded to even (=2) instead of to multiples
 #      of 8; and XLA flags, applied per program (compiler options) so they
 #      are timed in the same process: CUDA graphs down to one kernel
-#      (XLA's default needs 5 in a row) and XLA's block-level (Triton)
-#      rewriter of fusions. Where two or more beat the default by over 1%,
-#      their named levers together are one more variant (--combine)),
+#      (XLA's default needs 5 in a row), XLA's block-level (Triton)
+#      rewriter of fusions and cuBLASLt for the GEMMs (the bench's 8192^2
+#      matmul reached 573-646 TFLOP/s under XLA in calls 3-6, PyTorch's
+#      ~790 on this GPU model; issue 20). Where two or more beat the
+#      default by over 1%, their named levers together are one more
+#      variant (--combine)),
 #      timed in interleaved rounds: the train step,
 #      bf16-vs-fp32 logits, and per-kernel profiles of the fastest
 #      variant's train step (ABL_PROFILE; -1: the fastest) and of its eval
@@ -49,7 +52,7 @@
 # STAGES (default "peer ablation bench e2e flags") picks stages; *_S
 # variables bound each stage's seconds. Sized for about 8 minutes on an
 # H200 (each ViT-B/16 program compiles in 6-20 s; torch.compile's in
-# 11-26 s; calls 3-6): peer ~130 s, ablation ~150 s (6 variants, perhaps
+# 11-26 s; calls 3-6): peer ~130 s, ablation ~150 s (7 variants, perhaps
 # the winners together, 3 profiles; call 5's 4 variants and 3 profiles took
 # 87 s), bench ~75 s, e2e ~60 s, then ~60 s per flag set (none by default).
 set -uo pipefail
@@ -94,12 +97,15 @@ else
   # keys and values in one batched computation; CUDA graphs down to one
   # kernel; the block-level rewriter; cuDNN lengths padded to even (198
   # tokens, 298 keys at 100 prompts) or not at all (197, 297; no lengths
-  # passed) instead of to multiples of 8 (200, 304). Unpadded is the bet
-  # (vit.CUDNN_PAD says why); even is its fallback should cuDNN refuse
-  # odd lengths. A variant that fails is an error row and the rest go on.
+  # passed) instead of to multiples of 8 (200, 304); cuBLASLt. Unpadded
+  # is the bet (vit.CUDNN_PAD says why); even is its fallback should
+  # cuDNN refuse odd lengths. A variant that fails is an error row and
+  # the rest go on; past ABL_BUDGET_S no new variant starts, so
+  # cuBLASLt, whose evidence is the bench's 8192^2 matmul rather than a
+  # train-step profile, comes last.
   # (Calls 5-6 measured the GELU's form and the own-VJP levers;
   # ABL_VARIANTS can add them back.)
-  abl_variants=${ABL_VARIANTS:-"auto:1:0,auto:1:0:kv_stacked=1,auto:1:0:xla_gpu_graph_min_graph_size=1,auto:1:0:xla_gpu_experimental_enable_fusion_block_level_rewriter=true,auto:1:0:cudnn_multiple=2,auto:1:0:cudnn_multiple=1"}
+  abl_variants=${ABL_VARIANTS:-"auto:1:0,auto:1:0:kv_stacked=1,auto:1:0:xla_gpu_graph_min_graph_size=1,auto:1:0:xla_gpu_experimental_enable_fusion_block_level_rewriter=true,auto:1:0:cudnn_multiple=2,auto:1:0:cudnn_multiple=1,auto:1:0:xla_gpu_enable_cublaslt=true"}
   e2e="--tune_epochs=3 --final_epochs=5 --vmap_chunk=8"
   prompts=${BENCH_PROMPTS:-0,10,100}
   step_at=10
