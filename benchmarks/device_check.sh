@@ -82,7 +82,7 @@ if [ "${DRY:-0}" = 1 ]; then
   model="--model=testing --image_size=32 --batch=4 --matmul_n=256"
   abl="--model=testing --image_size=32 --batch=4 --prompts=3 --iters=2 \
     --combine_margin=-1"
-  abl_variants=${ABL_VARIANTS:-"auto:1:0,auto:1:0:8:0:0,auto:1:0:kv_stacked=1:cudnn_multiple=2,auto:1:0:cudnn_multiple=1:xla_gpu_graph_min_graph_size=1"}
+  abl_variants=${ABL_VARIANTS:-"auto:1:0,auto:1:0:auto:0:0,auto:1:0:kv_stacked=1:cudnn_multiple=2,auto:1:0:cudnn_multiple=1:xla_gpu_graph_min_graph_size=1"}
   e2e="--model=tiny32 --image_size=32 --px=40 --train=120 --test=60 \
     --tune_epochs=2 --final_epochs=2 --lrs=1:0.1 --wds=0 --vmap_chunk=1 \
     --seeds=42:44 --dtype=float32"
@@ -135,10 +135,10 @@ if [[ $stages == *ablation* ]]; then
 fi
 
 # The levers for the stages below: the ablation's fastest variant, where
-# one beat the default by more than 1% (PICK_LEVERS=0: the library's
-# defaults), so one call measures the table on the faster setting
-# whichever way the ablation goes: its own-VJP settings, its named
-# model fields (vpt_bench --model_fields; e2e as --config.model.* where
+# one beat the default by more than 1% (gpu_ablation.pick_levers;
+# PICK_LEVERS=0: the library's defaults), so one call measures the table
+# on the faster setting whichever way the ablation goes: its own-VJP
+# settings, its named model fields (vpt_bench --model_fields; e2e as --config.model.* where
 # the config has the key) and its XLA options (as XLA_FLAGS).
 gelu=auto
 ln=auto
@@ -147,34 +147,9 @@ cfg_fields=""
 picked_xla=""
 if [[ ${PICK_LEVERS:-1} = 1 && -f $work/ablation/ablation.json ]]; then
   { read -r gelu ln; read -r fields; read -r cfg_fields; read -r picked_xla; } < <(
-    python3 - "$work/ablation/ablation.json" <<'PY'
-import json, sys
-from vptpc import config_util
-rows = [r for r in json.load(open(sys.argv[1]))["rows"]
-        if r.get("what") == "train" and "gelu_vjp" in r]
-default = next((r for r in rows if r["variant"] == 0), None)
-# Only the own-VJP settings and the named fields are passed on, so a
-# variant with another GELU form is reported, not picked (the default
-# variants share their other positional fields).
-if default:
-  rows = [r for r in rows if r.get("gelu_form") == default.get("gelu_form")]
-best = max(rows, key=lambda r: r["img_s"], default=None)
-# The combined variant was timed in rounds of its own, with the default.
-base = best and best.get("default_img_s_same_rounds") or (default or {}).get("img_s")
-if default and best["img_s"] <= 1.01 * base:
-  best = default
-onoff = lambda b: "on" if b else "off"
-print(*(onoff(best[k]) for k in ("gelu_vjp", "ln_vjp")) if best
-      else ("auto", "auto"))
-fields = (best or {}).get("fields") or {}
-print(",".join(f"{k}={v}" for k, v in fields.items()) or "-")
-model = config_util.base_config().model
-as_cfg = lambda k, v: bool(v) if isinstance(model[k], bool) else v
-print(" ".join(f"--config.model.{k}={as_cfg(k, v)}"
-               for k, v in fields.items() if k in model) or "-")
-print(" ".join(f"--{k}={v}" for k, v in
-               ((best or {}).get("xla_options") or {}).items()) or "-")
-PY
+    cd benchmarks && python3 -c \
+      'import sys, gpu_ablation; print(*gpu_ablation.pick_lines(sys.argv[1]), sep="\n")' \
+      "$work/ablation/ablation.json"
   )
   gelu=${gelu:-auto} ln=${ln:-auto}
   [[ ${fields:--} = - ]] && fields=""

@@ -29,8 +29,8 @@ that start with ``xla_``, an XLA option of the variant's compiled
 programs (`parse_xla_options`), e.g.
 ``auto:1:0:xla_gpu_graph_min_graph_size=1``; a row records them as
 ``fields`` and ``xla_options``, so a caller can run the fastest variant
-(``device_check.sh`` does, through ``vpt_bench.py --model_fields`` and
-``XLA_FLAGS``).
+(`pick_levers`; ``device_check.sh`` does, through `pick_lines`,
+``vpt_bench.py --model_fields`` and ``XLA_FLAGS``).
 
 After every variant has run once, ``--rounds`` - 1 more rounds time each
 again in turn, and a variant's rate is the median over its rounds, so a
@@ -118,6 +118,16 @@ def xla_flags(options: dict) -> str:
   return " ".join(f"--{k}={v}" for k, v in options.items())
 
 
+def levers_of(positional: list[str], skip: tuple[int, ...] = ()) -> list:
+  """A variant's seven positional fields, omitted ones as ``auto``.
+
+  ``skip``: indices left out of the comparison (4 and 5 are the own-VJP
+  levers, which the picker passes on by name).
+  """
+  full = (list(positional) + ["auto"] * 7)[:7]
+  return [v for j, v in enumerate(full) if j not in skip]
+
+
 def combine_winners(rows: list[dict], margin: float = 0.01) -> dict | None:
   """The named fields and options of every variant that beat the default.
 
@@ -137,7 +147,8 @@ def combine_winners(rows: list[dict], margin: float = 0.01) -> dict | None:
       r
       for r in rows
       if r["variant"] != 0
-      and r.get("positional") == default.get("positional")
+      and levers_of(r.get("positional", []))
+      == levers_of(default.get("positional", []))
       and r["img_s"] > (1 + margin) * default["img_s"]
     ),
     key=lambda r: r["img_s"],
@@ -149,6 +160,73 @@ def combine_winners(rows: list[dict], margin: float = 0.01) -> dict | None:
     fields.update(r.get("fields") or {})
     xla.update(r.get("xla_options") or {})
   return dict(fields=fields, xla_options=xla, of=[r["variant"] for r in wins])
+
+
+def pick_levers(rows: list[dict], margin: float = 0.01) -> dict | None:
+  """The variant the GPU script's later stages run, from the train rows.
+
+  The fastest relative to the default, where it beats the default by
+  more than ``margin``; else the default (variant 0); None without a
+  default row. A combined variant (`combine_winners`) is compared with
+  the default's rate in its own rounds (``default_img_s_same_rounds``),
+  every other one with the default's median over the main rounds, so a
+  drift of the device between the two sets of rounds decides nothing.
+  Only what a caller can pass on is picked: a row must share the
+  default's positional levers except the own-VJP ones (``gelu_vjp``,
+  ``ln_vjp``, which go on by name with ``fields`` and ``xla_options``).
+  """
+  rows = [r for r in rows if r.get("what") == "train" and "img_s" in r]
+  default = next((r for r in rows if r["variant"] == 0), None)
+  if default is None:
+    return None
+  same = levers_of(default.get("positional", []), skip=(4, 5))
+
+  def gain(r):
+    base = r.get("default_img_s_same_rounds") or default["img_s"]
+    return r["img_s"] / base
+
+  rivals = [
+    r
+    for r in rows
+    if r["variant"] != 0
+    and levers_of(r.get("positional", []), skip=(4, 5)) == same
+  ]
+  best = max(rivals, key=gain, default=None)
+  return best if best and gain(best) > 1 + margin else default
+
+
+def pick_lines(path: str, margin: float = 0.01) -> list[str]:
+  """`pick_levers` of an ``ablation.json`` as the script's four lines.
+
+  Lines: the own-VJP settings (``on``/``off``, ``auto auto`` without a
+  default row); the named fields for ``vpt_bench.py --model_fields``;
+  the same as ``--config.model.*`` overrides where the config has the
+  key (booleans as True/False); the XLA options as XLA_FLAGS. ``-``
+  stands for an empty line.
+  """
+  from vptpc import config_util
+
+  with open(path) as f:
+    best = pick_levers(json.load(f)["rows"], margin)
+  if best is None:
+    return ["auto auto", "-", "-", "-"]
+  model = config_util.base_config().model
+  fields = best.get("fields") or {}
+
+  def as_cfg(k, v):
+    return bool(v) if isinstance(model[k], bool) else v
+
+  return [
+    " ".join("on" if best[k] else "off" for k in ("gelu_vjp", "ln_vjp")),
+    ",".join(f"{k}={v}" for k, v in fields.items()) or "-",
+    " ".join(
+      f"--config.model.{k}={as_cfg(k, v)}"
+      for k, v in fields.items()
+      if k in model
+    )
+    or "-",
+    xla_flags(best.get("xla_options") or {}) or "-",
+  ]
 
 
 def kind_of(name: str) -> str:

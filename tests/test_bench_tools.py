@@ -150,6 +150,59 @@ def test_winners_are_combined_the_faster_keeping_a_shared_name():
   assert gpu_ablation.combine_winners(rows[1:]) is None  # no default
 
 
+def test_pick_levers_ranks_each_variant_against_its_own_baseline():
+  rows = [
+    dict(_train_row(0, 100.0), what="train"),
+    dict(_train_row(1, 103.0, {"kv_stacked": 1}), what="train"),
+    # Faster, but a lever the later stages cannot pass on.
+    dict(_train_row(2, 150.0, pos=("xla", "1", "0")), what="train"),
+    dict(_train_row(3, 0.0), what="error"),
+  ]
+  pick = gpu_ablation.pick_levers
+  assert pick(rows)["variant"] == 1
+  assert pick(rows, margin=0.05)["variant"] == 0  # none beats it by 5%
+  # The own-VJP levers do go on: a row that differs only there is picked.
+  vjp = dict(_train_row(4, 104.0, pos=("auto", "1", "0", "auto", "1")))
+  assert pick([*rows, dict(vjp, what="train")])["variant"] == 4
+  # A combined row's raw rate is the highest, but in its own rounds the
+  # default ran faster too: 106 / 105 is within the margin, 103 / 100 not.
+  both = dict(_train_row(5, 106.0, {"kv_stacked": 1}), what="train")
+  both["default_img_s_same_rounds"] = 105.0
+  assert pick([*rows, both])["variant"] == 1
+  both["default_img_s_same_rounds"] = 98.0
+  assert pick([*rows, both])["variant"] == 5
+  assert pick(rows[1:]) is None
+
+
+def test_pick_lines_are_what_the_gpu_script_reads(tmp_path):
+  import json
+
+  row = dict(
+    _train_row(1, 110.0, {"kv_stacked": 1, "cudnn_multiple": 1}),
+    xla_options={"xla_gpu_graph_min_graph_size": "1"},
+    what="train",
+    gelu_vjp=False,
+    ln_vjp=True,
+  )
+  default = dict(_train_row(0, 100.0), what="train", gelu_vjp=True, ln_vjp=True)
+  path = tmp_path / "ablation.json"
+  path.write_text(json.dumps({"rows": [default, row]}))
+  assert gpu_ablation.pick_lines(str(path)) == [
+    "off on",
+    "kv_stacked=1,cudnn_multiple=1",
+    "--config.model.kv_stacked=True --config.model.cudnn_multiple=1",
+    "--xla_gpu_graph_min_graph_size=1",
+  ]
+  assert gpu_ablation.pick_lines(str(path), margin=0.2) == [
+    "on on",
+    "-",
+    "-",
+    "-",
+  ]
+  path.write_text(json.dumps({"rows": []}))
+  assert gpu_ablation.pick_lines(str(path)) == ["auto auto", "-", "-", "-"]
+
+
 def test_time_per_image_interpolates_and_never_extrapolates_downwards():
   e2e_bench = pytest.importorskip("e2e_bench")
   t = e2e_bench.time_per_image("0:1000,10:800,100:500")
