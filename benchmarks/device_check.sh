@@ -50,7 +50,7 @@
 # /tmp/site first. For a CPU dry run (no peer, tiny model):
 #   DRY=1 bash benchmarks/device_check.sh none
 # STAGES (default "peer ablation bench e2e flags") picks stages; *_S
-# variables bound each stage's seconds. Sized for about 8 minutes on an
+# variables bound each stage's seconds, TOTAL_S the whole run's (540). Sized for about 8 minutes on an
 # H200 (each ViT-B/16 program compiles in 6-20 s; torch.compile's in
 # 11-26 s; calls 3-6): peer ~130 s, ablation ~150 s (7 variants, perhaps
 # the winners together, 3 profiles; call 5's 4 variants and 3 profiles took
@@ -112,26 +112,52 @@ else
   flag_prompts=100
 fi
 stamp() { echo "== $(date +%T) +$((SECONDS - t0))s $*"; }
+# The whole run ends by TOTAL_S (default 540 s, under the device tool's
+# 600 s per command with room for the table): each stage's timeout is the
+# smaller of its own *_S and what is left of TOTAL_S less TABLE_S, and a
+# stage with under MIN_STAGE_S left is skipped (and says so), so a slow
+# stage costs the later ones time, never the table or the files.
+total_s=${TOTAL_S:-540}
+left() {  # seconds a stage whose own bound is $1 may run now
+  local rest=$((total_s - ${TABLE_S:-20} - (SECONDS - t0)))
+  if ((rest < $1)); then echo "$rest"; else echo "$1"; fi
+}
+go() {  # go NAME BOUND: prints the stage's timeout, or fails (skipped)
+  local s
+  s=$(left "$2")
+  if ((s < ${MIN_STAGE_S:-20})); then
+    stamp "$1 skipped: ${s}s left of TOTAL_S=$total_s" >&2
+    return 1
+  fi
+  echo "$s"
+}
+# The stage files so far, packed (the device tool returns at most 8
+# files; a run cut off later still returns what earlier stages wrote).
+pack() { tar czf "$out/runs.tgz" -C "$work" . 2>/dev/null; }
 
-if [[ $stages == *peer* && $peer != none ]]; then
-  stamp "peer eager"
-  timeout "${PEER_S:-60}" python3 "$peer" --batch 128 --prompts 0,100 \
+if [[ $stages == *peer* && $peer != none ]] && s=$(go "peer eager" "${PEER_S:-60}"); then
+  stamp "peer eager (${s}s)"
+  timeout "$s" python3 "$peer" --batch 128 --prompts 0,100 \
     --paths kv --steps 10 --warmup 3 | tee "$work/peer_eager.jsonl"
-  stamp "peer compile"
-  timeout "${PEERC_S:-170}" python3 "$peer" --batch 128 \
-    --prompts "${PEERC_PROMPTS:-0,100}" --paths "${PEERC_PATHS:-full,kv}" \
-    --steps 10 --warmup 3 --compile | tee "$work/peer_compile.jsonl"
+  if s=$(go "peer compile" "${PEERC_S:-170}"); then
+    stamp "peer compile (${s}s)"
+    timeout "$s" python3 "$peer" --batch 128 \
+      --prompts "${PEERC_PROMPTS:-0,100}" --paths "${PEERC_PATHS:-full,kv}" \
+      --steps 10 --warmup 3 --compile | tee "$work/peer_compile.jsonl"
+  fi
+  pack
 fi
 
-if [[ $stages == *ablation* ]]; then
-  stamp "ablation"
+if [[ $stages == *ablation* ]] && s=$(go ablation "${ABL_S:-215}"); then
+  stamp "ablation (${s}s)"
   # shellcheck disable=SC2086
-  (cd benchmarks && timeout "${ABL_S:-215}" python3 gpu_ablation.py \
+  (cd benchmarks && timeout "$s" python3 gpu_ablation.py \
     --out="$work/ablation" --variants="$abl_variants" \
     --eval_variants="${ABL_EVAL_VARIANTS-}" \
     --profile="${ABL_PROFILE:--1}" --profile_eval="${ABL_EVAL_PROFILE-0,$flag_prompts}" \
     --rounds="${ABL_ROUNDS:-3}" --budget_s="${ABL_BUDGET_S:-130}" \
     $abl)
+  pack
 fi
 
 # The levers for the stages below: the ablation's fastest variant, where
@@ -162,18 +188,19 @@ if [[ ${PICK_LEVERS:-1} = 1 && -f $work/ablation/ablation.json ]]; then
 fi
 levers="--gelu_vjp=$gelu --ln_vjp=$ln --model_fields=$fields"
 
-if [[ $stages == *bench* ]]; then
-  stamp "vpt_bench (the library's default path; levers: $gelu / $ln)"
+if [[ $stages == *bench* ]] && s=$(go vpt_bench "${BENCH_S:-200}"); then
+  stamp "vpt_bench (${s}s; the library's default path; levers: $gelu / $ln)"
   # shellcheck disable=SC2086
-  timeout "${BENCH_S:-200}" python3 benchmarks/vpt_bench.py \
+  timeout "$s" python3 benchmarks/vpt_bench.py \
     --out="$work/bench" --prompts=$prompts --paths=kv --kv_cache=0 \
     --modes=jit --warmup=2 --iters=10 --torch_ref= $model $levers \
     2>"$work/bench.err" | tee "$work/bench.jsonl"
   tail -3 "$work/bench.err"
+  pack
 fi
 
-if [[ $stages == *e2e* ]]; then
-  stamp "e2e"
+if [[ $stages == *e2e* ]] && s=$(go e2e "${E2E_S:-170}"); then
+  stamp "e2e (${s}s)"
   rates=$(python3 - "$work/bench/bench.json" <<'PY'
 import json, sys
 try:
@@ -187,10 +214,11 @@ PY
 )
   step=$(echo "$rates" | tr ',' '\n' | grep "^$step_at:" | cut -d: -f2)
   # shellcheck disable=SC2086
-  timeout "${E2E_S:-170}" python3 benchmarks/e2e_bench.py \
+  timeout "$s" python3 benchmarks/e2e_bench.py \
     --out="$work/e2e" --root=/tmp/e2e_work --step_img_s="${step:-0}" \
     --step_rates="$rates" $e2e \
     --extra="--config.model.gelu_vjp=$gelu --config.model.ln_vjp=$ln $cfg_fields"
+  pack
 fi
 
 if [[ $stages == *flags* ]]; then
@@ -206,9 +234,10 @@ if [[ $stages == *flags* ]]; then
       stamp "flags[$i] and later skipped: past FLAGS_BEFORE_S"
       break
     fi
-    stamp "flags[$i]: ${f:-default}"
+    s=$(go "flags[$i]" "${FLAGS_S:-60}") || break
+    stamp "flags[$i] (${s}s): ${f:-default}"
     # shellcheck disable=SC2086
-    XLA_FLAGS="${picked_xla:+$picked_xla }$f" timeout "${FLAGS_S:-60}" python3 benchmarks/vpt_bench.py \
+    XLA_FLAGS="${picked_xla:+$picked_xla }$f" timeout "$s" python3 benchmarks/vpt_bench.py \
       --out="$work/flags/$i" --prompts=$flag_prompts --paths=kv \
       --kv_cache=0 --modes=jit --warmup=2 --iters=10 --torch_ref= $model \
       $levers >"$work/flags/$i.jsonl" 2>"$work/flags/$i.err"
@@ -222,5 +251,5 @@ fi
 
 stamp "table"
 python3 benchmarks/gpu_table.py "$work" | tee "$out/table.md"
-tar czf "$out/runs.tgz" -C "$work" . 2>/dev/null
+pack
 stamp "done"
