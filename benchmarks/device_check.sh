@@ -82,7 +82,7 @@ if [ "${DRY:-0}" = 1 ]; then
   model="--model=testing --image_size=32 --batch=4 --matmul_n=256"
   abl="--model=testing --image_size=32 --batch=4 --prompts=3 --iters=2 \
     --combine_margin=-1"
-  abl_variants=${ABL_VARIANTS:-"auto:1:0,auto:1:0:auto:0:0,auto:1:0:kv_stacked=1:cudnn_multiple=2,auto:1:0:cudnn_multiple=1:xla_gpu_graph_min_graph_size=1"}
+  abl_variants=${ABL_VARIANTS:-"auto:1:0,auto:1:0:auto:0:0,auto:1:0:kv_stacked=1:cudnn_multiple=2,auto:1:0:cudnn_multiple=1:xla_gpu_graph_min_graph_size=1:xla_gpu_cudnn_gemm_fusion_level=2"}
   e2e="--model=tiny32 --image_size=32 --px=40 --train=120 --test=60 \
     --tune_epochs=2 --final_epochs=2 --lrs=1:0.1 --wds=0 --vmap_chunk=1 \
     --seeds=42:44 --dtype=float32"
@@ -97,15 +97,22 @@ else
   # keys and values in one batched computation; CUDA graphs down to one
   # kernel; the block-level rewriter; cuDNN lengths padded to even (198
   # tokens, 298 keys at 100 prompts) or not at all (197, 297; no lengths
-  # passed) instead of to multiples of 8 (200, 304); cuBLASLt. Unpadded
-  # is the bet (vit.CUDNN_PAD says why); even is its fallback should
-  # cuDNN refuse odd lengths. A variant that fails is an error row and
-  # the rest go on; past ABL_BUDGET_S no new variant starts, so
-  # cuBLASLt, whose evidence is the bench's 8192^2 matmul rather than a
-  # train-step profile, comes last.
+  # passed) instead of to multiples of 8 (200, 304); XLA's GEMM fusions
+  # with cuDNN among their autotuned backends (on Hopper the level must
+  # be 2 or more, and the fusions exist only with Triton GEMMs, which
+  # vptpc turns off on import: the variant turns them back on for its
+  # own programs), against the elementwise kernels around the matmuls
+  # (28% of call 6's train-step kernel time; the GELU's forward and
+  # backward kernels 3.2 ms of it);
+  # cuBLASLt. Unpadded is the bet (vit.CUDNN_PAD says why); even is its
+  # fallback should cuDNN refuse odd lengths. A variant that fails is an
+  # error row and the rest go on; past ABL_BUDGET_S no new variant
+  # starts, so cuBLASLt, whose evidence is the bench's 8192^2 matmul
+  # rather than a train-step profile (where XLA's matmuls already ran at
+  # about 740 TFLOP/s: 8.0 TFLOP of GEMMs in 10.87 ms), comes last.
   # (Calls 5-6 measured the GELU's form and the own-VJP levers;
   # ABL_VARIANTS can add them back.)
-  abl_variants=${ABL_VARIANTS:-"auto:1:0,auto:1:0:kv_stacked=1,auto:1:0:xla_gpu_graph_min_graph_size=1,auto:1:0:xla_gpu_experimental_enable_fusion_block_level_rewriter=true,auto:1:0:cudnn_multiple=2,auto:1:0:cudnn_multiple=1,auto:1:0:xla_gpu_enable_cublaslt=true"}
+  abl_variants=${ABL_VARIANTS:-"auto:1:0,auto:1:0:kv_stacked=1,auto:1:0:xla_gpu_graph_min_graph_size=1,auto:1:0:xla_gpu_experimental_enable_fusion_block_level_rewriter=true,auto:1:0:cudnn_multiple=2,auto:1:0:cudnn_multiple=1,auto:1:0:xla_gpu_enable_triton_gemm=true:xla_gpu_cudnn_gemm_fusion_level=2,auto:1:0:xla_gpu_enable_cublaslt=true"}
   e2e="--tune_epochs=3 --final_epochs=5 --vmap_chunk=8"
   prompts=${BENCH_PROMPTS:-0,10,100}
   step_at=10

@@ -128,16 +128,36 @@ def levers_of(positional: list[str], skip: tuple[int, ...] = ()) -> list:
   return [v for j, v in enumerate(full) if j not in skip]
 
 
+# The issue's bound on a fast path's bf16 logits (relative L2 error against
+# a float32 forward of the same weights): a faster variant beyond it is a
+# different function, not a lever, so it is never picked or combined.
+MAX_LOGITS_ERR = 1e-2
+
+
+def within_error_bound(row: dict, bound: float = MAX_LOGITS_ERR) -> bool:
+  """Whether a train row's measured ``logits_rel_err`` is at most ``bound``.
+
+  A row without a measured error (missing, empty, not a number) is not:
+  only what was checked may become what the later stages run.
+  """
+  try:
+    err = float(row.get("logits_rel_err", ""))
+  except (TypeError, ValueError):
+    return False
+  return err <= bound  # False for NaN too
+
+
 def combine_winners(rows: list[dict], margin: float = 0.01) -> dict | None:
   """The named fields and options of every variant that beat the default.
 
   ``rows``: train rows (``variant``, ``img_s``, ``fields``,
-  ``xla_options``, ``positional``); variant 0 is the default. Only
-  variants with the default's positional fields take part (the others
-  change a lever that is not a named field). Where two winners set the
-  same name, the faster one's value is kept. None unless at least two
-  variants beat the default by more than ``margin``: one winner is
-  already measured as it is.
+  ``xla_options``, ``positional``, ``logits_rel_err``); variant 0 is the
+  default. Only variants with the default's positional fields take part
+  (the others change a lever that is not a named field), and only those
+  within `MAX_LOGITS_ERR`. Where two winners set the same name, the
+  faster one's value is kept. None unless at least two variants beat the
+  default by more than ``margin``: one winner is already measured as it
+  is.
   """
   default = next((r for r in rows if r["variant"] == 0), None)
   if default is None:
@@ -147,6 +167,7 @@ def combine_winners(rows: list[dict], margin: float = 0.01) -> dict | None:
       r
       for r in rows
       if r["variant"] != 0
+      and within_error_bound(r)
       and levers_of(r.get("positional", []))
       == levers_of(default.get("positional", []))
       and r["img_s"] > (1 + margin) * default["img_s"]
@@ -173,7 +194,8 @@ def pick_levers(rows: list[dict], margin: float = 0.01) -> dict | None:
   drift of the device between the two sets of rounds decides nothing.
   Only what a caller can pass on is picked: a row must share the
   default's positional levers except the own-VJP ones (``gelu_vjp``,
-  ``ln_vjp``, which go on by name with ``fields`` and ``xla_options``).
+  ``ln_vjp``, which go on by name with ``fields`` and ``xla_options``),
+  and its logits must be within `MAX_LOGITS_ERR` (`within_error_bound`).
   """
   rows = [r for r in rows if r.get("what") == "train" and "img_s" in r]
   default = next((r for r in rows if r["variant"] == 0), None)
@@ -189,6 +211,7 @@ def pick_levers(rows: list[dict], margin: float = 0.01) -> dict | None:
     r
     for r in rows
     if r["variant"] != 0
+    and within_error_bound(r)
     and levers_of(r.get("positional", []), skip=(4, 5)) == same
   ]
   best = max(rivals, key=gain, default=None)

@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from gpu_ablation import gaps_sentence
+from gpu_ablation import MAX_LOGITS_ERR, gaps_sentence, within_error_bound
 
 
 def _kinds_lines(what: str, kinds: list[dict], gaps, per: str) -> list[str]:
@@ -145,9 +145,14 @@ def main(folder: str, spec_tflops: float = 989.0) -> str:
     for r in abl["rows"]:
       if r.get("what") == "train":
         rounds = " / ".join(cell(x) for x in r.get("img_s_rounds", []))
+        over = (
+          ""
+          if within_error_bound(r)
+          else f" (over {MAX_LOGITS_ERR:g}: never picked)"
+        )
         lines.append(
           f"| {r['name']} | {cell(r['img_s'])} | {rounds} | "
-          f"{r['logits_rel_err']} |"
+          f"{r['logits_rel_err']}{over} |"
         )
       elif r.get("what") == "error":
         lines.append(f"| {r['name']} | failed: {r['error'][:80]} | | |")

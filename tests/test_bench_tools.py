@@ -119,13 +119,16 @@ def test_xla_options_reach_the_compiler_and_a_bad_one_is_named():
     jax.jit(lambda x: x * 2, compiler_options=bad)(jnp.ones(()))
 
 
-def _train_row(i, img_s, fields=None, xla=None, pos=("auto", "1", "0")):
+def _train_row(
+  i, img_s, fields=None, xla=None, pos=("auto", "1", "0"), err="8.1e-03"
+):
   return dict(
     variant=i,
     img_s=img_s,
     fields=fields or {},
     xla_options=xla or {},
     positional=list(pos),
+    logits_rel_err=err,
   )
 
 
@@ -174,6 +177,33 @@ def test_pick_levers_ranks_each_variant_against_its_own_baseline():
   assert pick(rows[1:]) is None
 
 
+def test_a_variant_past_the_logits_bound_is_never_picked_or_combined():
+  bound = gpu_ablation.MAX_LOGITS_ERR
+  assert bound == 1e-2  # the bound on bf16 logits
+  off = dict(
+    _train_row(1, 130.0, xla={"xla_gpu_cudnn_gemm_fusion_level": "2"}),
+    logits_rel_err="2.0e-02",
+  )
+  rows = [
+    dict(_train_row(0, 100.0), what="train"),
+    dict(off, what="train"),
+    dict(_train_row(2, 103.0, {"kv_stacked": 1}), what="train"),
+    dict(_train_row(3, 104.0, {"cudnn_multiple": 1}), what="train"),
+  ]
+  assert gpu_ablation.pick_levers(rows)["variant"] == 3
+  assert gpu_ablation.combine_winners(rows)["of"] == [2, 3]
+  # Unmeasured is not within the bound either; the bound itself is.
+  for err, ok in (
+    ("", False),
+    ("nan", False),
+    (None, False),
+    ("1.0e-02", True),
+  ):
+    row = dict(off, logits_rel_err=err)
+    assert gpu_ablation.within_error_bound(row) is ok, err
+  assert not gpu_ablation.within_error_bound({})
+
+
 def test_pick_lines_are_what_the_gpu_script_reads(tmp_path):
   import json
 
@@ -213,3 +243,20 @@ def test_time_per_image_interpolates_and_never_extrapolates_downwards():
   noisy = e2e_bench.time_per_image("0:1000,3:900,10:950")
   assert noisy(200) == pytest.approx(1 / 950)
   assert e2e_bench.time_per_image("10:800")(100) == pytest.approx(1 / 800)
+
+
+def test_gpu_table_marks_a_variant_past_the_logits_bound(tmp_path):
+  import json
+
+  gpu_table = pytest.importorskip("gpu_table")
+  (tmp_path / "ablation").mkdir()
+  rows = [
+    dict(_train_row(0, 100.0), name="default", what="train"),
+    dict(_train_row(1, 130.0, err="2.0e-02"), name="fused", what="train"),
+  ]
+  (tmp_path / "ablation" / "ablation.json").write_text(
+    json.dumps({"rows": rows})
+  )
+  table = gpu_table.main(str(tmp_path))
+  assert "| default | 100 |  | 8.1e-03 |" in table
+  assert "| fused | 130 |  | 2.0e-02 (over 0.01: never picked) |" in table
