@@ -157,13 +157,17 @@ fi
 
 if [[ $stages == *ablation* ]] && s=$(go ablation "${ABL_S:-215}"); then
   stamp "ablation (${s}s)"
+  # --deadline_s: no phase starts that would not end 10 s before the
+  # timeout, and ablation.json is rewritten after every phase, so a slow
+  # compile (Triton's autotuning, say) costs the later phases, never the
+  # rows the picker below reads.
   # shellcheck disable=SC2086
   (cd benchmarks && timeout "$s" python3 gpu_ablation.py \
     --out="$work/ablation" --variants="$abl_variants" \
     --eval_variants="${ABL_EVAL_VARIANTS-}" \
     --profile="${ABL_PROFILE:--1}" --profile_eval="${ABL_EVAL_PROFILE-0,$flag_prompts}" \
     --rounds="${ABL_ROUNDS:-3}" --budget_s="${ABL_BUDGET_S:-130}" \
-    $abl)
+    --deadline_s=$((s - 10)) $abl)
   pack
 fi
 

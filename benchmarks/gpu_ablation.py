@@ -47,7 +47,9 @@ with `jax.profiler` and its device time is summed per kernel and per kind
 (matmul, attention, fusion, ...), the GPU counterpart of
 ``profile_forward.py``'s table; ``--profile_eval`` traces the same
 variant's eval forward at the given prompt counts too. Rows stream to stdout as JSON; ``--out``
-gets ``ablation.md`` and ``ablation.json``::
+gets ``ablation.json`` (rewritten after every phase, so a run cut off by a
+timeout keeps what it measured; ``--deadline_s`` skips a phase that would
+not end in time) and, at the end, ``ablation.md``::
 
   python benchmarks/gpu_ablation.py --out=results/bench_gpu_h200
   # dry run on a CPU:
@@ -418,6 +420,7 @@ def trace_kernels(fn, n: int) -> tuple[list[dict], float, dict]:
 
 
 def main():
+  t_proc = time.perf_counter()  # --deadline_s counts from here
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", default="results/ablation")
   ap.add_argument("--model", default="B/16")
@@ -466,6 +469,15 @@ def main():
     "--budget_s", type=float, default=240.0, help="no new variant after this"
   )
   ap.add_argument(
+    "--deadline_s",
+    type=float,
+    default=0.0,
+    help="seconds from the start by which the files must be written (0: "
+    "no deadline): a phase estimated not to fit is skipped and says so; "
+    "ablation.json is rewritten after every phase either way, so a run "
+    "killed by a timeout keeps what it measured",
+  )
+  ap.add_argument(
     "--reclassify",
     default="",
     help="print the per-kind table of a saved ablation.json and exit",
@@ -492,7 +504,6 @@ def main():
   from vptpc import prompts as pr
   from vptpc.models import vit
 
-  t_start = time.perf_counter()
   dev = jax.devices()[0]
   device = f"{dev.platform}:{dev.device_kind}"
   dtype = jnp.dtype(a.dtype)
@@ -651,12 +662,68 @@ def main():
       rows.append(row)
       print(json.dumps(row), flush=True)
 
+  os.makedirs(a.out, exist_ok=True)
+  # Filled in as the phases below run; `save` writes what is known so far.
+  state = dict(
+    profiled_variant=None, profile=[], gaps={}, eval_profiles={}, complete=False
+  )
+
+  def save():
+    """Writes ablation.json (atomically) with the rows and profiles so far."""
+    path = os.path.join(a.out, "ablation.json")
+    with open(path + ".tmp", "w") as f:
+      json.dump(
+        {
+          "rows": rows,
+          "profiled_variant": state["profiled_variant"],
+          "profile": state["profile"],
+          "kinds": kinds_table(state["profile"])[0],
+          "gaps": state["gaps"],
+          "eval_profiles": state["eval_profiles"],
+          "complete": state["complete"],
+        },
+        f,
+        indent=1,
+      )
+    os.replace(path + ".tmp", path)
+
+  def fits(what: str, need_s: float) -> bool:
+    """Whether ``what``, estimated at ``need_s``, ends before the deadline."""
+    if a.deadline_s <= 0:
+      return True
+    left = a.deadline_s - (time.perf_counter() - t_proc)
+    if left >= need_s:
+      return True
+    print(
+      f"{what} skipped: {left:.0f}s left of --deadline_s={a.deadline_s:g},"
+      f" about {need_s:.0f}s needed",
+      flush=True,
+    )
+    return False
+
+  def compile_s(of=None) -> float:
+    """The slowest first call among the train rows (of ``of``), or 5 s."""
+    done = [
+      r["first_call_s"]
+      for _, r in steps_fns.values()
+      if of is None or r["variant"] in of
+    ]
+    return max(done, default=5.0)
+
+  def rounds_s(fns, n) -> float:
+    """Seconds ``n`` timing rounds of ``fns`` take, from their rates."""
+    return n * sum((a.iters + 1) * b / r["img_s"] for _, r in fns)
+
   t_start = time.perf_counter()  # the budget covers the variants only
   for i, (positional, fields, xla) in enumerate(variants):
     if time.perf_counter() - t_start > a.budget_s:
       print(f"budget reached; skipping variants from {i}", flush=True)
       break
+    # The default always runs: every comparison needs it.
+    if i and not fits(f"variant {i} and later", 1.5 * compile_s() + 5):
+      break
     run_variant(i, positional, fields, xla)
+    save()
 
   def time_rounds(fns, n):
     for _ in range(n):
@@ -665,15 +732,28 @@ def main():
           round(b / median_seconds(once, 1, a.iters), 1)
         )
 
-  time_rounds(list(steps_fns.values()), a.rounds - 1)
+  fns = list(steps_fns.values())
+  if fits("the timing rounds", rounds_s(fns, a.rounds - 1) + 5):
+    time_rounds(fns, a.rounds - 1)
   for _, row in steps_fns.values():
     row["img_s"] = round(float(np.median(row["img_s_rounds"])), 1)
+  save()
   # Winners' named levers together, timed against the default again in
   # rounds of their own (the picker in device_check.sh may pick it).
   both = combine_winners(
     list(r for _, r in steps_fns.values()), a.combine_margin
   )
-  if a.combine and both and 0 in steps_fns:
+  if (
+    a.combine
+    and both
+    and 0 in steps_fns
+    and fits(
+      "the winners together",
+      1.5 * compile_s(both["of"])
+      + rounds_s([steps_fns[0]] * 2, max(a.rounds - 1, 1))
+      + 5,
+    )
+  ):
     i = len(variants)
     base_pos = steps_fns[0][1]["positional"]
     run_variant(
@@ -695,17 +775,20 @@ def main():
       row["default_img_s_same_rounds"] = round(
         float(np.median(default_row["img_s_rounds"])), 1
       )
+    save()
   for _, row in steps_fns.values():
     if a.rounds > 1:
       print(json.dumps(dict(row, what="train (median of rounds)")), flush=True)
   if a.profile < 0 and steps_fns:  # the fastest train step, once known
     a.profile = max(steps_fns, key=lambda i: steps_fns[i][1]["img_s"])
   prof_rows, prof_gaps = [], {}
-  if a.profile in steps_fns:
+  if a.profile in steps_fns and fits("the profile", 15):
     try:
       prof_rows, _, prof_gaps = trace_kernels(steps_fns[a.profile][0], 3)
     except Exception as e:  # noqa: BLE001
       print(f"profile failed: {e}", flush=True)
+    state.update(profiled_variant=a.profile, profile=prof_rows, gaps=prof_gaps)
+    save()
   # The eval forward's kernels: the train step's profile mixes forward and
   # backward, and the eval goals (share of peak, ratio to the peer) are
   # about the forward alone.
@@ -722,6 +805,8 @@ def main():
       def ev(fwd=fwd, fz=fz, p=p):
         jax.block_until_ready(fwd(fz, data["image"], p))
 
+      if not fits(f"the eval profile at {n_p} prompts", compile_s() + 10):
+        break
       try:
         ev()  # compile outside the trace
         e_rows, e_ms, e_gaps = trace_kernels(ev, 5)
@@ -734,27 +819,17 @@ def main():
         kinds=kinds_table(e_rows)[0],
         gaps=e_gaps,
       )
+      state["eval_profiles"] = eval_profiles
+      save()
       print(
         json.dumps(
           dict(what="eval profile", prompts=n_p, ms_per_batch=round(e_ms, 3))
         ),
         flush=True,
       )
-  os.makedirs(a.out, exist_ok=True)
   kinds, _ = kinds_table(prof_rows)
-  with open(os.path.join(a.out, "ablation.json"), "w") as f:
-    json.dump(
-      {
-        "rows": rows,
-        "profiled_variant": a.profile,
-        "profile": prof_rows,
-        "kinds": kinds,
-        "gaps": prof_gaps,
-        "eval_profiles": eval_profiles,
-      },
-      f,
-      indent=1,
-    )
+  state["complete"] = True
+  save()
   import contextlib
   import io
 

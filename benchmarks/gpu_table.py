@@ -137,6 +137,11 @@ def main(folder: str, spec_tflops: float = 989.0) -> str:
   abl = _json(os.path.join(folder, "ablation", "ablation.json"))
   if abl:
     lines.append("\nLevers, one at a time (train step, 100 prompts, kv):\n")
+    if abl.get("complete") is False:  # files older than the flag lack it
+      lines.append(
+        "The ablation was cut off before its end (its stage's timeout): "
+        "these are the rows it had measured.\n"
+      )
     lines.append(
       "| variant | train img/s (median of rounds) | rounds | "
       "logits rel. err vs fp32 |"

@@ -258,5 +258,10 @@ def test_gpu_table_marks_a_variant_past_the_logits_bound(tmp_path):
     json.dumps({"rows": rows})
   )
   table = gpu_table.main(str(tmp_path))
+  assert "cut off" not in table  # no "complete" key: an older file
   assert "| default | 100 |  | 8.1e-03 |" in table
   assert "| fused | 130 |  | 2.0e-02 (over 0.01: never picked) |" in table
+  (tmp_path / "ablation" / "ablation.json").write_text(
+    json.dumps({"rows": rows, "complete": False})
+  )
+  assert "The ablation was cut off" in gpu_table.main(str(tmp_path))
