@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 from gpu_ablation import MAX_LOGITS_ERR, gaps_sentence, within_error_bound
@@ -56,6 +57,27 @@ def _json(path: str):
     return json.load(f)
 
 
+def _bench(folder: str) -> tuple[dict, bool]:
+  """vpt_bench's results in ``folder``; (bench, from its log).
+
+  ``bench/bench.json`` is written when vpt_bench ends; a run cut off by its
+  stage's timeout leaves only the rows it streamed (``bench.jsonl``, with
+  the peak matmul line), which are used then.
+  """
+  full = _json(os.path.join(folder, "bench", "bench.json"))
+  if full:
+    return full, False
+  path = os.path.join(folder, "bench.jsonl")
+  out = {"rows": _jsonl(path)}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        m = re.match(r"peak matmul \(.*\): ([\d.]+) GFLOP/s", line)
+        if m:
+          out["peak_matmul_gflop_s"] = float(m.group(1))
+  return out, bool(out["rows"])
+
+
 def main(folder: str, spec_tflops: float = 989.0) -> str:
   """The Markdown table for the run in ``folder``."""
   peer = {}
@@ -63,7 +85,7 @@ def main(folder: str, spec_tflops: float = 989.0) -> str:
     for r in _jsonl(os.path.join(folder, name)):
       key = (r["impl"], r["prompts"], r["path"], r["what"])
       peer[key] = r["img_s"]
-  bench = _json(os.path.join(folder, "bench", "bench.json")) or {"rows": []}
+  bench, from_log = _bench(folder)
   ours = {}
   device = ""
   for r in bench["rows"]:
@@ -114,6 +136,13 @@ def main(folder: str, spec_tflops: float = 989.0) -> str:
       ratio(kv, c_full),
     ]
     lines.append("| " + " | ".join(cells) + " |")
+  if from_log:
+    lines.append(
+      "\nvptpc's rows are the ones vpt_bench streamed to `bench.jsonl`: "
+      "its stage was cut off before it wrote `bench/bench.json`; the "
+      'levers and XLA_FLAGS they ran with are in `log.txt` ("levers for '
+      'the stages below").'
+    )
   args, vjps = bench.get("args", {}), bench.get("own_vjps")
   if vjps:
     asked = ", ".join(

@@ -265,3 +265,44 @@ def test_gpu_table_marks_a_variant_past_the_logits_bound(tmp_path):
     json.dumps({"rows": rows, "complete": False})
   )
   assert "The ablation was cut off" in gpu_table.main(str(tmp_path))
+
+
+def test_gpu_table_falls_back_to_the_bench_rows_a_cut_off_run_streamed(
+  tmp_path,
+):
+  import json
+
+  gpu_table = pytest.importorskip("gpu_table")
+  row = dict(
+    model="B/16",
+    batch=128,
+    prompts=100,
+    path="kv",
+    what="train",
+    mode="jit",
+    img_s=4552.87,
+    device="gpu:NVIDIA H200",
+  )
+  peer = dict(
+    impl="torch-peer+compile", prompts=100, path="kv", what="train", img_s=4017
+  )
+  (tmp_path / "peer_compile.jsonl").write_text(json.dumps(peer) + "\n")
+  (tmp_path / "bench.jsonl").write_text(
+    "peak matmul (8192^2, bfloat16): 645723.2 GFLOP/s\n"
+    + json.dumps(row)
+    + "\n| model | prompts |\n"
+  )
+  table = gpu_table.main(str(tmp_path))
+  assert "| train step, 100 prompts | 4,553 | – | 4,017 | – | 1.13× | – |" in (
+    table
+  )
+  assert "cut off before it wrote `bench/bench.json`" in table
+  bench, from_log = gpu_table._bench(str(tmp_path))
+  assert from_log and bench["peak_matmul_gflop_s"] == 645723.2
+  # A whole run's bench.json wins over the log.
+  (tmp_path / "bench").mkdir()
+  (tmp_path / "bench" / "bench.json").write_text(
+    json.dumps({"rows": [dict(row, img_s=4000.0)]})
+  )
+  table = gpu_table.main(str(tmp_path))
+  assert "| 4,000 |" in table and "cut off" not in table
