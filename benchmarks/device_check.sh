@@ -227,6 +227,7 @@ PY
   # shellcheck disable=SC2086
   timeout "$s" python3 benchmarks/e2e_bench.py \
     --out="$work/e2e" --root=/tmp/e2e_work --step_img_s="${step:-0}" \
+    --deadline_s=$((s - 5)) \
     --step_rates="$rates" $e2e \
     --extra="--config.model.gelu_vjp=$gelu --config.model.ln_vjp=$ln $cfg_fields"
   pack

@@ -17,8 +17,9 @@ the runs write (``tune.json``'s per-chunk timing, each seed's
   epochs on train800, then 5 seeds x 100 epochs on train800val200) for one
   task and for all 19 VTAB-1k tasks.
 
-Writes ``e2e.json`` and ``e2e.md`` to ``--out``. On a CPU, shrink it for a
-dry run::
+Writes ``e2e.json`` (after the tune run too, so a run cut off in the final
+one keeps the tune's part; ``--deadline_s`` bounds both runs) and ``e2e.md``
+to ``--out``. On a CPU, shrink it for a dry run::
 
   python benchmarks/e2e_bench.py --out=/tmp/e2e --model=tiny32 \\
       --image_size=32 --train=120 --test=60 --tune_epochs=2 \\
@@ -127,8 +128,18 @@ def make_backbone(path: str, model: str, image_size: int) -> None:
   checkpoint.save_npz(path, jax.device_get(params))
 
 
-def run_main(config: str, workdir: str, overrides: list[str], log: str):
-  """``python -m vptpc.main``; returns (wall seconds, return code)."""
+def run_main(
+  config: str,
+  workdir: str,
+  overrides: list[str],
+  log: str,
+  timeout_s: float | None = None,
+):
+  """``python -m vptpc.main``; returns (wall seconds, return code).
+
+  Past ``timeout_s`` the run is killed and its return code is 124 (as
+  coreutils' ``timeout`` says it), with a last line in its log.
+  """
   cmd = [
     sys.executable,
     "-m",
@@ -148,9 +159,13 @@ def run_main(config: str, workdir: str, overrides: list[str], log: str):
   with open(log, "w") as f:
     f.write(" ".join(cmd) + "\n")
     f.flush()
-    rc = subprocess.run(
-      cmd, stdout=f, stderr=subprocess.STDOUT, env=env
-    ).returncode
+    try:
+      rc = subprocess.run(
+        cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout_s
+      ).returncode
+    except subprocess.TimeoutExpired:
+      rc = 124
+      f.write(f"\n[e2e_bench] killed after {timeout_s:.0f} s (--deadline_s)\n")
   return time.perf_counter() - t, rc
 
 
@@ -189,7 +204,26 @@ def main():
   ap.add_argument(
     "--extra", default="", help="more --config.* overrides, space-separated"
   )
+  ap.add_argument(
+    "--deadline_s",
+    type=float,
+    default=0.0,
+    help="seconds from the start by which both runs must end (0: none): a "
+    "run still going then is killed (rc 124), one that cannot start with "
+    "10 s left is skipped; e2e.json is written after the tune run too",
+  )
   a = ap.parse_args()
+  t_proc = time.perf_counter()
+
+  def run_bound(what: str) -> float | None:
+    """A run's timeout under --deadline_s (None: none; 0: skip it)."""
+    if a.deadline_s <= 0:
+      return None
+    left = a.deadline_s - (time.perf_counter() - t_proc)
+    if left < 10:
+      print(f"{what} skipped: {left:.0f}s left of --deadline_s", flush=True)
+      return 0.0
+    return left
 
   sys.path.insert(0, ROOT)
   # This process only makes files: keep it off the accelerator, whose
@@ -229,35 +263,36 @@ def main():
   # Fresh run folders: vptpc.main would find an earlier invocation's runs
   # finished (same config) and train nothing, and that would be timed.
   shutil.rmtree(os.path.join(root, "runs"), ignore_errors=True)
+
+  def write(report: dict):
+    with open(os.path.join(a.out, "e2e.json"), "w") as f:
+      json.dump(report, f, indent=1)
+
+  def skipped(what: str) -> tuple[float, int]:
+    with open(os.path.join(a.out, f"{what}.log"), "w") as f:
+      f.write(f"[e2e_bench] {what} skipped: past --deadline_s\n")
+    return 0.0, 124
+
   tune_dir = os.path.join(root, "runs", "tune")
-  tune_s, tune_rc = run_main(
-    f"{base},mode=tune,epochs={a.tune_epochs}",
-    tune_dir,
-    common
-    + [
-      "--config.protocol.vmap=True",
-      f"--config.protocol.vmap_chunk={a.vmap_chunk}",
-      f"--config.protocol.lrs=({','.join(a.lrs.split(':'))},)",
-      f"--config.protocol.wds=({','.join(a.wds.split(':'))},)",
-    ],
-    os.path.join(a.out, "tune.log"),
+  bound = run_bound("tune")
+  tune_s, tune_rc = (
+    skipped("tune")
+    if bound == 0
+    else run_main(
+      f"{base},mode=tune,epochs={a.tune_epochs}",
+      tune_dir,
+      common
+      + [
+        "--config.protocol.vmap=True",
+        f"--config.protocol.vmap_chunk={a.vmap_chunk}",
+        f"--config.protocol.lrs=({','.join(a.lrs.split(':'))},)",
+        f"--config.protocol.wds=({','.join(a.wds.split(':'))},)",
+      ],
+      os.path.join(a.out, "tune.log"),
+      timeout_s=bound,
+    )
   )
   print(f"tune: rc {tune_rc}, {tune_s:.1f} s", flush=True)
-  final_dir = os.path.join(root, "runs", "final")
-  final_s, final_rc = run_main(
-    f"{base},mode=final,epochs={a.final_epochs}",
-    final_dir,
-    common
-    + [f"--config.protocol.seeds=({','.join(a.seeds.split(':'))},)"]
-    # A failed tune still leaves the final runs to time (config's LR / WD).
-    + (
-      [f"--config.protocol.tuned_from={tune_dir}/tune.json"]
-      if not tune_rc
-      else []
-    ),
-    os.path.join(a.out, "final.log"),
-  )
-  print(f"final: rc {final_rc}, {final_s:.1f} s", flush=True)
 
   report = {
     "task": task.key,
@@ -270,8 +305,9 @@ def main():
     "test_images": a.test,
     "make_data_s": round(t_data, 1),
     "tune": {"wall_s": round(tune_s, 1), "rc": tune_rc},
-    "final": {"wall_s": round(final_s, 1), "rc": final_rc},
+    "final": {"rc": None},
     "step_img_s": a.step_img_s or None,
+    "complete": False,
   }
   n800 = a.train * 4 // 5
   lines = [f"# End to end: `vptpc.main` on a VTAB-shaped {task.key} task", ""]
@@ -297,6 +333,31 @@ def main():
       report["tune"]["first_epoch_overhead_s"] = [
         round(x, 1) for x in first_extra
       ]
+  write(report)  # the tune run's part, should the final run be cut off
+
+  final_dir = os.path.join(root, "runs", "final")
+  bound = run_bound("final")
+  final_s, final_rc = (
+    skipped("final")
+    if bound == 0
+    else run_main(
+      f"{base},mode=final,epochs={a.final_epochs}",
+      final_dir,
+      common
+      + [f"--config.protocol.seeds=({','.join(a.seeds.split(':'))},)"]
+      # A failed tune still leaves the final runs to time (config's LR /
+      # WD).
+      + (
+        [f"--config.protocol.tuned_from={tune_dir}/tune.json"]
+        if not tune_rc
+        else []
+      ),
+      os.path.join(a.out, "final.log"),
+      timeout_s=bound,
+    )
+  )
+  print(f"final: rc {final_rc}, {final_s:.1f} s", flush=True)
+  report["final"] = {"wall_s": round(final_s, 1), "rc": final_rc}
   if final_rc == 0:
     with open(os.path.join(final_dir, "final.json")) as f:
       fin = json.load(f)
@@ -398,8 +459,8 @@ def main():
       f"Projected VPT protocol: tune {p['tune_min']} min + final {p['final_min']} min = "
       f"**{p['task_min']} min per task**, **{p['vtab19_h']} h for the 19 VTAB-1k tasks** ({p['assumes']}).",
     ]
-  with open(os.path.join(a.out, "e2e.json"), "w") as f:
-    json.dump(report, f, indent=1)
+  report["complete"] = True
+  write(report)
   with open(os.path.join(a.out, "e2e.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))

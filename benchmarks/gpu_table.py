@@ -222,6 +222,12 @@ def main(folder: str, spec_tflops: float = 989.0) -> str:
       )
       + f"; the vmapped grid {cell(tu.get('sustained_member_img_per_s'))} "
       "member-img/s."
+      + (
+        " The final run was cut off (its stage's time ran out): the tune "
+        "run's part only."
+        if e2e.get("complete") is False
+        else ""
+      )
     )
     p = e2e.get("projection")
     if p:

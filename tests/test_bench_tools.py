@@ -306,3 +306,69 @@ def test_gpu_table_falls_back_to_the_bench_rows_a_cut_off_run_streamed(
   )
   table = gpu_table.main(str(tmp_path))
   assert "| 4,000 |" in table and "cut off" not in table
+
+
+def test_e2e_run_past_its_bound_is_killed_and_says_so(tmp_path):
+  e2e_bench = pytest.importorskip("e2e_bench")
+  log = tmp_path / "tune.log"
+  # The process is still importing JAX after half a second.
+  wall, rc = e2e_bench.run_main(
+    "configs/vtab.py", str(tmp_path / "w"), [], str(log), timeout_s=0.5
+  )
+  assert rc == 124 and wall < 30
+  assert "killed after 0 s (--deadline_s)" in log.read_text()
+
+
+def test_e2e_skips_the_runs_past_its_deadline_and_writes_its_files(tmp_path):
+  import json
+  import subprocess
+
+  here = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+  out = tmp_path / "e2e"
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "e2e_bench.py",
+      f"--out={out}",
+      "--model=tiny32",
+      "--image_size=32",
+      "--px=40",
+      "--train=20",
+      "--test=10",
+      "--dtype=float32",
+      "--deadline_s=1",  # making the task and backbone outlasts it
+    ],
+    cwd=here,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert "tune skipped:" in proc.stdout and "final skipped:" in proc.stdout
+  assert proc.returncode == 1, proc.stdout + proc.stderr  # runs not done
+  report = json.loads((out / "e2e.json").read_text())
+  assert report["tune"]["rc"] == 124 and report["final"]["rc"] == 124
+  assert report["complete"] is True and "projection" not in report
+  assert "skipped: past --deadline_s" in (out / "final.log").read_text()
+
+
+def test_gpu_table_says_when_the_end_to_end_run_was_cut_off(tmp_path):
+  import json
+
+  gpu_table = pytest.importorskip("gpu_table")
+  (tmp_path / "e2e").mkdir()
+  report = dict(
+    task="dtd",
+    prompts=10,
+    step_img_s=None,
+    tune={"rc": 0, "sustained_member_img_per_s": 4649.0},
+    final={"rc": None},
+    complete=False,
+  )
+  path = tmp_path / "e2e" / "e2e.json"
+  path.write_text(json.dumps(report))
+  table = gpu_table.main(str(tmp_path))
+  assert "the vmapped grid 4,649 member-img/s. The final run was cut off" in (
+    table
+  )
+  path.write_text(json.dumps(dict(report, complete=True)))
+  assert "cut off" not in gpu_table.main(str(tmp_path))
