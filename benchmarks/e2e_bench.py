@@ -215,16 +215,6 @@ def main():
   a = ap.parse_args()
   t_proc = time.perf_counter()
 
-  def run_bound(what: str) -> float | None:
-    """A run's timeout under --deadline_s (None: none; 0: skip it)."""
-    if a.deadline_s <= 0:
-      return None
-    left = a.deadline_s - (time.perf_counter() - t_proc)
-    if left < 10:
-      print(f"{what} skipped: {left:.0f}s left of --deadline_s", flush=True)
-      return 0.0
-    return left
-
   sys.path.insert(0, ROOT)
   # This process only makes files: keep it off the accelerator, whose
   # memory the runs below need (JAX preallocates most of it).
@@ -268,31 +258,42 @@ def main():
     with open(os.path.join(a.out, "e2e.json"), "w") as f:
       json.dump(report, f, indent=1)
 
-  def skipped(what: str) -> tuple[float, int]:
-    with open(os.path.join(a.out, f"{what}.log"), "w") as f:
-      f.write(f"[e2e_bench] {what} skipped: past --deadline_s\n")
-    return 0.0, 124
+  def run(mode: str, epochs: int, workdir: str, overrides: list[str]):
+    """One ``vptpc.main`` run under --deadline_s; (wall s, rc).
+
+    Killed at the deadline, or skipped with under 10 s left: rc 124.
+    """
+    log = os.path.join(a.out, f"{mode}.log")
+    left = None
+    if a.deadline_s > 0:
+      left = a.deadline_s - (time.perf_counter() - t_proc)
+      if left < 10:
+        print(f"{mode} skipped: {left:.0f}s left of --deadline_s", flush=True)
+        with open(log, "w") as f:
+          f.write(f"[e2e_bench] {mode} skipped: past --deadline_s\n")
+        return 0.0, 124
+    wall, rc = run_main(
+      f"{base},mode={mode},epochs={epochs}",
+      workdir,
+      common + overrides,
+      log,
+      timeout_s=left,
+    )
+    print(f"{mode}: rc {rc}, {wall:.1f} s", flush=True)
+    return wall, rc
 
   tune_dir = os.path.join(root, "runs", "tune")
-  bound = run_bound("tune")
-  tune_s, tune_rc = (
-    skipped("tune")
-    if bound == 0
-    else run_main(
-      f"{base},mode=tune,epochs={a.tune_epochs}",
-      tune_dir,
-      common
-      + [
-        "--config.protocol.vmap=True",
-        f"--config.protocol.vmap_chunk={a.vmap_chunk}",
-        f"--config.protocol.lrs=({','.join(a.lrs.split(':'))},)",
-        f"--config.protocol.wds=({','.join(a.wds.split(':'))},)",
-      ],
-      os.path.join(a.out, "tune.log"),
-      timeout_s=bound,
-    )
+  tune_s, tune_rc = run(
+    "tune",
+    a.tune_epochs,
+    tune_dir,
+    [
+      "--config.protocol.vmap=True",
+      f"--config.protocol.vmap_chunk={a.vmap_chunk}",
+      f"--config.protocol.lrs=({','.join(a.lrs.split(':'))},)",
+      f"--config.protocol.wds=({','.join(a.wds.split(':'))},)",
+    ],
   )
-  print(f"tune: rc {tune_rc}, {tune_s:.1f} s", flush=True)
 
   report = {
     "task": task.key,
@@ -336,27 +337,18 @@ def main():
   write(report)  # the tune run's part, should the final run be cut off
 
   final_dir = os.path.join(root, "runs", "final")
-  bound = run_bound("final")
-  final_s, final_rc = (
-    skipped("final")
-    if bound == 0
-    else run_main(
-      f"{base},mode=final,epochs={a.final_epochs}",
-      final_dir,
-      common
-      + [f"--config.protocol.seeds=({','.join(a.seeds.split(':'))},)"]
-      # A failed tune still leaves the final runs to time (config's LR /
-      # WD).
-      + (
-        [f"--config.protocol.tuned_from={tune_dir}/tune.json"]
-        if not tune_rc
-        else []
-      ),
-      os.path.join(a.out, "final.log"),
-      timeout_s=bound,
-    )
+  final_s, final_rc = run(
+    "final",
+    a.final_epochs,
+    final_dir,
+    [f"--config.protocol.seeds=({','.join(a.seeds.split(':'))},)"]
+    # A failed tune still leaves the final runs to time (config's LR / WD).
+    + (
+      [f"--config.protocol.tuned_from={tune_dir}/tune.json"]
+      if not tune_rc
+      else []
+    ),
   )
-  print(f"final: rc {final_rc}, {final_s:.1f} s", flush=True)
   report["final"] = {"wall_s": round(final_s, 1), "rc": final_rc}
   if final_rc == 0:
     with open(os.path.join(final_dir, "final.json")) as f:
