@@ -46,14 +46,14 @@ def test_fused_qkv_equals_three_projections(tiny_params, kv_only):
     **TINY, num_classes=5, kv_only=kv_only, fuse_qkv=True
   )
   p, x = _prompts(), _images()
-  a = plain.apply({"params": tiny_params}, x, p)
-  b = fused.apply({"params": tiny_params}, x, p)
+  a = jax.jit(plain.apply)({"params": tiny_params}, x, p)
+  b = jax.jit(fused.apply)({"params": tiny_params}, x, p)
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
   def grads(model):
-    return jax.grad(lambda q: model.apply({"params": tiny_params}, x, q).sum())(
-      p
-    )
+    return jax.jit(
+      jax.grad(lambda q: model.apply({"params": tiny_params}, x, q).sum())
+    )(p)
 
   ga, gb = grads(plain), grads(fused)
   for k in ga:
@@ -168,7 +168,9 @@ def _assert_prompt_grads_equal(model_a, model_b, params, x, p):
     def f(q):
       return (model.apply({"params": params}, x, q) ** 2).sum()
 
-    return jax.grad(f)(p)
+    # One compile, not one per operation: eager autodiff of these models
+    # dominated this file's time.
+    return jax.jit(jax.grad(f))(p)
 
   ga, gb = grads(model_a), grads(model_b)
   for k in ga:  # float32 rounding, relative to the gradient's scale
@@ -240,8 +242,12 @@ def test_stacked_prompt_keys_values_equal_per_block(
   _assert_prompt_grads_equal(plain, stacked, tiny_params, x, p)
   # Vmapped as the grid runs members: prompts mapped, images shared.
   members = jax.tree.map(lambda t: jnp.stack([t, 0.5 * t]), p)
-  va = jax.vmap(lambda q: plain.apply({"params": tiny_params}, x, q))(members)
-  vb = jax.vmap(lambda q: stacked.apply({"params": tiny_params}, x, q))(members)
+  va = jax.jit(jax.vmap(lambda q: plain.apply({"params": tiny_params}, x, q)))(
+    members
+  )
+  vb = jax.jit(
+    jax.vmap(lambda q: stacked.apply({"params": tiny_params}, x, q))
+  )(members)
   np.testing.assert_allclose(va, vb, rtol=1e-5, atol=1e-5)
 
 
@@ -316,9 +322,11 @@ def _assert_equals_the_plain_model(tiny_params, own):
   plain = vit.VisionTransformer(**TINY, num_classes=5, kv_only=True)
   p, x = _prompts(), _images()
 
-  def grad_fn(model):
-    return jax.grad(
-      lambda q: (model.apply({"params": tiny_params}, x, q) ** 2).sum()
+  def grad_fn(model):  # jitted: one compile, not one per operation
+    return jax.jit(
+      jax.grad(
+        lambda q: (model.apply({"params": tiny_params}, x, q) ** 2).sum()
+      )
     )
 
   np.testing.assert_array_equal(
@@ -328,7 +336,10 @@ def _assert_equals_the_plain_model(tiny_params, own):
   members = jax.tree.map(lambda a: jnp.stack([a, 0.5 * a]), p)
   for ga, gb in (
     (grad_fn(plain)(p), grad_fn(own)(p)),
-    (jax.vmap(grad_fn(plain))(members), jax.vmap(grad_fn(own))(members)),
+    (
+      jax.jit(jax.vmap(grad_fn(plain)))(members),
+      jax.jit(jax.vmap(grad_fn(own)))(members),
+    ),
   ):
     for k in ga:
       scale = float(np.abs(ga[k]).max())
@@ -782,7 +793,8 @@ def test_gelu_erf_form_is_flaxs_exact_gelu(tiny_params):
       **TINY, num_classes=5, kv_only=True, gelu_form=form
     )
     f = lambda q, m=m: (m.apply({"params": tiny_params}, x, q) ** 2).sum()  # noqa: E731
-    outs.append((m.apply({"params": tiny_params}, x, p), jax.grad(f)(p)))
+    fwd = jax.jit(m.apply)  # one compile each, not one per operation
+    outs.append((fwd({"params": tiny_params}, x, p), jax.jit(jax.grad(f))(p)))
   (la, ga), (lb, gb) = outs
   np.testing.assert_allclose(la, lb, rtol=1e-5, atol=1e-6)
   for k in ga:
