@@ -792,7 +792,7 @@ def main():
   # The eval forward's kernels: the train step's profile mixes forward and
   # backward, and the eval goals (share of peak, ratio to the peer) are
   # about the forward alone.
-  eval_profiles = {}
+  eval_profiles = state["eval_profiles"]  # filled below, saved as it grows
   if a.profile in models and a.profile_eval:
     model, fz, jit_kw = models[a.profile]
     fwd = eval_forward(model, jit_kw)
@@ -819,7 +819,6 @@ def main():
         kinds=kinds_table(e_rows)[0],
         gaps=e_gaps,
       )
-      state["eval_profiles"] = eval_profiles
       save()
       print(
         json.dumps(
