@@ -170,6 +170,7 @@ def run_main(
 
 
 def main():
+  """Command-line entry point; the module docstring says what it measures or writes."""
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", default="results/e2e")
   ap.add_argument("--root", default="", help="work dir ('' -> <out>/work)")

@@ -26,6 +26,7 @@ import time
 
 
 def main():
+  """Command-line entry point; the module docstring says what it measures or writes."""
   ap = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )

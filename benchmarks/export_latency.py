@@ -59,12 +59,14 @@ def condensed_counts(num_layers: int, keep: float, start: int) -> list[int]:
 
 
 def percentile_ms(times: list[float], q: float) -> float:
+  """The q-th percentile of `times` (seconds), in milliseconds."""
   import numpy as np
 
   return float(np.percentile(np.asarray(times) * 1e3, q))
 
 
 def main():
+  """Command-line entry point; the module docstring says what it measures or writes."""
   ap = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )

@@ -420,6 +420,7 @@ def trace_kernels(fn, n: int) -> tuple[list[dict], float, dict]:
 
 
 def main():
+  """Command-line entry point; the module docstring says what it measures or writes."""
   t_proc = time.perf_counter()  # --deadline_s counts from here
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", default="results/ablation")

@@ -68,6 +68,7 @@ def randomise(model, torch, seed):
 
 
 def main():
+  """Command-line entry point; the module docstring says what it measures or writes."""
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", default="tests/data")
   a = ap.parse_args()

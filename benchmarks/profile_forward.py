@@ -36,6 +36,7 @@ def median_ms(fn, args, iters: int) -> float:
 
 
 def main():
+  """Command-line entry point; the module docstring says what it measures or writes."""
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", default="results/profile")
   ap.add_argument("--batch", type=int, default=8)

@@ -22,6 +22,7 @@ import time
 
 
 def main():
+  """Command-line entry point; the module docstring says what it measures or writes."""
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("reference")
   ap.add_argument("--device", default="cpu")

@@ -78,6 +78,7 @@ def residual_mb(model, image_size: int, prompts: int, batch: int) -> dict:
 
 
 def main():
+  """Command-line entry point; the module docstring says what it measures or writes."""
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--model", default="B/16")
   ap.add_argument("--image_size", type=int, default=224)

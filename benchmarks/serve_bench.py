@@ -18,6 +18,7 @@ import time
 
 
 def main():
+  """Command-line entry point; the module docstring says what it measures or writes."""
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--model", default="fractal-Ti/4")
   ap.add_argument("--image_size", type=int, default=32)

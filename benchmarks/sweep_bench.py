@@ -17,6 +17,7 @@ import time
 
 
 def main():
+  """Command-line entry point; the module docstring says what it measures or writes."""
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--task", default="digits")
   ap.add_argument("--lrs", default="1,0.5,0.1,0.05")

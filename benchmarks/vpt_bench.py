@@ -161,6 +161,7 @@ def pipeline_row(model, batch, mode, img_s, device="host CPU") -> dict:
 
 
 def main():
+  """Command-line entry point; the module docstring says what it measures or writes."""
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", default="results/bench")
   ap.add_argument("--model", default="B/16")
