@@ -782,13 +782,14 @@ def main():
       print(json.dumps(dict(row, what="train (median of rounds)")), flush=True)
   if a.profile < 0 and steps_fns:  # the fastest train step, once known
     a.profile = max(steps_fns, key=lambda i: steps_fns[i][1]["img_s"])
-  prof_rows, prof_gaps = [], {}
   if a.profile in steps_fns and fits("the profile", 15):
+    state["profiled_variant"] = a.profile
     try:
-      prof_rows, _, prof_gaps = trace_kernels(steps_fns[a.profile][0], 3)
+      state["profile"], _, state["gaps"] = trace_kernels(
+        steps_fns[a.profile][0], 3
+      )
     except Exception as e:  # noqa: BLE001
       print(f"profile failed: {e}", flush=True)
-    state.update(profiled_variant=a.profile, profile=prof_rows, gaps=prof_gaps)
     save()
   # The eval forward's kernels: the train step's profile mixes forward and
   # backward, and the eval goals (share of peak, ratio to the peer) are
@@ -827,7 +828,6 @@ def main():
         ),
         flush=True,
       )
-  kinds, _ = kinds_table(prof_rows)
   state["complete"] = True
   save()
   import contextlib
@@ -871,13 +871,13 @@ def main():
         print("\nThe longest gaps (µs) and the kernel each one waited for:\n")
         print_rows(gaps["longest"])
 
-    if prof_rows:
+    if state["profile"]:
       name = steps_fns[a.profile][1]["name"]
       print_profile(
         f"Train step of variant {a.profile} ({name})",
-        kinds,
-        prof_rows,
-        prof_gaps,
+        kinds_table(state["profile"])[0],
+        state["profile"],
+        state["gaps"],
         "step",
       )
     for n_p, ep in eval_profiles.items():
