@@ -218,5 +218,6 @@ def test_bfloat16_files_are_widened(tmp_path):
 
 
 def test_reference_files_are_small():
+  # Eight tiny timm models (ViT, Swin and six ViT variants) and their logits.
   total = sum(os.path.getsize(os.path.join(DATA, f)) for f in os.listdir(DATA))
-  assert total < 400_000, total
+  assert total < 600_000, total

@@ -33,17 +33,18 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import tempfile
 import zipfile
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import traverse_util
+
+from vptpc.models import registry
 
 POSEMB_KEY = "Transformer/posembed_input/pos_embedding"
 # Keys a checkpoint may lack (the new task gets a fresh head).
@@ -165,41 +166,10 @@ def backbone_dims(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
     ``{"hidden_size", "num_layers", "patch_size"}`` (+ ``arch``, ``widths``
     for Swin), or ``{}`` for a layout it does not know.
   """
-  arch = _file_arch(shapes)
-  if arch == "vit_jax" and "cls" in shapes and "embedding/kernel" in shapes:
-    blocks = {
-      m.group(1)
-      for k in shapes
-      if (m := re.match(r"Transformer/encoderblock_(\d+)/", k))
-    }
-    return {
-      "hidden_size": int(shapes["cls"][-1]),
-      "num_layers": len(blocks),
-      "patch_size": int(shapes["embedding/kernel"][0]),
-    }
-  if arch == "vit" and "cls_token" in shapes:
-    blocks = {
-      m.group(1) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))
-    }
-    return {
-      "hidden_size": int(shapes["cls_token"][-1]),
-      "num_layers": len(blocks),
-      "patch_size": int(shapes["patch_embed.proj.weight"][-1]),
-    }
-  if arch == "swin" and "norm.weight" in shapes:
-    found = [
-      (int(m.group(1)), int(m.group(2)), int(v[0]))
-      for k, v in shapes.items()
-      if (m := re.fullmatch(r"layers\.(\d+)\.blocks\.(\d+)\.norm1\.weight", k))
-    ]
-    widths = [w for _, _, w in sorted(found)]
-    return {
-      "arch": "swin",
-      "hidden_size": int(shapes["norm.weight"][0]),
-      "num_layers": len(widths),
-      "widths": widths,
-      "patch_size": int(shapes["patch_embed.proj.weight"][-1]),
-    }
+  for fam in registry.families():
+    dims = fam.file_dims(shapes)
+    if dims:
+      return dims
   return {}
 
 
@@ -265,6 +235,73 @@ def resize_posemb(posemb: Any, new_num_tokens: int) -> np.ndarray:
   )
   resized = np.asarray(resized, np.float32).reshape(1, g_new * g_new, -1)
   return np.concatenate([cls, resized], axis=1)
+
+
+def _aa_bicubic_matrix(n_in: int, n_out: int, a: float = -0.5) -> np.ndarray:
+  """(n_out, n_in) weights of PyTorch's antialiased bicubic resize.
+
+  ``F.interpolate(mode="bicubic", antialias=True, align_corners=False)``:
+  the cubic kernel with ``a = -0.5``, widened by the scale when shrinking,
+  and each row normalised to sum 1 (PIL's filter).
+  """
+
+  def kernel(x):
+    x = abs(x)
+    if x < 1:
+      return ((a + 2) * x - (a + 3)) * x * x + 1
+    if x < 2:
+      return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return 0.0
+
+  scale = n_in / n_out
+  support = 2.0 * scale if scale >= 1.0 else 2.0
+  inv = 1.0 / scale if scale >= 1.0 else 1.0
+  m = np.zeros((n_out, n_in))
+  for i in range(n_out):
+    center = scale * (i + 0.5)
+    lo = max(int(center - support + 0.5), 0)
+    hi = min(int(center + support + 0.5), n_in)
+    w = np.array([kernel((j - center + 0.5) * inv) for j in range(lo, hi)])
+    m[i, lo:hi] = w / w.sum()
+  return m
+
+
+def resize_posemb_timm(
+  posemb: Any, num_prefix: int, new_grid: int
+) -> np.ndarray:
+  """Resizes a timm position embedding the way timm loads it at a new size.
+
+  timm's ``resample_abs_pos_embed`` (what ``checkpoint_filter_fn`` applies,
+  e.g. to DINOv2's 518-px embedding at 224 px): the ``num_prefix`` rows of
+  the class and register tokens are kept, the patch rows are resized as a
+  square grid with PyTorch's antialiased bicubic filter.
+
+  Args:
+    posemb: (1, num_prefix + g*g, D) array.
+    num_prefix: leading rows that are not patches (0 when the embedding
+      covers the patches only).
+    new_grid: the new grid side.
+
+  Returns:
+    (1, num_prefix + new_grid**2, D) float32 array.
+
+  Raises:
+    CheckpointError: the old grid is not square.
+  """
+  posemb = np.asarray(posemb, np.float64)
+  prefix, grid = posemb[:, :num_prefix], posemb[0, num_prefix:]
+  g_old = math.isqrt(grid.shape[0])
+  if g_old * g_old != grid.shape[0] or new_grid < 1:
+    raise CheckpointError(
+      f"Cannot resize a position embedding of {grid.shape[0]} patch rows to "
+      f"a {new_grid}x{new_grid} grid: the patch grid must be square."
+    )
+  if g_old == new_grid:
+    return posemb.astype(np.float32)
+  w = _aa_bicubic_matrix(g_old, new_grid)
+  g = grid.reshape(g_old, g_old, -1)
+  out = np.einsum("ij,jkd,lk->ild", w, g, w).reshape(1, new_grid**2, -1)
+  return np.concatenate([prefix, out], axis=1).astype(np.float32)
 
 
 def _fmt(shape) -> str:
@@ -374,7 +411,7 @@ def load_pretrained(
   """
   if os.fspath(path).endswith(".safetensors"):
     return load_safetensors(path, template)
-  if model_arch(template) == "swin":
+  if model_arch(template) != "vit":
     raise CheckpointError(
       f"{os.fspath(path)!r}: Swin backbones are read from timm-named "
       ".safetensors files (e.g. timm/swin_base_patch4_window7_224.ms_in22k "
@@ -393,11 +430,6 @@ SAFETENSORS_HINT = (
 )
 # Buffers some files carry; never parameters.
 _BUFFER_SUFFIXES = ("relative_position_index", "attn_mask")
-_TIMM_EXTRA = {
-  # The new task gets VPT's head; i21k representation layers are unused.
-  "vit": ("head.", "pre_logits."),
-  "swin": ("head.",),
-}
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -437,141 +469,35 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def model_arch(template: Mapping[str, Any]) -> str:
-  """``"vit"`` or ``"swin"`` from a params tree's top-level names."""
-  if "Transformer" in template:
-    return "vit"
-  if "patch_embed" in template and any(
-    k.startswith("layers_") for k in template
-  ):
-    return "swin"
-  raise CheckpointError(
-    f"Unknown backbone tree (top-level keys {sorted(template)[:6]}): expected "
-    "a vptpc ViT ('Transformer', ...) or Swin ('patch_embed', 'layers_0', "
-    "...)."
-  )
+  """The backbone family (``"vit"``, ``"swin"``...) of a params tree.
+
+  Raises:
+    CheckpointError: no family recognises the tree.
+  """
+  try:
+    return registry.family_of_tree(template).NAME
+  except ValueError as e:
+    raise CheckpointError(str(e)) from e
 
 
-def _file_arch(keys) -> str | None:
-  if any(k.startswith("layers.") and ".blocks." in k for k in keys):
-    return "swin"
-  if any(k.startswith("blocks.") for k in keys):
-    return "vit"
-  if any(k.startswith("Transformer/") for k in keys):
-    return "vit_jax"
+def file_kind(keys) -> str | None:
+  """What a checkpoint's keys are, by the families' rules.
+
+  A family's kind (``"vit"``, ``"swin"``, ``"vit_jax"``), or None for a
+  layout no family knows.
+  """
+  for fam in registry.families():
+    kind = fam.file_kind(keys)
+    if kind is not None:
+      return kind
   return None
 
 
-class _Src(NamedTuple):
-  """Where a vptpc parameter comes from in a timm file."""
-
-  key: str  # timm key
-  shape: tuple[int, ...]  # the timm tensor's shape the model implies
-  convert: Callable[[np.ndarray], np.ndarray]  # timm tensor -> vptpc array
-
-
-def _linear(shape):  # vptpc (in, out) <- torch (out, in)
-  return _Src("", (shape[1], shape[0]), lambda w: w.T)
-
-
-def _conv(shape):  # vptpc HWIO <- torch OIHW
-  return _Src(
-    "",
-    (shape[3], shape[2], shape[0], shape[1]),
-    lambda w: w.transpose(2, 3, 1, 0),
-  )
-
-
-def _same(shape):
-  return _Src("", tuple(shape), lambda w: w)
-
-
-def _swin_sources(want: Mapping[str, Any]) -> dict[str, _Src]:
-  """Maps each Swin key to its timm key, timm shape and conversion."""
-  out = {}
-  for k, t in want.items():
-    parts = k.split("/")
-    leaf = parts[-1]
-    base = ".".join(
-      re.sub(r"^(layers|blocks)_(\d+)$", r"\1.\2", p) for p in parts[:-1]
-    )
-    if base == "head":
-      base = "head.fc"
-    shape = tuple(t.shape)
-    if leaf == "kernel":
-      src = _conv(shape) if len(shape) == 4 else _linear(shape)
-      name = "weight"
-    elif leaf == "scale":
-      src, name = _same(shape), "weight"
-    else:
-      src, name = _same(shape), leaf
-    out[k] = src._replace(key=f"{base}.{name}")
-  return out
-
-
-def _vit_sources(want: Mapping[str, Any]) -> dict[str, _Src]:
-  """Maps each ViT key (vit_jax names) to its timm key, shape, conversion."""
-  out = {}
-  blk = re.compile(r"Transformer/encoderblock_(\d+)/(.+)$")
-  for k, t in want.items():
-    shape = tuple(t.shape)
-    m = blk.match(k)
-    if k == "cls":
-      out[k] = _same(shape)._replace(key="cls_token")
-    elif k == POSEMB_KEY:
-      out[k] = _same(shape)._replace(key="pos_embed")
-    elif k.startswith("embedding/"):
-      src = _conv(shape) if k.endswith("kernel") else _same(shape)
-      out[k] = src._replace(
-        key="patch_embed.proj." + ("weight" if k.endswith("kernel") else "bias")
-      )
-    elif k.startswith("Transformer/encoder_norm/"):
-      out[k] = _same(shape)._replace(
-        key="norm." + ("weight" if k.endswith("scale") else "bias")
-      )
-    elif k.startswith("head/"):
-      src = _linear(shape) if k.endswith("kernel") else _same(shape)
-      out[k] = src._replace(
-        key="head." + ("weight" if k.endswith("kernel") else "bias")
-      )
-    elif m:
-      i, rest = m.group(1), m.group(2)
-      b = f"blocks.{i}."
-      mod, leaf = rest.rsplit("/", 1)
-      wb = "weight" if leaf in ("kernel", "scale") else "bias"
-      ln = {"LayerNorm_0": "norm1", "LayerNorm_2": "norm2"}
-      mlp = {"MlpBlock_3/Dense_0": "mlp.fc1", "MlpBlock_3/Dense_1": "mlp.fc2"}
-      att = "MultiHeadDotProductAttention_1/"
-      if mod in ln:
-        out[k] = _same(shape)._replace(key=b + ln[mod] + "." + wb)
-      elif mod in mlp:
-        src = _linear(shape) if leaf == "kernel" else _same(shape)
-        out[k] = src._replace(key=b + mlp[mod] + "." + wb)
-      elif mod.startswith(att) and mod[len(att) :] in ("query", "key", "value"):
-        j = ("query", "key", "value").index(mod[len(att) :])
-        if leaf == "kernel":  # (D, heads, hd) <- rows j*D:(j+1)*D of (3D, D)
-          d = shape[0]
-          out[k] = _Src(
-            b + "attn.qkv.weight",
-            (3 * d, d),
-            lambda w, j=j, d=d, s=shape: w[j * d : (j + 1) * d].T.reshape(s),
-          )
-        else:
-          d = shape[0] * shape[1]
-          out[k] = _Src(
-            b + "attn.qkv.bias",
-            (3 * d,),
-            lambda w, j=j, d=d, s=shape: w[j * d : (j + 1) * d].reshape(s),
-          )
-      elif mod == att + "out":
-        if leaf == "kernel":  # (heads, hd, D) <- (D, heads * hd)
-          out[k] = _Src(
-            b + "attn.proj.weight",
-            (shape[2], shape[0] * shape[1]),
-            lambda w, s=shape: w.T.reshape(s),
-          )
-        else:
-          out[k] = _same(shape)._replace(key=b + "attn.proj.bias")
-  return out
+def _kind_words(kind: str | None) -> str:
+  for fam in registry.families():
+    if kind in fam.FILE_KINDS:
+      return fam.FILE_KINDS[kind]
+  return "a layout no backbone family knows"
 
 
 def resize_rel_pos_table(table: Any, new_len: int) -> np.ndarray:
@@ -628,6 +554,20 @@ def _bicubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> np.ndarray:
   return m
 
 
+def _posemb_prefix_rows(want: Mapping[str, Any]) -> int:
+  """Leading position-embedding rows of a ViT template that are not patches.
+
+  The class and register tokens' rows, or none when the embedding covers
+  the patches only (timm's ``no_embed_class``).
+  """
+  rows = want[POSEMB_KEY].shape[1]
+  prefix = ("cls" in want) + (
+    want["reg_token"].shape[1] if "reg_token" in want else 0
+  )
+  patches = rows - prefix
+  return prefix if math.isqrt(patches) ** 2 == patches else 0
+
+
 def load_safetensors(
   path: str | os.PathLike,
   template: Mapping[str, Any],
@@ -662,37 +602,32 @@ def load_safetensors(
   """
   source = f"{os.fspath(path)!r}"
   arch = arch or model_arch(template)
-  if arch not in ("vit", "swin"):
-    raise CheckpointError(f"arch must be 'vit' or 'swin', got {arch!r}.")
+  try:
+    fam = registry.family(arch)
+  except ValueError as e:
+    raise CheckpointError(str(e)) from e
   raw = read_safetensors(path)
-  found = _file_arch(raw)
+  found = file_kind(raw)
   if found != arch:
-    what = {
-      "swin": "a timm Swin checkpoint (layers.*.blocks.* keys)",
-      "vit": "a timm ViT checkpoint (blocks.* keys)",
-      "vit_jax": "a vit_jax checkpoint saved as safetensors",
-      None: "neither a timm ViT nor a timm Swin checkpoint",
-    }[found]
     sample = ", ".join(sorted(raw)[:5])
     raise CheckpointError(
-      f"{source} is {what}, but the model is a "
-      f"{dict(vit='ViT', swin='Swin')[arch]} "
-      f"(first keys: {sample})."
+      f"{source} is {_kind_words(found)} checkpoint, but the model is "
+      f"a {fam.DISPLAY} (first keys: {sample})."
     )
-  if arch == "swin" and "layers.0.downsample.reduction.weight" in raw:
-    # Microsoft's layout: merging closes stage s; timm's opens stage s + 1.
-    raw = {
-      re.sub(
-        r"^layers\.(\d+)\.downsample",
-        lambda m: f"layers.{int(m.group(1)) + 1}.downsample",
-        k,
-      )
-      .replace("head.weight", "head.fc.weight")
-      .replace("head.bias", "head.fc.bias"): v
-      for k, v in raw.items()
-    }
+  raw = fam.adapt_file(raw)
   want = flatten(template)
-  sources = (_swin_sources if arch == "swin" else _vit_sources)(want)
+  if (
+    "fc_norm/scale" in want
+    and "fc_norm.weight" not in raw
+    and "norm.weight" in raw
+  ):
+    # MAE's pretraining file: its final norm is the one its fine-tuning
+    # (average pool, then fc_norm) starts from (`vit.TIMM_WEIGHTS`).
+    logging.info("Using %s's final norm as fc_norm.", source)
+    raw = dict(raw)
+    raw["fc_norm.weight"] = raw.pop("norm.weight")
+    raw["fc_norm.bias"] = raw.pop("norm.bias")
+  sources = fam.checkpoint_sources(want)
   unmapped = sorted(set(want) - set(sources))
   if unmapped:
     raise CheckpointError(
@@ -703,7 +638,7 @@ def load_safetensors(
     k
     for k in raw
     if k not in used
-    and not k.startswith(_TIMM_EXTRA[arch])
+    and not k.startswith(fam.EXTRA_FILE_KEYS)
     and not k.endswith(_BUFFER_SUFFIXES)
   ]
   missing, mismatched, out = [], [], {}
@@ -721,13 +656,22 @@ def load_safetensors(
     elif k.startswith("head/"):
       out[k] = t  # a head for another label set: VPT trains a new one
     elif k == POSEMB_KEY and v.ndim == 3 and v.shape[-1] == t.shape[-1]:
+      pre = _posemb_prefix_rows(want)
+      grid = math.isqrt(t.shape[1] - pre)
+      if math.isqrt(v.shape[1] - pre) ** 2 != v.shape[1] - pre:
+        mismatched.append(
+          f"  {k} <- {src.key}: file {_fmt(v.shape)} is not {pre} prefix "
+          "rows and a square patch grid, so it cannot be resized to "
+          f"{_fmt(t.shape)}"
+        )
+        continue
       logging.info(
-        "Resizing %s from %s to %s (bilinear).",
+        "Resizing %s from %s to %s (bicubic, antialiased, as timm).",
         src.key,
         v.shape,
         tuple(t.shape),
       )
-      out[k] = resize_posemb(v, t.shape[1])
+      out[k] = resize_posemb_timm(v, pre, grid)
     elif (
       k.endswith("relative_position_bias_table")
       and v.ndim == 2

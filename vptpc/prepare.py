@@ -3,6 +3,7 @@
   python -m vptpc.prepare --tasks=dtd,eurosat --data_dir=~/tensorflow_datasets
   python -m vptpc.prepare --tasks=vtab --check      # report only
   python -m vptpc.prepare --tasks=minivtab          # vptpc's own, offline
+  python -m vptpc.prepare --weights=timm/vit_base_patch16_224.augreg_in21k
 
 ``--tasks`` takes registry keys (`vptpc.data.vtab`: the 19 VTAB-1k tasks,
 FGVC cub/nabirds/flowers/dogs/cars), mini-VTAB keys, or the groups
@@ -13,6 +14,11 @@ folder-only ones (Cars, NABirds) are never fetched: the command says which
 file to put where and exits non-zero until it is there. ``--check`` only
 reports; ``--allow_drift`` builds the current version where the pinned one
 can no longer be built (see `prepare_one`). The exit status is 0 when every requested task is ready.
+
+``--weights`` takes timm backbone names with their pretrained tag
+(``timm/<name>,...``) and fetches each ``model.safetensors`` into the
+Hugging Face cache (`vptpc.hub`), or reports it already cached; a name that
+cannot be fetched exits 2.
 """
 
 from __future__ import annotations
@@ -121,12 +127,53 @@ def prepare_one(
   return True, f"{key}: ready ({name}).{drift}"
 
 
+def prepare_weights(names: str) -> bool:
+  """Fetches (or finds cached) each timm weights name of ``--weights``.
+
+  Prints ``timm/<name>: <path>`` per name, or ``error: <message>`` to
+  stderr. Names are checked against
+  ``vptpc.models.registry.timm_weight_names()`` where that exists.
+
+  Returns:
+    Whether every name is in the cache now.
+  """
+  from vptpc import hub
+
+  try:
+    from vptpc.models import registry
+
+    known_fn = getattr(registry, "timm_weight_names", None)
+  except ImportError:
+    known_fn = None
+  known = list(known_fn()) if known_fn is not None else None
+  wanted = [x.strip() for x in names.split(",") if x.strip()]
+  if not wanted:
+    print("error: --weights is empty.", file=sys.stderr, flush=True)
+    return False
+  ok = True
+  for name in wanted:
+    try:
+      repo = hub.repo_id(name, known)
+      path = hub.cached_weights(repo)
+      if path is not None:
+        print(f"{repo}: {path} (already cached)", flush=True)
+        continue
+      print(f"{repo}: {hub.fetch_weights(repo, known)}", flush=True)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      ok = False
+  return ok
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point; returns the exit status."""
   import argparse
 
   ap = argparse.ArgumentParser(prog="python -m vptpc.prepare")
-  ap.add_argument("--tasks", required=True, help="Keys or groups, a,b,c.")
+  ap.add_argument("--tasks", help="Keys or groups, a,b,c.")
+  ap.add_argument(
+    "--weights", help="timm weights to fetch: timm/<name>.<tag>,... ."
+  )
   ap.add_argument("--data_dir", default=pipeline.default_data_dir())
   ap.add_argument("--check", action="store_true", help="Report only.")
   ap.add_argument(
@@ -135,6 +182,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     help="Build the current version where the pinned one cannot be built.",
   )
   a = ap.parse_args(argv)
+  if a.tasks is None and a.weights is None:
+    ap.error("give --tasks, --weights or both.")
+  if a.weights is not None and not prepare_weights(a.weights):
+    return 2
+  if a.tasks is None:
+    return 0
   data_dir = os.path.expanduser(a.data_dir)
   try:
     keys = expand(a.tasks)

@@ -1,158 +1,178 @@
-"""Which backbone family a ``config.model.name`` names, and family dispatch.
+"""Backbone families as plugins: which family a model name belongs to.
 
-One rule decides the family, so no name is ambiguous:
+A family is one module under `vptpc.models` that owns everything particular
+to it (`vptpc.models.vit_family`, `vptpc.models.swin_family`): the names it
+builds, its Flax module, how timm's checkpoint names map onto its
+parameters, its FLOP count, prompt init and metadata, its key/value cache
+and whether `vptpc.export` writes its graphs. `FAMILIES` lists them by name
+and they are imported by name (as big_vision imports its models), so the
+rest of vptpc asks `family` / `family_of` and never tests for a family
+itself. Adding a family is one module, one line in `FAMILIES` and its tests
+(docs/backbones.md walks through one).
 
-* a name that starts with ``swin`` (any case) is a Swin: the variants
-  ``Swin-T``/``Swin-S``/``Swin-B``/``Swin-L``, the short forms ``swin_b``,
-  ``swin-b``, timm names such as ``swin_base_patch4_window7_224`` (a
-  pretrained tag ``.ms_in22k`` may follow), and ``swin-testing``, the tiny
-  32-px test Swin (`vptpc.models.swin`'s ``testing`` variant);
-* every other name is a ViT (`vptpc.models.vit.model_names`, e.g. ``B/16``,
-  ``tiny32``). The bare name ``testing`` is vit_jax's test ViT, as it always
-  was; the Swin one is spelled ``swin-testing``.
-
-The functions below hide the few places where the two families differ: the
-module's constructor (`create_model`), the pooled feature width
-(`feature_width`), VPT's prompt init (`init_prompts`), the final norm the
-pre-logit standardisation folds into (`final_norm_path`) and the bf16
-backbone cast (`cast_backbone`). Everything else (the frozen/head split,
-the train and eval steps, Prompt Condensation) is the same code for both.
+Which family a name belongs to follows one rule: the first family in
+`FAMILIES` order whose ``knows`` accepts it. Swin names start with
+``swin`` (any case; ``swin-testing`` is the tiny 32-px test Swin); every
+other known name is a ViT (vit_jax's ``B/16``, ``tiny32``, ``testing``...,
+and timm's checkpoint names such as ``vit_base_patch14_dinov2.lvd142m``).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping, Sequence
+from types import ModuleType
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from vptpc.models import swin, vit
-
-FAMILIES = ("vit", "swin")
-SWIN_TESTING = "swin-testing"
-# The pretrained Swin-B VPT reports (vpt.md §8), in timm's naming.
-SWIN_B_TIMM = "swin_base_patch4_window7_224"
-
-
-# The file each pretrained backbone VPT / the PC paper use is saved as (in
-# the working directory, unless a config names another path); vptpc never
-# downloads it. Keys are canonical names (`canonical_name`).
-STANDARD_CHECKPOINTS = {
-  "B/16": "imagenet21k_ViT-B_16.npz",
-  SWIN_B_TIMM: f"{SWIN_B_TIMM}.ms_in22k.safetensors",
+# Family name -> its module. The order decides which family a name belongs
+# to when several would accept it: the more specific rule first.
+FAMILIES = {
+  "swin": "vptpc.models.swin_family",
+  "vit": "vptpc.models.vit_family",
 }
-# Spellings of those two models that configs accept.
-_ALIASES = {
-  "swin_b": SWIN_B_TIMM,
-  "swin-b": SWIN_B_TIMM,
-  "Swin-B": SWIN_B_TIMM,
-  "ViT-B/16": "B/16",
-  "ViT-B_16": "B/16",
-}
+
+
+def family(name: str) -> ModuleType:
+  """The module of the family called ``name`` (a `FAMILIES` key).
+
+  Raises:
+    ValueError: an unknown family, with the known ones.
+  """
+  if name not in FAMILIES:
+    raise ValueError(
+      f"Unknown backbone family {name!r}; known: {', '.join(FAMILIES)}."
+    )
+  return importlib.import_module(FAMILIES[name])
+
+
+def families() -> list[ModuleType]:
+  """Every family module, in `FAMILIES` order."""
+  return [family(n) for n in FAMILIES]
+
+
+def _aliases() -> dict[str, str]:
+  out: dict[str, str] = {}
+  for fam in families():
+    out.update(fam.ALIASES)
+  return out
 
 
 def canonical_name(name: str) -> str:
-  """``name`` with the short spellings of ViT-B/16 and Swin-B resolved."""
-  return _ALIASES.get(name, name)
+  """``name`` with short spellings (``ViT-B/16``, ``swin_b``) resolved."""
+  name = str(name)
+  return _aliases().get(name, name.removeprefix("timm/"))
+
+
+def _standard() -> dict[str, str]:
+  out: dict[str, str] = {}
+  for fam in families():
+    out.update(fam.STANDARD_CHECKPOINTS)
+  return out
 
 
 def no_checkpoint_message(config_file: str, model: str) -> str:
   """The error for a model without a standard file and no ``checkpoint=``."""
-  files = ", ".join(f"{m}: {f}" for m, f in STANDARD_CHECKPOINTS.items())
+  files = ", ".join(f"{m}: {f}" for m, f in _standard().items())
   return (
     f"{config_file}: model={model!r} has no standard checkpoint file; pass "
-    f"checkpoint=PATH (standard files: {files})."
+    f"checkpoint=PATH, or for a timm checkpoint name fetch it once with "
+    f"python -m vptpc.prepare --weights=timm/<name> (standard files: "
+    f"{files}; timm names: docs/backbones.md)."
   )
 
 
 def standard_checkpoint(name: str) -> str:
   """The standard checkpoint file name of a model, or "" if it has none."""
-  return STANDARD_CHECKPOINTS.get(canonical_name(name), "")
+  return _standard().get(canonical_name(name), "")
 
 
-def is_swin_name(name: str) -> bool:
-  """Whether ``name`` names a Swin (module docstring: the one rule)."""
-  return str(name).lower().startswith("swin")
+def family_of_name(name: str) -> ModuleType:
+  """The family module that builds ``config.model.name`` = ``name``.
 
-
-def swin_variant(name: str) -> str:
-  """The `vptpc.models.swin` variant name for a Swin ``config.model.name``."""
-  return "testing" if name.lower().replace("_", "-") == SWIN_TESTING else name
-
-
-def model_rows() -> dict[str, str]:
-  """Every canonical model name -> its family (aliases aside).
-
-  ViT names come from `vptpc.models.vit.model_names`; Swin names are its
-  variants (``testing`` as ``swin-testing``) and timm's Swin names.
+  Raises:
+    ValueError: naming ``config.model.name``, the bad value and every
+      family's known names, when no family knows it.
   """
-  rows = {n: "vit" for n in vit.model_names()}
-  for n in swin.model_names():
-    rows[SWIN_TESTING if n == "testing" else n] = "swin"
-  for n in swin._TIMM_NAMES:  # noqa: SLF001 (the module's own name table)
-    rows[n] = "swin"
-  return rows
+  name = canonical_name(name)
+  for fam in families():
+    if fam.knows(name):
+      return fam
+  known = "; ".join(
+    f"{fam.NAME}: {', '.join(fam.model_names())}" for fam in families()
+  )
+  raise ValueError(
+    f"config.model.name={name!r} is not a known model. Known names, by "
+    f"family: {known} (also the short names 'swin_b', 'ViT-B/16')."
+  )
 
 
 def model_family(name: str) -> str:
-  """``"vit"`` or ``"swin"`` for a ``config.model.name`` (module docstring).
+  """The family (a `FAMILIES` key) of a ``config.model.name``."""
+  return family_of_name(name).NAME
+
+
+def family_of(model: Any) -> ModuleType:
+  """The family module of a built Flax model.
 
   Raises:
-    ValueError: naming ``config.model.name``, the bad value and the known
-      names of both families, when neither family knows it.
+    TypeError: a module no family owns.
   """
-  try:
-    if is_swin_name(name):
-      swin.get_model_config(swin_variant(name))
-      return "swin"
-    vit.get_model_config(name)
-    return "vit"
-  except ValueError:
-    pass
+  for fam in families():
+    if fam.owns(model):
+      return fam
+  raise TypeError(f"{type(model).__name__} belongs to no backbone family.")
+
+
+def family_of_tree(params: Mapping[str, Any]) -> ModuleType:
+  """The family module of a params tree (from its top-level names).
+
+  Raises:
+    ValueError: a tree no family recognises, with its first keys.
+  """
+  for fam in families():
+    if fam.owns_tree(params):
+      return fam
   raise ValueError(
-    f"config.model.name={name!r} is not a known model. ViT: "
-    f"{', '.join(vit.model_names())}. Swin: "
-    f"{', '.join(n for n, f in model_rows().items() if f == 'swin')} (also "
-    "'swin_b'-style short names and timm names with a pretrained tag, e.g. "
-    f"'{SWIN_B_TIMM}.ms_in22k')."
+    f"Unknown backbone tree (top-level keys {sorted(params)[:6]}): no family "
+    f"({', '.join(FAMILIES)}) recognises it."
   )
+
+
+def model_rows() -> dict[str, str]:
+  """Every canonical model name -> its family (aliases aside)."""
+  return {n: fam.NAME for fam in families() for n in fam.model_names()}
+
+
+def timm_weight_names() -> tuple[str, ...]:
+  """Timm checkpoint names whose weights `vptpc.prepare` fetches by name."""
+  from vptpc.models import vit  # the ViT family's table of weights
+
+  return tuple(vit.TIMM_WEIGHTS)
+
+
+def pretrained(name: str) -> Any:
+  """The preprocessing row of a timm checkpoint name, or None."""
+  try:
+    return family_of_name(name).pretrained(canonical_name(name))
+  except ValueError:
+    return None
+
+
+def exportable(name: str) -> bool:
+  """Whether `vptpc.export` writes graphs for ``name``'s family."""
+  return family_of_name(name).EXPORTABLE
 
 
 def model_problems(model_config: Mapping[str, Any]) -> list[str]:
   """Problems of a ``config.model`` that depend on its family (may be [])."""
   try:
-    family = model_family(model_config["name"])
+    fam = family_of_name(model_config["name"])
   except ValueError as e:
     return [str(e)]
-  out = []
-  if family == "swin":
-    # Swin's window attention has a single implementation; silently
-    # ignoring a ViT-only setting would hide a misconfigured run.
-    if model_config.get("attention_impl", ""):
-      out.append(
-        f"config.model.attention_impl={model_config['attention_impl']!r} "
-        "applies to ViT only; Swin's window attention has one "
-        "implementation: leave it ''."
-      )
-    if model_config.get("fuse_qkv", False):
-      out.append(
-        "config.model.fuse_qkv=True applies to ViT only (Swin's qkv "
-        "projection is already one fused matmul): leave it False."
-      )
-    for key, default in (("cudnn_multiple", 0), ("kv_stacked", False)):
-      if model_config.get(key, default) not in (default, None):
-        out.append(
-          f"config.model.{key}={model_config[key]!r} applies to ViT only: "
-          f"leave it {default!r}."
-        )
-    for key in ("gelu_vjp", "ln_vjp"):
-      if model_config.get(key, "auto") not in ("auto", None):
-        out.append(
-          f"config.model.{key}={model_config[key]!r} applies to ViT only "
-          "(a Swin's GELU and LayerNorms use autodiff): leave it 'auto'."
-        )
-  return out
+  return fam.model_problems(model_config)
 
 
 def own_vjp_setting(value: str | bool | None) -> bool | None:
@@ -174,6 +194,17 @@ def own_vjp_setting(value: str | bool | None) -> bool | None:
   return table[value]
 
 
+# ViT fields that stay off a Swin's constructor when they hold defaults.
+_VIT_LEVERS = {
+  "attention_impl": None,
+  "fuse_qkv": False,
+  "gelu_vjp": None,
+  "ln_vjp": None,
+  "cudnn_multiple": None,
+  "kv_stacked": False,
+}
+
+
 def create_model(
   name: str,
   *,
@@ -182,66 +213,48 @@ def create_model(
   kv_shared: bool = True,
   prompt_dropout: float = 0.0,
   dtype: Any = jnp.float32,
-  attention_impl: str | None = None,
-  fuse_qkv: bool = False,
-  gelu_vjp: bool | None = None,
-  ln_vjp: bool | None = None,
-  cudnn_multiple: int | None = None,
-  kv_stacked: bool = False,
-) -> vit.VisionTransformer | swin.SwinTransformer:
-  """Builds the ViT or Swin that ``name`` names (see `model_family`).
+  **fields: Any,
+) -> Any:
+  """Builds the model ``name`` names with its family's constructor.
 
-  ``gelu_vjp``, ``ln_vjp``, ``cudnn_multiple`` (0 or None: the default)
-  and ``kv_stacked`` are `vptpc.models.vit.VisionTransformer`'s fields
-  (None: per backend).
+  ``fields`` are the family module's own fields: for a ViT its GPU levers
+  (``attention_impl``, ``fuse_qkv``, ``gelu_vjp``, ``ln_vjp``,
+  ``cudnn_multiple`` (0 or None: the default), ``kv_stacked``) and
+  architecture overrides (``hidden_size``, ``num_layers``... for a shrunk
+  test model of the same family).
 
   Raises:
-    ValueError: an unknown name, or a ViT-only option (``attention_impl``,
-      ``fuse_qkv``, ``gelu_vjp``, ``ln_vjp``, ``cudnn_multiple``,
-      ``kv_stacked``) given for a Swin.
+    ValueError: an unknown name, or a ViT-only lever set for a Swin.
   """
-  kw = dict(
+  fam = family_of_name(name)
+  levers = {k: fields.pop(k) for k in list(fields) if k in _VIT_LEVERS}
+  if fam.NAME != "vit":
+    bad = fam.model_problems(
+      {
+        k: ("" if v is None and k == "attention_impl" else v)
+        for k, v in levers.items()
+      }
+    )
+    if bad:
+      raise ValueError(" ".join(bad))
+  else:
+    if levers.get("cudnn_multiple") == 0:
+      levers["cudnn_multiple"] = None
+    fields.update(levers)
+  return fam.create_model(
+    canonical_name(name),
     num_classes=num_classes,
     kv_only=kv_only,
     kv_shared=kv_shared,
     prompt_dropout=prompt_dropout,
     dtype=dtype,
+    **fields,
   )
-  if model_family(name) == "swin":
-    bad = model_problems(
-      {
-        "name": name,
-        "attention_impl": attention_impl,
-        "fuse_qkv": fuse_qkv,
-        "gelu_vjp": gelu_vjp,
-        "ln_vjp": ln_vjp,
-        "cudnn_multiple": cudnn_multiple,
-        "kv_stacked": kv_stacked,
-      }
-    )
-    if bad:
-      raise ValueError(" ".join(bad))
-    return swin.create_model(swin_variant(name), **kw)
-  return vit.create_model(
-    name,
-    attention_impl=attention_impl,
-    fuse_qkv=fuse_qkv,
-    gelu_vjp=gelu_vjp,
-    ln_vjp=ln_vjp,
-    cudnn_multiple=cudnn_multiple or None,
-    kv_stacked=kv_stacked,
-    **kw,
-  )
-
-
-def is_swin(model: Any) -> bool:
-  """Whether ``model`` is a `vptpc.models.swin.SwinTransformer`."""
-  return isinstance(model, swin.SwinTransformer)
 
 
 def feature_width(model: Any) -> int:
   """Width of the features the head reads (ViT: D; Swin: last stage's)."""
-  return model.num_features if is_swin(model) else model.hidden_size
+  return family_of(model).feature_width(model)
 
 
 def init_prompts(
@@ -251,75 +264,59 @@ def init_prompts(
   num_prompts: int | Sequence[int],
   variant: str = "deep",
 ) -> dict[str, jax.Array]:
-  """VPT's prompt init for the model's family.
-
-  ViT: uniform in ``sqrt(6 / (3 p^2 + D))`` (`vptpc.prompts.init_prompts`);
-  Swin: one set per block with the stage's width, uniform in the official
-  Swin bound (`vptpc.models.swin.init_prompts`).
-  """
-  if is_swin(model):
-    return swin.init_prompts(
-      rng, model, num_prompts=num_prompts, variant=variant
-    )
-  from vptpc import prompts as prompts_lib
-
-  return prompts_lib.init_prompts(
-    rng,
-    num_prompts=num_prompts,
-    hidden_size=model.hidden_size,
-    patch_size=model.patch_size,
-    num_layers=model.num_layers,
-    variant=variant,
+  """VPT's prompt init for the model's family."""
+  return family_of(model).init_prompts(
+    rng, model, num_prompts=num_prompts, variant=variant
   )
 
 
 def final_norm_path(backbone: Mapping[str, Any]) -> tuple[str, ...]:
-  """Where the LayerNorm before the head lives in a backbone tree.
-
-  ViT: ``Transformer/encoder_norm`` (it normalises the class token); Swin:
-  ``norm`` (it normalises every token before the average pool, so an
-  affine change of it is the same change of the pooled features).
-  """
-  if "Transformer" in backbone:
-    return ("Transformer", "encoder_norm")
-  if "patch_embed" in backbone and "norm" in backbone:
-    return ("norm",)
-  raise ValueError(
-    "The backbone is neither a vptpc ViT ('Transformer', ...) nor a Swin "
-    f"('patch_embed', 'norm', ...): top-level keys {sorted(backbone)}."
-  )
-
-
-# Swin parameters that must stay float32 in a cast backbone: LayerNorms
-# (applied in float32 whatever the compute dtype) and the relative-position
-# bias table, which `swin.WindowAttention` indexes and adds to float32
-# attention logits as it is; cast to bf16 it would be rounded, not the
-# same function.
-_SWIN_KEEP_F32 = ("norm", "norm1", "norm2", "relative_position_bias_table")
+  """Where the LayerNorm before the head lives in a backbone tree."""
+  return family_of_tree(backbone).final_norm_path(backbone)
 
 
 def cast_backbone(
   model: Any, params: Mapping[str, Any], dtype: Any
 ) -> dict[str, Any]:
-  """The frozen backbone with its matmul/conv weights stored in ``dtype``.
+  """The frozen backbone with its matmul weights stored in ``dtype``.
 
   The same function as the float32 backbone, bit for bit, without a cast
-  per weight per step. ViT: `vptpc.models.vit.cast_backbone`. Swin: every
-  Dense/Conv kernel and bias is cast (each module casts them to its compute
-  dtype on every call anyway); LayerNorm parameters (``norm``, ``norm1``,
-  ``norm2``, ``patch_embed/norm``, ``downsample/norm``) and the
-  relative-position bias tables stay float32.
+  per weight per step; each family keeps its LayerNorms (and Swin its
+  relative-position tables) in float32.
   """
-  if not is_swin(model):
-    return vit.cast_backbone(params, dtype)
-  dtype = jnp.dtype(dtype)
-  if dtype == jnp.float32:
-    return dict(params)
+  return family_of(model).cast_backbone(model, params, dtype)
 
-  def cast(path, x):
-    names = [getattr(k, "key", str(k)) for k in path]
-    if any(n in _SWIN_KEEP_F32 for n in names):
-      return x
-    return jnp.asarray(x, dtype)
 
-  return jax.tree_util.tree_map_with_path(cast, dict(params))
+def build_kv_cache(
+  model: Any, backbone: Mapping[str, Any], prompts: Mapping[str, jax.Array]
+) -> dict[str, Any]:
+  """A task's VPT-Deep prompts as per-block keys and values (serving)."""
+  return family_of(model).build_kv_cache(model, backbone, prompts)
+
+
+def gmacs(
+  model: Any,
+  image_size: int,
+  prompts_per_layer: int | Sequence[int] = 0,
+  count: str = "naive",
+  variant: str = "deep",
+) -> float:
+  """GMACs per image of a built model (its family's count)."""
+  return family_of(model).gmacs(
+    model, image_size, prompts_per_layer, count, variant
+  )
+
+
+# Kept names for callers of the two-family registry.
+SWIN_TESTING = "swin-testing"
+SWIN_B_TIMM = "swin_base_patch4_window7_224"
+
+
+def is_swin_name(name: str) -> bool:
+  """Deprecated: use ``model_family(name) == "swin"`` or `family_of_name`."""
+  return str(name).lower().startswith("swin")
+
+
+def is_swin(model: Any) -> bool:
+  """Deprecated: use `family_of(model).NAME`."""
+  return family_of(model).NAME == "swin"

@@ -82,13 +82,151 @@ _VARIANTS: dict[str, dict[str, Any]] = {
   ),
 }
 
+_CLIP = dict(pre_norm=True, ln_eps=1e-5)
+_DINOV2 = dict(_VARIANTS["B/16"], patch_size=14, layer_scale=True)
+# timm's ViT architectures, by timm's model name (without the pretrained
+# tag), as its `vision_transformer` model functions define them.
+TIMM_ARCHS: dict[str, dict[str, Any]] = {
+  "vit_small_patch16_224": dict(_VARIANTS["S/16"]),
+  "vit_base_patch16_224": dict(_VARIANTS["B/16"]),
+  "vit_large_patch16_224": dict(_VARIANTS["L/16"]),
+  "vit_base_patch16_clip_224": dict(_VARIANTS["B/16"], **_CLIP),
+  "vit_base_patch16_clip_quickgelu_224": dict(
+    _VARIANTS["B/16"], **_CLIP, act="quick_gelu"
+  ),
+  "vit_base_patch14_dinov2": _DINOV2,
+  "vit_base_patch14_reg4_dinov2": dict(
+    _DINOV2, num_registers=4, posemb_prefix=False
+  ),
+  "vit_medium_patch16_gap_240": dict(
+    patch_size=16,
+    hidden_size=512,
+    num_layers=12,
+    num_heads=8,
+    mlp_dim=2048,
+    class_token=False,
+    pool="avg",
+    qkv_bias=False,
+    layer_scale=True,
+  ),
+}
+
+IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+INCEPTION_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+CLIP_MEAN_STD = (
+  (0.48145466, 0.4578275, 0.40821073),
+  (0.26862954, 0.26130258, 0.27577711),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+  """A timm checkpoint: its architecture and preprocessing.
+
+  The preprocessing fields are timm's pretrained config for the name
+  (``timm.models.get_pretrained_cfg``).
+
+  Attributes:
+    arch: the `TIMM_ARCHS` row.
+    pretraining: what the weights were trained on, in words.
+    image_size: the input side the weights were trained at.
+    mean_std: the per-channel input mean and std.
+    interpolation: timm's resize filter for the weights.
+    overrides: architecture fields in which these weights differ from
+      timm's model of ``arch`` (see `TIMM_WEIGHTS`).
+  """
+
+  arch: str
+  pretraining: str
+  image_size: int = 224
+  mean_std: tuple[tuple[float, ...], tuple[float, ...]] = INCEPTION_MEAN_STD
+  interpolation: str = "bicubic"
+  overrides: tuple[tuple[str, Any], ...] = ()
+
+
+_IN21K = "supervised, ImageNet-21k"
+# Every timm checkpoint vptpc knows, by its hub name (``timm/<name>`` on the
+# Hugging Face hub). Two rows depart from timm's model of the name, both to
+# follow how the weights were trained and are tuned:
+# * MAE pools by averaging the patch outputs into ``fc_norm``, as MAE's own
+#   fine-tuning (and VPT's MAE backbone) does; timm's model of the name
+#   reads the class token. The file's final ``norm`` becomes ``fc_norm``.
+# * OpenAI's CLIP was trained with QuickGELU; timm keeps plain GELU for the
+#   name and the right activation in ``vit_base_patch16_clip_quickgelu_224``.
+TIMM_WEIGHTS: dict[str, Pretrained] = {
+  "vit_base_patch16_224.orig_in21k": Pretrained(
+    "vit_base_patch16_224", f"{_IN21K} (original ViT; VPT's backbone)"
+  ),
+  "vit_small_patch16_224.augreg_in21k": Pretrained(
+    "vit_small_patch16_224", f"{_IN21K} (AugReg)"
+  ),
+  "vit_base_patch16_224.augreg_in21k": Pretrained(
+    "vit_base_patch16_224", f"{_IN21K} (AugReg)"
+  ),
+  "vit_large_patch16_224.augreg_in21k": Pretrained(
+    "vit_large_patch16_224", f"{_IN21K} (AugReg)"
+  ),
+  "vit_base_patch16_224.mae": Pretrained(
+    "vit_base_patch16_224",
+    "self-supervised, MAE on ImageNet-1k",
+    mean_std=IMAGENET_MEAN_STD,
+    overrides=(("pool", "avg"), ("fc_norm", True)),
+  ),
+  "vit_base_patch16_clip_224.openai": Pretrained(
+    "vit_base_patch16_clip_224",
+    "image-text contrastive, CLIP on OpenAI's WIT-400M",
+    mean_std=CLIP_MEAN_STD,
+    overrides=(("act", "quick_gelu"),),
+  ),
+  "vit_base_patch16_clip_224.laion2b": Pretrained(
+    "vit_base_patch16_clip_224",
+    "image-text contrastive, OpenCLIP on LAION-2B",
+    mean_std=CLIP_MEAN_STD,
+  ),
+  "vit_base_patch14_dinov2.lvd142m": Pretrained(
+    "vit_base_patch14_dinov2",
+    "self-supervised, DINOv2 on LVD-142M",
+    image_size=518,
+    mean_std=IMAGENET_MEAN_STD,
+  ),
+  "vit_base_patch14_reg4_dinov2.lvd142m": Pretrained(
+    "vit_base_patch14_reg4_dinov2",
+    "self-supervised, DINOv2 with 4 registers on LVD-142M",
+    image_size=518,
+    mean_std=IMAGENET_MEAN_STD,
+  ),
+  "vit_medium_patch16_gap_240.sw_in12k": Pretrained(
+    "vit_medium_patch16_gap_240",
+    "supervised, ImageNet-12k (no class token, average pool)",
+    image_size=240,
+  ),
+}
+
+
+def timm_arch(name: str) -> dict[str, Any] | None:
+  """The architecture fields of a timm model name, or None if unknown.
+
+  ``name`` is a `TIMM_WEIGHTS` name (``arch.tag``) or a `TIMM_ARCHS` name.
+  """
+  if name in TIMM_WEIGHTS:
+    w = TIMM_WEIGHTS[name]
+    return dict(TIMM_ARCHS[w.arch], **dict(w.overrides))
+  if name in TIMM_ARCHS:
+    return dict(TIMM_ARCHS[name])
+  return None
+
+
 # VPT's head bias: -log((1 - 0.01) / 0.01), a prior of 1% per class (vpt.md §3).
 HEAD_BIAS_INIT = -math.log((1 - 0.01) / 0.01)
 
 
 def model_names() -> tuple[str, ...]:
-  """Returns the names accepted by `get_model_config`."""
-  return tuple(_VARIANTS)
+  """Returns the names accepted by `get_model_config`.
+
+  vit_jax's variants (``B/16``, ...), then timm's checkpoint names
+  (`TIMM_WEIGHTS`) and architecture names (`TIMM_ARCHS`).
+  """
+  return tuple(_VARIANTS) + tuple(TIMM_WEIGHTS) + tuple(TIMM_ARCHS)
 
 
 def get_model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
@@ -106,14 +244,15 @@ def get_model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
   Raises:
     ValueError: the name is unknown, or an override names no field.
   """
+  arch = timm_arch(name.removeprefix("timm/"))
   key = name.removeprefix("ViT-")
   if key not in _VARIANTS:
     key = key.replace("_", "/")
-  if key not in _VARIANTS:
+  if arch is None and key not in _VARIANTS:
     raise ValueError(
-      f"Unknown ViT variant {name!r}; known: {', '.join(_VARIANTS)}."
+      f"Unknown ViT variant {name!r}; known: {', '.join(model_names())}."
     )
-  cfg = dict(_VARIANTS[key], num_classes=None)
+  cfg = dict(arch if arch is not None else _VARIANTS[key], num_classes=None)
   # Every field of the module is a valid override; a list here fell behind
   # the module once (pad_tokens, gelu_vjp were refused).
   allowed = {
@@ -304,8 +443,19 @@ def own_vjp_default(value: bool | None, lever: str = "ln") -> bool:
   return jax.default_backend() in OWN_VJP_BACKENDS[lever]
 
 
+def quick_gelu(x: Array) -> Array:
+  """OpenAI CLIP's GELU approximation, ``x sigmoid(1.702 x)``, in float32."""
+  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  return (xf * jax.nn.sigmoid(1.702 * xf)).astype(x.dtype)
+
+
+# The MLP's activation (`MlpBlock.act`): the exact GELU, or OpenAI CLIP's
+# QuickGELU, which its image towers were trained with.
+ACTIVATIONS = ("gelu", "quick_gelu")
+
+
 class MlpBlock(nn.Module):
-  """Transformer MLP: Dense -> exact GELU -> Dense.
+  """Transformer MLP: Dense -> exact GELU (or CLIP's QuickGELU) -> Dense.
 
   ``gelu_form`` is how the exact GELU is computed (`GELU_FORMS`): ``"erf"``
   (`gelu`, the default, PyTorch's form) or ``"erfc"`` (``nn.gelu``); the
@@ -317,6 +467,7 @@ class MlpBlock(nn.Module):
   dtype: Any = jnp.float32
   gelu_vjp: bool | None = None
   gelu_form: str = "erf"
+  act: str = "gelu"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -331,12 +482,16 @@ class MlpBlock(nn.Module):
       bias_init=bias_init,
       name="Dense_0",
     )(x)
+    if self.act not in ACTIVATIONS:
+      raise ValueError(f"act={self.act!r}; expected one of {ACTIVATIONS}.")
     # torch's GELU (used by the official VPT) is exact; flax defaults to tanh.
     if self.gelu_form not in GELU_FORMS:
       raise ValueError(
         f"gelu_form={self.gelu_form!r}; expected one of {GELU_FORMS}."
       )
-    if own_vjp_default(self.gelu_vjp, "gelu"):
+    if self.act == "quick_gelu":
+      x = quick_gelu(x)
+    elif own_vjp_default(self.gelu_vjp, "gelu"):
       if self.gelu_form != "erf":
         raise ValueError("gelu_vjp needs gelu_form='erf' (exact_gelu's form).")
       x = exact_gelu(x)
@@ -570,6 +725,7 @@ class MultiHeadDotProductAttention(nn.Module):
   attention_impl: str | None = None
   fuse_qkv: bool = False
   cudnn_multiple: int | None = None
+  qkv_bias: bool = True
 
   @nn.compact
   def __call__(
@@ -619,6 +775,7 @@ class MultiHeadDotProductAttention(nn.Module):
         (self.num_heads, head_dim),
         dtype=self.dtype,
         kernel_init=nn.initializers.xavier_uniform(),
+        use_bias=self.qkv_bias,
         name=name,
       )
 
@@ -631,7 +788,12 @@ class MultiHeadDotProductAttention(nn.Module):
         query(xq), key(x), value(x)
       mods = ([query] if num_queries is None else []) + [key, value]
       w = jnp.stack([m.variables["params"]["kernel"] for m in mods], 1)
-      bias = jnp.stack([m.variables["params"]["bias"] for m in mods])
+      bias = jnp.stack(
+        [
+          m.variables["params"].get("bias", jnp.zeros(w.shape[2:], w.dtype))
+          for m in mods
+        ]
+      )
 
       def fused(t):
         t, wt, bt = nn.dtypes.promote_dtype(t, w, bias, dtype=self.dtype)
@@ -699,8 +861,20 @@ class MultiHeadDotProductAttention(nn.Module):
     )(out)
 
 
+class LayerScale(nn.Module):
+  """Per-channel scale of a residual branch (DINOv2's ``ls1``/``ls2``)."""
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """Multiplies ``x`` (..., D) by the learned (D,) ``gamma``."""
+    gamma = self.param(
+      "gamma", nn.initializers.constant(1e-5), (x.shape[-1],), jnp.float32
+    )
+    return x * gamma.astype(x.dtype)
+
+
 class Encoder1DBlock(nn.Module):
-  """Pre-LN transformer block (LayerNorm eps 1e-6, as vit_jax)."""
+  """Pre-LN transformer block (LayerNorm eps 1e-6 unless ``ln_eps`` says)."""
 
   mlp_dim: int
   num_heads: int
@@ -711,6 +885,11 @@ class Encoder1DBlock(nn.Module):
   ln_vjp: bool | None = None
   gelu_form: str = "erf"
   cudnn_multiple: int | None = None
+  act: str = "gelu"
+  layer_scale: bool = False
+  ln_eps: float = 1e-6
+  qkv_bias: bool = True
+  num_prefix: int = 1
 
   @nn.compact
   def __call__(
@@ -740,7 +919,7 @@ class Encoder1DBlock(nn.Module):
       (B, T, D) tokens ((B, 1, D) with ``cls_only``).
     """
     norm = LayerNorm if own_vjp_default(self.ln_vjp, "ln") else nn.LayerNorm
-    ln1 = norm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_0")
+    ln1 = norm(epsilon=self.ln_eps, dtype=self.dtype, name="LayerNorm_0")
     y = ln1(x)
     extra = None if kv_prompts is None else ln1(kv_prompts)
     y = MultiHeadDotProductAttention(
@@ -749,24 +928,31 @@ class Encoder1DBlock(nn.Module):
       attention_impl=self.attention_impl,
       fuse_qkv=self.fuse_qkv,
       cudnn_multiple=self.cudnn_multiple,
+      qkv_bias=self.qkv_bias,
       name="MultiHeadDotProductAttention_1",
     )(
       y,
       extra,
+      kv_insert_at=self.num_prefix,
       kv_cached=kv_cached,
       kv_mask=kv_mask,
       num_queries=1 if cls_only else None,
       valid=valid,
     )
+    if self.layer_scale:
+      y = LayerScale(name="ls1")(y)
     x = (x[:, :1] if cls_only else x) + y
-    y = norm(epsilon=1e-6, dtype=self.dtype, name="LayerNorm_2")(x)
+    y = norm(epsilon=self.ln_eps, dtype=self.dtype, name="LayerNorm_2")(x)
     y = MlpBlock(
       self.mlp_dim,
       dtype=self.dtype,
       gelu_vjp=self.gelu_vjp,
       gelu_form=self.gelu_form,
+      act=self.act,
       name="MlpBlock_3",
     )(y)
+    if self.layer_scale:
+      y = LayerScale(name="ls2")(y)
     return x + y
 
 
@@ -785,6 +971,7 @@ class PatchEmbedding(nn.Module):
   features: int
   patch_size: int
   dtype: Any = jnp.float32
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, images: Array) -> Array:
@@ -797,11 +984,15 @@ class PatchEmbedding(nn.Module):
       (p, p, c, self.features),
       jnp.float32,
     )
-    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    else:  # CLIP's patch embedding has none
+      bias = jnp.zeros((self.features,), jnp.float32)
     x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
     x = x.reshape(b, h // p, w // p, p * p * c)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return jnp.dot(x, kernel.reshape(p * p * c, self.features)) + bias
+    y = jnp.dot(x, kernel.reshape(p * p * c, self.features))
+    return y + bias if self.use_bias else y
 
 
 class AddPositionEmbs(nn.Module):
@@ -857,6 +1048,14 @@ class Encoder(nn.Module):
   gelu_form: str = "erf"
   cudnn_multiple: int | None = None
   kv_stacked: bool = False
+  act: str = "gelu"
+  layer_scale: bool = False
+  ln_eps: float = 1e-6
+  qkv_bias: bool = True
+  num_prefix: int = 1
+  posemb_prefix: bool = True
+  pre_norm: bool = False
+  final_norm: bool = True
 
   def _token_multiple(self, variant: str) -> int:
     """The multiple the token sequence is padded to once, for every block.
@@ -903,14 +1102,15 @@ class Encoder(nn.Module):
       )
 
     x = jnp.stack(prompts)
-    mu, rstd = _ln_stats(x, 1e-6)
+    mu, rstd = _ln_stats(x, self.ln_eps)
     scale = stack(("LayerNorm_0", "scale"))[:, None]
     bias = stack(("LayerNorm_0", "bias"))[:, None]
     y = _ln_normalize(x, mu, rstd, scale, bias, self.dtype)
     kv = []
     for name in ("key", "value"):
       att = ("MultiHeadDotProductAttention_1", name)
-      w, b = stack(att + ("kernel",)), stack(att + ("bias",))
+      w = stack(att + ("kernel",))
+      b = stack(att + ("bias",)) if self.qkv_bias else jnp.zeros_like(w[:, 0])
       yy, w, b = nn.dtypes.promote_dtype(y, w, b, dtype=self.dtype)
       kv.append(jnp.einsum("lkd,ldhe->lkhe", yy, w) + b[:, None])
     return [(kv[0][i], kv[1][i]) for i in range(self.num_layers)]
@@ -939,10 +1139,13 @@ class Encoder(nn.Module):
     train: bool = False,
     cls_only: bool = False,
   ) -> Array:
-    """Runs the blocks on ``[cls, patches]`` tokens with prompts inserted.
+    """Runs the blocks on ``[prefix, patches]`` tokens with prompts inserted.
+
+    The prefix is the class token and any register tokens
+    (``num_prefix`` of them, possibly none); prompts go right after it.
 
     Args:
-      x: (B, 1 + N, D) class token and patch tokens (no prompts yet).
+      x: (B, num_prefix + N, D) prefix and patch tokens (no prompts yet).
       prompts: a prompt tree (see module docstring) or None.
       train: enables prompt dropout.
       cls_only: the last block computes only the class token's output
@@ -950,11 +1153,25 @@ class Encoder(nn.Module):
         intermediates are collected, so analyses see every token.
 
     Returns:
-      (B, 1 + N, D) encoded class and patch tokens after `encoder_norm`
-      (prompt outputs are dropped); (B, 1, D) with ``cls_only``.
+      (B, num_prefix + N, D) encoded prefix and patch tokens after
+      `encoder_norm` (none with ``final_norm=False``; prompt outputs are
+      dropped); (B, 1, D) with ``cls_only``.
     """
     b = x.shape[0]
-    x = AddPositionEmbs(name="posembed_input")(x)
+    n = self.num_prefix
+    if self.posemb_prefix:
+      x = AddPositionEmbs(name="posembed_input")(x)
+    else:
+      # The position embedding covers the patches only (DINOv2 with
+      # registers, timm's ``no_embed_class``).
+      x = jnp.concatenate(
+        [x[:, :n], AddPositionEmbs(name="posembed_input")(x[:, n:])], axis=1
+      )
+    if self.pre_norm:
+      # CLIP's ``norm_pre``; prompts enter after it, as block inputs.
+      x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name="norm_pre")(
+        x
+      )
     variant = prompt_variant(prompts)
     if variant == "deep":
       missing = [
@@ -993,7 +1210,7 @@ class Encoder(nn.Module):
     n_prev = 0
     if variant == "shallow":
       p = self._prompt(prompts["input"], b, train)
-      x = jnp.concatenate([x[:, :1], fit(p), x[:, 1:]], axis=1)
+      x = jnp.concatenate([x[:, :n], fit(p), x[:, n:]], axis=1)
     cls_only = cls_only and not self.is_mutable_collection("intermediates")
     stacked = None
     if (
@@ -1022,7 +1239,7 @@ class Encoder(nn.Module):
       if self.is_mutable_collection("intermediates"):
         # Each block's image tokens (class token and prompts excluded), for
         # prompts initialised from tokens (`prompts.init_prompts_from_tokens`).
-        self.sow("intermediates", f"block_input_{i}", x[:, 1 + n_prev :])
+        self.sow("intermediates", f"block_input_{i}", x[:, n + n_prev :])
       block = Encoder1DBlock(
         mlp_dim=self.mlp_dim,
         num_heads=self.num_heads,
@@ -1033,6 +1250,11 @@ class Encoder(nn.Module):
         ln_vjp=self.ln_vjp,
         gelu_form=self.gelu_form,
         cudnn_multiple=self.cudnn_multiple,
+        act=self.act,
+        layer_scale=self.layer_scale,
+        ln_eps=self.ln_eps,
+        qkv_bias=self.qkv_bias,
+        num_prefix=n,
         name=f"encoderblock_{i}",
       )
       if stacked is not None:
@@ -1068,7 +1290,7 @@ class Encoder(nn.Module):
           continue
         # Replace the previous block's prompt outputs (discarded) by this
         # layer's prompts; sequence length may change when counts are ragged.
-        x = jnp.concatenate([x[:, :1], fit(p), x[:, 1 + n_prev :]], axis=1)
+        x = jnp.concatenate([x[:, :n], fit(p), x[:, n + n_prev :]], axis=1)
         n_prev = p.shape[-2]
       x = block(x, cls_only=last, valid=block_valid)
     if cls_only:
@@ -1076,11 +1298,15 @@ class Encoder(nn.Module):
     elif padded != valid:
       x = x[:, :valid]
     elif variant == "deep" and not self.kv_only:
-      x = jnp.concatenate([x[:, :1], x[:, 1 + n_prev :]], axis=1)
+      x = jnp.concatenate([x[:, :n], x[:, n + n_prev :]], axis=1)
     elif variant == "shallow":
-      n = prompts["input"].shape[-2]
-      x = jnp.concatenate([x[:, :1], x[:, 1 + n :]], axis=1)
-    return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="encoder_norm")(x)
+      k = prompts["input"].shape[-2]
+      x = jnp.concatenate([x[:, :n], x[:, n + k :]], axis=1)
+    if not self.final_norm:
+      return x
+    return nn.LayerNorm(
+      epsilon=self.ln_eps, dtype=self.dtype, name="encoder_norm"
+    )(x)
 
 
 class VisionTransformer(nn.Module):
@@ -1139,6 +1365,23 @@ class VisionTransformer(nn.Module):
       function up to float summation order; fewer, larger kernels. Off by
       default until measured on a GPU (``gpu_ablation.py``). Per-block
       prompt counts that differ, or per-image prompts, run per block.
+    class_token: a learned class token first in the sequence
+      (``cls_token``); False for ViTs that pool by averaging only.
+    num_registers: learned register tokens after the class token
+      (``reg_token``, DINOv2 with registers). Prompts go after them.
+    posemb_prefix: the position embedding has rows for the class and
+      register tokens (True) or for the patches only (``no_embed_class``).
+    pre_norm: a LayerNorm after the position embedding (CLIP's
+      ``norm_pre``); its patch embedding then has no bias.
+    pool: ``"token"`` (the class token's output) or ``"avg"`` (the mean of
+      the patch outputs: class, register and prompt outputs excluded).
+    fc_norm: with ``pool="avg"``, the LayerNorm is applied to the pooled
+      features (``fc_norm``, MAE) instead of to every token before pooling.
+    act: ``"gelu"`` or ``"quick_gelu"`` (OpenAI CLIP), `ACTIVATIONS`.
+    layer_scale: per-channel scales of both residual branches (``ls1``,
+      ``ls2``: DINOv2).
+    ln_eps: every LayerNorm's epsilon (1e-6; CLIP's 1e-5).
+    qkv_bias: the query/key/value projections have biases.
   """
 
   patch_size: int
@@ -1159,6 +1402,21 @@ class VisionTransformer(nn.Module):
   gelu_form: str = "erf"
   cudnn_multiple: int | None = None
   kv_stacked: bool = False
+  class_token: bool = True
+  num_registers: int = 0
+  posemb_prefix: bool = True
+  pre_norm: bool = False
+  pool: str = "token"
+  fc_norm: bool = False
+  act: str = "gelu"
+  layer_scale: bool = False
+  ln_eps: float = 1e-6
+  qkv_bias: bool = True
+
+  @property
+  def num_prefix(self) -> int:
+    """Tokens before the prompts and patches: class and register tokens."""
+    return int(self.class_token) + self.num_registers
 
   @nn.compact
   def __call__(
@@ -1188,14 +1446,35 @@ class VisionTransformer(nn.Module):
         f"Expected (B, H, W, C) images with H and W divisible by the patch "
         f"size {p}; got shape {images.shape}."
       )
-    x = PatchEmbedding(self.hidden_size, p, dtype=self.dtype, name="embedding")(
-      images.astype(self.dtype)
-    )
+    if self.pool not in POOLS:
+      raise ValueError(f"pool={self.pool!r}; expected one of {POOLS}.")
+    if self.pool == "token" and not self.class_token:
+      raise ValueError("pool='token' needs class_token=True.")
+    x = PatchEmbedding(
+      self.hidden_size,
+      p,
+      dtype=self.dtype,
+      use_bias=not self.pre_norm,
+      name="embedding",
+    )(images.astype(self.dtype))
     b, h, w, d = x.shape
     x = x.reshape(b, h * w, d)
-    cls = self.param("cls", nn.initializers.zeros, (1, 1, d), jnp.float32)
+    prefix = []
+    if self.class_token:
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, d), jnp.float32)
+      prefix.append(cls)
+    if self.num_registers:
+      reg = self.param(
+        "reg_token",
+        nn.initializers.normal(1e-6),
+        (1, self.num_registers, d),
+        jnp.float32,
+      )
+      prefix.append(reg)
     x = jnp.concatenate(
-      [jnp.broadcast_to(cls.astype(x.dtype), (b, 1, d)), x], axis=1
+      [jnp.broadcast_to(t.astype(x.dtype), (b,) + t.shape[1:]) for t in prefix]
+      + [x],
+      axis=1,
     )
     x = Encoder(
       num_layers=self.num_layers,
@@ -1213,9 +1492,24 @@ class VisionTransformer(nn.Module):
       gelu_form=self.gelu_form,
       cudnn_multiple=self.cudnn_multiple,
       kv_stacked=self.kv_stacked,
+      act=self.act,
+      layer_scale=self.layer_scale,
+      ln_eps=self.ln_eps,
+      qkv_bias=self.qkv_bias,
+      num_prefix=self.num_prefix,
+      posemb_prefix=self.posemb_prefix,
+      pre_norm=self.pre_norm,
+      final_norm=not self.fc_norm,
       name="Transformer",
-    )(x, prompts, train=train, cls_only=True)
-    features = x[:, 0]
+    )(x, prompts, train=train, cls_only=self.pool == "token")
+    if self.pool == "token":
+      features = x[:, 0]
+    else:
+      features = x[:, self.num_prefix :].mean(axis=1)
+    if self.fc_norm:
+      features = nn.LayerNorm(
+        epsilon=self.ln_eps, dtype=self.dtype, name="fc_norm"
+      )(features)
     if self.num_classes is None:
       return (features, features) if return_features else features
     # VPT's head: kaiming normal fan_out and a 1%-prior bias (vpt.md §3).
@@ -1229,6 +1523,8 @@ class VisionTransformer(nn.Module):
 
 
 PROMPT_PATHS = ("full", "kv", "kv_per_image")
+# `VisionTransformer.pool`: the class token, or the mean of patch outputs.
+POOLS = ("token", "avg")
 
 
 def path_overrides(path: str) -> dict[str, bool]:
@@ -1251,6 +1547,7 @@ def build_kv_cache(
   prompts: Mapping[str, Array],
   num_heads: int,
   dtype: Any = jnp.float32,
+  ln_eps: float = 1e-6,
 ) -> dict[str, dict[str, Array]]:
   """Projects VPT-Deep prompts to each block's keys and values, once per task.
 
@@ -1268,6 +1565,7 @@ def build_kv_cache(
     prompts: a deep prompt tree ``{"encoderblock_i": (k_i, D)}``.
     num_heads: attention heads of the ViT.
     dtype: compute dtype of the model.
+    ln_eps: the model's LayerNorm epsilon (`VisionTransformer.ln_eps`).
 
   Returns:
     ``{"encoderblock_i": {"key": (k_i, H, D/H), "value": (k_i, H, D/H)}}``.
@@ -1277,11 +1575,13 @@ def build_kv_cache(
   out = {}
   for name, p in prompts.items():
     blk = backbone["Transformer"][name]
-    ln = nn.LayerNorm(epsilon=1e-6, dtype=dtype)
+    ln = nn.LayerNorm(epsilon=ln_eps, dtype=dtype)
     x = ln.apply({"params": blk["LayerNorm_0"]}, p.astype(dtype))
     att = blk["MultiHeadDotProductAttention_1"]
     d = p.shape[-1]
-    proj = nn.DenseGeneral((num_heads, d // num_heads), dtype=dtype)
+    proj = nn.DenseGeneral(
+      (num_heads, d // num_heads), dtype=dtype, use_bias="bias" in att["key"]
+    )
     out[name] = {
       "key": proj.apply({"params": att["key"]}, x),
       "value": proj.apply({"params": att["value"]}, x),
@@ -1345,6 +1645,10 @@ def count_params(tree: Any) -> int:
   return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
 
 
+# LayerNorms outside the blocks (applied in float32 whatever the dtype).
+_NORMS = ("encoder_norm", "norm_pre", "fc_norm")
+
+
 def cast_backbone(params: Mapping[str, Any], dtype: Any) -> dict[str, Any]:
   """The frozen backbone with its matmul/conv weights stored in ``dtype``.
 
@@ -1360,7 +1664,7 @@ def cast_backbone(params: Mapping[str, Any], dtype: Any) -> dict[str, Any]:
 
   def cast(path, x):
     names = [getattr(k, "key", str(k)) for k in path]
-    if any(n.startswith("LayerNorm") or n == "encoder_norm" for n in names):
+    if any(n.startswith("LayerNorm") or n in _NORMS for n in names):
       return x
     return jnp.asarray(x, dtype)
 

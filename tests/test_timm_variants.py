@@ -1,0 +1,141 @@
+"""timm's ViT variants (MAE, CLIP, DINOv2, registers, no class token).
+
+Each tiny random timm model under tests/data (written by
+benchmarks/make_timm_reference.py --variants) loads through the public
+loader onto the model the public constructor builds from the timm name
+(shrunk to the tiny geometry), and gives timm's logits; VPT-Deep and
+VPT-Shallow logits match prompts added to the timm model the official way.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vptpc import checkpoint
+from vptpc.models import registry, vit
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+TINY = dict(patch_size=8, hidden_size=16, num_layers=2, num_heads=2, mlp_dim=32)
+# Test-file key -> the timm name whose architecture it shrinks.
+VARIANTS = {
+  "mae": "vit_base_patch16_224.mae",
+  "clip_openai": "vit_base_patch16_clip_224.openai",
+  "clip_laion": "vit_base_patch16_clip_224.laion2b",
+  "dinov2": "vit_base_patch14_dinov2.lvd142m",
+  "dinov2_reg4": "vit_base_patch14_reg4_dinov2.lvd142m",
+  "gap": "vit_medium_patch16_gap_240.sw_in12k",
+}
+
+
+@pytest.fixture(scope="module")
+def ref():
+  with np.load(os.path.join(DATA, "timm_variants.npz")) as z:
+    return {k: z[k] for k in z.files}
+
+
+def tiny_model(key, **kw):
+  return registry.create_model(VARIANTS[key], num_classes=5, **TINY, **kw)
+
+
+def load(key, model):
+  tmpl = jax.eval_shape(
+    model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3))
+  )["params"]
+  path = os.path.join(DATA, f"timm_{key}_tiny.safetensors")
+  return checkpoint.load_pretrained(path, tmpl)
+
+
+def rel_err(got, want):
+  got = np.asarray(got, np.float64)
+  return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+@pytest.mark.parametrize("key", sorted(VARIANTS))
+def test_variant_matches_timm_logits(ref, key):
+  model = tiny_model(key)
+  params = load(key, model)
+  logits = model.apply({"params": params}, ref["images"])
+  assert rel_err(logits, ref[f"{key}_logits"]) < 1e-5
+
+
+@pytest.mark.parametrize("key", sorted(VARIANTS))
+@pytest.mark.parametrize("path", vit.PROMPT_PATHS)
+def test_variant_deep_prompts_match_official_way(ref, key, path):
+  model = tiny_model(key, **vit.path_overrides(path))
+  params = load(key, model)
+  p = ref[f"{key}_deep_prompts"]
+  prompts = {f"encoderblock_{i}": jnp.asarray(p[i]) for i in range(len(p))}
+  logits = model.apply({"params": params}, ref["images"], prompts)
+  assert rel_err(logits, ref[f"{key}_deep_logits"]) < 1e-5
+
+
+@pytest.mark.parametrize("key", sorted(VARIANTS))
+def test_variant_shallow_prompts_match_official_way(ref, key):
+  model = tiny_model(key)
+  params = load(key, model)
+  prompts = {"input": jnp.asarray(ref[f"{key}_shallow_prompts"])}
+  logits = model.apply({"params": params}, ref["images"], prompts)
+  assert rel_err(logits, ref[f"{key}_shallow_logits"]) < 1e-5
+
+
+@pytest.mark.parametrize("key", sorted(VARIANTS))
+def test_variant_kv_cache_matches_prompts(ref, key):
+  model = tiny_model(key, kv_only=True)
+  params = load(key, model)
+  p = ref[f"{key}_deep_prompts"]
+  prompts = {f"encoderblock_{i}": jnp.asarray(p[i]) for i in range(len(p))}
+  backbone, _ = vit.split_head(params)
+  cache = registry.build_kv_cache(model, backbone, prompts)
+  logits = model.apply({"params": params}, ref["images"], cache)
+  assert rel_err(logits, ref[f"{key}_deep_logits"]) < 1e-5
+
+
+@pytest.mark.parametrize("key", ["dinov2", "dinov2_reg4"])
+def test_posemb_resized_as_timm(ref, key):
+  params = load(key, tiny_model(key))
+  pe = params["Transformer"]["posembed_input"]["pos_embedding"]
+  np.testing.assert_allclose(pe, ref[f"{key}_pos_embed_32"], atol=1e-6)
+
+
+def test_pooled_features_exclude_prompt_outputs(ref):
+  # Average pooling reads the patch outputs only: prompts change them
+  # through attention, but the pooled width and count stay the patches'.
+  model = registry.create_model(VARIANTS["gap"], num_classes=None, **TINY)
+  params = load("gap", tiny_model("gap"))
+  backbone, _ = vit.split_head(params)
+  p = ref["gap_deep_prompts"]
+  feats = model.apply(
+    {"params": backbone},
+    ref["images"],
+    {f"encoderblock_{i}": jnp.asarray(p[i]) for i in range(len(p))},
+  )
+  assert feats.shape == (2, 16)
+
+
+def test_architecture_comes_from_the_name():
+  cfg = vit.get_model_config("vit_base_patch14_reg4_dinov2.lvd142m")
+  assert (cfg.patch_size, cfg.num_registers, cfg.posemb_prefix) == (
+    14,
+    4,
+    False,
+  )
+  assert vit.get_model_config("vit_base_patch16_clip_224.openai").act == (
+    "quick_gelu"
+  )
+  assert vit.get_model_config("vit_base_patch16_224.mae").pool == "avg"
+  gap = vit.get_model_config("vit_medium_patch16_gap_240.sw_in12k")
+  assert not gap.class_token and not gap.qkv_bias
+
+
+def test_file_of_another_variant_is_refused():
+  # A CLIP file (no patch bias, norm_pre) onto DINOv2's model: named.
+  model = tiny_model("dinov2")
+  tmpl = jax.eval_shape(
+    model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3))
+  )["params"]
+  path = os.path.join(DATA, "timm_clip_openai_tiny.safetensors")
+  with pytest.raises(checkpoint.CheckpointError, match="ls1.gamma"):
+    checkpoint.load_pretrained(path, tmpl)
