@@ -27,11 +27,14 @@ whose settings then follow mini-VTAB's recipe for it, else the model's
 standard file, `vptpc.models.registry.STANDARD_CHECKPOINTS`:
 ``imagenet21k_ViT-B_16.npz`` for ``B/16``,
 ``swin_base_patch4_window7_224.ms_in22k.safetensors`` for ``swin_b``;
-other models need ``checkpoint=PATH``); ``image_size`` (0: 32 for the embedded
-model, else 224); ``preprocess`` vtab | crop | fgvc; ``variant``;
+for a timm checkpoint name the file ``python -m vptpc.prepare
+--weights=timm/<name>`` put in the Hugging Face cache; other models need
+``checkpoint=PATH``); ``image_size`` (0: 32 for the embedded model, the
+timm checkpoint's own size, else 224); ``preprocess`` vtab | crop | fgvc; ``variant``;
 ``num_prompts``; ``epochs``; ``base_lr``; ``weight_decay``;
 ``batch_size``; ``normalize`` ("": minus1_1 for the embedded backbone,
-which was pretrained on it, else imagenet as VPT); ``dtype``; ``condense_keep``; ``seed``;
+which was pretrained on it, a timm checkpoint's own statistics, else
+imagenet as VPT); ``dtype``; ``condense_keep``; ``seed``;
 ``smoke`` (a tiny random backbone, one epoch, for tests).
 """
 
@@ -76,8 +79,10 @@ def get_config(arg=None):
   c.model.name = registry.canonical_name(a.model)
   registry.model_family(c.model.name)  # an unknown name fails here, named
   c.model.checkpoint_path = a.checkpoint or (
-    assets.path() if embedded else registry.standard_checkpoint(c.model.name)
+    assets.path() if embedded else config_util.default_checkpoint(c.model.name)
   )
+  # A timm checkpoint's own input (size, mean/std); VPT's otherwise.
+  pre = config_util.pretrained_preprocessing(c.model.name)
   if not c.model.checkpoint_path and not a.smoke:
     raise config_util.ConfigError(
       registry.no_checkpoint_message("configs/folder.py", a.model)
@@ -90,10 +95,14 @@ def get_config(arg=None):
   c.data.source = "folder"
   c.data.folder = os.path.abspath(os.path.expanduser(a.root))
   c.data.num_classes = info["num_classes"]
-  c.data.image_size = a.image_size or (32 if embedded else 224)
+  c.data.image_size = a.image_size or (
+    32 if embedded else pre.get("image_size", 224)
+  )
   c.data.preprocess = a.preprocess
   # The embedded backbone was pretrained on [-1, 1]; VPT uses ImageNet's.
-  c.data.normalize = a.normalize or ("minus1_1" if embedded else "imagenet")
+  c.data.normalize = a.normalize or (
+    "minus1_1" if embedded else pre.get("normalize", "imagenet")
+  )
   c.protocol.mode = a.mode
   c.protocol.tune_splits = info["tune_splits"]
   c.protocol.final_splits = info["final_splits"]

@@ -26,7 +26,10 @@ the model's standard file in the working directory (`vptpc.models.registry.STAND
 ``imagenet21k_ViT-B_16.npz`` for ``B/16``,
 ``swin_base_patch4_window7_224.ms_in22k.safetensors`` (``model.safetensors``
 of ``timm/swin_base_patch4_window7_224.ms_in22k``, renamed) for Swin-B;
-other models need ``checkpoint=``. Swin runs use the same recipe as the ViT
+a timm checkpoint name (``model=vit_base_patch14_dinov2.lvd142m``,
+docs/backbones.md) reads the file ``python -m vptpc.prepare
+--weights=timm/<name>`` put in the Hugging Face cache; other models need
+``checkpoint=``. Swin runs use the same recipe as the ViT
 (ImageNet normalisation, 224 px, VPT-Deep with the exact key/value path):
 vpt.md §8 gives no Swin-specific prompt counts or hyperparameters, so the
 task registry's counts (ViT's) are used.
@@ -41,7 +44,9 @@ demo values for dmlab, eurosat and sun397 (`DEMO_HPARAMS`), else 0.25 /
 1e-4 / 128); ``tfds_version`` overrides the registry's pinned version
 (e.g. ``caltech101`` 3.0.2, the one current TFDS builds; the 1k subset then
 holds other images, vtab.md); ``normalize`` imagenet (VPT) |
-minus1_1; ``source`` tfds | folder; ``condense_keep`` (0 = off);
+minus1_1 | clip ("": the timm checkpoint's own statistics, else imagenet);
+``image_size`` (0: the timm checkpoint's own size, else 224); ``source``
+tfds | folder; ``condense_keep`` (0 = off);
 ``smoke``: a random-init 32-px backbone of the model's family (``tiny32``,
 or ``swin-testing`` with a Swin), 1 epoch, two grid points and two seeds on
 tiny slices, for tests on mock data.
@@ -74,7 +79,8 @@ def get_config(arg=None):
     batch_size=-1,
     tfds_version="",
     epochs=100,
-    normalize="imagenet",
+    normalize="",
+    image_size=0,
     source="tfds",
     data_dir="",
     model="B/16",
@@ -89,9 +95,11 @@ def get_config(arg=None):
   c.seed = a.seed
   c.model.name = registry.canonical_name(a.model)
   registry.model_family(c.model.name)  # an unknown name fails here, named
-  c.model.checkpoint_path = a.checkpoint or registry.standard_checkpoint(
+  c.model.checkpoint_path = a.checkpoint or config_util.default_checkpoint(
     c.model.name
   )
+  # A timm checkpoint's own input (size, mean/std); VPT's otherwise.
+  pre = config_util.pretrained_preprocessing(c.model.name)
   if not c.model.checkpoint_path and not a.smoke:
     raise config_util.ConfigError(
       registry.no_checkpoint_message("configs/vtab.py", a.model)
@@ -109,8 +117,8 @@ def get_config(arg=None):
   c.data.source = "folder" if not task.tfds_name else a.source
   c.data.data_dir = a.data_dir
   c.data.num_classes = task.num_classes
-  c.data.image_size = 224
-  c.data.normalize = a.normalize
+  c.data.image_size = a.image_size or pre.get("image_size", 224)
+  c.data.normalize = a.normalize or pre.get("normalize", "imagenet")
   if task.benchmark == "vtab":
     c.data.preprocess = "vtab"
     tune_splits = (task.splits["train800"], task.splits["val200"])

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from vptpc import checkpoint, config_util, optim
+from vptpc import checkpoint, config_util, hub, optim
 from vptpc import prompts as prompts_lib
 from vptpc.data import pipeline
 from vptpc.models import registry, swin, vit
@@ -106,6 +106,7 @@ def build_model(
     ln_vjp=registry.own_vjp_setting(config.model.get("ln_vjp", "auto")),
     cudnn_multiple=config.model.get("cudnn_multiple", 0),
     kv_stacked=config.model.get("kv_stacked", False),
+    **config_util.parse_arch(config.model.get("arch", "")),
   )
 
 
@@ -230,7 +231,9 @@ def load_backbone(
   if config.model.checkpoint_path:
     shapes = jax.eval_shape(_init_fn(model, size, "all"), rng)
     template, _ = vit.split_head(shapes)
-    backbone = _read_backbone(config.model.checkpoint_path, template)
+    backbone = _read_backbone(
+      hub.local_path(config.model.checkpoint_path), template
+    )
     logging.info(
       "Backbone loaded from %s (%.1f s with the head's init).",
       config.model.checkpoint_path,
@@ -377,8 +380,7 @@ def token_pools(
   )
   _, inter = fwd(params, jnp.asarray(batch["image"][:n]))
   found = inter["intermediates"]
-  if not registry.is_swin(model):
-    found = found["Transformer"]
+  found = registry.family_of(model).intermediates(found)
   pools = {}
   for i in range(model.num_layers):
     x = found[f"block_input_{i}"][0]

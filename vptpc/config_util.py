@@ -12,6 +12,8 @@ from typing import Any
 
 import ml_collections
 
+from vptpc.data import pipeline
+
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
 
@@ -193,6 +195,89 @@ class ConfigError(ValueError):
   """A config value is invalid; the message names the key."""
 
 
+# A timm checkpoint's input statistics -> the `vptpc.data.pipeline` mode.
+_NORMALIZE_OF_MEAN = {
+  (0.5, 0.5, 0.5): "minus1_1",
+  (0.485, 0.456, 0.406): "imagenet",
+  (0.48145466, 0.4578275, 0.40821073): "clip",
+}
+
+
+ARCH_FIELDS = (
+  "patch_size",
+  "hidden_size",
+  "num_layers",
+  "num_heads",
+  "mlp_dim",
+)
+
+
+def parse_arch(arch: str) -> dict[str, int]:
+  """``config.model.arch`` ("hidden_size=16,num_layers=2") as a dict.
+
+  Raises:
+    ConfigError: a field outside `ARCH_FIELDS` or a value that is not a
+      positive integer, named.
+  """
+  out = {}
+  for item in (x.strip() for x in str(arch).split(",") if x.strip()):
+    key, _, value = item.partition("=")
+    key = key.strip()
+    if key not in ARCH_FIELDS:
+      raise ConfigError(
+        f"config.model.arch: unknown field {key!r} in {arch!r}; known: "
+        f"{', '.join(ARCH_FIELDS)}."
+      )
+    try:
+      out[key] = int(value)
+    except ValueError:
+      out[key] = 0
+    if out[key] <= 0:
+      raise ConfigError(
+        f"config.model.arch: {key}={value.strip()!r} is not a positive integer."
+      )
+  return out
+
+
+def pretrained_preprocessing(name: str) -> dict[str, Any]:
+  """What a timm checkpoint name says of its input, as config values.
+
+  ``{"image_size", "normalize", "interpolation"}`` from the checkpoint's
+  row (`vptpc.models.vit.TIMM_WEIGHTS`, timm's pretrained config), or {}
+  for a name without one (vit_jax's variants, Swins).
+  """
+  from vptpc.models import registry  # the model package sits above config
+
+  pre = registry.pretrained(name)
+  if pre is None:
+    return {}
+  return {
+    "image_size": pre.image_size,
+    "normalize": _NORMALIZE_OF_MEAN[tuple(pre.mean_std[0])],
+    "interpolation": pre.interpolation,
+  }
+
+
+def default_checkpoint(name: str) -> str:
+  """Where a run finds a model's weights when no checkpoint is given.
+
+  The model's standard file in the working directory
+  (`vptpc.models.registry.standard_checkpoint`), else, for a timm
+  checkpoint name, its file in the Hugging Face cache (``hf-hub:timm/...``,
+  fetched once by ``python -m vptpc.prepare --weights=timm/<name>``), else
+  "".
+  """
+  from vptpc import hub
+  from vptpc.models import registry
+
+  std = registry.standard_checkpoint(name)
+  if std:
+    return std
+  if registry.pretrained(name) is not None:
+    return hub.hub_ref(registry.canonical_name(name))
+  return ""
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Returns every training key with its default (config files override).
 
@@ -204,12 +289,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 42  # VPT final runs use seeds 42, 44, 82, 100, 800.
 
   c.model = ml_collections.ConfigDict()
-  # A ViT (vptpc.models.vit.model_names()) or, for names starting with
-  # "swin", a Swin (e.g. swin_base_patch4_window7_224; vptpc.models.registry).
+  # A ViT (vit_jax's B/16..., or a timm checkpoint name such as
+  # vit_base_patch14_dinov2.lvd142m) or, for names starting with "swin", a
+  # Swin (e.g. swin_base_patch4_window7_224); vptpc.models.registry.
   c.model.name = "B/16"
-  # A vit_jax .npz or a timm .safetensors (ViT or Swin); "" initialises the
-  # backbone randomly (tests only).
+  # A vit_jax .npz or a timm .safetensors (ViT or Swin), or hf-hub:timm/<name>
+  # (the file prepare --weights put in the Hugging Face cache); ""
+  # initialises the backbone randomly (tests only).
   c.model.checkpoint_path = ""
+  # Sizes that shrink the named architecture, "hidden_size=16,num_layers=2"
+  # (patch_size, hidden_size, num_layers, num_heads, mlp_dim): a tiny model
+  # of the same family and variant, for tests; "" for the named one.
+  c.model.arch = ""
   c.model.init_seed = 0  # Seed of a random backbone (checkpoint_path "").
   c.model.kv_only = True  # Exact and cheaper for VPT-Deep (vpt.md §2).
   # With kv_only: project prompt keys/values once per batch and share them
@@ -380,7 +471,7 @@ _CHOICES = {
   "prompt.variant": ("deep", "shallow"),
   "prompt.init": ("vpt", "tokens"),
   "model.prelogit_norm": ("none", "standardize"),
-  "data.normalize": ("imagenet", "minus1_1"),
+  "data.normalize": pipeline.NORMALIZATIONS,
   "data.source": ("tfds", "folder"),
   "data.preprocess": ("vtab", "fgvc", "crop"),
   "data.on_device": ("auto", "never"),
@@ -478,6 +569,10 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
 
   # An unknown model name, or a ViT-only key set for a Swin.
   out += registry.model_problems(config.model)
+  try:
+    parse_arch(config.model.get("arch", ""))
+  except ConfigError as e:
+    out.append(str(e))
   if config.data.task:
     from vptpc.data import vtab
 

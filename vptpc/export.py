@@ -62,6 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vptpc import checkpoint
 from vptpc import prompts as prompts_lib
 from vptpc.data import pipeline
 from vptpc.data.pipeline import (  # noqa: F401 - re-exported
@@ -83,6 +84,34 @@ INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
 class ExportError(ValueError):
   """An export request that cannot be carried out (the message says why)."""
+
+
+def _timm_backbone_flat(
+  path: str,
+  model_name: str,
+  cfg: Any,
+  run: Mapping[str, Any],
+  image_size: int | None,
+) -> dict[str, np.ndarray]:
+  """A timm ``.safetensors`` backbone as vit_jax-layout flat arrays.
+
+  Loaded onto the model's template at the run's image size (or the
+  checkpoint's own, `vptpc.models.vit.TIMM_WEIGHTS`), so the position
+  embedding is resized as the run resized it.
+  """
+  pre = registry.pretrained(model_name)
+  size = int(
+    image_size
+    or run.get("data", {}).get("image_size")
+    or (pre.image_size if pre is not None else 224)
+  )
+  template = jax.eval_shape(
+    lambda: vit.init_params(vit.create_model(cfg), jax.random.key(0), size)
+  )
+  try:
+    return checkpoint.flatten(checkpoint.load_pretrained(path, template))
+  except checkpoint.CheckpointError as e:
+    raise ExportError(str(e).splitlines()[0]) from e
 
 
 def normalization(mode: str) -> tuple[np.ndarray, np.ndarray]:
@@ -160,7 +189,11 @@ def task_function(
   if variant == "deep" and graph == "kv":
     # Projected once here, so the graph holds only each layer's keys and
     # values: a prompt then costs attention columns, not a token.
-    baked = as_np(vit.build_kv_cache(backbone, prompts, model.num_heads))
+    baked = as_np(
+      vit.build_kv_cache(
+        backbone, prompts, model.num_heads, ln_eps=model.ln_eps
+      )
+    )
   elif variant != "none":
     baked = as_np(prompts)
 
@@ -531,15 +564,18 @@ def export_task(
     or run.get("model", {}).get("name")
     or assets.DEFAULT_MODEL
   )
-  if registry.is_swin_name(model_name) or (saved.get("backbone") or {}).get(
-    "widths"
-  ):
-    # The exported graphs are the ViT's (`task_function`); a Swin task is
-    # served by `vptpc.serve` (key/value cache per task) instead.
+  try:
+    exportable = registry.exportable(model_name)
+  except ValueError as e:
+    raise ExportError(str(e)) from e
+  if not exportable or (saved.get("backbone") or {}).get("widths"):
+    # The exported graphs are the ViT's (`task_function`); other families'
+    # tasks are served by `vptpc.serve` (key/value cache per task).
     raise ExportError(
-      f"{prompts_path!r} belongs to a Swin ({model_name}); vptpc.export "
-      "writes ViT graphs only: serve Swin tasks with python -m vptpc.serve "
-      "--model=<swin name> --backbone=<.safetensors>."
+      f"{prompts_path!r} belongs to a {registry.model_family(model_name)} "
+      f"({model_name}); vptpc.export writes ViT graphs only: serve its "
+      "tasks with python -m vptpc.serve --model=<name> "
+      "--backbone=<.safetensors>."
     )
   try:
     cfg = vit.get_model_config(model_name)
@@ -549,7 +585,10 @@ def export_task(
     backbone_path or run.get("model", {}).get("checkpoint_path") or None
   )
   embedded = backbone_path is None
-  flat = checkpoint.read_npz(backbone_path or assets.path())
+  if str(backbone_path).endswith(".safetensors"):
+    flat = _timm_backbone_flat(backbone_path, model_name, cfg, run, image_size)
+  else:
+    flat = checkpoint.read_npz(backbone_path or assets.path())
   if checkpoint.POSEMB_KEY not in flat:
     raise ExportError(f"{backbone_path!r} has no position embedding.")
   image_size = int(

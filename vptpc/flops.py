@@ -36,6 +36,7 @@ def vit_gmacs(
   prompts_per_layer: int | Sequence[int] = 0,
   count: str = "naive",
   channels: int = 3,
+  num_prefix: int = 1,
 ) -> float:
   """GMACs per image of a (prompted) ViT encoder.
 
@@ -50,6 +51,8 @@ def vit_gmacs(
       carried through all blocks).
     count: ``naive`` or ``kv`` (see the module docstring).
     channels: input channels.
+    num_prefix: class and register tokens (0 for a ViT that only
+      averages; 5 for DINOv2 with 4 registers).
 
   Returns:
     Giga multiply-accumulates per image.
@@ -67,7 +70,7 @@ def vit_gmacs(
     )
   if count not in ("naive", "kv"):
     raise ValueError(f"count must be 'naive' or 'kv', got {count!r}.")
-  d, n = hidden_size, num_patches + 1
+  d, n = hidden_size, num_patches + num_prefix
   proj = 4 * d * d + 2 * d * mlp_dim  # QKV + out + MLP, per token
   total = num_patches * channels * patch_size * patch_size * d
   for p in prompts:
@@ -87,6 +90,7 @@ def model_dims(model: Any, image_size: int) -> dict[str, int]:
     mlp_dim=model.mlp_dim,
     num_patches=(image_size // model.patch_size) ** 2,
     patch_size=model.patch_size,
+    num_prefix=model.num_prefix,
   )
 
 
@@ -237,18 +241,9 @@ def model_gmacs(
   """
   if count not in ("naive", "kv"):
     raise ValueError(f"count must be 'naive' or 'kv', got {count!r}.")
-  if hasattr(model, "embed_dim"):  # a Swin
-    return swin_gmacs(
-      **swin_dims(model, image_size),
-      prompts_per_layer=prompts_per_layer,
-      variant=variant,
-      count=count,
-    )
-  return vit_gmacs(
-    **model_dims(model, image_size),
-    prompts_per_layer=prompts_per_layer,
-    count=count,
-  )
+  from vptpc.models import registry  # the family counts its own model
+
+  return registry.gmacs(model, image_size, prompts_per_layer, count, variant)
 
 
 def table(
@@ -288,7 +283,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   import sys
 
   ap = argparse.ArgumentParser(prog="python -m vptpc.flops")
-  ap.add_argument("--models", default="B/16,swin_b")
+  ap.add_argument(
+    "--models",
+    "--model",
+    default="B/16,swin_b",
+    help="comma-separated config.model.name values (timm names included)",
+  )
   ap.add_argument("--prompts", default="0,50,100,150,200")
   ap.add_argument("--image_size", type=int, default=224)
   a = ap.parse_args(argv)

@@ -243,3 +243,30 @@ def resolve_weights(name: str, prepare_cmd_known: bool = True) -> str:
   raise WeightsNotCached(
     f"no cached weights for {repo} in {hub_cache_dir()}; {how}"
   )
+
+
+# How a config names weights in the hub cache instead of a local file (the
+# scheme timm uses for hub models): ``hf-hub:timm/<name>``.
+HUB_SCHEME = "hf-hub:"
+
+
+def hub_ref(name: str) -> str:
+  """The ``config.model.checkpoint_path`` value for timm weights by name."""
+  return HUB_SCHEME + repo_id(name)
+
+
+def is_hub_ref(path: str) -> bool:
+  """Whether a checkpoint path names hub weights (`hub_ref`)."""
+  return str(path).startswith(HUB_SCHEME)
+
+
+def local_path(path: str) -> str:
+  """A checkpoint path with a hub reference replaced by the cached file.
+
+  Raises:
+    WeightsNotCached: a hub reference whose weights are not cached (one
+      line naming the prepare command).
+  """
+  if not is_hub_ref(path):
+    return path
+  return resolve_weights(str(path)[len(HUB_SCHEME) :])

@@ -59,6 +59,9 @@ from typing import Any
 import ml_collections
 from absl import logging
 
+from vptpc import hub
+from vptpc.models import registry
+
 
 class PreflightError(ValueError):
   """Unmet preconditions of a run; ``problems`` holds one line each."""
@@ -133,6 +136,14 @@ def _is_remote(path: str) -> bool:
   return "://" in path
 
 
+def _local(path: str) -> str:
+  """A hub reference as its cached file ("" when not cached: named elsewhere)."""
+  try:
+    return hub.local_path(path)
+  except hub.HubError:
+    return ""
+
+
 def _main_process() -> bool:
   import jax
 
@@ -185,26 +196,18 @@ _CKPT_FIX = (
   "ViT-B_16.npz from gs://vit_models/imagenet21k/) and pass its path as "
   "--config.model.checkpoint_path=PATH (configs/vtab.py: checkpoint=PATH)"
 )
-_SWIN_FIX = (
-  "download model.safetensors of timm/swin_base_patch4_window7_224.ms_in22k "
-  "from the Hugging Face hub yourself (vptpc never downloads it; Swin-B, "
-  "ImageNet-22k) and pass its path as --config.model.checkpoint_path=PATH "
-  "(configs/vtab.py: checkpoint=PATH); docs/swin.md"
-)
-_TIMM_VIT_FIX = (
-  "download model.safetensors of timm/vit_base_patch16_224.orig_in21k from "
-  "the Hugging Face hub yourself (vptpc never downloads it) and pass its "
-  "path as --config.model.checkpoint_path=PATH"
-)
 
 
 def _family(model_name: str) -> str | None:
-  from vptpc.models import registry
-
   try:
     return registry.model_family(model_name) if model_name else None
   except ValueError:
     return None  # config_util.problems names the bad name
+
+
+def _fix(family: str | None) -> str:
+  """What to do about a missing or wrong file, in the family's words."""
+  return registry.family(family).CHECKPOINT_FIX if family else _CKPT_FIX
 
 
 def safetensors_problems(path: str, key: str, family: str | None) -> list[str]:
@@ -217,7 +220,7 @@ def safetensors_problems(path: str, key: str, family: str | None) -> list[str]:
 
   from vptpc import checkpoint
 
-  fix = _TIMM_VIT_FIX if family == "vit" else _SWIN_FIX
+  fix = _fix(family)
   try:
     with open(path, "rb") as f:
       head = f.read(8)
@@ -232,16 +235,12 @@ def safetensors_problems(path: str, key: str, family: str | None) -> list[str]:
       f"{key} is not a readable .safetensors file (truncated or another "
       f"format: {e}): {fix}."
     ]
-  arch = checkpoint._file_arch(names)  # noqa: SLF001 (same key rule)
+  arch = checkpoint.file_kind(names)
   if family is not None and arch != family:
-    what = {
-      "swin": "a timm Swin",
-      "vit": "a timm ViT",
-      "vit_jax": "a vit_jax ViT",
-    }.get(arch, "neither a timm ViT nor a timm Swin")
+    what = checkpoint._kind_words(arch)  # noqa: SLF001 (the same words)
     return [
       f"{key} is {what} checkpoint but config.model.name names a "
-      f"{dict(vit='ViT', swin='Swin')[family]} "
+      f"{registry.family(family).DISPLAY} "
       f"(first keys: {', '.join(sorted(names)[:3])}): {fix}."
     ]
   return []
@@ -260,6 +259,12 @@ def checkpoint_problems(path: str, model_name: str = "") -> list[str]:
     return []
   family = _family(model_name)
   key = f"config.model.checkpoint_path={path!r}"
+  if hub.is_hub_ref(path):
+    # Weights by name: only the local hub cache is read at run time.
+    try:
+      path = hub.local_path(path)
+    except hub.HubError as e:
+      return [f"{key}: {e}"]
   if _is_remote(path):
     # Nothing is downloaded at run time, and the readers open local files.
     return [
@@ -267,17 +272,17 @@ def checkpoint_problems(path: str, model_name: str = "") -> list[str]:
       "(nothing is downloaded at run time): copy it locally (e.g. gsutil cp "
       "or gcloud storage cp) and pass that path."
     ]
-  fix = _SWIN_FIX if family == "swin" else _CKPT_FIX
+  fix = _fix(family)
   if not os.path.exists(path):
     return [f"{key} does not exist: {fix}."]
   if os.path.isdir(path):
     return [f"{key} is a directory, not a checkpoint file: {fix}."]
   if path.endswith(".safetensors"):
     return safetensors_problems(path, key, family)
-  if family == "swin":
+  if family is not None and not registry.family(family).READS_NPZ:
     return [
-      f"{key}: a Swin reads a timm .safetensors file, not a vit_jax .npz: "
-      f"{fix}."
+      f"{key}: a {registry.family(family).DISPLAY} reads a timm "
+      f".safetensors file, not a vit_jax .npz: {fix}."
     ]
   try:
     with open(path, "rb"):
@@ -435,6 +440,7 @@ def run_backbone(
   path = config.model.checkpoint_path
   if path:
     source = f"config.model.checkpoint_path={path!r}"
+    path = _local(path)
     if _is_remote(path) or not os.path.isfile(path):
       return {}, source
     try:
@@ -482,7 +488,7 @@ def run_fingerprint(config: ml_collections.ConfigDict) -> str | None:
   `prompt_file_problems` calls it only when a prompt file will be read and
   its shapes fit. None for a random-init backbone or an unreadable file.
   """
-  path = config.model.checkpoint_path
+  path = _local(config.model.checkpoint_path)
   if not path or _is_remote(path) or not os.path.isfile(path):
     return None
   from vptpc import checkpoint, prompts

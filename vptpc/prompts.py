@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vptpc.checkpoint import flatten
+from vptpc.models import registry
 from vptpc.models.vit import prompt_variant
 
 Array = jax.Array
@@ -297,24 +298,6 @@ def backbone_fingerprint(backbone: Mapping[str, Any]) -> str:
   return h.hexdigest()[:16]
 
 
-def _swin_widths(backbone: Mapping[str, Any]) -> list[int]:
-  """Width of every Swin block in order (from its ``norm1`` scale)."""
-  widths = []
-  stages = sorted(
-    (k for k in backbone if re.fullmatch(r"layers_\d+", k)),
-    key=lambda k: int(k[7:]),
-  )
-  for s in stages:
-    blocks = sorted(
-      (k for k in backbone[s] if re.fullmatch(r"blocks_\d+", k)),
-      key=lambda k: int(k[7:]),
-    )
-    widths += [
-      int(np.shape(backbone[s][b]["norm1"]["scale"])[0]) for b in blocks
-    ]
-  return widths
-
-
 def _backbone_meta(
   backbone: Mapping[str, Any], fingerprint: bool = True
 ) -> dict[str, Any]:
@@ -325,23 +308,7 @@ def _backbone_meta(
       False, anything with a shape (`jax.eval_shape` output).
     fingerprint: also hash the weights (`backbone_fingerprint`).
   """
-  if "Transformer" not in backbone and "patch_embed" in backbone:
-    # Swin: prompt widths follow the stages; VPT-Deep has one set per block.
-    widths = _swin_widths(backbone)
-    meta = {
-      "arch": "swin",
-      "hidden_size": int(np.shape(backbone["norm"]["scale"])[0]),
-      "num_layers": len(widths),
-      "widths": widths,
-      "patch_size": int(np.shape(backbone["patch_embed"]["proj"]["kernel"])[0]),
-    }
-  else:
-    tf = backbone["Transformer"]
-    meta = {
-      "hidden_size": int(np.shape(backbone["cls"])[-1]),
-      "num_layers": sum(1 for k in tf if _LAYER_RE.match(k)),
-      "patch_size": int(np.shape(backbone["embedding"]["kernel"])[0]),
-    }
+  meta = dict(registry.family_of_tree(backbone).backbone_meta(backbone))
   if fingerprint:
     meta["fingerprint"] = backbone_fingerprint(backbone)
   return meta

@@ -97,7 +97,8 @@ def build_bank(
     backbone: the frozen backbone every task was trained on.
     tasks: per task, its VPT-Deep prompts and head.
     num_heads: a ViT's attention heads (or give ``model``).
-    dtype: the keys' and values' dtype.
+    dtype: the keys' and values' dtype with ``num_heads`` (with ``model``:
+      the model's).
     model: the backbone's model; needed for a Swin, whose every block but
       the last becomes a key/value cache and whose last block keeps its
       prompt tokens (their outputs enter the average pool), padded with a
@@ -110,13 +111,14 @@ def build_bank(
   if not tasks:
     raise ValueError("A task bank needs at least one task.")
   names = list(tasks)
-  if isinstance(model, swin.SwinTransformer):
-    caches = [swin.build_kv_cache(model, backbone, tasks[n][0]) for n in names]
-  else:
-    if num_heads is None:
-      if model is None:
-        raise ValueError("build_bank needs num_heads or model.")
-      num_heads = model.num_heads
+  if model is not None:
+    # The model's family builds its caches (in the model's dtype).
+    caches = [
+      registry.build_kv_cache(model, backbone, tasks[n][0]) for n in names
+    ]
+  elif num_heads is None:
+    raise ValueError("build_bank needs num_heads or model.")
+  else:  # a vit_jax-style ViT given by its head count
     caches = [
       vit.build_kv_cache(backbone, tasks[n][0], num_heads, dtype) for n in names
     ]

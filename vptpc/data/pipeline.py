@@ -61,7 +61,11 @@ LOCAL_BUILDERS = {
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-NORMALIZATIONS = ("imagenet", "minus1_1")
+# OpenAI CLIP's statistics, which timm's CLIP image towers (OpenAI's and
+# LAION's) were trained with.
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+NORMALIZATIONS = ("imagenet", "minus1_1", "clip")
 PREPROCESS = ("vtab", "fgvc", "crop")
 SOURCES = ("tfds", "folder")
 # FGVC (VPT): Resize(256) -> RandomCrop(224), i.e. resize to 256/224 of the
@@ -565,11 +569,13 @@ def affine(mode: str) -> tuple[np.ndarray, np.ndarray]:
     return 1.0 / (255.0 * IMAGENET_STD), -IMAGENET_MEAN / IMAGENET_STD
   if mode == "minus1_1":
     return np.float32(2.0 / 255.0), np.float32(-1.0)
+  if mode == "clip":
+    return 1.0 / (255.0 * CLIP_STD), -CLIP_MEAN / CLIP_STD
   raise DataError(f"normalize must be one of {NORMALIZATIONS}, got {mode!r}.")
 
 
 def normalize(images: np.ndarray, mode: str) -> np.ndarray:
-  """Maps uint8 images to float32: ImageNet mean/std, or [-1, 1].
+  """Maps uint8 images to float32: ImageNet or CLIP mean/std, or [-1, 1].
 
   VPT uses ImageNet statistics; Google's i21k checkpoints were trained on
   [-1, 1] (vpt.md §5), hence the choice.

@@ -23,6 +23,7 @@ from vptpc.models import convert, swin
 NAME = "swin"
 DISPLAY = "Swin"
 EXPORTABLE = False
+READS_NPZ = False
 TESTING = "swin-testing"
 # The pretrained Swin-B VPT reports, in timm's naming.
 SWIN_B_TIMM = "swin_base_patch4_window7_224"

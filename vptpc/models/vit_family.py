@@ -29,6 +29,8 @@ NAME = "vit"
 DISPLAY = "ViT"
 # ``vptpc.export`` writes ONNX / StableHLO graphs of ViTs.
 EXPORTABLE = True
+# Reads vit_jax .npz files as well as timm .safetensors.
+READS_NPZ = True
 # The file a run reads when a config names the model and no checkpoint.
 STANDARD_CHECKPOINTS = {"B/16": "imagenet21k_ViT-B_16.npz"}
 ALIASES = {"ViT-B/16": "B/16", "ViT-B_16": "B/16"}
