@@ -16,6 +16,12 @@ PyPI's CUDA build of it was used with its operator registration skipped,
 which timm's model code does not use: the script stubs
 ``torchvision._meta_registrations`` before importing timm).
 
+and the key layouts of the real checkpoints vptpc knows by name
+(``--manifests``: ``timm_manifests.json.gz``, every tensor's shape of the
+model timm builds for each name; no weights)::
+
+  python benchmarks/make_timm_reference.py --out tests/data --manifests
+
 It writes:
 
 * ``timm_swin_tiny.safetensors``: the ``state_dict`` of a timm
@@ -226,6 +232,28 @@ def write_variants(out_dir, images, torch, save_file):
   return out
 
 
+def write_manifests(out_dir, timm):
+  """Writes ``timm_manifests.json.gz``: every timm checkpoint's key layout.
+
+  For each name vptpc knows (`vptpc.models.vit.TIMM_WEIGHTS`), the shape
+  of every tensor of the model timm builds for the name, which is what its
+  hub file holds; no weights are made or downloaded.
+  """
+  import gzip
+  import json
+
+  from vptpc.models import vit
+
+  out = {}
+  for name in vit.TIMM_WEIGHTS:
+    model = timm.create_model(name, pretrained=False)
+    out[name] = {k: list(v.shape) for k, v in model.state_dict().items()}
+  path = os.path.join(out_dir, "timm_manifests.json.gz")
+  with gzip.GzipFile(path, "wb", mtime=0) as f:
+    f.write(json.dumps(out, sort_keys=True).encode())
+  return out
+
+
 def main():
   """Command-line entry point; the module docstring says what it measures or writes."""
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -234,6 +262,11 @@ def main():
     "--variants",
     action="store_true",
     help="write only the timm ViT variant files (timm_variants.npz, ...)",
+  )
+  ap.add_argument(
+    "--manifests",
+    action="store_true",
+    help="write only timm_manifests.json.gz (key layouts of real models)",
   )
   a = ap.parse_args()
   # PyPI's torchvision cannot register its meta ops next to this torch; skip them (timm's models do not use them).
@@ -251,6 +284,10 @@ def main():
   os.makedirs(a.out, exist_ok=True)
   images = np.random.default_rng(0).normal(size=(2, 32, 32, 3))
   images = images.astype(np.float32)
+  if a.manifests:
+    out = write_manifests(a.out, timm)
+    print(f"timm {timm.__version__}; wrote the key layouts of {sorted(out)}")
+    return
   if a.variants:
     out = write_variants(a.out, images, torch, save_file)
     print(

@@ -34,7 +34,8 @@ timm checkpoint's own size, else 224); ``preprocess`` vtab | crop | fgvc; ``vari
 ``num_prompts``; ``epochs``; ``base_lr``; ``weight_decay``;
 ``batch_size``; ``normalize`` ("": minus1_1 for the embedded backbone,
 which was pretrained on it, a timm checkpoint's own statistics, else
-imagenet as VPT); ``dtype``; ``condense_keep``; ``seed``;
+imagenet as VPT); ``interpolation`` bilinear | bicubic ("": a timm
+checkpoint's own filter, else bilinear); ``dtype``; ``condense_keep``; ``seed``;
 ``smoke`` (a tiny random backbone, one epoch, for tests).
 """
 
@@ -62,6 +63,7 @@ def get_config(arg=None):
     weight_decay=1e-4,
     batch_size=64,
     normalize="",
+    interpolation="",
     dtype="float32",
     condense_keep=0.0,
     seed=42,
@@ -103,6 +105,7 @@ def get_config(arg=None):
   c.data.normalize = a.normalize or (
     "minus1_1" if embedded else pre.get("normalize", "imagenet")
   )
+  c.data.interpolation = a.interpolation or pre.get("interpolation", "bilinear")
   c.protocol.mode = a.mode
   c.protocol.tune_splits = info["tune_splits"]
   c.protocol.final_splits = info["final_splits"]

@@ -45,7 +45,9 @@ demo values for dmlab, eurosat and sun397 (`DEMO_HPARAMS`), else 0.25 /
 (e.g. ``caltech101`` 3.0.2, the one current TFDS builds; the 1k subset then
 holds other images, vtab.md); ``normalize`` imagenet (VPT) |
 minus1_1 | clip ("": the timm checkpoint's own statistics, else imagenet);
-``image_size`` (0: the timm checkpoint's own size, else 224); ``source``
+``image_size`` (0: the timm checkpoint's own size, else 224);
+``interpolation`` bilinear | bicubic ("": the timm checkpoint's own filter,
+else VTAB's bilinear); ``source``
 tfds | folder; ``condense_keep`` (0 = off);
 ``smoke``: a random-init 32-px backbone of the model's family (``tiny32``,
 or ``swin-testing`` with a Swin), 1 epoch, two grid points and two seeds on
@@ -81,6 +83,7 @@ def get_config(arg=None):
     epochs=100,
     normalize="",
     image_size=0,
+    interpolation="",
     source="tfds",
     data_dir="",
     model="B/16",
@@ -119,6 +122,7 @@ def get_config(arg=None):
   c.data.num_classes = task.num_classes
   c.data.image_size = a.image_size or pre.get("image_size", 224)
   c.data.normalize = a.normalize or pre.get("normalize", "imagenet")
+  c.data.interpolation = a.interpolation or pre.get("interpolation", "bilinear")
   if task.benchmark == "vtab":
     c.data.preprocess = "vtab"
     tune_splits = (task.splits["train800"], task.splits["val200"])

@@ -13,7 +13,7 @@ from PIL import Image
 from vptpc import checkpoint, serve
 from vptpc import prompts as pr
 from vptpc.data import pipeline
-from vptpc.models import swin, vit
+from vptpc.models import swin, swin_family, vit
 
 
 def _tasks(frozen):
@@ -187,7 +187,7 @@ def _timm_names(params):
   """A Swin params tree as a timm state dict (the inverse of the loader)."""
   flat = checkpoint.flatten(params)
   out = {}
-  for k, src in checkpoint._swin_sources(flat).items():
+  for k, src in swin_family.checkpoint_sources(flat).items():
     a = np.asarray(flat[k])
     if k.endswith("kernel"):
       a = a.transpose(3, 2, 0, 1) if a.ndim == 4 else a.T

@@ -139,3 +139,55 @@ def test_file_of_another_variant_is_refused():
   path = os.path.join(DATA, "timm_clip_openai_tiny.safetensors")
   with pytest.raises(checkpoint.CheckpointError, match="ls1.gamma"):
     checkpoint.load_pretrained(path, tmpl)
+
+
+@pytest.fixture(scope="module")
+def manifests():
+  import gzip
+  import json
+
+  with gzip.open(os.path.join(DATA, "timm_manifests.json.gz")) as f:
+    return json.load(f)
+
+
+@pytest.mark.parametrize("name", sorted(vit.TIMM_WEIGHTS))
+def test_every_checkpoint_row_maps_onto_timms_layout(manifests, name):
+  # The real model of each row, as shapes only: every parameter has its
+  # timm key and shape in the layout timm builds for the name (its hub
+  # file), and the file has nothing else but heads.
+  row = vit.TIMM_WEIGHTS[name]
+  model = registry.create_model(name, num_classes=None)
+  size = row.image_size
+  shapes = jax.eval_shape(
+    model.init, jax.random.key(0), jnp.zeros((1, size, size, 3))
+  )["params"]
+  fam = registry.family_of(model)
+  want = {
+    src.key: tuple(src.shape)
+    for src in fam.checkpoint_sources(checkpoint.flatten(shapes)).values()
+  }
+  layout = {k: tuple(v) for k, v in manifests[name].items()}
+  if dict(row.overrides).get("fc_norm"):  # MAE: the file's norm is fc_norm
+    layout = {
+      k.replace("norm.", "fc_norm.", 1) if k.startswith("norm.") else k: v
+      for k, v in layout.items()
+    }
+  assert {k: layout.get(k) for k in want} == want
+  extra = [k for k in layout if k not in want]
+  assert all(k.startswith(fam.EXTRA_FILE_KEYS) for k in extra), extra
+
+
+@pytest.mark.parametrize("name", sorted(vit.TIMM_WEIGHTS))
+def test_every_checkpoint_row_has_a_preprocessing(name):
+  from vptpc import config_util
+  from vptpc.data import pipeline
+
+  pre = config_util.pretrained_preprocessing(name)
+  row = vit.TIMM_WEIGHTS[name]
+  scale, shift = pipeline.affine(pre["normalize"])
+  mean, std = (np.asarray(v, np.float32) for v in row.mean_std)
+  # pixels * scale + shift == (pixels / 255 - mean) / std
+  np.testing.assert_allclose(scale, 1 / (255 * std), rtol=1e-6)
+  np.testing.assert_allclose(shift, -mean / std, rtol=1e-6)
+  assert pre["image_size"] % vit.get_model_config(name).patch_size == 0
+  assert registry.model_family(name) == "vit"

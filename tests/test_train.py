@@ -93,8 +93,11 @@ def test_jit_and_pmap_steps_give_the_same_state(tiny_params):
     lambda a, b: np.abs(a - b).max(), s_jit.trainable, state0.trainable
   )
   assert max(jax.tree_util.tree_leaves(moved)) > 1e-3  # It did train.
+  # pmap sums the gradient across devices in another order than jit sums
+  # the batch: after four steps an entry near zero can differ by ~1.5e-6
+  # (seen on one 2-core machine with the code before and after a change).
   jax.tree_util.tree_map(
-    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
     s_pmap.trainable,
     s_jit.trainable,
   )

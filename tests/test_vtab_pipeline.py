@@ -40,6 +40,25 @@ def test_resize_matches_tf_half_pixel_bilinear():
     )
 
 
+def test_bicubic_resize_matches_tf2_and_reaches_the_split():
+  rng = np.random.default_rng(0)
+  img = rng.uniform(0, 255, size=(37, 23, 3)).astype(np.float32)
+  for shape in ((64, 50), (16, 9)):  # jax.image.resize is TF2's resize
+    want = jax.image.resize(img, shape + (3,), "cubic", antialias=False)
+    np.testing.assert_allclose(
+      pipeline.resize_bicubic(img, *shape), want, rtol=1e-4, atol=1e-3
+    )
+  u8 = img.astype(np.uint8)
+  cubic = pipeline.preprocess_image(u8, 16, interpolation="bicubic")
+  linear = pipeline.preprocess_image(u8, 16)
+  assert (
+    cubic.dtype == np.uint8
+    and np.abs(cubic.astype(int) - linear.astype(int)).max() > 0
+  )
+  with pytest.raises(pipeline.DataError, match="interpolation must be one"):
+    pipeline.preprocess_image(u8, 16, interpolation="lanczos")
+
+
 def _folder(tmp_path, splits=("train800", "test"), n=6, size=(20, 30)):
   root = tmp_path / "folder"
   (root / "images" / "a").mkdir(parents=True)

@@ -370,6 +370,9 @@ def base_config() -> ml_collections.ConfigDict:
   # vtab: tf.image.resize-style squash; fgvc: VPT's FGVC crops and flips;
   # crop: shorter side + centre crop (what folder users often do).
   c.data.preprocess = "vtab"
+  # The resize filter of every preprocess mode: bilinear (VTAB's, VPT's) or
+  # bicubic (what timm's checkpoints state; configs take it from the name).
+  c.data.interpolation = "bilinear"
   c.data.cache_max_gb = 4.0  # larger splits are decoded per batch
   # Folder datasets: open every listed image before anything is written, so
   # a corrupt one is named up front, not when a batch decodes it mid-run.
@@ -453,8 +456,7 @@ def shrink_for_smoke(c: ml_collections.ConfigDict) -> None:
   """
   from vptpc.models import registry
 
-  swin = registry.model_family(c.model.name) == "swin"
-  c.model.name = registry.SWIN_TESTING if swin else "tiny32"
+  c.model.name = registry.family_of_name(c.model.name).SMOKE_MODEL
   c.model.checkpoint_path = ""
   c.data.image_size = 32
   c.prompt.num_prompts = min(c.prompt.num_prompts, 2)
@@ -473,7 +475,8 @@ _CHOICES = {
   "model.prelogit_norm": ("none", "standardize"),
   "data.normalize": pipeline.NORMALIZATIONS,
   "data.source": ("tfds", "folder"),
-  "data.preprocess": ("vtab", "fgvc", "crop"),
+  "data.preprocess": pipeline.PREPROCESS,
+  "data.interpolation": pipeline.INTERPOLATIONS,
   "data.on_device": ("auto", "never"),
   "data.verify_images": ("header", "decode", "off"),
   "model.dtype": ("float32", "bfloat16", "float16"),
@@ -570,9 +573,13 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
   # An unknown model name, or a ViT-only key set for a Swin.
   out += registry.model_problems(config.model)
   try:
-    parse_arch(config.model.get("arch", ""))
+    arch = parse_arch(config.model.get("arch", ""))
   except ConfigError as e:
     out.append(str(e))
+  else:
+    out += registry.image_size_problems(
+      config.model, config.data.image_size, arch
+    )
   if config.data.task:
     from vptpc.data import vtab
 

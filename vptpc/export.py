@@ -564,18 +564,20 @@ def export_task(
     or run.get("model", {}).get("name")
     or assets.DEFAULT_MODEL
   )
+  # The backbone the prompts file records decides the family; a file
+  # without that record, the model name.
+  arch = (saved.get("backbone") or {}).get("arch")
   try:
-    exportable = registry.exportable(model_name)
+    fam = registry.family(arch) if arch else registry.family_of_name(model_name)
   except ValueError as e:
     raise ExportError(str(e)) from e
-  if not exportable or (saved.get("backbone") or {}).get("widths"):
+  if not fam.EXPORTABLE:
     # The exported graphs are the ViT's (`task_function`); other families'
     # tasks are served by `vptpc.serve` (key/value cache per task).
     raise ExportError(
-      f"{prompts_path!r} belongs to a {registry.model_family(model_name)} "
-      f"({model_name}); vptpc.export writes ViT graphs only: serve its "
-      "tasks with python -m vptpc.serve --model=<name> "
-      "--backbone=<.safetensors>."
+      f"{prompts_path!r} belongs to a {fam.DISPLAY}; vptpc.export writes "
+      "ViT graphs only: serve its tasks with python -m vptpc.serve "
+      "--model=<name> --backbone=<.safetensors>."
     )
   try:
     cfg = vit.get_model_config(model_name)

@@ -21,7 +21,10 @@ FGVC recipe (shorter side to 256/224 of the input size, random crop and
 horizontal flip when training, centre crop when evaluating, PIL bilinear as
 torchvision); ``crop`` is the centre-crop recipe folder users often apply
 (shorter side, centre crop, no augmentation; numbers may differ from the
-TFDS pipeline's). Decoded splits are cached in memory as uint8 up to
+TFDS pipeline's). ``config.data.interpolation`` picks the filter of every
+mode: ``bilinear`` (the above) or ``bicubic`` (`resize_bicubic` for
+``vtab``, PIL's bicubic otherwise), what timm's checkpoints state for their
+input. Decoded splits are cached in memory as uint8 up to
 ``config.data.cache_max_gb``; larger ones (VTAB test sets reach 73,728
 images) are decoded per batch.
 
@@ -67,6 +70,9 @@ CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 NORMALIZATIONS = ("imagenet", "minus1_1", "clip")
 PREPROCESS = ("vtab", "fgvc", "crop")
+# The resize filter (``config.data.interpolation``): VTAB's and VPT's
+# bilinear, or the bicubic filter timm's checkpoints were trained with.
+INTERPOLATIONS = ("bilinear", "bicubic")
 SOURCES = ("tfds", "folder")
 # FGVC (VPT): Resize(256) -> RandomCrop(224), i.e. resize to 256/224 of the
 # model input.
@@ -514,7 +520,42 @@ def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
   return top[:, x0] * (1 - wx)[None, :, None] + top[:, x1] * wx[None, :, None]
 
 
-def _resize_shorter(image: np.ndarray, size: int) -> np.ndarray:
+def _cubic_matrix(n_in: int, n_out: int, a: float = -0.5) -> np.ndarray:
+  """(n_out, n_in) weights of a half-pixel bicubic resize (TF2's).
+
+  Taps outside the image get no weight and the rest are renormalised to sum
+  to 1, as TF2's ``scale_and_translate`` (and ``jax.image.resize``) do.
+  """
+  m = np.zeros((n_out, n_in), np.float64)
+  pos = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+  for i, x in enumerate(pos):
+    x0 = int(np.floor(x))
+    for j in range(max(x0 - 1, 0), min(x0 + 3, n_in)):
+      t = abs(x - j)
+      if t <= 1:
+        m[i, j] = ((a + 2) * t - (a + 3)) * t * t + 1
+      elif t < 2:
+        m[i, j] = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+    m[i] /= m[i].sum()
+  return m
+
+
+def resize_bicubic(image: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Bicubic resize (float32 output): the `resize_bilinear` of ``bicubic``.
+
+  As TF2's ``tf.image.resize(method="bicubic")``: Keys' cubic kernel with
+  ``a = -0.5``, half-pixel centres, no antialiasing. The output may
+  overshoot [0, 255] slightly and is clipped where it is cached.
+  """
+  x = np.asarray(image, np.float32)
+  wy = _cubic_matrix(x.shape[0], height).astype(np.float32)
+  wx = _cubic_matrix(x.shape[1], width).astype(np.float32)
+  return np.einsum("ih,hwc,jw->ijc", wy, x, wx)
+
+
+def _resize_shorter(
+  image: np.ndarray, size: int, interpolation: str = "bilinear"
+) -> np.ndarray:
   """Shorter side to ``size``, aspect kept (torchvision ``Resize(int)``)."""
   h, w = image.shape[:2]
   if h <= w:
@@ -523,9 +564,12 @@ def _resize_shorter(image: np.ndarray, size: int) -> np.ndarray:
     nh, nw = max(1, round(h * size / w)), size
   if (nh, nw) == (h, w):
     return image
-  return np.asarray(
-    Image.fromarray(image).resize((nw, nh), Image.Resampling.BILINEAR)
+  filt = (
+    Image.Resampling.BICUBIC
+    if interpolation == "bicubic"
+    else Image.Resampling.BILINEAR
   )
+  return np.asarray(Image.fromarray(image).resize((nw, nh), filt))
 
 
 def _center_crop(image: np.ndarray, size: int) -> np.ndarray:
@@ -535,7 +579,11 @@ def _center_crop(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def preprocess_image(
-  image: np.ndarray, size: int, mode: str = "vtab", train: bool = False
+  image: np.ndarray,
+  size: int,
+  mode: str = "vtab",
+  train: bool = False,
+  interpolation: str = "bilinear",
 ) -> np.ndarray:
   """Returns the cached form of one image (uint8, channels tiled).
 
@@ -543,18 +591,25 @@ def preprocess_image(
   0.5/255 from TF's float output). ``crop``: shorter side to ``size`` and a
   centre crop. ``fgvc``: shorter side to ``size * 256 / 224``; evaluation
   images are centre-cropped here, training images are kept whole for the
-  per-batch random crop.
+  per-batch random crop. ``interpolation``: `INTERPOLATIONS`.
   """
+  if interpolation not in INTERPOLATIONS:
+    raise DataError(
+      f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}."
+    )
   image = decode_image(image)
   if mode == "vtab":
     if image.shape[0] != size or image.shape[1] != size:
-      image = np.clip(np.round(resize_bilinear(image, size, size)), 0, 255)
+      resize = resize_bicubic if interpolation == "bicubic" else resize_bilinear
+      image = np.clip(np.round(resize(image, size, size)), 0, 255)
       image = image.astype(np.uint8)
     return image
   if mode == "crop":
-    return _center_crop(_resize_shorter(image, size), size)
+    return _center_crop(_resize_shorter(image, size, interpolation), size)
   if mode == "fgvc":
-    image = _resize_shorter(image, round(size * FGVC_RESIZE_RATIO))
+    image = _resize_shorter(
+      image, round(size * FGVC_RESIZE_RATIO), interpolation
+    )
     return image if train else _center_crop(image, size)
   raise DataError(f"preprocess must be one of {PREPROCESS}, got {mode!r}.")
 
@@ -618,6 +673,7 @@ class Split:
     source: the source (uncached splits).
     example_fn: example dict -> (image, label) (uncached splits).
     preprocess: the `preprocess_image` mode (uncached splits).
+    interpolation: its resize filter (uncached splits).
     num_classes: labels are checked against it (uncached splits).
     info: where the data came from (`resolved_info`), for the workdir.
   """
@@ -630,6 +686,7 @@ class Split:
   source: Any = None
   example_fn: Callable | None = None
   preprocess: str = "vtab"
+  interpolation: str = "bilinear"
   num_classes: int | None = None
   info: dict = dataclasses.field(default_factory=dict)
 
@@ -668,7 +725,12 @@ class Split:
       images = (
         np.stack(
           [
-            preprocess_image(p[0], self.image_size, self.preprocess)
+            preprocess_image(
+              p[0],
+              self.image_size,
+              self.preprocess,
+              interpolation=self.interpolation,
+            )
             for p in pairs
           ]
         )
@@ -739,6 +801,7 @@ def load_split(
   preprocess: str = "vtab",
   train: bool = False,
   cache_max_gb: float = 4.0,
+  interpolation: str = "bilinear",
 ) -> Split:
   """Opens a split and, if it fits ``cache_max_gb``, decodes it into memory.
 
@@ -754,6 +817,7 @@ def load_split(
     source: ``tfds`` or ``folder``.
     folder: the folder root (``source="folder"``).
     preprocess: see `preprocess_image`.
+    interpolation: the resize filter, `INTERPOLATIONS`.
     train: training split (``fgvc`` then crops per batch).
     cache_max_gb: decode into memory up to this size.
 
@@ -766,6 +830,10 @@ def load_split(
   if preprocess not in PREPROCESS:
     raise DataError(
       f"preprocess must be one of {PREPROCESS}, got {preprocess!r}."
+    )
+  if interpolation not in INTERPOLATIONS:
+    raise DataError(
+      f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}."
     )
   if source == "tfds":
     src = open_source(name, split, data_dir)
@@ -794,6 +862,7 @@ def load_split(
       source=src,
       example_fn=example_fn,
       preprocess=preprocess,
+      interpolation=interpolation,
       num_classes=num_classes,
       info=info,
     )
@@ -804,7 +873,9 @@ def load_split(
     idx = list(range(start, min(n, start + chunk)))
     for j, ex in zip(idx, _get_many(src, idx), strict=True):
       image, labels[j] = example_fn(ex)
-      image = preprocess_image(image, image_size, preprocess, train)
+      image = preprocess_image(
+        image, image_size, preprocess, train, interpolation
+      )
       if crop:
         images.append(image)
       else:
@@ -901,6 +972,7 @@ def _load_split_from_config(d, which: str, augment: bool) -> Split:
     source=d.get("source", "tfds"),
     folder=folder,
     preprocess=d.get("preprocess", "vtab"),
+    interpolation=d.get("interpolation", "bilinear"),
     train=which == "train" and augment,
     cache_max_gb=d.get("cache_max_gb", 4.0),
   )

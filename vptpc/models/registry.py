@@ -175,6 +175,19 @@ def model_problems(model_config: Mapping[str, Any]) -> list[str]:
   return fam.model_problems(model_config)
 
 
+def image_size_problems(
+  model_config: Mapping[str, Any], image_size: int, fields: Mapping[str, Any]
+) -> list[str]:
+  """An input side the named model cannot take, named (may be [])."""
+  try:
+    fam = family_of_name(model_config["name"])
+    return fam.image_size_problems(
+      canonical_name(model_config["name"]), int(image_size), fields
+    )
+  except ValueError:
+    return []  # the name or the fields are reported on their own
+
+
 def own_vjp_setting(value: str | bool | None) -> bool | None:
   """A ``config.model.gelu_vjp`` / ``ln_vjp`` value as the ViT field's value.
 

@@ -25,6 +25,8 @@ DISPLAY = "Swin"
 EXPORTABLE = False
 READS_NPZ = False
 TESTING = "swin-testing"
+# The random-init 32-px model of `smoke` configs.
+SMOKE_MODEL = TESTING
 # The pretrained Swin-B VPT reports, in timm's naming.
 SWIN_B_TIMM = "swin_base_patch4_window7_224"
 STANDARD_CHECKPOINTS = {SWIN_B_TIMM: f"{SWIN_B_TIMM}.ms_in22k.safetensors"}
@@ -288,3 +290,18 @@ def file_dims(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
     "widths": widths,
     "patch_size": int(shapes["patch_embed.proj.weight"][-1]),
   }
+
+
+def image_size_problems(
+  name: str, image_size: int, fields: Mapping[str, Any]
+) -> list[str]:
+  """An input side every stage's patch merging halves evenly."""
+  cfg = swin.get_model_config(_variant(name), **fields)
+  unit = cfg.patch_size * 2 ** (len(cfg.depths) - 1)
+  if image_size > 0 and image_size % unit == 0:
+    return []
+  return [
+    f"config.data.image_size={image_size} is not a multiple of {unit} "
+    f"({name}: patch {cfg.patch_size}, halved by each of "
+    f"{len(cfg.depths) - 1} patch mergings)."
+  ]

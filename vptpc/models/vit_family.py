@@ -29,6 +29,8 @@ NAME = "vit"
 DISPLAY = "ViT"
 # ``vptpc.export`` writes ONNX / StableHLO graphs of ViTs.
 EXPORTABLE = True
+# The random-init 32-px model of `smoke` configs.
+SMOKE_MODEL = "tiny32"
 # Reads vit_jax .npz files as well as timm .safetensors.
 READS_NPZ = True
 # The file a run reads when a config names the model and no checkpoint.
@@ -302,3 +304,18 @@ def file_dims(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
       "patch_size": int(shapes["patch_embed.proj.weight"][-1]),
     }
   return {}
+
+
+def image_size_problems(
+  name: str, image_size: int, fields: Mapping[str, Any]
+) -> list[str]:
+  """An input side the model's patch grid (and position embedding) fits."""
+  patch = vit.get_model_config(name, **fields).patch_size
+  if image_size > 0 and image_size % patch == 0:
+    return []
+  lo = max(patch, image_size // patch * patch)
+  return [
+    f"config.data.image_size={image_size} is not a multiple of {name}'s "
+    f"patch size {patch}: the position embedding is resized to a whole "
+    f"patch grid; use {lo} or {lo + patch}."
+  ]
