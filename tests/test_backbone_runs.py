@@ -84,3 +84,65 @@ def test_uncached_weights_fail_in_preflight(tmp_path):
   errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error")]
   assert errors and f"--weights=timm/{name}" in errors[0], p.stderr[-2000:]
   assert not (tmp_path / "run").exists()
+
+
+def _truncated(tmp_path):
+  src = os.path.join(DATA, "timm_dinov2_tiny.safetensors")
+  data = open(src, "rb").read()
+  path = tmp_path / "cut.safetensors"
+  path.write_bytes(data[: len(data) // 2])  # a download cut short
+  return str(path)
+
+
+@pytest.mark.parametrize(
+  "case, args, says",
+  [
+    (
+      "another variant's file",
+      "model=vit_base_patch16_clip_224.openai,"
+      "checkpoint={data}/timm_dinov2_tiny.safetensors",
+      "2 missing (e.g. Transformer/norm_pre",
+    ),
+    (
+      "an unknown timm name",
+      "model=vit_base_patch16_224.nope",
+      "known: vit_base_patch16_224.orig_in21k",
+    ),
+    (
+      "a size off the patch grid",
+      "model=vit_base_patch14_dinov2.lvd142m,"
+      "checkpoint={data}/timm_dinov2_tiny.safetensors,image_size=30",
+      "use 24 or 32",
+    ),
+    (
+      "a truncated file",
+      "model=vit_base_patch14_dinov2.lvd142m,checkpoint={cut}",
+      "not a readable .safetensors file",
+    ),
+  ],
+)
+def test_bad_backbone_input_is_one_error_line(tmp_path, case, args, says):
+  root = class_folders(tmp_path, n=2)
+  args = args.format(data=DATA, cut=_truncated(tmp_path))
+  if "image_size" not in args:
+    args += ",image_size=32"
+  p = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "vptpc.main",
+      f"--config=configs/folder.py:root={root},{args}",
+      f"--config.model.arch={TINY_ARCH}",
+      f"--workdir={tmp_path / 'run'}",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert p.returncode == 2, (case, p.stderr[-2000:])
+  errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error")]
+  assert len(errors) == 1 and says in errors[0], (case, p.stderr[-2000:])
+  assert len(errors[0]) < 700, errors[0]
+  assert "Traceback" not in p.stderr
+  assert not (tmp_path / "run").exists()

@@ -36,7 +36,7 @@ import os
 import tempfile
 import zipfile
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -568,6 +568,141 @@ def _posemb_prefix_rows(want: Mapping[str, Any]) -> int:
   return prefix if math.isqrt(patches) ** 2 == patches else 0
 
 
+class TimmFit(NamedTuple):
+  """How a timm file's tensors (names and shapes) fit a params template."""
+
+  sources: dict[str, Any]  # template key -> `vptpc.models.convert.Src`
+  missing: list[str]  # "model key (shape) <- file key (shape)"
+  extra: list[str]  # "file key (shape)"
+  mismatched: list[str]  # "model key <- file key: ..."
+
+  @property
+  def ok(self) -> bool:
+    """Whether the file fits."""
+    return not (self.missing or self.extra or self.mismatched)
+
+  def summary(self) -> str:
+    """One line: the counts and the first offender of each kind."""
+    parts = [
+      f"{len(lines)} {what} (e.g. {lines[0].strip()})"
+      for what, lines in (
+        ("missing", self.missing),
+        ("unexpected", self.extra),
+        ("of another shape", self.mismatched),
+      )
+      if lines
+    ]
+    return "; ".join(parts)
+
+  def report(self, source: str, arch: str) -> str:
+    """Every offender, one per line, for `CheckpointError`."""
+    lines = [f"{source} does not fit the model (timm {arch} names):"]
+    if self.missing:
+      lines.append("missing from the file (model key <- file key expected):")
+      lines += [f"  {x}" for x in self.missing]
+    if self.extra:
+      lines.append("unexpected in the file (model has no such parameter):")
+      lines += [f"  {x}" for x in self.extra]
+    if self.mismatched:
+      lines.append("shape mismatch:")
+      lines += [f"  {x}" for x in self.mismatched]
+    lines.append(
+      "Check the model variant (patch size, width, depth, heads) matches "
+      "the file."
+    )
+    return "\n".join(lines)
+
+
+def timm_names(
+  raw: Mapping[str, Any], want: Mapping[str, Any], arch: str
+) -> dict[str, Any]:
+  """A timm file's tensors (or shapes) under the names the family maps.
+
+  The family's own renaming (`adapt_file`: Microsoft's Swin layout), and
+  MAE's pretraining file, whose final ``norm`` is the one its fine-tuning
+  (average pool, then ``fc_norm``) starts from (`vit.TIMM_WEIGHTS`).
+  """
+  raw = dict(registry.family(arch).adapt_file(dict(raw)))
+  if (
+    "fc_norm/scale" in want
+    and "fc_norm.weight" not in raw
+    and "norm.weight" in raw
+  ):
+    logging.info("Using the file's final norm as fc_norm.")
+    raw["fc_norm.weight"] = raw.pop("norm.weight")
+    raw["fc_norm.bias"] = raw.pop("norm.bias")
+  return raw
+
+
+def timm_fit(
+  shapes: Mapping[str, tuple[int, ...]],
+  want: Mapping[str, Any],
+  arch: str,
+) -> TimmFit:
+  """Whether a timm file fits a template, from names and shapes alone.
+
+  What `load_safetensors` checks before it reads a value, and what the
+  preflight checks from the file's header: every template parameter has its
+  timm tensor with the shape the model implies (a head of another size, a
+  position embedding or relative-position table that can be resized
+  excepted), and the file has nothing else but what the family ignores.
+
+  Args:
+    shapes: ``{timm key: shape}`` of the file (after the family's
+      ``adapt_file`` renaming, and MAE's ``norm`` -> ``fc_norm``).
+    want: the flattened template (anything with ``.shape``).
+    arch: the family name.
+
+  Raises:
+    CheckpointError: the template has parameters the family cannot name.
+  """
+  fam = registry.family(arch)
+  sources = fam.checkpoint_sources(want)
+  unmapped = sorted(set(want) - set(sources))
+  if unmapped:
+    raise CheckpointError(
+      f"The {arch} template has parameters with no timm name: {unmapped}."
+    )
+  used = {s.key for s in sources.values()}
+  extra = [
+    f"{k} {_fmt(v)}"
+    for k, v in shapes.items()
+    if k not in used
+    and not k.startswith(fam.EXTRA_FILE_KEYS)
+    and not k.endswith(_BUFFER_SUFFIXES)
+  ]
+  missing, mismatched = [], []
+  for k, src in sources.items():
+    t = tuple(want[k].shape)
+    v = shapes.get(src.key)
+    if v is None:
+      if not k.startswith("head/"):
+        missing.append(f"{k} {_fmt(t)} <- {src.key} {_fmt(src.shape)}")
+      continue
+    v = tuple(v)
+    if v == src.shape or k.startswith("head/"):
+      continue
+    if k == POSEMB_KEY and len(v) == 3 and v[-1] == t[-1]:
+      pre = _posemb_prefix_rows(want)
+      if math.isqrt(v[1] - pre) ** 2 != v[1] - pre:
+        mismatched.append(
+          f"{k} <- {src.key}: file {_fmt(v)} is not {pre} prefix rows and "
+          f"a square patch grid, so it cannot be resized to {_fmt(t)}"
+        )
+      continue
+    if (
+      k.endswith("relative_position_bias_table")
+      and len(v) == 2
+      and v[1] == t[1]
+    ):
+      continue
+    mismatched.append(
+      f"{k} <- {src.key}: model {_fmt(t)} (file shape {_fmt(src.shape)} "
+      f"expected), file {_fmt(v)}"
+    )
+  return TimmFit(sources, missing, extra, mismatched)
+
+
 def load_safetensors(
   path: str | os.PathLike,
   template: Mapping[str, Any],
@@ -614,91 +749,31 @@ def load_safetensors(
       f"{source} is {_kind_words(found)} checkpoint, but the model is "
       f"a {fam.DISPLAY} (first keys: {sample})."
     )
-  raw = fam.adapt_file(raw)
   want = flatten(template)
-  if (
-    "fc_norm/scale" in want
-    and "fc_norm.weight" not in raw
-    and "norm.weight" in raw
-  ):
-    # MAE's pretraining file: its final norm is the one its fine-tuning
-    # (average pool, then fc_norm) starts from (`vit.TIMM_WEIGHTS`).
-    logging.info("Using %s's final norm as fc_norm.", source)
-    raw = dict(raw)
-    raw["fc_norm.weight"] = raw.pop("norm.weight")
-    raw["fc_norm.bias"] = raw.pop("norm.bias")
-  sources = fam.checkpoint_sources(want)
-  unmapped = sorted(set(want) - set(sources))
-  if unmapped:
-    raise CheckpointError(
-      f"The {arch} template has parameters with no timm name: {unmapped}."
-    )
-  used = {s.key for s in sources.values()}
-  extra = [
-    k
-    for k in raw
-    if k not in used
-    and not k.startswith(fam.EXTRA_FILE_KEYS)
-    and not k.endswith(_BUFFER_SUFFIXES)
-  ]
-  missing, mismatched, out = [], [], {}
-  for k, src in sources.items():
+  raw = timm_names(raw, want, arch)
+  fit = timm_fit({k: tuple(v.shape) for k, v in raw.items()}, want, arch)
+  if not fit.ok:
+    raise CheckpointError(fit.report(source, arch))
+  out = {}
+  for k, src in fit.sources.items():
     t = want[k]
-    if src.key not in raw:
-      if k.startswith("head/"):
-        out[k] = t
-      else:
-        missing.append(f"  {k} {_fmt(t.shape)} <- {src.key} {_fmt(src.shape)}")
-      continue
-    v = raw[src.key]
-    if tuple(v.shape) == src.shape:
+    v = raw.get(src.key)
+    if v is None or (k.startswith("head/") and tuple(v.shape) != src.shape):
+      out[k] = t  # no head, or one for another label set: VPT trains one
+    elif tuple(v.shape) == src.shape:
       out[k] = np.asarray(src.convert(v), np.float32)
-    elif k.startswith("head/"):
-      out[k] = t  # a head for another label set: VPT trains a new one
-    elif k == POSEMB_KEY and v.ndim == 3 and v.shape[-1] == t.shape[-1]:
+    elif k == POSEMB_KEY:
       pre = _posemb_prefix_rows(want)
-      grid = math.isqrt(t.shape[1] - pre)
-      if math.isqrt(v.shape[1] - pre) ** 2 != v.shape[1] - pre:
-        mismatched.append(
-          f"  {k} <- {src.key}: file {_fmt(v.shape)} is not {pre} prefix "
-          "rows and a square patch grid, so it cannot be resized to "
-          f"{_fmt(t.shape)}"
-        )
-        continue
       logging.info(
         "Resizing %s from %s to %s (bicubic, antialiased, as timm).",
         src.key,
         v.shape,
         tuple(t.shape),
       )
-      out[k] = resize_posemb_timm(v, pre, grid)
-    elif (
-      k.endswith("relative_position_bias_table")
-      and v.ndim == 2
-      and v.shape[1] == t.shape[1]
-    ):
+      out[k] = resize_posemb_timm(v, pre, math.isqrt(t.shape[1] - pre))
+    else:  # a relative-position table (`timm_fit` allows no other)
       logging.info(
         "Resizing %s from %s to %s (bicubic).", src.key, v.shape, tuple(t.shape)
       )
       out[k] = resize_rel_pos_table(v, t.shape[0])
-    else:
-      mismatched.append(
-        f"  {k} <- {src.key}: model {_fmt(t.shape)} (file shape {_fmt(src.shape)} expected), file {_fmt(v.shape)}"
-      )
-  if missing or extra or mismatched:
-    lines = [f"{source} does not fit the model (timm {arch} names):"]
-    if missing:
-      lines.append("missing from the file (model key <- file key expected):")
-      lines += missing
-    if extra:
-      lines.append("unexpected in the file (model has no such parameter):")
-      lines += [f"  {k} {_fmt(raw[k].shape)}" for k in extra]
-    if mismatched:
-      lines.append("shape mismatch:")
-      lines += mismatched
-    lines.append(
-      "Check the model variant (patch size, width, depth, heads) matches "
-      "the file."
-    )
-    raise CheckpointError("\n".join(lines))
   return unflatten(out)

@@ -225,9 +225,22 @@ def safetensors_problems(path: str, key: str, family: str | None) -> list[str]:
     with open(path, "rb") as f:
       head = f.read(8)
       n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-      if not 2 <= n <= min(os.path.getsize(path) - 8, 100 * 2**20):
+      size = os.path.getsize(path)
+      if not 2 <= n <= min(size - 8, 100 * 2**20):
         raise ValueError(f"header length {n} does not fit the file")
-      names = [k for k in json.loads(f.read(n)) if k != "__metadata__"]
+      header = json.loads(f.read(n))
+      names = [k for k in header if k != "__metadata__"]
+      # The tensors' byte ranges must end where the file does: a download
+      # cut short keeps its header.
+      end = max(
+        (int(v["data_offsets"][1]) for k, v in header.items() if k in names),
+        default=0,
+      )
+      if end != size - 8 - n:
+        raise ValueError(
+          f"its tensors need {end} bytes after the header, the file has "
+          f"{size - 8 - n}"
+        )
   except OSError as e:
     return [f"{key} cannot be read ({e.strerror}): fix its permissions."]
   except (ValueError, struct.error, UnicodeDecodeError) as e:
@@ -244,6 +257,35 @@ def safetensors_problems(path: str, key: str, family: str | None) -> list[str]:
       f"(first keys: {', '.join(sorted(names)[:3])}): {fix}."
     ]
   return []
+
+
+def timm_fit_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """A timm ``.safetensors`` checkpoint fits the named model (headers only).
+
+  Every parameter of the run's model has its tensor, of the shape the name
+  and ``config.model.arch`` imply, and the file holds nothing else
+  (`vptpc.checkpoint.timm_fit`); one line, the offenders counted.
+  """
+  from vptpc import checkpoint
+
+  path = _local(config.model.checkpoint_path)
+  if not path.endswith(".safetensors") or not os.path.isfile(path):
+    return []
+  try:
+    template = _backbone_template(config)
+    want = checkpoint.flatten(template)
+    arch = registry.family_of_tree(template).NAME
+    shapes = checkpoint.timm_names(checkpoint.read_shapes(path), want, arch)
+    fit = checkpoint.timm_fit(shapes, want, arch)
+  except Exception:  # noqa: BLE001 - the other checks name what is wrong
+    return []
+  if fit.ok:
+    return []
+  return [
+    f"config.model.checkpoint_path={config.model.checkpoint_path!r} does not "
+    f"fit config.model.name={config.model.name!r}: {fit.summary()}; check "
+    "the model name (and config.model.arch) against the file."
+  ]
 
 
 def checkpoint_problems(path: str, model_name: str = "") -> list[str]:
@@ -615,6 +657,8 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> Plan:
   problems += checkpoint_problems(
     config.model.checkpoint_path, config.model.name
   )
+  if not problems:
+    problems += timm_fit_problems(config)
   data, warnings, seen = [], [], set()
   for s in planned:
     key = json.dumps(s.config.data.to_dict(), sort_keys=True, default=str)

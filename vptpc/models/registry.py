@@ -100,12 +100,18 @@ def family_of_name(name: str) -> ModuleType:
   for fam in families():
     if fam.knows(name):
       return fam
+  if "." in name:  # a timm checkpoint name: the ones vptpc knows
+    raise ValueError(
+      f"config.model.name={name!r} is not a timm checkpoint vptpc knows; "
+      f"known: {', '.join(timm_weight_names())} (docs/backbones.md)."
+    )
   known = "; ".join(
-    f"{fam.NAME}: {', '.join(fam.model_names())}" for fam in families()
+    f"{fam.NAME}: {', '.join(n for n in fam.model_names() if '.' not in n)}"
+    for fam in families()
   )
   raise ValueError(
     f"config.model.name={name!r} is not a known model. Known names, by "
-    f"family: {known} (also the short names 'swin_b', 'ViT-B/16')."
+    f"family: {known}; and timm checkpoint names (docs/backbones.md)."
   )
 
 
