@@ -191,3 +191,65 @@ def test_every_checkpoint_row_has_a_preprocessing(name):
   np.testing.assert_allclose(shift, -mean / std, rtol=1e-6)
   assert pre["image_size"] % vit.get_model_config(name).patch_size == 0
   assert registry.model_family(name) == "vit"
+
+
+@pytest.mark.parametrize(
+  "key, graph, fmt",
+  [
+    ("clip_openai", "kv", "stablehlo"),
+    ("clip_openai", "full", "onnx"),
+    ("dinov2_reg4", "kv", "onnx"),
+    ("dinov2_reg4", "full", "stablehlo"),
+    ("gap", "kv", "stablehlo"),
+    ("mae", "full", "stablehlo"),
+  ],
+)
+def test_variant_task_exports(tmp_path, ref, key, graph, fmt):
+  import json
+
+  from vptpc import export
+  from vptpc import prompts as pr
+  from vptpc.data import pipeline
+
+  arch = ",".join(f"{k}={v}" for k, v in TINY.items())
+  path = os.path.join(DATA, f"timm_{key}_tiny.safetensors")
+  model = tiny_model(key)
+  params = load(key, model)
+  backbone, head = vit.split_head(params)
+  p = ref[f"{key}_deep_prompts"] * 3
+  prompts = {f"encoderblock_{i}": jnp.asarray(p[i]) for i in range(len(p))}
+  run = tmp_path / "run"
+  run.mkdir()
+  pr.save_prompts(
+    run / "prompts.npz",
+    prompts,
+    head,
+    backbone=backbone,
+    metadata={"model": VARIANTS[key]},
+  )
+  norm = "clip" if key.startswith("clip") else "imagenet"
+  (run / "config.json").write_text(
+    json.dumps(
+      {
+        "model": {"name": VARIANTS[key], "checkpoint_path": path, "arch": arch},
+        "data": {"image_size": 32, "normalize": norm},
+      }
+    )
+  )
+  if fmt == "onnx":
+    pytest.importorskip("jax2onnx")
+    pytest.importorskip("onnxruntime")
+  out = tmp_path / f"task.{fmt}"
+  # The export's own check runs the written graph on images against the
+  # JAX model; the StableHLO one is reloaded here as a user would.
+  info = export.export_task(run / "prompts.npz", out, graph=graph, fmt=fmt)
+  assert info["check"]["max_abs_diff"] <= 1e-4
+  if fmt == "stablehlo":
+    exp, _ = export.load_stablehlo(out)
+    images = np.random.default_rng(0).integers(
+      0, 256, (2, 32, 32, 3), np.uint8
+    )
+    want = model.apply(
+      {"params": params}, pipeline.normalize(images, norm), prompts
+    )
+    np.testing.assert_allclose(exp.call(images), want, rtol=1e-4, atol=1e-4)

@@ -62,7 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vptpc import checkpoint
+from vptpc import checkpoint, config_util, hub
 from vptpc import prompts as prompts_lib
 from vptpc.data import pipeline
 from vptpc.data.pipeline import (  # noqa: F401 - re-exported
@@ -138,11 +138,13 @@ def task_function(
   *,
   graph: str = "kv",
   normalize: str = "minus1_1",
+  arch: Mapping[str, int] | None = None,
 ) -> Callable[[jax.Array], jax.Array]:
   """Returns ``logits(images)`` with backbone, prompts, head baked in.
 
   Args:
-    model_name: a `vptpc.models.vit.model_names` variant.
+    model_name: a `vptpc.models.vit.model_names` variant (timm's
+      checkpoint names included).
     backbone: frozen ViT parameters (no head).
     prompts: the task's prompt tree (deep or shallow; None or empty for a
       head-only task).
@@ -150,7 +152,9 @@ def task_function(
     graph: ``kv``: VPT-Deep prompts as the per-task key/value cache, the
       cheap exact form; ``full``: the naive forward, prompts as tokens
       through every block (VPT-Shallow always runs this one).
-    normalize: ``imagenet`` or ``minus1_1``, applied to 0-255 pixels.
+    normalize: a `vptpc.data.pipeline.NORMALIZATIONS` mode, applied to
+      0-255 pixels.
+    arch: ``config.model.arch`` sizes of a shrunk model (None: none).
 
   Returns:
     A function of (B, H, W, 3) uint8 or float pixels, traceable by `jit`,
@@ -180,6 +184,7 @@ def task_function(
     kv_only=graph == "kv",
     gelu_vjp=False,
     ln_vjp=False,
+    **dict(arch or {}),
   )
   as_np = lambda t: jax.tree_util.tree_map(  # noqa: E731
     lambda a: np.asarray(a, np.float32), t
@@ -580,12 +585,18 @@ def export_task(
       "--model=<name> --backbone=<.safetensors>."
     )
   try:
-    cfg = vit.get_model_config(model_name)
+    arch = config_util.parse_arch(run.get("model", {}).get("arch", ""))
+    cfg = vit.get_model_config(model_name, **arch)
   except ValueError as e:
     raise ExportError(str(e)) from e
   backbone_path = (
     backbone_path or run.get("model", {}).get("checkpoint_path") or None
   )
+  if backbone_path is not None:
+    try:
+      backbone_path = hub.local_path(backbone_path)
+    except hub.HubError as e:
+      raise ExportError(str(e)) from e
   embedded = backbone_path is None
   if str(backbone_path).endswith(".safetensors"):
     flat = _timm_backbone_flat(backbone_path, model_name, cfg, run, image_size)
@@ -623,7 +634,13 @@ def export_task(
       f"{prompts_path!r} holds no head; an exported classifier needs one."
     )
   fn = task_function(
-    model_name, backbone, prompts, head, graph=graph, normalize=normalize
+    model_name,
+    backbone,
+    prompts,
+    head,
+    graph=graph,
+    normalize=normalize,
+    arch=arch,
   )
   variant = vit.prompt_variant(prompts)
   meta = {
