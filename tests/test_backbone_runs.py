@@ -146,3 +146,25 @@ def test_bad_backbone_input_is_one_error_line(tmp_path, case, args, says):
   assert len(errors[0]) < 700, errors[0]
   assert "Traceback" not in p.stderr
   assert not (tmp_path / "run").exists()
+
+
+def test_variant_tunes_its_grid_vmapped(tmp_path, monkeypatch):
+  import json
+
+  hf_home = str(tmp_path / "hf")
+  monkeypatch.setenv("HF_HOME", hf_home)
+  monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+  name = cache_as_hub(hf_home, "dinov2_reg4")
+  root = class_folders(tmp_path, n=4)
+  c = folder_config(
+    f"root={root},model={name},image_size=32,epochs=1,batch_size=6,"
+    "num_prompts=2,mode=tune"
+  )
+  c.model.arch = TINY_ARCH
+  c.protocol.lrs, c.protocol.wds = (1.0, 0.1), (0.0,)
+  c.protocol.vmap = True
+  c.parallel = "jit"
+  c.progress_bar = False
+  protocol.run(c, str(tmp_path / "run"))
+  saved = json.loads((tmp_path / "run" / "tune.json").read_text())
+  assert saved["vmapped"] and len(saved["grid"]) == 2

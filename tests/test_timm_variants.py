@@ -246,10 +246,45 @@ def test_variant_task_exports(tmp_path, ref, key, graph, fmt):
   assert info["check"]["max_abs_diff"] <= 1e-4
   if fmt == "stablehlo":
     exp, _ = export.load_stablehlo(out)
-    images = np.random.default_rng(0).integers(
-      0, 256, (2, 32, 32, 3), np.uint8
-    )
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), np.uint8)
     want = model.apply(
       {"params": params}, pipeline.normalize(images, norm), prompts
     )
     np.testing.assert_allclose(exp.call(images), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("key", ["clip_openai", "dinov2_reg4", "gap"])
+def test_variant_serves_mixed_tasks(ref, key):
+  from vptpc import serve
+
+  params = load(key, tiny_model(key))
+  frozen, _ = vit.split_head(params)
+  rng = np.random.default_rng(0)
+  tasks = {}
+  for name, counts, classes in (("a", (3, 1), 4), ("b", (0, 2), 3)):
+    p = {
+      f"encoderblock_{i}": jnp.asarray(rng.normal(size=(n, 16)), jnp.float32)
+      for i, n in enumerate(counts)
+    }
+    head = {
+      "kernel": rng.normal(size=(16, classes)).astype(np.float32),
+      "bias": rng.normal(size=(classes,)).astype(np.float32),
+    }
+    tasks[name] = (p, head)
+  features = registry.create_model(
+    VARIANTS[key], num_classes=None, kv_only=True, **TINY
+  )
+  bank = serve.build_bank(frozen, tasks, model=features)
+  names = ["a", "b", "b", "a"]
+  images = ref["images"][[0, 1, 0, 1]]
+  logits = np.asarray(
+    serve.classify(features, frozen, bank, images, bank.task_ids(names))
+  )
+  for t, (prompts, head) in tasks.items():
+    idx = [i for i, n in enumerate(names) if n == t]
+    c = head["kernel"].shape[-1]
+    alone = registry.create_model(VARIANTS[key], num_classes=c, **TINY)
+    want = alone.apply(
+      {"params": vit.merge_head(frozen, head)}, images[idx], prompts
+    )
+    np.testing.assert_allclose(logits[idx, :c], want, rtol=1e-5, atol=1e-5)
