@@ -24,7 +24,7 @@ Arguments: ``root``; ``mode`` single | tune | final; ``model`` (default
 the embedded ``fractal-Ti/4``; ``B/16``, ``swin_b`` etc. for real weights);
 ``checkpoint`` (default: the embedded backbone with the embedded model,
 whose settings then follow mini-VTAB's recipe for it, else the model's
-standard file, `vptpc.models.registry.STANDARD_CHECKPOINTS`:
+standard file, `vptpc.models.registry.standard_checkpoints()`:
 ``imagenet21k_ViT-B_16.npz`` for ``B/16``,
 ``swin_base_patch4_window7_224.ms_in22k.safetensors`` for ``swin_b``;
 for a timm checkpoint name the file ``python -m vptpc.prepare

@@ -22,7 +22,7 @@ picks the backbone: ``B/16`` (default; the ViT-B/16 ImageNet-21k VPT used)
 or ``swin_b`` (also spelled ``swin_base_patch4_window7_224``: Swin-B,
 ImageNet-22k, window 7, 224 px), or any other `vptpc.models.registry`
 name. ``checkpoint=PATH`` names the file; left empty (the default) it is
-the model's standard file in the working directory (`vptpc.models.registry.STANDARD_CHECKPOINTS`):
+the model's standard file in the working directory (`vptpc.models.registry.standard_checkpoints()`):
 ``imagenet21k_ViT-B_16.npz`` for ``B/16``,
 ``swin_base_patch4_window7_224.ms_in22k.safetensors`` (``model.safetensors``
 of ``timm/swin_base_patch4_window7_224.ms_in22k``, renamed) for Swin-B;

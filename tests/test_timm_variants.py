@@ -288,3 +288,55 @@ def test_variant_serves_mixed_tasks(ref, key):
       {"params": vit.merge_head(frozen, head)}, images[idx], prompts
     )
     np.testing.assert_allclose(logits[idx, :c], want, rtol=1e-5, atol=1e-5)
+
+
+def test_flops_count_class_and_register_tokens(capsys):
+  from vptpc import flops
+
+  reg = registry.create_model(VARIANTS["dinov2_reg4"], num_classes=None)
+  assert reg.num_prefix == 5
+  # 16 x 16 patches at 224 px, plus the class and four register tokens.
+  want = flops.vit_gmacs(
+    hidden_size=768,
+    num_layers=12,
+    mlp_dim=3072,
+    num_patches=256,
+    patch_size=14,
+    prompts_per_layer=10,
+    num_prefix=5,
+  )
+  assert flops.model_gmacs(reg, 224, 10) == pytest.approx(want)
+  gap = registry.create_model(VARIANTS["gap"], num_classes=None)
+  assert gap.num_prefix == 0
+  assert flops.main(["--model", VARIANTS["dinov2_reg4"], "--prompts=0"]) == 0
+  assert VARIANTS["dinov2_reg4"] in capsys.readouterr().out
+
+
+def test_vtab_config_takes_the_checkpoints_preprocessing():
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location(
+    "vtab_cfg",
+    os.path.join(os.path.dirname(DATA), "..", "configs", "vtab.py"),
+  )
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config(f"task=dtd,model={VARIANTS['clip_openai']}")
+  assert c.model.checkpoint_path == f"hf-hub:timm/{VARIANTS['clip_openai']}"
+  assert (c.data.image_size, c.data.normalize, c.data.interpolation) == (
+    224,
+    "clip",
+    "bicubic",
+  )
+  c = mod.get_config(f"task=dtd,model={VARIANTS['dinov2']},image_size=224")
+  assert (c.data.image_size, c.data.normalize) == (224, "imagenet")
+  assert (
+    mod.get_config(f"task=dtd,model={VARIANTS['dinov2']}").data.image_size
+    == 518
+  )
+  c = mod.get_config("task=dtd")  # VPT's own backbone and recipe, unchanged
+  assert (c.data.image_size, c.data.normalize, c.data.interpolation) == (
+    224,
+    "imagenet",
+    "bilinear",
+  )

@@ -51,7 +51,7 @@ import ml_collections
 import numpy as np
 
 from vptpc import prompts as prompts_lib
-from vptpc.models import vit
+from vptpc.models import registry, vit
 
 
 def _plt():
@@ -180,7 +180,7 @@ def rank_table(
       rows.append(
         dict(
           num_prompts=c,
-          n_tokens=1 + c + n_img,
+          n_tokens=model.num_prefix + c + n_img,
           layer=i,
           rank_rel=float(rr.mean()),
           rank_energy=float(er.mean()),
@@ -191,7 +191,7 @@ def rank_table(
     rows.append(
       dict(
         num_prompts=c,
-        n_tokens=1 + c + n_img,
+        n_tokens=model.num_prefix + c + n_img,
         layer="mean",
         rank_rel=float(per[:, 0].mean()),
         rank_energy=float(per[:, 1].mean()),
@@ -424,11 +424,12 @@ def run_command(command: str, flag_values: Any) -> dict[str, Any]:
     raise ValueError(f"--counts={flag_values.counts!r}: need ints >= 0.")
   if command == "rank":
     model = train.build_model(config)
-    if not isinstance(model, vit.VisionTransformer):
+    fam = registry.family_of(model)
+    if not fam.GLOBAL_ATTENTION:
       raise ValueError(
         f"'rank' needs a ViT (config.model.name={config.model.name!r} is a "
-        "Swin): it reads square attention maps over [cls, prompts, "
-        "patches], and a Swin attends within windows."
+        f"{fam.DISPLAY}): it reads square attention maps over [cls, "
+        "prompts, patches], and a Swin attends within windows."
       )
     backbone, _ = train.load_backbone(config, model)
     trained = (

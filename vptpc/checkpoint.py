@@ -1,4 +1,4 @@
-"""Reading and writing backbones in Google's vit_jax `.npz` layout.
+"""Reading backbones: Google's vit_jax `.npz` files and timm's `.safetensors`.
 
 Google's ViT checkpoints (`ViT-B_16.npz` from ImageNet-21k, the augreg files)
 are flat `.npz` archives whose keys are `/`-joined paths such as
@@ -17,16 +17,17 @@ Prompts are never part of a backbone file; they live in their own small file
 (`vptpc.prompts.save_prompts`).
 
 `load_safetensors` reads the `.safetensors` files most people download from
-the Hugging Face hub in timm's naming, for the ViT (``timm/vit_*``, e.g.
-``timm/vit_base_patch16_224.orig_in21k``, the ImageNet-21k ViT-B/16 that VPT
-used) and the Swin (``timm/swin_*``, e.g.
+the Hugging Face hub in timm's naming: timm's ViTs (``timm/vit_*``: the
+ImageNet-21k ViT-B/16 VPT used, AugReg, MAE, CLIP, DINOv2...; docs/backbones.md)
+and the Swin (``timm/swin_*``, e.g.
 ``timm/swin_base_patch4_window7_224.ms_in22k``). The `safetensors` package
-reads them into NumPy without PyTorch. Keys are renamed onto vptpc's trees
-(`vptpc.models.vit` keeps vit_jax names, `vptpc.models.swin` timm's), with
-the same strict diff and messages as the `.npz` loader, and the ViT position
-embedding or the Swin relative-position bias tables are resized when the
-image or window size differs. `load_pretrained` picks the reader from the
-file suffix. Nothing is downloaded at run time.
+reads them into NumPy without PyTorch. Each backbone family maps timm's
+names onto its tree (`vptpc.models.registry`: `vptpc.models.vit` keeps
+vit_jax names, `vptpc.models.swin` timm's), with the same strict diff and
+messages as the `.npz` loader, and the ViT position embedding or the Swin
+relative-position bias tables are resized when the image or window size
+differs. `load_pretrained` picks the reader from the file suffix. Nothing
+is downloaded at run time (`vptpc.hub` fetches timm weights by name, once).
 """
 
 from __future__ import annotations
@@ -711,21 +712,24 @@ def load_safetensors(
 ) -> dict[str, Any]:
   """Loads a timm-named `.safetensors` ViT or Swin onto a params template.
 
-  timm names are renamed onto vptpc's (the tables in `vptpc.models.swin` and
-  `_vit_sources`): Linear weights are transposed, conv weights go from OIHW
-  to HWIO, LayerNorm ``weight`` becomes ``scale``, and timm's fused ViT
-  ``qkv`` is split into the query/key/value kernels of shape (D, heads,
-  head_dim). Swin files in Microsoft's original layout (patch merging at
-  the end of a stage, ``head.weight``) are renumbered as timm does. The
-  ViT position embedding (bilinear, as `resize_posemb`) and the Swin
-  relative-position tables (bicubic, `resize_rel_pos_table`) are resized
-  when the template's image or window size differs.
+  timm names are renamed onto vptpc's by the model's family
+  (``checkpoint_sources`` of `vptpc.models.vit_family` and
+  `vptpc.models.swin_family`): Linear weights are transposed, conv weights
+  go from OIHW to HWIO, LayerNorm ``weight`` becomes ``scale``, and timm's
+  fused ViT ``qkv`` is split into the query/key/value kernels of shape (D,
+  heads, head_dim). Swin files in Microsoft's original layout (patch
+  merging at the end of a stage, ``head.weight``) are renumbered as timm
+  does, and MAE's final ``norm`` becomes ``fc_norm`` (`timm_names`). The
+  file must fit the template exactly (`timm_fit`), except that the ViT
+  position embedding (antialiased bicubic, as timm: `resize_posemb_timm`)
+  and the Swin relative-position tables (bicubic, `resize_rel_pos_table`)
+  are resized when the template's image or window size differs.
 
   Args:
     path: local ``.safetensors`` file.
     template: the model's params tree (arrays or ShapeDtypeStructs); a
       ``head`` whose shape the file does not match is taken from it.
-    arch: ``"vit"`` or ``"swin"``; inferred from the template if None.
+    arch: the family (``"vit"``, ``"swin"``); from the template if None.
 
   Returns:
     The params tree with the template's structure, float32 NumPy arrays.

@@ -326,9 +326,35 @@ def gmacs(
   )
 
 
+def standard_checkpoints() -> dict[str, str]:
+  """Every family's standard checkpoint files, by canonical model name."""
+  return _standard()
+
+
 # Kept names for callers of the two-family registry.
 SWIN_TESTING = "swin-testing"
 SWIN_B_TIMM = "swin_base_patch4_window7_224"
+_DEPRECATED = {
+  "STANDARD_CHECKPOINTS": (
+    "vptpc.models.registry.standard_checkpoints()",
+    standard_checkpoints,
+  ),
+}
+
+
+def __getattr__(name: str) -> Any:
+  """Former module constants, with a warning naming the new spelling."""
+  if name in _DEPRECATED:
+    import warnings
+
+    new, get = _DEPRECATED[name]
+    warnings.warn(
+      f"vptpc.models.registry.{name} is deprecated: use {new}.",
+      DeprecationWarning,
+      stacklevel=2,
+    )
+    return get()
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def is_swin_name(name: str) -> bool:

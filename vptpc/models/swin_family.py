@@ -24,6 +24,8 @@ NAME = "swin"
 DISPLAY = "Swin"
 EXPORTABLE = False
 READS_NPZ = False
+# Window attention: no square maps over the whole sequence.
+GLOBAL_ATTENTION = False
 TESTING = "swin-testing"
 # The random-init 32-px model of `smoke` configs.
 SMOKE_MODEL = TESTING

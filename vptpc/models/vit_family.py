@@ -31,6 +31,8 @@ DISPLAY = "ViT"
 EXPORTABLE = True
 # The random-init 32-px model of `smoke` configs.
 SMOKE_MODEL = "tiny32"
+# Attention over the whole sequence (`vptpc.analysis` reads its maps).
+GLOBAL_ATTENTION = True
 # Reads vit_jax .npz files as well as timm .safetensors.
 READS_NPZ = True
 # The file a run reads when a config names the model and no checkpoint.
