@@ -340,3 +340,19 @@ def test_vtab_config_takes_the_checkpoints_preprocessing():
     "imagenet",
     "bilinear",
   )
+
+
+def test_parity_benchmark_prints_the_docs_table(capsys):
+  import sys
+
+  sys.path.insert(0, os.path.join(os.path.dirname(DATA), "..", "benchmarks"))
+  import backbone_parity
+
+  assert backbone_parity.VARIANTS == VARIANTS  # the same tiny models
+  assert backbone_parity.main(["--data", DATA]) == 0
+  out = capsys.readouterr().out.splitlines()
+  assert len(out) == 2 + 1 + len(VARIANTS)
+  errors = [
+    float(x) for line in out[2:] for x in line.split("|")[2:5] if x.strip()
+  ]
+  assert len(errors) == 1 + 3 * len(VARIANTS) and max(errors) < 1e-5

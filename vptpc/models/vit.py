@@ -149,8 +149,8 @@ _IN21K = "supervised, ImageNet-21k"
 # Hugging Face hub). Two rows depart from timm's model of the name, both to
 # follow how the weights were trained and are tuned:
 # * MAE pools by averaging the patch outputs into ``fc_norm``, as MAE's own
-#   fine-tuning (and VPT's MAE backbone) does; timm's model of the name
-#   reads the class token. The file's final ``norm`` becomes ``fc_norm``.
+#   fine-tuning does; timm's model of the name reads the class token. The
+#   file's final ``norm`` becomes ``fc_norm``.
 # * OpenAI's CLIP was trained with QuickGELU; timm keeps plain GELU for the
 #   name and the right activation in ``vit_base_patch16_clip_quickgelu_224``.
 TIMM_WEIGHTS: dict[str, Pretrained] = {
