@@ -8,6 +8,7 @@ VPT-Shallow logits match prompts added to the timm model the official way.
 """
 
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,16 +19,10 @@ from vptpc import checkpoint
 from vptpc.models import registry, vit
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
-TINY = dict(patch_size=8, hidden_size=16, num_layers=2, num_heads=2, mlp_dim=32)
-# Test-file key -> the timm name whose architecture it shrinks.
-VARIANTS = {
-  "mae": "vit_base_patch16_224.mae",
-  "clip_openai": "vit_base_patch16_clip_224.openai",
-  "clip_laion": "vit_base_patch16_clip_224.laion2b",
-  "dinov2": "vit_base_patch14_dinov2.lvd142m",
-  "dinov2_reg4": "vit_base_patch14_reg4_dinov2.lvd142m",
-  "gap": "vit_medium_patch16_gap_240.sw_in12k",
-}
+# The tiny geometry and the timm name each test file stands for: one table,
+# the parity benchmark's (which prints docs/backbones.md's numbers).
+sys.path.insert(0, os.path.join(os.path.dirname(DATA), "..", "benchmarks"))
+from backbone_parity import TINY, VARIANTS  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -343,12 +338,8 @@ def test_vtab_config_takes_the_checkpoints_preprocessing():
 
 
 def test_parity_benchmark_prints_the_docs_table(capsys):
-  import sys
-
-  sys.path.insert(0, os.path.join(os.path.dirname(DATA), "..", "benchmarks"))
   import backbone_parity
 
-  assert backbone_parity.VARIANTS == VARIANTS  # the same tiny models
   assert backbone_parity.main(["--data", DATA]) == 0
   out = capsys.readouterr().out.splitlines()
   assert len(out) == 2 + 1 + len(VARIANTS)

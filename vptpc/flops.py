@@ -243,7 +243,9 @@ def model_gmacs(
     raise ValueError(f"count must be 'naive' or 'kv', got {count!r}.")
   from vptpc.models import registry  # the family counts its own model
 
-  return registry.gmacs(model, image_size, prompts_per_layer, count, variant)
+  return registry.family_of(model).gmacs(
+    model, image_size, prompts_per_layer, count, variant
+  )
 
 
 def table(

@@ -313,19 +313,6 @@ def build_kv_cache(
   return family_of(model).build_kv_cache(model, backbone, prompts)
 
 
-def gmacs(
-  model: Any,
-  image_size: int,
-  prompts_per_layer: int | Sequence[int] = 0,
-  count: str = "naive",
-  variant: str = "deep",
-) -> float:
-  """GMACs per image of a built model (its family's count)."""
-  return family_of(model).gmacs(
-    model, image_size, prompts_per_layer, count, variant
-  )
-
-
 def standard_checkpoints() -> dict[str, str]:
   """Every family's standard checkpoint files, by canonical model name."""
   return _standard()
