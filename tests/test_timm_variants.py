@@ -347,3 +347,12 @@ def test_parity_benchmark_prints_the_docs_table(capsys):
     float(x) for line in out[2:] for x in line.split("|")[2:5] if x.strip()
   ]
   assert len(errors) == 1 + 3 * len(VARIANTS) and max(errors) < 1e-5
+
+
+def test_serve_takes_the_runs_interpolation(capsys):
+  from vptpc import serve
+
+  bad = ["--task=a=missing.npz", "--interpolation=lanczos"]
+  assert serve.main(bad) == 2
+  err = capsys.readouterr().err
+  assert "--interpolation='lanczos'" in err and "bicubic" in err

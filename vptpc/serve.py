@@ -21,7 +21,9 @@ stderr and serving carries on; the exit status is then 2. ``--backbone`` is a
 vit_jax ``.npz`` or a timm-named ``.safetensors`` file (default: the
 embedded fractal ViT, ``--model=fractal-Ti/4``); ``--model=swin_...`` serves
 a Swin (e.g. ``--model=swin_base_patch4_window7_224 --image_size=224
---normalize=imagenet``). Each prompts file must have been trained on that
+--normalize=imagenet``); a timm name serves that ViT (e.g.
+``--model=vit_base_patch16_clip_224.openai --normalize=clip
+--interpolation=bicubic``, as its run's config says). Each prompts file must have been trained on that
 backbone (`vptpc.prompts.load_prompts` checks).
 """
 
@@ -240,7 +242,9 @@ def _read_requests(images: str) -> list[Request]:
   return out
 
 
-def _load_image(path: str, size: int) -> np.ndarray:
+def _load_image(
+  path: str, size: int, interpolation: str = "bilinear"
+) -> np.ndarray:
   """The cached-form image of ``path`` (`pipeline.preprocess_image`).
 
   Raises:
@@ -259,7 +263,7 @@ def _load_image(path: str, size: int) -> np.ndarray:
     raise ValueError(
       f"cannot read image {path!r} ({type(e).__name__}: {e})"
     ) from None
-  return pipeline.preprocess_image(arr, size)
+  return pipeline.preprocess_image(arr, size, interpolation=interpolation)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -292,11 +296,21 @@ def main(argv: Sequence[str] | None = None) -> int:
   )
   ap.add_argument("--image_size", type=int, default=32)
   ap.add_argument("--normalize", default="minus1_1")
+  ap.add_argument(
+    "--interpolation",
+    default="bilinear",
+    help="resize filter, bilinear | bicubic (as the run's data.interpolation)",
+  )
   ap.add_argument("--batch_size", type=int, default=64)
   a = ap.parse_args(argv)
   try:
     if not a.task:
       raise ValueError("Give at least one --task=name=prompts.npz.")
+    if a.interpolation not in pipeline.INTERPOLATIONS:
+      raise ValueError(
+        f"--interpolation={a.interpolation!r}: expected one of "
+        f"{', '.join(pipeline.INTERPOLATIONS)}."
+      )
     specs = []
     for spec in a.task:
       name, sep, path = spec.partition("=")
@@ -379,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   for r in requests:
     if r.error is None:
       try:
-        good.append((r, _load_image(r.path, a.image_size)))
+        good.append((r, _load_image(r.path, a.image_size, a.interpolation)))
       except ValueError as e:
         r.error = str(e)
     if r.error is not None:
