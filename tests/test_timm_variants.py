@@ -95,21 +95,6 @@ def test_posemb_resized_as_timm(ref, key):
   np.testing.assert_allclose(pe, ref[f"{key}_pos_embed_32"], atol=1e-6)
 
 
-def test_pooled_features_exclude_prompt_outputs(ref):
-  # Average pooling reads the patch outputs only: prompts change them
-  # through attention, but the pooled width and count stay the patches'.
-  model = registry.create_model(VARIANTS["gap"], num_classes=None, **TINY)
-  params = load("gap", tiny_model("gap"))
-  backbone, _ = vit.split_head(params)
-  p = ref["gap_deep_prompts"]
-  feats = model.apply(
-    {"params": backbone},
-    ref["images"],
-    {f"encoderblock_{i}": jnp.asarray(p[i]) for i in range(len(p))},
-  )
-  assert feats.shape == (2, 16)
-
-
 def test_architecture_comes_from_the_name():
   cfg = vit.get_model_config("vit_base_patch14_reg4_dinov2.lvd142m")
   assert (cfg.patch_size, cfg.num_registers, cfg.posemb_prefix) == (

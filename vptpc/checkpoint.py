@@ -238,35 +238,6 @@ def resize_posemb(posemb: Any, new_num_tokens: int) -> np.ndarray:
   return np.concatenate([cls, resized], axis=1)
 
 
-def _aa_bicubic_matrix(n_in: int, n_out: int, a: float = -0.5) -> np.ndarray:
-  """(n_out, n_in) weights of PyTorch's antialiased bicubic resize.
-
-  ``F.interpolate(mode="bicubic", antialias=True, align_corners=False)``:
-  the cubic kernel with ``a = -0.5``, widened by the scale when shrinking,
-  and each row normalised to sum 1 (PIL's filter).
-  """
-
-  def kernel(x):
-    x = abs(x)
-    if x < 1:
-      return ((a + 2) * x - (a + 3)) * x * x + 1
-    if x < 2:
-      return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-    return 0.0
-
-  scale = n_in / n_out
-  support = 2.0 * scale if scale >= 1.0 else 2.0
-  inv = 1.0 / scale if scale >= 1.0 else 1.0
-  m = np.zeros((n_out, n_in))
-  for i in range(n_out):
-    center = scale * (i + 0.5)
-    lo = max(int(center - support + 0.5), 0)
-    hi = min(int(center + support + 0.5), n_in)
-    w = np.array([kernel((j - center + 0.5) * inv) for j in range(lo, hi)])
-    m[i, lo:hi] = w / w.sum()
-  return m
-
-
 def resize_posemb_timm(
   posemb: Any, num_prefix: int, new_grid: int
 ) -> np.ndarray:
@@ -275,7 +246,9 @@ def resize_posemb_timm(
   timm's ``resample_abs_pos_embed`` (what ``checkpoint_filter_fn`` applies,
   e.g. to DINOv2's 518-px embedding at 224 px): the ``num_prefix`` rows of
   the class and register tokens are kept, the patch rows are resized as a
-  square grid with PyTorch's antialiased bicubic filter.
+  square grid with PyTorch's antialiased bicubic filter, which is
+  ``jax.image.resize``'s ``cubic`` with antialiasing (Keys' a = -0.5,
+  widened when shrinking; equal to timm's within float32 rounding).
 
   Args:
     posemb: (1, num_prefix + g*g, D) array.
@@ -299,10 +272,12 @@ def resize_posemb_timm(
     )
   if g_old == new_grid:
     return posemb.astype(np.float32)
-  w = _aa_bicubic_matrix(g_old, new_grid)
-  g = grid.reshape(g_old, g_old, -1)
-  out = np.einsum("ij,jkd,lk->ild", w, g, w).reshape(1, new_grid**2, -1)
-  return np.concatenate([prefix, out], axis=1).astype(np.float32)
+  g = grid.reshape(g_old, g_old, -1).astype(np.float32)
+  out = jax.image.resize(
+    jnp.asarray(g), (new_grid, new_grid, g.shape[-1]), "cubic", antialias=True
+  )
+  out = np.asarray(out, np.float32).reshape(1, new_grid**2, -1)
+  return np.concatenate([prefix.astype(np.float32), out], axis=1)
 
 
 def _fmt(shape) -> str:

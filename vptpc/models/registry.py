@@ -318,9 +318,9 @@ def standard_checkpoints() -> dict[str, str]:
   return _standard()
 
 
-# Kept names for callers of the two-family registry.
-SWIN_TESTING = "swin-testing"
-SWIN_B_TIMM = "swin_base_patch4_window7_224"
+# Former names, kept: the Swin family's own constants (no warning), and
+# module constants that are deprecated (a warning naming the new spelling).
+_SWIN_CONSTANTS = {"SWIN_TESTING": "TESTING", "SWIN_B_TIMM": "SWIN_B_TIMM"}
 _DEPRECATED = {
   "STANDARD_CHECKPOINTS": (
     "vptpc.models.registry.standard_checkpoints()",
@@ -329,26 +329,34 @@ _DEPRECATED = {
 }
 
 
-def __getattr__(name: str) -> Any:
-  """Former module constants, with a warning naming the new spelling."""
-  if name in _DEPRECATED:
-    import warnings
+def _deprecated(old: str, new: str) -> None:
+  import warnings
 
+  warnings.warn(
+    f"vptpc.models.registry.{old} is deprecated: use {new}.",
+    DeprecationWarning,
+    stacklevel=3,
+  )
+
+
+def __getattr__(name: str) -> Any:
+  """Former module constants (see `_SWIN_CONSTANTS`, `_DEPRECATED`)."""
+  if name in _SWIN_CONSTANTS:
+    return getattr(family("swin"), _SWIN_CONSTANTS[name])
+  if name in _DEPRECATED:
     new, get = _DEPRECATED[name]
-    warnings.warn(
-      f"vptpc.models.registry.{name} is deprecated: use {new}.",
-      DeprecationWarning,
-      stacklevel=2,
-    )
+    _deprecated(name, new)
     return get()
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def is_swin_name(name: str) -> bool:
-  """Deprecated: use ``model_family(name) == "swin"`` or `family_of_name`."""
+  """Deprecated: ``model_family(name) == "swin"``."""
+  _deprecated("is_swin_name", 'model_family(name) == "swin"')
   return str(name).lower().startswith("swin")
 
 
 def is_swin(model: Any) -> bool:
-  """Deprecated: use `family_of(model).NAME`."""
+  """Deprecated: ``family_of(model).NAME == "swin"``."""
+  _deprecated("is_swin", 'family_of(model).NAME == "swin"')
   return family_of(model).NAME == "swin"
