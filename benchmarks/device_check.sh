@@ -1,75 +1,52 @@
 #!/usr/bin/env bash
-# The GPU run of issue 20, as one script, in this order, rows streamed as
-# they are measured (everything also goes to $OUT/log.txt):
-#   1. the PyTorch peer (torch_peer.py: bf16 autocast, SDPA), eager, then
-#      torch.compile, on ViT-B/16 at batch 128 with 0 and 100 deep prompts;
-#   2. gpu_ablation.py on the library's default path (ABL_VARIANTS: by
-#      default that path, then the levers no call has measured yet, one
-#      at a time, the best-evidenced first (the list below says why):
-#      cuDNN lengths not padded (cudnn_multiple=1); CUDA graphs down to
-#      one kernel; every block's prompt keys and values computed at once
-#      before the blocks (kv_stacked=1); XLA's GEMM fusions with cuDNN
-#      among their backends; cuDNN lengths padded to even (=2, the
-#      fallback should 1 be refused); XLA's block-level (Triton) rewriter
-#      of fusions; cuBLASLt for the GEMMs. XLA options are applied per
-#      program (compiler options), so they are timed in the same process.
-#      Only variants whose bf16 logits are within 1e-2 of float32's count;
-#      where two or more beat the default by over 1%, their named levers
-#      together are one more variant (--combine)),
-#      timed in interleaved rounds: the train step,
-#      bf16-vs-fp32 logits, and per-kernel profiles of the fastest
-#      variant's train step (ABL_PROFILE; -1: the fastest) and of its eval
-#      forward at 0 and 100 prompts
-#      (ABL_EVAL_PROFILE; the forward's own table, for the eval goals);
-#   3. vpt_bench.py on the peer's settings with the library's defaults
-#      (key/value path at 0, 10 and 100 prompts; eval and train), except
-#      the levers: stages 3-5 run the ablation's fastest variant (its
-#      own-VJP settings and model fields) where it beat the default by
-#      more than 1% (PICK_LEVERS=1, the default; the log, bench.json and
-#      the table name it);
-#   4. e2e_bench.py: `python -m vptpc.main` tune (vmapped grid) and final
-#      on a VTAB-shaped folder task, with the projection of VPT's protocol
-#      (the 19 tasks scaled by the step rates of stage 3);
-#   5. "flags", only while the run is younger than FLAGS_BEFORE_S: the kv
-#      rows at 100 prompts and the 8192^2 matmul once per XLA_FLAGS set in
-#      FLAG_SETS (";"-separated), each in its own process (after the
-#      picked XLA options), to compare with stage 3. `import vptpc` adds
-#      --xla_gpu_enable_triton_gemm=false unless the set names it (call 3
-#      measured that flag: +10% eval). No sets by default: the flags that
-#      calls 5-6 queued here (CUDA graphs down to one kernel, against the
-#      ~2 ms per train step between kernels, call 6: 26.05 ms of kernels
-#      in a 28.1 ms step; the block-level rewriter) are ablation variants
-#      now. A set this jaxlib does not know fails alone and is reported;
+# The GPU benchmark: vptpc against a compiled PyTorch peer on one GPU, in
+# one run, rows streamed as they are measured (everything also goes to
+# $OUT/log.txt). Stages, in order:
+#   1. peer: the PyTorch peer (benchmarks/torch_peer.py: bf16 autocast,
+#      SDPA), eager, then torch.compile, on ViT-B/16 at batch 128 with 0
+#      and 100 deep prompts;
+#   2. ablation: gpu_ablation.py times the library's default path and each
+#      lever that is off by default (ABL_VARIANTS; the comment at
+#      abl_variants below gives each one's rationale) in interleaved
+#      rounds, checks each variant's bf16 logits against float32 (within
+#      1e-2, or it is never picked), combines the winners (over 1% faster)
+#      and profiles the fastest variant's train step and eval forward per
+#      kernel;
+#   3. bench: vpt_bench.py on the peer's settings (key/value path at 0, 10
+#      and 100 prompts; eval and train), with the ablation's fastest
+#      variant where it beat the default by more than 1% (PICK_LEVERS=1,
+#      the default; the log, bench.json and the table name it);
+#   4. e2e: e2e_bench.py times `python -m vptpc.main` tune (vmapped grid)
+#      and final on a VTAB-shaped folder task and projects VPT's protocol
+#      over the 19 VTAB-1k tasks from the measured step rates;
+#   5. flags: the kv rows at 100 prompts and the 8192^2 matmul once per
+#      XLA_FLAGS set in FLAG_SETS (";"-separated), each in its own
+#      process; none by default. `import vptpc` adds
+#      --xla_gpu_enable_triton_gemm=false unless the set names it;
 #   6. gpu_table.py: the table with the ratios, to $OUT/table.md.
-# The per-stage files are packed into $OUT/runs.tgz at the end (the device
-# tool returns at most 8 files).
+# Each stage's files are also packed into $OUT/runs.tgz as it ends, so a
+# run cut off later keeps what earlier stages measured.
 #
-# Usage, in the repository root of the device machine:
-#   bash benchmarks/device_check.sh PATH/TO/torch_peer.py [WHEEL ...]
-# WHEELs (ml_collections, which the GPU image lacks) are installed to
-# /tmp/site first. For a CPU dry run (no peer, tiny model):
+# Usage, in the repository root, with vptpc and PyTorch installed:
+#   bash benchmarks/device_check.sh [PEER]
+# PEER defaults to benchmarks/torch_peer.py; "none" skips the peer. For a
+# CPU dry run (no peer, tiny model):
 #   DRY=1 bash benchmarks/device_check.sh none
 # STAGES (default "peer ablation bench e2e flags") picks stages; *_S
-# variables bound each stage's seconds, TOTAL_S the whole run's (480: the
-# issue's 8 minutes). Sized for that on an H200 (each ViT-B/16 program
-# compiles in 6-20 s; torch.compile's in 11-26 s; calls 3-6): peer ~130 s,
-# ablation ~150 s (8 variants, perhaps the winners together, 3 profiles;
-# call 5's 4 variants and 3 profiles took 87 s; at most ABL_S, 190), bench
-# ~75 s, e2e ~60 s, then ~60 s per flag set (none by default). Should the
-# ablation take all of its 190 s, the end-to-end run is what gets cut.
+# variables bound each stage's seconds and TOTAL_S the whole run's (480).
+# On an H200 each ViT-B/16 program compiles in 6-20 s and each
+# torch.compile in 11-26 s: the peer takes about 130 s, the ablation at
+# most ABL_S (190), the bench about 75 s and the end-to-end run about
+# 60 s. Should the ablation take all of its time, the end-to-end run is
+# what gets cut.
 set -uo pipefail
-peer=${1:?path to torch_peer.py (or none)}
-shift
+peer=${1:-benchmarks/torch_peer.py}
 out=${OUT:-/tmp/vptpc_device_check}
 work=/tmp/vdc
 # A fresh folder: the table reads every row there (flag sets append).
 rm -rf "$work"
 mkdir -p "$out" "$work" "$work/flags"
 exec > >(tee -a "$out/log.txt") 2>&1
-if [ "$#" -gt 0 ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile \
-    --target /tmp/site "$@" && export PYTHONPATH=/tmp/site
-fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1
 stages=${STAGES:-"peer ablation bench e2e flags"}
@@ -84,7 +61,7 @@ if [ "${DRY:-0}" = 1 ]; then
   model="--model=testing --image_size=32 --batch=4 --matmul_n=256"
   abl="--model=testing --image_size=32 --batch=4 --prompts=3 --iters=2 \
     --combine_margin=-1"
-  abl_variants=${ABL_VARIANTS:-"auto:1:0,auto:1:0:auto:0:0,auto:1:0:kv_stacked=1:cudnn_multiple=2,auto:1:0:cudnn_multiple=1:xla_gpu_graph_min_graph_size=1:xla_gpu_cudnn_gemm_fusion_level=2"}
+  abl_variants=${ABL_VARIANTS:-"auto:1,auto:1:pad_tokens=1,auto:1:kv_stacked=1:cudnn_multiple=2,auto:1:cudnn_multiple=1:xla_gpu_graph_min_graph_size=1:xla_gpu_cudnn_gemm_fusion_level=2"}
   e2e="--model=tiny32 --image_size=32 --px=40 --train=120 --test=60 \
     --tune_epochs=2 --final_epochs=2 --lrs=1:0.1 --wds=0 --vmap_chunk=1 \
     --seeds=42:44 --dtype=float32"
@@ -97,10 +74,11 @@ else
   # The default path, then the levers not measured yet, one at a time,
   # the best-evidenced first, since past ABL_BUDGET_S (or the stage's
   # deadline) no new variant starts; winners are combined by the ablation
-  # itself. Against call 6's train step (26.05 ms of kernels in 28.1 ms):
+  # itself. Against the profiled H200 train step (26.05 ms of kernels in a
+  # 28.1 ms step, results/bench_gpu_h200):
   # cuDNN lengths not padded (197 tokens, 297 keys at 100 prompts; no
   # lengths passed) instead of to multiples of 8 (200, 304): the pad
-  # fusions took 1.13 ms, and vit.CUDNN_PAD says why 1 may run; CUDA
+  # fusions took 1.13 ms, and levers.CUDNN_PAD says why 1 may run; CUDA
   # graphs down to one kernel, against the ~2 ms between kernels; every
   # block's prompt keys and values in one batched computation (427 of the
   # 800 kernel runs per step took under 10 us); XLA's GEMM fusions with
@@ -114,17 +92,14 @@ else
   # matmul, not the step's profile, where XLA's GEMMs already ran at
   # about 740 TFLOP/s (8.0 TFLOP in 10.87 ms). A variant that fails is an
   # error row and the rest go on.
-  # (Calls 5-6 measured the GELU's form and the own-VJP levers;
-  # ABL_VARIANTS can add them back.)
-  abl_variants=${ABL_VARIANTS:-"auto:1:0,auto:1:0:cudnn_multiple=1,auto:1:0:xla_gpu_graph_min_graph_size=1,auto:1:0:kv_stacked=1,auto:1:0:xla_gpu_enable_triton_gemm=true:xla_gpu_cudnn_gemm_fusion_level=2,auto:1:0:cudnn_multiple=2,auto:1:0:xla_gpu_experimental_enable_fusion_block_level_rewriter=true,auto:1:0:xla_gpu_enable_cublaslt=true"}
+  abl_variants=${ABL_VARIANTS:-"auto:1,auto:1:cudnn_multiple=1,auto:1:xla_gpu_graph_min_graph_size=1,auto:1:kv_stacked=1,auto:1:xla_gpu_enable_triton_gemm=true:xla_gpu_cudnn_gemm_fusion_level=2,auto:1:cudnn_multiple=2,auto:1:xla_gpu_experimental_enable_fusion_block_level_rewriter=true,auto:1:xla_gpu_enable_cublaslt=true"}
   e2e="--tune_epochs=3 --final_epochs=5 --vmap_chunk=8"
   prompts=${BENCH_PROMPTS:-0,10,100}
   step_at=10
   flag_prompts=100
 fi
 stamp() { echo "== $(date +%T) +$((SECONDS - t0))s $*"; }
-# The whole run ends by TOTAL_S (default 480 s: the issue's 8 minutes,
-# under the device tool's 600 s per command, with room for the table):
+# The whole run ends by TOTAL_S (default 480 s, with room for the table):
 # each stage's timeout is the smaller of its own *_S and what is left of
 # TOTAL_S less TABLE_S, and a stage with under MIN_STAGE_S left is skipped
 # (and says so), so a slow stage costs the later ones time, never the
@@ -143,8 +118,8 @@ go() {  # go NAME BOUND: prints the stage's timeout, or fails (skipped)
   fi
   echo "$s"
 }
-# The stage files so far, packed (the device tool returns at most 8
-# files; a run cut off later still returns what earlier stages wrote).
+# The stage files so far, packed: a run cut off later still leaves what
+# earlier stages wrote.
 pack() { tar czf "$out/runs.tgz" -C "$work" . 2>/dev/null; }
 
 if [[ $stages == *peer* && $peer != none ]] && s=$(go "peer eager" "${PEER_S:-60}"); then
@@ -178,34 +153,31 @@ fi
 
 # The levers for the stages below: the ablation's fastest variant, where
 # one beat the default by more than 1% (gpu_ablation.pick_levers;
-# PICK_LEVERS=0: the library's defaults), so one call measures the table
-# on the faster setting whichever way the ablation goes: its own-VJP
-# settings, its named model fields (vpt_bench --model_fields; e2e as --config.model.* where
+# PICK_LEVERS=0: the library's defaults), so one run measures the table
+# on the faster setting whichever way the ablation goes: its named model
+# fields (vpt_bench --model_fields; e2e as --config.model.* where
 # the config has the key) and its XLA options (as XLA_FLAGS).
-gelu=auto
-ln=auto
 fields=""
 cfg_fields=""
 picked_xla=""
 if [[ ${PICK_LEVERS:-1} = 1 && -f $work/ablation/ablation.json ]]; then
-  { read -r gelu ln; read -r fields; read -r cfg_fields; read -r picked_xla; } < <(
+  { read -r fields; read -r cfg_fields; read -r picked_xla; } < <(
     cd benchmarks && python3 -c \
       'import sys, gpu_ablation; print(*gpu_ablation.pick_lines(sys.argv[1]), sep="\n")' \
       "$work/ablation/ablation.json"
   )
-  gelu=${gelu:-auto} ln=${ln:-auto}
   [[ ${fields:--} = - ]] && fields=""
   [[ ${cfg_fields:--} = - ]] && cfg_fields=""
   [[ ${picked_xla:--} = - ]] && picked_xla=""
-  stamp "levers for the stages below: gelu_vjp=$gelu ln_vjp=$ln fields=${fields:-none} XLA flags: ${picked_xla:-none}"
+  stamp "levers for the stages below: fields=${fields:-none} XLA flags: ${picked_xla:-none}"
   if [[ -n $picked_xla ]]; then
     export XLA_FLAGS="$picked_xla ${XLA_FLAGS:-}"
   fi
 fi
-levers="--gelu_vjp=$gelu --ln_vjp=$ln --model_fields=$fields"
+levers="--model_fields=$fields"
 
 if [[ $stages == *bench* ]] && s=$(go vpt_bench "${BENCH_S:-200}"); then
-  stamp "vpt_bench (${s}s; the library's default path; levers: $gelu / $ln)"
+  stamp "vpt_bench (${s}s; the library's default path; fields: ${fields:-none})"
   # shellcheck disable=SC2086
   timeout "$s" python3 benchmarks/vpt_bench.py \
     --out="$work/bench" --prompts=$prompts --paths=kv --kv_cache=0 \
@@ -234,7 +206,7 @@ PY
     --out="$work/e2e" --root=/tmp/e2e_work --step_img_s="${step:-0}" \
     --deadline_s=$((s - 5)) \
     --step_rates="$rates" $e2e \
-    --extra="--config.model.gelu_vjp=$gelu --config.model.ln_vjp=$ln $cfg_fields"
+    --extra="$cfg_fields"
   pack
 fi
 

@@ -38,7 +38,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-# VPT's protocol (vpt.md §4-5): 10 LRs x 4 WDs, 100 epochs, 5 seeds.
+# VPT's protocol (docs/references.md, "VPT: protocol"): 10 LRs x 4 WDs,
+# 100 epochs, 5 seeds.
 FULL_GRID, FULL_EPOCHS, FULL_SEEDS, VTAB_TASKS = 40, 100, 5, 19
 _PLATFORMS = ""  # the caller's JAX_PLATFORMS, for the runs
 
@@ -120,12 +121,12 @@ def make_backbone(path: str, model: str, image_size: int) -> None:
   """A random ViT saved as a vit_jax ``.npz`` (what real checkpoints are)."""
   import jax
 
-  from vptpc import checkpoint
+  from vptpc import npz_checkpoint
   from vptpc.models import vit
 
   m = vit.create_model(model)
   params = vit.init_params(m, jax.random.key(0), image_size)
-  checkpoint.save_npz(path, jax.device_get(params))
+  npz_checkpoint.save_npz(path, jax.device_get(params))
 
 
 def run_main(

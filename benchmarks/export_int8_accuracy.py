@@ -40,9 +40,9 @@ def main():
   import ml_collections
   import numpy as np
 
-  from vptpc import checkpoint, export
+  from vptpc import checkpoint, export, export_formats
   from vptpc import prompts as pr
-  from vptpc.data import pipeline
+  from vptpc.data import pipeline, preprocessing
   from vptpc.models import vit
 
   with open(os.path.join(os.path.dirname(a.prompts), "config.json")) as f:
@@ -73,7 +73,7 @@ def main():
   logits = {
     "vptpc JAX (fp32)": batched(
       lambda x: apply(
-        params, pipeline.normalize(x, config.data.normalize), prompts
+        params, preprocessing.normalize(x, config.data.normalize), prompts
       )
     )
   }
@@ -83,7 +83,7 @@ def main():
       path = os.path.join(d, f"{q}.onnx")
       export.export_task(a.prompts, path, quantize=q)
       sizes[name] = os.path.getsize(path)
-      sess = export.onnx_session(path)
+      sess = export_formats.onnx_session(path)
       logits[name] = batched(lambda x, s=sess: s.run(None, {"images": x})[0])
       one = images[:1]
       sess.run(None, {"images": one})

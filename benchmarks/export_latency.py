@@ -89,7 +89,7 @@ def main():
   import jax
   import numpy as np
 
-  from vptpc import export, flops
+  from vptpc import export, export_formats, flops
   from vptpc import prompts as pr
   from vptpc.models import vit
 
@@ -128,11 +128,11 @@ def main():
     )
     run = {}
     if "onnx" in runtimes:
-      proto = export.to_onnx(fn, image_size=a.image_size)
-      sess = export.onnx_session(proto.SerializeToString())
+      proto = export_formats.to_onnx(fn, image_size=a.image_size)
+      sess = export_formats.onnx_session(proto.SerializeToString())
       run["onnx"] = lambda x, s=sess: s.run(None, {"images": x})[0]
     if "jax" in runtimes:
-      blob = export.to_stablehlo(fn, image_size=a.image_size)
+      blob = export_formats.to_stablehlo(fn, image_size=a.image_size)
       call = jax.jit(jax.export.deserialize(bytearray(blob)).call)
       run["jax"] = lambda x, f=call: np.asarray(jax.block_until_ready(f(x)))
     return run

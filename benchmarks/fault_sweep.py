@@ -179,9 +179,9 @@ def corrupt_checkpoint(workdir: str, step: int) -> None:
 
 def ensure_data(data_dir: str) -> None:
   """Generates vptpc_toy once, so that no case pays (or races) for it."""
-  from vptpc.data import pipeline
+  from vptpc.data import sources
 
-  pipeline.prepare_local("vptpc_toy", data_dir)
+  sources.prepare_local("vptpc_toy", data_dir)
 
 
 def _tb(text: str) -> bool:
@@ -360,14 +360,14 @@ def _tiny32_shapes() -> dict:
   """vit_jax keys and shapes of the ``tiny32`` backbone (no init run)."""
   import jax
 
-  from vptpc import checkpoint
+  from vptpc import npz_checkpoint
   from vptpc.models import vit
 
   model = vit.create_model("tiny32", num_classes=None)
   shapes = jax.eval_shape(
     lambda r: vit.init_params(model, r, 32), jax.random.key(0)
   )
-  flat = checkpoint.flatten(vit.split_head(shapes)[0])
+  flat = npz_checkpoint.flatten(vit.split_head(shapes)[0])
   return {k: v.shape for k, v in flat.items()}
 
 
@@ -506,20 +506,20 @@ def bad_cases(data_dir: str) -> list[dict]:
 
   def replace_backbone(box, same_shapes):
     """Replaces ckpt.npz in place: other weights, or a narrower model."""
-    from vptpc import checkpoint
+    from vptpc import npz_checkpoint
 
     ckpt = os.path.join(box, "ckpt.npz")
     if same_shapes:
-      flat = checkpoint.read_npz(ckpt)
+      flat = npz_checkpoint.read_npz(ckpt)
       flat["cls"] = flat["cls"] + 1.0  # e.g. another pretraining's file
-      checkpoint.save_npz(ckpt, checkpoint.unflatten(flat))
+      npz_checkpoint.save_npz(ckpt, npz_checkpoint.unflatten(flat))
       return
     rng = np.random.default_rng(0)
     flat = {  # tiny32's shapes: width 32, 3 blocks
       k: rng.standard_normal(v).astype(np.float32)
       for k, v in _tiny32_shapes().items()
     }
-    checkpoint.save_npz(ckpt, checkpoint.unflatten(flat))
+    npz_checkpoint.save_npz(ckpt, npz_checkpoint.unflatten(flat))
 
   def pc_backbone_replaced(box):
     pc = ("--config.condense.keep=0.5", "--config.condense.ft_epochs=1")

@@ -2,35 +2,25 @@
 
 For ViT-B/16 (224 px, ``--batch``, bf16 compute, ``--prompts`` deep prompts
 on the key/value path) it times the train step (and the eval forward) of
-model variants that differ in one lever at a time:
+model variants that differ in one lever at a time. A variant is
+``attention:cast`` then ``name=value`` items:
 
 * ``attention``: XLA's `jax.nn.dot_product_attention` or cuDNN's fused
-  flash kernel (padded to even lengths, `vptpc.models.vit.attention`);
+  flash kernel (padded to even lengths, `vptpc.models.levers.attention`);
+  ``auto``: the model's default for the backend;
 * ``cast``: the frozen backbone kept in bf16 (`vit.cast_backbone`) or cast
   from float32 inside every step;
-* ``fuse``: one fused query/key/value matmul (``model.fuse_qkv``);
-* ``pad`` (optional fourth field): ``pad_tokens``, the multiple the tokens
-  are padded to once for every block (``auto``: the model's default, 8
-  with cuDNN; ``1``: cuDNN pads q, k, v in every block instead);
-* ``gelu`` (optional fifth field): ``1`` runs the MLP's exact GELU with
-  its own backward pass (``VisionTransformer.gelu_vjp``, `vit.exact_gelu`),
-  ``0`` autodiff's;
-* ``ln`` (optional sixth field): the same for the blocks' LayerNorms
-  (``VisionTransformer.ln_vjp``, `vit.layer_norm`);
-* ``form`` (optional seventh field): how the exact GELU is computed,
-  ``erf`` (`vit.gelu`, the default) or ``erfc`` (flax's ``nn.gelu``),
-  ``VisionTransformer.gelu_form``.
+* ``name=value``: any `vptpc.models.levers.Levers` or `VisionTransformer`
+  field (`vpt_bench.parse_fields`), e.g. ``auto:1:cudnn_multiple=2``,
+  ``auto:1:kv_stacked=1`` or ``cudnn:1:pad_tokens=1`` (cuDNN pads q, k, v
+  in every block instead of the tokens once), or, for names that start
+  with ``xla_``, an XLA option of the variant's compiled programs
+  (`parse_xla_options`), e.g. ``auto:1:xla_gpu_graph_min_graph_size=1``.
 
-``auto`` (and an omitted field) is the model's default for the backend.
-Any field may be followed by ``name=value`` items, which set any other
-`vptpc.models.vit.VisionTransformer` field (`parse_fields`), e.g.
-``auto:1:0:cudnn_multiple=2`` or ``auto:1:0:kv_stacked=1``, or, for names
-that start with ``xla_``, an XLA option of the variant's compiled
-programs (`parse_xla_options`), e.g.
-``auto:1:0:xla_gpu_graph_min_graph_size=1``; a row records them as
-``fields`` and ``xla_options``, so a caller can run the fastest variant
-(`pick_levers`; ``device_check.sh`` does, through `pick_lines`,
-``vpt_bench.py --model_fields`` and ``XLA_FLAGS``).
+A row records the named items as ``fields`` and ``xla_options``, so a
+caller can run the fastest variant (`pick_levers`; ``device_check.sh``
+does, through `pick_lines`, ``vpt_bench.py --model_fields`` and
+``XLA_FLAGS``).
 
 After every variant has run once, ``--rounds`` - 1 more rounds time each
 again in turn, and a variant's rate is the median over its rounds, so a
@@ -54,13 +44,14 @@ not end in time) and, at the end, ``ablation.md``::
   python benchmarks/gpu_ablation.py --out=results/bench_gpu_h200
   # dry run on a CPU:
   python benchmarks/gpu_ablation.py --model=testing --image_size=32 \\
-      --batch=4 --variants=xla:0:0,xla:1:1 --out=/tmp/abl
+      --batch=4 --variants=xla:0,xla:1 --out=/tmp/abl
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import glob
 import gzip
 import json
@@ -68,23 +59,31 @@ import os
 import tempfile
 import time
 
-from vpt_bench import median_seconds, parse_fields
+from vpt_bench import median_seconds, model_kwargs, parse_fields
 
-DEFAULT_VARIANTS = "xla:0:0,cudnn:0:0,cudnn:1:0,cudnn:1:1,xla:1:1,cudnn:1:0:1"
+DEFAULT_VARIANTS = "xla:0,cudnn:0,cudnn:1,xla:1,cudnn:1:pad_tokens=1"
 
 
 def parse_variant(spec: str) -> tuple[list[str], dict, dict]:
   """A ``--variants`` entry as (positional fields, model fields, XLA options).
 
-  ``name=value`` items whose name starts with ``xla_`` are XLA compiler
-  options (`parse_xla_options`); the others are model fields
-  (`parse_fields`).
+  The positional fields are ``attention`` and ``cast``; ``name=value``
+  items whose name starts with ``xla_`` are XLA compiler options
+  (`parse_xla_options`), the others model fields (`parse_fields`).
+
+  Raises:
+    ValueError: not two positional fields, or a bad item (named).
   """
   items = spec.split(":")
   named = [t for t in items if "=" in t]
+  positional = [t for t in items if "=" not in t]
+  if len(positional) != 2:
+    raise ValueError(
+      f"variant {spec!r}: expected attention:cast, then name=value items."
+    )
   xla = [t for t in named if t.startswith("xla_")]
   return (
-    [t for t in items if "=" not in t],
+    positional,
     parse_fields([t for t in named if not t.startswith("xla_")]),
     parse_xla_options(xla),
   )
@@ -120,18 +119,8 @@ def xla_flags(options: dict) -> str:
   return " ".join(f"--{k}={v}" for k, v in options.items())
 
 
-def levers_of(positional: list[str], skip: tuple[int, ...] = ()) -> list:
-  """A variant's seven positional fields, omitted ones as ``auto``.
-
-  ``skip``: indices left out of the comparison (4 and 5 are the own-VJP
-  levers, which the picker passes on by name).
-  """
-  full = (list(positional) + ["auto"] * 7)[:7]
-  return [v for j, v in enumerate(full) if j not in skip]
-
-
-# The issue's bound on a fast path's bf16 logits (relative L2 error against
-# a float32 forward of the same weights): a faster variant beyond it is a
+# The bound on a fast path's bf16 logits (relative L2 error against a
+# float32 forward of the same weights): a faster variant beyond it is a
 # different function, not a lever, so it is never picked or combined.
 MAX_LOGITS_ERR = 1e-2
 
@@ -170,8 +159,7 @@ def combine_winners(rows: list[dict], margin: float = 0.01) -> dict | None:
       for r in rows
       if r["variant"] != 0
       and within_error_bound(r)
-      and levers_of(r.get("positional", []))
-      == levers_of(default.get("positional", []))
+      and r.get("positional") == default.get("positional")
       and r["img_s"] > (1 + margin) * default["img_s"]
     ),
     key=lambda r: r["img_s"],
@@ -195,15 +183,14 @@ def pick_levers(rows: list[dict], margin: float = 0.01) -> dict | None:
   every other one with the default's median over the main rounds, so a
   drift of the device between the two sets of rounds decides nothing.
   Only what a caller can pass on is picked: a row must share the
-  default's positional levers except the own-VJP ones (``gelu_vjp``,
-  ``ln_vjp``, which go on by name with ``fields`` and ``xla_options``),
-  and its logits must be within `MAX_LOGITS_ERR` (`within_error_bound`).
+  default's positional fields (its named ``fields`` and ``xla_options``
+  go on), and its logits must be within `MAX_LOGITS_ERR`
+  (`within_error_bound`).
   """
   rows = [r for r in rows if r.get("what") == "train" and "img_s" in r]
   default = next((r for r in rows if r["variant"] == 0), None)
   if default is None:
     return None
-  same = levers_of(default.get("positional", []), skip=(4, 5))
 
   def gain(r):
     base = r.get("default_img_s_same_rounds") or default["img_s"]
@@ -214,27 +201,26 @@ def pick_levers(rows: list[dict], margin: float = 0.01) -> dict | None:
     for r in rows
     if r["variant"] != 0
     and within_error_bound(r)
-    and levers_of(r.get("positional", []), skip=(4, 5)) == same
+    and r.get("positional") == default.get("positional")
   ]
   best = max(rivals, key=gain, default=None)
   return best if best and gain(best) > 1 + margin else default
 
 
 def pick_lines(path: str, margin: float = 0.01) -> list[str]:
-  """`pick_levers` of an ``ablation.json`` as the script's four lines.
+  """`pick_levers` of an ``ablation.json`` as the script's three lines.
 
-  Lines: the own-VJP settings (``on``/``off``, ``auto auto`` without a
-  default row); the named fields for ``vpt_bench.py --model_fields``;
-  the same as ``--config.model.*`` overrides where the config has the
-  key (booleans as True/False); the XLA options as XLA_FLAGS. ``-``
-  stands for an empty line.
+  Lines: the named fields for ``vpt_bench.py --model_fields``; the same as
+  ``--config.model.*`` overrides where the config has the key (booleans
+  as True/False); the XLA options as XLA_FLAGS. ``-`` stands for an empty
+  line (all three without a default row).
   """
   from vptpc import config_util
 
   with open(path) as f:
     best = pick_levers(json.load(f)["rows"], margin)
   if best is None:
-    return ["auto auto", "-", "-", "-"]
+    return ["-", "-", "-"]
   model = config_util.base_config().model
   fields = best.get("fields") or {}
 
@@ -242,7 +228,6 @@ def pick_lines(path: str, margin: float = 0.01) -> list[str]:
     return bool(v) if isinstance(model[k], bool) else v
 
   return [
-    " ".join("on" if best[k] else "off" for k in ("gelu_vjp", "ln_vjp")),
     ",".join(f"{k}={v}" for k, v in fields.items()) or "-",
     " ".join(
       f"--config.model.{k}={as_cfg(k, v)}"
@@ -432,14 +417,13 @@ def main():
   ap.add_argument(
     "--variants",
     default=DEFAULT_VARIANTS,
-    help="attention:cast:fuse[:pad[:gelu[:ln[:form]]]][:name=value...] "
-    "per variant, comma-separated",
+    help="attention:cast[:name=value...] per variant, comma-separated",
   )
-  ap.add_argument("--eval_variants", default="0,3", help="variant indices")
+  ap.add_argument("--eval_variants", default="0,2", help="variant indices")
   ap.add_argument(
     "--profile",
     type=int,
-    default=3,
+    default=2,
     help="variant to trace (-1: the fastest train step, after the rounds)",
   )
   ap.add_argument(
@@ -501,9 +485,10 @@ def main():
   import numpy as np
   from table import print_rows
 
-  from vptpc import optim, train
+  from vptpc import optim, steps
   from vptpc import prompts as pr
   from vptpc.models import vit
+  from vptpc.models.levers import Levers
 
   dev = jax.devices()[0]
   device = f"{dev.platform}:{dev.device_kind}"
@@ -548,7 +533,7 @@ def main():
   )
   opt = optim.create_optimizer(sched, weight_decay=1e-4)
   x32 = data["image"][: min(b, 32)]
-  ref_model = vit.create_model(cfg, kv_only=True, attention_impl="xla")
+  ref_model = vit.create_model(cfg, kv_only=True, levers=Levers("xla"))
   with jax.default_matmul_precision("highest"):  # no TF32 in the reference
     ref = jax.jit(ref_model.apply)({"params": params}, x32, prompts)
   ref = np.asarray(ref, np.float64)
@@ -558,12 +543,9 @@ def main():
 
   def run_variant(i, positional, fields, xla, label=""):
     """Compiles and times variant ``i`` once; a failure is an error row."""
-    attn, cast, fuse, *more = positional
-    pad, gelu, ln, form = (more + ["auto"] * 4)[:4]
-    form = "erf" if form == "auto" else form
+    attn, cast = positional
     name = label + (
-      f"attention={attn} cast={cast} fuse_qkv={fuse} pad_tokens={pad}"
-      f" gelu_vjp={gelu} ln_vjp={ln} gelu_form={form}"
+      f"attention={attn} cast={cast}"
       + "".join(f" {k}={v}" for k, v in {**fields, **xla}.items())
     )
     jit_kw = {"compiler_options": xla} if xla else {}
@@ -572,13 +554,7 @@ def main():
         cfg,
         dtype=dtype,
         kv_only=True,
-        attention_impl=None if attn == "auto" else attn,
-        fuse_qkv=fuse == "1",
-        pad_tokens=None if pad == "auto" else int(pad),
-        gelu_vjp=None if gelu == "auto" else gelu == "1",
-        ln_vjp=None if ln == "auto" else ln == "1",
-        gelu_form=form,
-        **fields,
+        **model_kwargs(fields, "" if attn == "auto" else attn),
       )
       fz = vit.cast_backbone(frozen, dtype) if cast == "1" else frozen
       fz = jax.device_put(fz, dev)
@@ -590,14 +566,14 @@ def main():
         / np.linalg.norm(ref)
       )
       step = jax.jit(
-        train.make_train_step(model, opt, sched),
+        steps.make_train_step(model, opt, sched),
         donate_argnums=(0,),
         **jit_kw,
       )
       # Host copies: the step donates the state's buffers.
       state = jax.device_put(
         jax.device_get(
-          train.create_train_state({"prompts": prompts, "head": head}, opt)
+          steps.create_train_state({"prompts": prompts, "head": head}, opt)
         ),
         dev,
       )
@@ -615,11 +591,7 @@ def main():
       row = dict(
         variant=i,
         name=name,
-        # What the two levers resolved to here ("auto": per backend), so
-        # a caller can pick the fastest setting (device_check.sh does).
-        gelu_vjp=vit.own_vjp_default(model.gelu_vjp, "gelu"),
-        ln_vjp=vit.own_vjp_default(model.ln_vjp, "ln"),
-        gelu_form=model.gelu_form,
+        levers=dataclasses.asdict(model.levers),
         positional=list(positional),
         fields=fields,
         xla_options=xla,

@@ -103,8 +103,8 @@ def main(folder: str, spec_tflops: float = 989.0) -> str:
   lines.append(
     f"Device: {device}. ViT-B/16, 224 px, batch 128, bf16 compute, random "
     "weights; images/s (median of timed steps). vptpc: "
-    "`benchmarks/vpt_bench.py`; PyTorch: `torch_peer.py` (bf16 autocast, "
-    "SDPA), eager and `torch.compile`, run in the same call.\n"
+    "`benchmarks/vpt_bench.py`; PyTorch: `benchmarks/torch_peer.py` (bf16 autocast, "
+    "SDPA), eager and `torch.compile`, run in the same invocation.\n"
   )
   has_full = any(k[1] == "full" for k in ours)
   head = ["images/s", "vptpc kv"] + (["vptpc full"] if has_full else [])
@@ -143,13 +143,10 @@ def main(folder: str, spec_tflops: float = 989.0) -> str:
       'levers and XLA_FLAGS they ran with are in `log.txt` ("levers for '
       'the stages below").'
     )
-  args, vjps = bench.get("args", {}), bench.get("own_vjps")
-  if vjps:
-    asked = ", ".join(
-      f"{k}={args.get(k, 'auto')}" for k in ("gelu_vjp", "ln_vjp")
-    )
-    on = ", ".join(f"{k} {'on' if v else 'off'}" for k, v in vjps.items())
-    lines.append(f"\nvptpc's own-VJP levers in these rows: {on} ({asked}).")
+  args, lev = bench.get("args", {}), bench.get("levers")
+  if lev:
+    text = ", ".join(f"{k}={v!r}" for k, v in lev.items())
+    lines.append(f"\nvptpc's levers in these rows: {text}.")
   if args.get("model_fields"):
     lines.append(f"\nModel fields set in these rows: {args['model_fields']}.")
   if bench.get("xla_flags"):

@@ -235,17 +235,17 @@ def write_variants(out_dir, images, torch, save_file):
 def write_manifests(out_dir, timm):
   """Writes ``timm_manifests.json.gz``: every timm checkpoint's key layout.
 
-  For each name vptpc knows (`vptpc.models.vit.TIMM_WEIGHTS`), the shape
+  For each name vptpc knows (`vptpc.models.vit_variants.TIMM_WEIGHTS`), the shape
   of every tensor of the model timm builds for the name, which is what its
   hub file holds; no weights are made or downloaded.
   """
   import gzip
   import json
 
-  from vptpc.models import vit
+  from vptpc.models import vit_variants
 
   out = {}
-  for name in vit.TIMM_WEIGHTS:
+  for name in vit_variants.TIMM_WEIGHTS:
     model = timm.create_model(name, pretrained=False)
     out[name] = {k: list(v.shape) for k, v in model.state_dict().items()}
   path = os.path.join(out_dir, "timm_manifests.json.gz")

@@ -31,7 +31,7 @@ import numpy as np
 
 from vptpc import assets, checkpoint
 from vptpc import prompts as pr
-from vptpc.data import minivtab, pipeline
+from vptpc.data import minivtab, pipeline, preprocessing
 from vptpc.models import vit
 
 
@@ -72,7 +72,7 @@ def probe(backbone: str, arrays, num_prompts: int, seed: int = 0) -> dict:
   fwd = jax.jit(lambda x: model.apply({"params": params}, x, prompts))
 
   def feats(images):
-    x = pipeline.normalize(images, "minus1_1")
+    x = preprocessing.normalize(images, "minus1_1")
     return np.concatenate(
       [np.asarray(fwd(x[i : i + 250])) for i in range(0, len(x), 250)]
     )
@@ -116,7 +116,7 @@ def probe_readouts(backbone: str, arrays, blocks) -> dict:
     return f, [t[f"block_input_{i}"][0] for i in blocks]
 
   def feats(images):
-    x = pipeline.normalize(images, "minus1_1")
+    x = preprocessing.normalize(images, "minus1_1")
     outs = [jax.device_get(fwd(x[i : i + 250])) for i in range(0, len(x), 250)]
     cls = np.concatenate([o[0] for o in outs])
     toks = [np.concatenate([o[1][j] for o in outs]) for j in range(len(blocks))]

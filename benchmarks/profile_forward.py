@@ -9,9 +9,11 @@ whole jitted forward. The sum of the pieces times the block count, beside
 the measured forward, says how much the fusion gains or loses; each matmul's
 GFLOP/s beside the machine's peak (a square ``--matmul_n`` matmul, measured
 in the same run) says which shapes run below it. Prints a Markdown table and
-writes it (and JSON) to ``--out``::
+writes it (``profile.md``) and its rows (``profile.json``) to ``--out``::
 
   python benchmarks/profile_forward.py --out=results/profile_cpu
+  python benchmarks/profile_forward.py --out=/tmp/p --model=tiny32 \
+      --image_size=32 --batch=2 --prompts=2 --iters=1 --matmul_n=64  # seconds
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def main():
   """Command-line entry point; the module docstring says what it measures or writes."""
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", default="results/profile")
+  ap.add_argument("--model", default="B/16", help="a ViT variant name")
+  ap.add_argument("--image_size", type=int, default=224)
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--prompts", type=int, default=100)
   ap.add_argument("--iters", type=int, default=5)
@@ -49,16 +53,16 @@ def main():
   import jax.numpy as jnp
 
   from vptpc import prompts as pr
-  from vptpc.models import vit
+  from vptpc.models import levers, vit
 
-  cfg = vit.get_model_config("B/16", num_classes=100)
+  cfg = vit.get_model_config(a.model, num_classes=100)
   d, heads, mlp, layers = (
     cfg.hidden_size,
     cfg.num_heads,
     cfg.mlp_dim,
     cfg.num_layers,
   )
-  b, t, k = a.batch, 197, a.prompts
+  b, t, k = a.batch, (a.image_size // cfg.patch_size) ** 2 + 1, a.prompts
   hd = d // heads
   key = iter(jax.random.split(jax.random.key(0), 32))
 
@@ -99,7 +103,7 @@ def main():
     ),
     (
       "attention core, vptpc matmul (used)",
-      lambda q_, k_, v_: vit.attention(q_, k_, v_, None, "matmul"),
+      lambda q_, k_, v_: levers.attention(q_, k_, v_, None, "matmul"),
       (q4, k4, v4),
       2 * 2 * b * heads * t * (t + k) * hd,
     ),
@@ -130,16 +134,18 @@ def main():
         fwd_bwd_ms_per_block=round(ms_train, 2),
       )
     )
-  params = vit.init_params(vit.create_model(cfg), jax.random.key(0), 224)
+  params = vit.init_params(
+    vit.create_model(cfg), jax.random.key(0), a.image_size
+  )
   prompts = pr.init_prompts(
     jax.random.key(1),
     num_prompts=k,
     hidden_size=d,
-    patch_size=16,
+    patch_size=cfg.patch_size,
     num_layers=layers,
   )
   model = vit.create_model(cfg, kv_only=True)
-  img = rnd(b, 224, 224, 3)
+  img = rnd(b, a.image_size, a.image_size, 3)
   fwd = jax.jit(lambda pp, im: model.apply({"params": params}, im, pp))
   whole = median_ms(fwd, (prompts, img), a.iters)
   for r in rows:
@@ -167,7 +173,8 @@ def main():
   cols = ["piece", "ms_per_block", "ms_x_layers", "gflop_s", "pct_peak"]
   cols += ["pct_of_sum", "fwd_bwd_ms_per_block"]
   lines = [
-    f"ViT-B/16, batch {b}, {k} deep prompts (key/value path), float32, "
+    f"ViT {a.model} at {a.image_size} px, batch {b}, {k} deep prompts "
+    "(key/value path), float32, "
     f"{jax.devices()[0].platform}; peak matmul {peak:.1f} GFLOP/s "
     f"({n}^2, same run).",
     "",

@@ -1,12 +1,14 @@
-"""Runs the shared PyTorch VPT reference on a chosen device, timed honestly.
+"""Runs a PyTorch VPT reference script on a chosen device, timed honestly.
 
-The reference (``shared/bench/torch_vpt_ref.py``) builds its tensors on the
-default device and times with ``time.perf_counter`` alone. This wrapper sets
-the default device and, on CUDA, synchronises before every timer read so
-asynchronous kernels are counted. Its JSON line is printed unchanged plus a
-``device`` field. Run::
+``vpt_bench.py --torch_ref=PATH`` calls it in a subprocess. The reference
+script (a plain PyTorch VPT-Deep that prints one JSON line of images/s)
+builds its tensors on the default device and times with
+``time.perf_counter`` alone. This wrapper sets the default device and, on
+CUDA, synchronises before every timer read so asynchronous kernels are
+counted. Everything after ``--`` goes to the reference. Prints the
+reference's JSON lines unchanged, plus a ``device`` field::
 
-  python benchmarks/run_torch_ref.py ../shared/bench/torch_vpt_ref.py \
+  python benchmarks/run_torch_ref.py benchmarks/torch_vpt_ref.py \
       --device=cuda -- --prompts 100 --batch 8
 """
 

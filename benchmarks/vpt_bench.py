@@ -11,14 +11,14 @@ is what reproduces its 17.6 for ViT-B/16): the naive count and the count of
 the path actually run; achieved GFLOP/s (true FLOPs: 2 per
 multiply-accumulate) as a fraction of this machine's peak matmul rate
 (2 n^3 / time) measured in the same run; the PyTorch reference
-(``../shared/bench/torch_vpt_ref.py``,
-run in a subprocess of the same invocation) and the input pipeline's
+(``--torch_ref``: a plain PyTorch VPT-Deep script, run in a subprocess of
+the same invocation, skipped without torch) and the input pipeline's
 images/s on a cached 1k-image split. Writes ``bench.md`` and ``bench.json``
 to ``--out`` and prints the table::
 
   python benchmarks/vpt_bench.py --out=results/bench_cpu --cpu_devices=2
-  python benchmarks/vpt_bench.py --out=results/bench_gpu --batch=128 \\
-      --dtype=bfloat16 --torch_ref=../shared/bench/torch_vpt_ref.py
+  python benchmarks/vpt_bench.py --out=/tmp/bench_gpu --batch=128 \\
+      --dtype=bfloat16 --torch_ref=benchmarks/torch_vpt_ref.py
 
 Train GFLOPs count the backward pass as one more forward (the backbone is
 frozen, so only activation gradients are computed, no weight gradients):
@@ -29,6 +29,7 @@ backward through the backbone). Weights and data are random; nothing is download
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -41,28 +42,46 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def parse_fields(items: list[str]) -> dict:
   """``["name=value", ...]`` as model fields, checked against the ViT's.
 
-  Raises:
-    ValueError: an item without ``=`` or a name that is not a
-      `VisionTransformer` field (named, with the known ones).
-  """
-  import dataclasses
+  A name is a `VisionTransformer` field or a `vptpc.models.levers.Levers`
+  field (`model_kwargs` puts those into ``levers``).
 
-  from vptpc import config_util
-  from vptpc.models import vit
+  Raises:
+    ValueError: an item without ``=`` or a name that is neither (named,
+      with the known ones).
+  """
+  from vptpc import config_args
+  from vptpc.models import levers, vit
 
   known = {f.name for f in dataclasses.fields(vit.VisionTransformer)}
+  known |= {f.name for f in dataclasses.fields(levers.Levers)}
+  known -= {"parent", "name", "levers"}
   out = {}
   for item in items:
     name, eq, value = item.partition("=")
     if not eq or name not in known:
       raise ValueError(
         f"model field item {item!r}: expected name=value with a "
-        f"VisionTransformer field name, one of {sorted(known)}."
+        f"VisionTransformer or Levers field name, one of {sorted(known)}."
       )
     # ``auto`` / ``none``: the field's default; else as a config override.
     auto = value.lower() in ("auto", "none")
-    out[name] = None if auto else config_util._guess(value)
+    out[name] = None if auto else config_args._guess(value)
   return out
+
+
+def model_kwargs(fields: dict, attention: str = "") -> dict:
+  """`parse_fields`' dict as `create_model` keywords, levers in ``levers``.
+
+  ``attention``: the attention implementation unless the fields name one
+  (``attention_impl``).
+  """
+  from vptpc.models.levers import Levers
+
+  names = {f.name for f in dataclasses.fields(Levers)}
+  lever = {k: v for k, v in fields.items() if k in names}
+  lever.setdefault("attention_impl", attention)
+  rest = {k: v for k, v in fields.items() if k not in names}
+  return dict(rest, levers=Levers(**lever))
 
 
 def median_seconds(fn, warmup: int, iters: int) -> float:
@@ -180,18 +199,11 @@ def main():
   ap.add_argument(
     "--attention", default="", help="attention_impl: '', matmul, xla or cudnn"
   )
-  ap.add_argument("--fuse_qkv", type=int, default=0, help="model.fuse_qkv")
-  for lever in ("gelu_vjp", "ln_vjp"):
-    ap.add_argument(
-      f"--{lever}",
-      default="auto",
-      choices=("auto", "on", "off"),
-      help=f"model.{lever} (auto: per backend, vit.own_vjp_default)",
-    )
   ap.add_argument(
     "--model_fields",
     default="",
-    help="more VisionTransformer fields, name=value,... (e.g. kv_stacked=1)",
+    help="more VisionTransformer or Levers fields, name=value,... (e.g. "
+    "kv_stacked=1)",
   )
   ap.add_argument(
     "--full_at", default="", help="prompt counts of the full path ('': all)"
@@ -201,7 +213,7 @@ def main():
     "--cast_backbone",
     type=int,
     default=1,
-    help="keep the frozen backbone in the compute dtype (as train.Runner)",
+    help="keep the frozen backbone in the compute dtype (as vptpc.runner.Runner)",
   )
   ap.add_argument(
     "--spec_tflops",
@@ -211,9 +223,7 @@ def main():
   )
   ap.add_argument(
     "--torch_ref",
-    default=os.path.join(
-      HERE, "..", "..", "shared", "bench", "torch_vpt_ref.py"
-    ),
+    default=os.path.join(HERE, "torch_vpt_ref.py"),
   )
   a = ap.parse_args()
 
@@ -225,10 +235,10 @@ def main():
   import numpy as np
   from table import print_rows
 
-  from vptpc import flops, optim, parallel, train
+  from vptpc import flops, optim, parallel, steps
   from vptpc import prompts as pr
   from vptpc.data import pipeline
-  from vptpc.models import registry, vit
+  from vptpc.models import vit
 
   dtype = jnp.dtype(a.dtype)
   fields = parse_fields([f for f in a.model_fields.split(",") if f])
@@ -284,14 +294,7 @@ def main():
       for path in paths:
         over = vit.path_overrides("kv" if path == "kv_cache" else path)
         model = vit.create_model(
-          cfg,
-          dtype=dtype,
-          attention_impl=a.attention or None,
-          fuse_qkv=bool(a.fuse_qkv),
-          gelu_vjp=registry.own_vjp_setting(a.gelu_vjp),
-          ln_vjp=registry.own_vjp_setting(a.ln_vjp),
-          **over,
-          **fields,
+          cfg, dtype=dtype, **over, **model_kwargs(fields, a.attention)
         )
         actual = naive if path == "full" else kvc
 
@@ -320,7 +323,7 @@ def main():
         if path == "kv_cache":
           continue
         # Train step (jit, and pmap where asked).
-        step_fn = train.make_train_step(model, opt, sched)
+        step_fn = steps.make_train_step(model, opt, sched)
         key = jax.random.key(0)
         for mode in a.modes.split(","):
           if mode == "pmap" and (
@@ -331,7 +334,7 @@ def main():
             continue
           # Host copies: the jitted step donates its state's buffers.
           state = jax.device_get(
-            train.create_train_state({"prompts": prompts, "head": head}, opt)
+            steps.create_train_state({"prompts": prompts, "head": head}, opt)
           )
           if mode == "jit":
             step = parallel.jit_train_step(step_fn)
@@ -382,7 +385,7 @@ def main():
       pipeline_row(name, batch, "host", n / (time.perf_counter() - t))
     )
     # The same split on the device: gather + normalise inside jit
-    # (vptpc.data.device), as train.Runner runs it.
+    # (vptpc.data.device), as vptpc.runner.Runner runs it.
     from vptpc.data import device as device_data
 
     dsplit = device_data.place(split)
@@ -449,13 +452,10 @@ def main():
         "args": vars(a),
         # As the process ran (`import vptpc` may have added to it).
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        # What "auto" resolved to on this backend (vit.own_vjp_default).
-        "own_vjps": {
-          k: vit.own_vjp_default(
-            registry.own_vjp_setting(getattr(a, k)), k.removesuffix("_vjp")
-          )
-          for k in ("gelu_vjp", "ln_vjp")
-        },
+        # The levers the rows ran with (`vptpc.models.levers.Levers`).
+        "levers": dataclasses.asdict(
+          model_kwargs(fields, a.attention)["levers"]
+        ),
         "rows": rows,
       },
       f,

@@ -13,13 +13,13 @@ the test split and prints a table. ``condense=false`` stops after VPT-Deep;
 picks another task.
 """
 
-from vptpc import config_util
+from vptpc import config_args
 from vptpc.data import minivtab
 
 
 def get_config(arg=None):
   """Returns the demo config."""
-  a = config_util.parse_arg(
+  a = config_args.parse_arg(
     arg,
     task="dsprites_loc",
     epochs=20,

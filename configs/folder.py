@@ -41,14 +41,14 @@ checkpoint's own filter, else bilinear); ``dtype``; ``condense_keep``; ``seed``;
 
 import os
 
-from vptpc import assets, config_util
+from vptpc import assets, config_args, config_util
 from vptpc.data import folder_layout
 from vptpc.models import registry
 
 
 def get_config(arg=None):
   """Returns the config for a folder task; see the module docstring."""
-  a = config_util.parse_arg(
+  a = config_args.parse_arg(
     arg,
     root="",
     mode="single",

@@ -12,13 +12,13 @@ final protocol); ``mode=tune`` trains on train800 and evaluates on val200.
 ``num_prompts=0`` trains the head alone: a linear probe with VPT's recipe.
 """
 
-from vptpc import config_util
+from vptpc import config_args
 from vptpc.data import minivtab
 
 
 def get_config(arg=None):
   """Returns the config for one mini-VTAB run."""
-  a = config_util.parse_arg(
+  a = config_args.parse_arg(
     arg,
     task="digits",
     variant="deep",

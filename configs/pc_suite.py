@@ -7,18 +7,19 @@ Per task and seed: ``deep`` (VPT-Deep, 10 prompts per layer), ``pc30`` and
 ``random30`` (the same with random scores) and ``reduced3`` (VPT-Deep
 trained from scratch with 3 prompts per layer, 30% of the count). The PC
 methods reuse the ``deep`` run as their full model. Every PC default is a
-reconstruction (pc.md); see `vptpc.condense`.
+reconstruction (docs/references.md, "PC: reconstruction"); see
+`vptpc.condense`.
 """
 
 from ml_collections import ConfigDict
 
-from vptpc import config_util
+from vptpc import config_args
 from vptpc.data import minivtab
 
 
 def get_config(arg=None):
   """Returns the PC suite config."""
-  a = config_util.parse_arg(
+  a = config_args.parse_arg(
     arg,
     epochs=10,
     ft_epochs=10,

@@ -16,12 +16,12 @@ shipped: ``results/pretrain_stage2/``):
 
 from ml_collections import ConfigDict
 
-from vptpc import config_util
+from vptpc import config_args
 
 
 def get_config(arg=None):
   """Returns the pretraining config (``smoke`` shrinks it for CPU tests)."""
-  a = config_util.parse_arg(
+  a = config_args.parse_arg(
     arg,
     model="fractal-Ti/4",
     steps=5000,

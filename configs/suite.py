@@ -36,7 +36,7 @@ features' mean has norm ~24 of their ~27 (digits), so plain SGD on the
 head is ill-conditioned; on val200 (seed 42, 10 epochs) standardising
 raised the linear probe on dsprites_loc from 67.5% to 74.0% and VPT-Deep
 (1 prompt) from 70.5% to 73.0% (`results/prelogit_norm/`).
-``prelogit_norm=none`` is the previous recipe (and VPT's).
+``prelogit_norm=none`` trains the head on the raw features, as VPT does.
 
 VPT-Deep's candidates (``deep_points``, each prompts/LR/prompt LR scale):
 1 prompt per layer at LR 0.1 and 1.0 with prompts at 1/100 of the LR, and
@@ -61,7 +61,7 @@ suite at an estimated 64 minutes on these 2-core machines, past the hour.
 
 from ml_collections import ConfigDict
 
-from vptpc import config_util
+from vptpc import config_args
 from vptpc.data import minivtab
 
 
@@ -82,7 +82,7 @@ def _points(specs) -> tuple:
 
 def get_config(arg=None):
   """Returns the suite config."""
-  a = config_util.parse_arg(
+  a = config_args.parse_arg(
     arg,
     epochs=10,
     seeds=(42, 44, 82),

@@ -9,12 +9,12 @@ so this exercises the whole machinery (data, jit/pmap step, Orbax
 checkpoints and resume, evaluation, export), not transfer learning.
 """
 
-from vptpc import config_util
+from vptpc import config_args, config_util
 
 
 def get_config(arg=None):
   """Returns the config; ``arg`` is ``key=value,...`` over the keys below."""
-  a = config_util.parse_arg(
+  a = config_args.parse_arg(
     arg,
     epochs=5,
     num_prompts=4,

@@ -12,7 +12,7 @@
       --workdir=runs/vtab/dtd_pc
   python -m vptpc.protocol report runs/vtab --out=runs/vtab/report
 
-  # the same on Swin-B (vpt.md §8; docs/swin.md):
+  # the same on Swin-B (docs/swin.md; docs/references.md, "VPT: Swin"):
   python -m vptpc.main --config=configs/vtab.py:task=dtd,model=swin_b \\
       --workdir=runs/vtab_swin/dtd
 
@@ -31,8 +31,9 @@ docs/backbones.md) reads the file ``python -m vptpc.prepare
 --weights=timm/<name>`` put in the Hugging Face cache; other models need
 ``checkpoint=``. Swin runs use the same recipe as the ViT
 (ImageNet normalisation, 224 px, VPT-Deep with the exact key/value path):
-vpt.md §8 gives no Swin-specific prompt counts or hyperparameters, so the
-task registry's counts (ViT's) are used.
+VPT gives no Swin-specific prompt counts or hyperparameters
+(docs/references.md, "VPT: Swin"), so the task registry's counts (ViT's)
+are used.
 
 Arguments: ``task`` (a `vptpc.data.vtab` key: the 19 VTAB-1k tasks and the
 FGVC datasets cub, nabirds, flowers, dogs, cars); ``mode`` single | tune |
@@ -43,8 +44,9 @@ dmlab are confirmed by VPT's demo); ``base_lr`` / ``weight_decay`` /
 demo values for dmlab, eurosat and sun397 (`DEMO_HPARAMS`), else 0.25 /
 1e-4 / 128); ``tfds_version`` overrides the registry's pinned version
 (e.g. ``caltech101`` 3.0.2, the one current TFDS builds; the 1k subset then
-holds other images, vtab.md); ``normalize`` imagenet (VPT) |
-minus1_1 | clip ("": the timm checkpoint's own statistics, else imagenet);
+holds other images: docs/references.md, "VTAB-1k: splits"); ``normalize``
+imagenet (VPT) | minus1_1 | clip ("": the timm checkpoint's own statistics,
+else imagenet);
 ``image_size`` (0: the timm checkpoint's own size, else 224);
 ``interpolation`` bilinear | bicubic ("": the timm checkpoint's own filter,
 else VTAB's bilinear); ``source``
@@ -54,13 +56,14 @@ or ``swin-testing`` with a Swin), 1 epoch, two grid points and two seeds on
 tiny slices, for tests on mock data.
 """
 
-from vptpc import config_util
+from vptpc import config_args, config_util
 from vptpc.data import vtab
 from vptpc.models import registry
 
 # The only per-task VPT-Deep hyperparameters VPT published: its demo.ipynb
-# re-run (vpt.md §7): task -> (base_lr, weight_decay, batch_size). Every
-# other task's lr/wd comes from mode=tune (VPT's grid) or the arguments.
+# re-run (docs/references.md, "VPT: per-task prompt counts"): task ->
+# (base_lr, weight_decay, batch_size). Every other task's lr/wd comes from
+# mode=tune (VPT's grid) or the arguments.
 DEMO_HPARAMS = {
   "dmlab": (1.0, 1e-3, 64),
   "eurosat": (1.0, 1e-3, 64),
@@ -70,7 +73,7 @@ DEMO_HPARAMS = {
 
 def get_config(arg=None):
   """Returns the config for one task; see the module docstring."""
-  a = config_util.parse_arg(
+  a = config_args.parse_arg(
     arg,
     task="dtd",
     mode="final",

@@ -83,17 +83,17 @@ def _load(name: str):
 
 
 def arg_spec(mod) -> dict | None:
-  """The typed defaults a config file passes to `config_util.parse_arg`."""
-  from vptpc import config_util
+  """The typed defaults a config file passes to `config_args.parse_arg`."""
+  from vptpc import config_args
 
   seen = {}
-  real = config_util.parse_arg
+  real = config_args.parse_arg
 
   def spy(arg, *, lazy=False, **spec):
     seen.update(spec)
     raise _Captured
 
-  config_util.parse_arg = spy
+  config_args.parse_arg = spy
   try:
     mod.get_config(None)
   except _Captured:
@@ -101,7 +101,7 @@ def arg_spec(mod) -> dict | None:
   except Exception:  # noqa: BLE001 - a file without parse_arg
     return None
   finally:
-    config_util.parse_arg = real
+    config_args.parse_arg = real
   return seen or None
 
 

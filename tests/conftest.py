@@ -10,8 +10,8 @@ import pytest
 
 from vptpc.models import vit
 
-# Eight CPU devices for the pmap tests (style.md §8); must precede any use
-# of the backend. Single-device code still runs on device 0.
+# Eight CPU devices for the pmap tests (docs/references.md, "Platform
+# notes"); must precede any use of the backend. Single-device code still runs on device 0.
 jax.config.update("jax_num_cpu_devices", 8)
 
 # One persistent compilation cache per test session, shared with the

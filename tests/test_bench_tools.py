@@ -69,28 +69,28 @@ def test_idle_gaps_names_the_kernel_after_the_longest_gaps():
 
 
 def test_variant_fields_are_checked_model_fields():
+  from vptpc.models.levers import Levers
+
   parse = gpu_ablation.parse_fields
-  assert parse(["kv_stacked=1", "cudnn_multiple=2", "pad_tokens=auto"]) == {
-    "kv_stacked": 1,
-    "cudnn_multiple": 2,
-    "pad_tokens": None,
+  fields = parse(["kv_stacked=1", "cudnn_multiple=2", "pad_tokens=auto"])
+  assert fields == {"kv_stacked": 1, "cudnn_multiple": 2, "pad_tokens": None}
+  assert gpu_ablation.model_kwargs(fields, "cudnn") == {
+    "levers": Levers("cudnn", cudnn_multiple=2, kv_stacked=True)
   }
-  assert parse(["gelu_form=erfc", "fuse_qkv=true"]) == {
-    "gelu_form": "erfc",
-    "fuse_qkv": True,
-  }
-  with pytest.raises(ValueError, match="'kv_stackd=1'"):
-    parse(["kv_stackd=1"])
+  assert parse(["layer_scale=true"]) == {"layer_scale": True}
+  for bad in ("kv_stackd=1", "fuse_qkv=1", "gelu_form=erfc"):
+    with pytest.raises(ValueError, match=repr(bad)):
+      parse([bad])
   with pytest.raises(ValueError, match="'kv_stacked'"):
     parse(["kv_stacked"])
 
 
 def test_variant_items_split_into_model_fields_and_xla_options():
   pos, fields, xla = gpu_ablation.parse_variant(
-    "auto:1:0:kv_stacked=1:xla_gpu_graph_min_graph_size=1"
+    "auto:1:kv_stacked=1:xla_gpu_graph_min_graph_size=1"
     ":xla_gpu_enable_command_buffer=:xla_foo=false"
   )
-  assert pos == ["auto", "1", "0"]
+  assert pos == ["auto", "1"]
   assert fields == {"kv_stacked": 1}
   assert xla == {
     "xla_gpu_graph_min_graph_size": "1",
@@ -104,7 +104,10 @@ def test_variant_items_split_into_model_fields_and_xla_options():
   with pytest.raises(ValueError, match="'xla_x'"):
     gpu_ablation.parse_xla_options(["xla_x"])
   with pytest.raises(ValueError, match="'kv_stackd=1'"):
-    gpu_ablation.parse_variant("auto:1:0:kv_stackd=1")
+    gpu_ablation.parse_variant("auto:1:kv_stackd=1")
+  # The former attention:cast:fuse[:pad:gelu:ln:form] form is named.
+  with pytest.raises(ValueError, match="expected attention:cast"):
+    gpu_ablation.parse_variant("auto:1:0:auto:0:0")
 
 
 def test_xla_options_reach_the_compiler_and_a_bad_one_is_named():
@@ -120,7 +123,7 @@ def test_xla_options_reach_the_compiler_and_a_bad_one_is_named():
 
 
 def _train_row(
-  i, img_s, fields=None, xla=None, pos=("auto", "1", "0"), err="8.1e-03"
+  i, img_s, fields=None, xla=None, pos=("auto", "1"), err="8.1e-03"
 ):
   return dict(
     variant=i,
@@ -140,7 +143,7 @@ def test_winners_are_combined_the_faster_keeping_a_shared_name():
     _train_row(3, 104.0, {"cudnn_multiple": 1}),
     _train_row(4, 102.0, {"cudnn_multiple": 2}),
     _train_row(5, 105.0, xla={"xla_gpu_graph_min_graph_size": "1"}),
-    _train_row(6, 120.0, {"kv_stacked": 1}, pos=("auto", "1", "1")),
+    _train_row(6, 120.0, {"kv_stacked": 1}, pos=("auto", "0")),
   ]
   both = gpu_ablation.combine_winners(rows)
   assert both == dict(
@@ -158,15 +161,15 @@ def test_pick_levers_ranks_each_variant_against_its_own_baseline():
     dict(_train_row(0, 100.0), what="train"),
     dict(_train_row(1, 103.0, {"kv_stacked": 1}), what="train"),
     # Faster, but a lever the later stages cannot pass on.
-    dict(_train_row(2, 150.0, pos=("xla", "1", "0")), what="train"),
+    dict(_train_row(2, 150.0, pos=("xla", "1")), what="train"),
     dict(_train_row(3, 0.0), what="error"),
   ]
   pick = gpu_ablation.pick_levers
   assert pick(rows)["variant"] == 1
   assert pick(rows, margin=0.05)["variant"] == 0  # none beats it by 5%
-  # The own-VJP levers do go on: a row that differs only there is picked.
-  vjp = dict(_train_row(4, 104.0, pos=("auto", "1", "0", "auto", "1")))
-  assert pick([*rows, dict(vjp, what="train")])["variant"] == 4
+  # Named levers do go on: a row that differs only there is picked.
+  pad = dict(_train_row(4, 104.0, {"pad_tokens": 1}), what="train")
+  assert pick([*rows, pad])["variant"] == 4
   # A combined row's raw rate is the highest, but in its own rounds the
   # default ran faster too: 106 / 105 is within the margin, 103 / 100 not.
   both = dict(_train_row(5, 106.0, {"kv_stacked": 1}), what="train")
@@ -179,7 +182,7 @@ def test_pick_levers_ranks_each_variant_against_its_own_baseline():
 
 def test_a_variant_past_the_logits_bound_is_never_picked_or_combined():
   bound = gpu_ablation.MAX_LOGITS_ERR
-  assert bound == 1e-2  # the bound on bf16 logits
+  assert bound == 1e-2  # the documented bound on bf16 logits
   off = dict(
     _train_row(1, 130.0, xla={"xla_gpu_cudnn_gemm_fusion_level": "2"}),
     logits_rel_err="2.0e-02",
@@ -211,26 +214,18 @@ def test_pick_lines_are_what_the_gpu_script_reads(tmp_path):
     _train_row(1, 110.0, {"kv_stacked": 1, "cudnn_multiple": 1}),
     xla_options={"xla_gpu_graph_min_graph_size": "1"},
     what="train",
-    gelu_vjp=False,
-    ln_vjp=True,
   )
-  default = dict(_train_row(0, 100.0), what="train", gelu_vjp=True, ln_vjp=True)
+  default = dict(_train_row(0, 100.0), what="train")
   path = tmp_path / "ablation.json"
   path.write_text(json.dumps({"rows": [default, row]}))
   assert gpu_ablation.pick_lines(str(path)) == [
-    "off on",
     "kv_stacked=1,cudnn_multiple=1",
     "--config.model.kv_stacked=True --config.model.cudnn_multiple=1",
     "--xla_gpu_graph_min_graph_size=1",
   ]
-  assert gpu_ablation.pick_lines(str(path), margin=0.2) == [
-    "on on",
-    "-",
-    "-",
-    "-",
-  ]
+  assert gpu_ablation.pick_lines(str(path), margin=0.2) == ["-", "-", "-"]
   path.write_text(json.dumps({"rows": []}))
-  assert gpu_ablation.pick_lines(str(path)) == ["auto auto", "-", "-", "-"]
+  assert gpu_ablation.pick_lines(str(path)) == ["-", "-", "-"]
 
 
 def test_time_per_image_interpolates_and_never_extrapolates_downwards():
@@ -252,7 +247,7 @@ def test_gpu_table_marks_a_variant_past_the_logits_bound(tmp_path):
   (tmp_path / "ablation").mkdir()
   rows = [
     dict(_train_row(0, 100.0), name="default", what="train"),
-    dict(_train_row(1, 130.0, err="2.0e-02"), name="fused", what="train"),
+    dict(_train_row(1, 130.0, err="2.0e-02"), name="flagged", what="train"),
   ]
   (tmp_path / "ablation" / "ablation.json").write_text(
     json.dumps({"rows": rows})
@@ -260,7 +255,7 @@ def test_gpu_table_marks_a_variant_past_the_logits_bound(tmp_path):
   table = gpu_table.main(str(tmp_path))
   assert "cut off" not in table  # no "complete" key: an older file
   assert "| default | 100 |  | 8.1e-03 |" in table
-  assert "| fused | 130 |  | 2.0e-02 (over 0.01: never picked) |" in table
+  assert "| flagged | 130 |  | 2.0e-02 (over 0.01: never picked) |" in table
   (tmp_path / "ablation" / "ablation.json").write_text(
     json.dumps({"rows": rows, "complete": False})
   )

@@ -1,12 +1,14 @@
 """Tests for loading vit_jax `.npz` backbones."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import IMAGE_SIZE, TINY
 
-from vptpc import checkpoint
+from vptpc import checkpoint, npz_checkpoint, timm_checkpoint
 from vptpc.models import vit
 
 
@@ -72,7 +74,7 @@ def test_google_npz_layout_loads_and_round_trips(tmp_path):
   path = tmp_path / "ViT-tiny.npz"
   np.savez(path, **arrays)
   loaded = checkpoint.load_pretrained(path, backbone_template())
-  flat = checkpoint.flatten(loaded)
+  flat = npz_checkpoint.flatten(loaded)
   # Every backbone key of the Google layout is used; head/pre_logits dropped.
   assert set(flat) == {
     k for k in arrays if not k.startswith(("head/", "pre_logits/"))
@@ -81,9 +83,9 @@ def test_google_npz_layout_loads_and_round_trips(tmp_path):
     np.testing.assert_array_equal(v, arrays[k])
   # Save in the same layout and load again: identical.
   again = tmp_path / "again.npz"
-  checkpoint.save_npz(again, loaded)
+  npz_checkpoint.save_npz(again, loaded)
   reloaded = checkpoint.load_pretrained(again, backbone_template())
-  for k, v in checkpoint.flatten(reloaded).items():
+  for k, v in npz_checkpoint.flatten(reloaded).items():
     np.testing.assert_array_equal(v, flat[k])
   # And the loaded tree runs in the model.
   model = vit.VisionTransformer(**TINY)
@@ -104,7 +106,7 @@ def test_head_is_kept_from_template_when_file_head_differs(
 
 def test_posemb_resize_same_size_is_identity():
   pe = np.random.default_rng(0).normal(size=(1, 1 + 14 * 14, 8))
-  out = checkpoint.resize_posemb(pe, 1 + 14 * 14)
+  out = npz_checkpoint.resize_posemb(pe, 1 + 14 * 14)
   np.testing.assert_allclose(out, pe, atol=1e-6)
 
 
@@ -115,7 +117,7 @@ def test_posemb_resize_is_bilinear():
   yy, xx = np.meshgrid(np.arange(g), np.arange(g), indexing="ij")
   grid = np.stack([yy, xx], -1).reshape(1, g * g, 2).astype(np.float32)
   pe = np.concatenate([np.full((1, 1, 2), 7.0, np.float32), grid], 1)
-  out = checkpoint.resize_posemb(pe, 1 + 8 * 8)
+  out = npz_checkpoint.resize_posemb(pe, 1 + 8 * 8)
   assert out.shape == (1, 65, 2)
   np.testing.assert_array_equal(out[0, 0], [7.0, 7.0])
   new = out[0, 1:].reshape(8, 8, 2)
@@ -134,7 +136,7 @@ def test_posemb_is_resized_when_image_size_differs(tmp_path, caplog):
 
 def test_missing_file_is_named(tmp_path):
   path = tmp_path / "nope.npz"
-  with pytest.raises(checkpoint.CheckpointError, match="nope.npz"):
+  with pytest.raises(npz_checkpoint.CheckpointError, match="nope.npz"):
     checkpoint.load_pretrained(path, backbone_template())
 
 
@@ -144,7 +146,7 @@ def test_truncated_file_is_named(tmp_path):
   data = path.read_bytes()
   path.write_bytes(data[: len(data) // 2])
   with pytest.raises(
-    checkpoint.CheckpointError, match="ViT-B_16.npz.*truncated"
+    npz_checkpoint.CheckpointError, match="ViT-B_16.npz.*truncated"
   ):
     checkpoint.load_pretrained(path, backbone_template())
 
@@ -152,14 +154,16 @@ def test_truncated_file_is_named(tmp_path):
 def test_non_npz_file_is_named(tmp_path):
   path = tmp_path / "model.pth"
   path.write_bytes(b"not a zip archive at all" * 10)
-  with pytest.raises(checkpoint.CheckpointError, match="model.pth"):
+  with pytest.raises(npz_checkpoint.CheckpointError, match="model.pth"):
     checkpoint.load_pretrained(path, backbone_template())
 
 
 def test_non_vit_npz_is_rejected(tmp_path):
   path = tmp_path / "resnet.npz"
   np.savez(path, **{"block1/unit1/conv1/kernel": np.zeros((3, 3, 3, 8))})
-  with pytest.raises(checkpoint.CheckpointError, match="resnet.npz.*not look"):
+  with pytest.raises(
+    npz_checkpoint.CheckpointError, match="resnet.npz.*not look"
+  ):
     checkpoint.load_pretrained(path, backbone_template())
 
 
@@ -172,7 +176,7 @@ def test_diff_lists_missing_extra_and_mismatched_keys(tmp_path):
   )
   path = tmp_path / "bad.npz"
   np.savez(path, **arrays)
-  with pytest.raises(checkpoint.CheckpointError) as e:
+  with pytest.raises(npz_checkpoint.CheckpointError) as e:
     checkpoint.load_pretrained(path, backbone_template())
   msg = str(e.value)
   assert "bad.npz" in msg
@@ -197,14 +201,14 @@ def test_wrong_variant_is_reported_with_shapes(tmp_path):
   path = tmp_path / "w16.npz"
   np.savez(path, **arrays)
   with pytest.raises(
-    checkpoint.CheckpointError, match=r"cls: model \(1, 1, 32\)"
+    npz_checkpoint.CheckpointError, match=r"cls: model \(1, 1, 32\)"
   ):
     checkpoint.load_pretrained(path, backbone_template())
 
 
 def test_save_npz_does_not_clobber_on_failure(tmp_path):
   path = tmp_path / "keep.npz"
-  checkpoint.save_npz(path, {"a": np.ones(3)})
+  npz_checkpoint.save_npz(path, {"a": np.ones(3)})
   before = path.read_bytes()
 
   class Boom:
@@ -212,6 +216,22 @@ def test_save_npz_does_not_clobber_on_failure(tmp_path):
       raise RuntimeError("boom")
 
   with pytest.raises(RuntimeError):
-    checkpoint.save_npz(path, {"a": Boom()})
+    npz_checkpoint.save_npz(path, {"a": Boom()})
   assert path.read_bytes() == before
   assert [p.name for p in tmp_path.iterdir()] == ["keep.npz"]
+
+
+def test_moved_names_warn_and_resolve():
+  for name, new in (
+    ("save_npz", npz_checkpoint),
+    ("POSEMB_KEY", npz_checkpoint),
+    ("timm_fit", timm_checkpoint),
+  ):
+    with pytest.warns(DeprecationWarning, match=f"{new.__name__}.{name}"):
+      assert getattr(checkpoint, name) is getattr(new, name)
+  # The error load_pretrained raises stays there, without a warning.
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert checkpoint.CheckpointError is npz_checkpoint.CheckpointError
+  with pytest.raises(AttributeError, match="no_such_name"):
+    checkpoint.no_such_name  # noqa: B018

@@ -1,9 +1,12 @@
-"""Tests for vptpc.config_util.parse_arg."""
+"""Tests for vptpc.config_args.parse_arg and config_util's choice lists."""
+
+import importlib
 
 import ml_collections
 import pytest
 
-from vptpc.config_util import parse_arg
+from vptpc import config_util
+from vptpc.config_args import parse_arg
 
 SPEC = dict(
   task="cifar100",
@@ -162,3 +165,64 @@ def test_lazy_accepts_unknown_keys_with_inferred_types():
   # Known keys are still type-checked in lazy mode.
   with pytest.raises(ValueError, match="'num_prompts'"):
     parse_arg("num_prompts=x", lazy=True, num_prompts=1)
+
+
+# Each choice list of `config_util` is the constant of the module that acts
+# on it, so the two cannot drift apart.
+OWNERS = {
+  "prompt.variant": ("vptpc.prompts", "VARIANTS"),
+  "prompt.init": ("vptpc.prompts", "INITS"),
+  "model.prelogit_norm": ("vptpc.build", "PRELOGIT_NORMS"),
+  "data.normalize": ("vptpc.data.preprocessing", "NORMALIZATIONS"),
+  "data.source": ("vptpc.data.sources", "SOURCES"),
+  "data.preprocess": ("vptpc.data.preprocessing", "PREPROCESS"),
+  "data.interpolation": ("vptpc.data.preprocessing", "INTERPOLATIONS"),
+  "data.on_device": ("vptpc.data.device", "ON_DEVICE"),
+  "data.verify_images": ("vptpc.data.sources", "VERIFY_IMAGES"),
+  "parallel": ("vptpc.parallel", "MODES"),
+  "protocol.mode": ("vptpc.protocol_runs", "MODES"),
+  "condense.score_fn": ("vptpc.condense", "SCORE_FNS"),
+  "condense.aggregation": ("vptpc.condense", "AGGREGATIONS"),
+  "condense.scope": ("vptpc.condense", "SCOPES"),
+  "condense.reproject": ("vptpc.condense", "REPROJECTIONS"),
+}
+# `vptpc.build` imports config_util, which therefore repeats build's lists.
+REPEATED = {"model.prelogit_norm"}
+# Not one owner's constant: "" (per backend) and `vptpc.models.levers`'
+# implementations; JAX's names of the dtypes.
+NOT_OWNED = {"model.attention_impl", "model.dtype"}
+
+
+@pytest.mark.parametrize("key", sorted(OWNERS))
+def test_choices_are_the_owners_constant(key):
+  module, name = OWNERS[key]
+  owned = getattr(importlib.import_module(module), name)
+  choices = config_util._CHOICES[key]
+  if key in REPEATED:
+    assert choices == owned, f"config_util repeats {module}.{name}: update it"
+  else:
+    assert choices is owned, f"config_util._CHOICES[{key!r}]: use {name}"
+
+
+def test_every_choice_list_has_an_owner():
+  unowned = set(config_util._CHOICES) - set(OWNERS) - NOT_OWNED
+  assert not unowned, f"add a row to OWNERS for {sorted(unowned)}"
+
+
+def test_head_init_choices_are_builds():
+  from vptpc import build
+
+  assert config_util._HEAD_INITS == build.HEAD_INITS
+
+
+def test_dtype_choices_are_jax_float_dtypes():
+  import jax.numpy as jnp
+
+  for name in config_util._CHOICES["model.dtype"]:
+    assert jnp.issubdtype(jnp.dtype(name), jnp.floating), name
+
+
+def test_moved_parse_arg_still_answers_with_a_warning():
+  with pytest.warns(DeprecationWarning, match="config_args.parse_arg"):
+    moved = config_util.parse_arg
+  assert moved is parse_arg

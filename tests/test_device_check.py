@@ -108,7 +108,7 @@ def test_the_ablation_skips_what_would_pass_its_deadline(tmp_path):
   # written.
   proc = _ablation(
     tmp_path,
-    "--variants=auto:1:0,auto:1:0:kv_stacked=1,auto:1:0:cudnn_multiple=2",
+    "--variants=auto:1,auto:1:kv_stacked=1,auto:1:cudnn_multiple=2",
     "--combine_margin=-1",
     "--profile=-1",
     "--profile_eval=0",
@@ -128,7 +128,7 @@ def test_a_killed_ablation_keeps_the_rows_it_measured(tmp_path):
 
   proc = _ablation(
     tmp_path,
-    "--variants=" + ",".join(["auto:1:0", "auto:1:0:kv_stacked=1"] * 4),
+    "--variants=" + ",".join(["auto:1", "auto:1:kv_stacked=1"] * 4),
   )
   lines = []
   for line in proc.stdout:  # the second variant's row: the first is saved

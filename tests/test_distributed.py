@@ -8,7 +8,7 @@ import sys
 import numpy as np
 
 from vptpc import prompts as pr
-from vptpc.data import pipeline
+from vptpc.data import sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 240  # every wait is bounded; a hang fails the test, not the suite
@@ -74,7 +74,7 @@ def _two_processes(workdir, data_dir):
 
 
 def test_two_processes_match_one_process_with_four_devices(tmp_path, data_dir):
-  pipeline.prepare_local("vptpc_toy", data_dir)
+  sources.prepare_local("vptpc_toy", data_dir)
   ref = subprocess.Popen(
     _cmd(tmp_path / "ref", data_dir),
     cwd=ROOT,

@@ -14,9 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-from vptpc import assets, checkpoint, export
+from vptpc import assets, checkpoint, export, export_formats
 from vptpc import prompts as pr
-from vptpc.data import pipeline
+from vptpc.data import preprocessing
 from vptpc.models import vit
 
 pytest.importorskip("jax2onnx")
@@ -63,7 +63,7 @@ def task(backbone, tmp_path_factory):
   apply = jax.jit(model.apply)
   params = {"params": vit.merge_head(backbone, head)}
   want = {
-    mode: np.asarray(apply(params, pipeline.normalize(images, mode), p))
+    mode: np.asarray(apply(params, preprocessing.normalize(images, mode), p))
     for mode in ("minus1_1", "imagenet")
   }
   return {"path": str(path), "images": images, "want": want, "head": head}
@@ -74,13 +74,23 @@ def _max_diff(a, b):
 
 
 def test_normalization_is_the_pipelines():
-  np.testing.assert_array_equal(export.IMAGENET_MEAN, pipeline.IMAGENET_MEAN)
-  np.testing.assert_array_equal(export.IMAGENET_STD, pipeline.IMAGENET_STD)
   x = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, -1)
-  for mode in pipeline.NORMALIZATIONS:
+  for mode in preprocessing.NORMALIZATIONS:
     scale, shift = export.normalization(mode)
     got = x.astype(np.float32) * scale + shift
-    np.testing.assert_array_equal(got, pipeline.normalize(x, mode))
+    np.testing.assert_array_equal(got, preprocessing.normalize(x, mode))
+
+
+def test_moved_names_warn_and_resolve():
+  for name, new in (
+    ("to_onnx", export_formats),
+    ("load_stablehlo", export_formats),
+    ("IMAGENET_MEAN", preprocessing),
+  ):
+    with pytest.warns(DeprecationWarning, match=f"{new.__name__}.{name}"):
+      assert getattr(export, name) is getattr(new, name)
+  with pytest.raises(AttributeError, match="no_such_name"):
+    export.no_such_name  # noqa: B018
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +104,7 @@ def onnx_kv(task, tmp_path_factory):
 def test_onnx_kv_graph_matches_jax_and_records_metadata(task, onnx_kv):
   out, info = onnx_kv
   assert info["check"]["max_abs_diff"] <= 1e-4
-  sess = export.onnx_session(out)
+  sess = export_formats.onnx_session(out)
   (inp,) = sess.get_inputs()
   assert inp.name == "images" and inp.type == "tensor(uint8)"
   assert isinstance(inp.shape[0], str)  # the batch is dynamic
@@ -102,7 +112,7 @@ def test_onnx_kv_graph_matches_jax_and_records_metadata(task, onnx_kv):
     got = sess.run(None, {"images": task["images"][idx]})[0]
     assert got.shape == (len(idx), CLASSES)
     assert _max_diff(got, task["want"]["minus1_1"][idx]) <= 1e-4
-  meta = export.read_metadata(out)
+  meta = export_formats.read_metadata(out)
   assert meta["prompts_per_layer"] == list(COUNTS)
   assert meta["graph"] == "kv" and meta["model"] == MODEL
   assert meta["vptpc_version"] == export._versions("onnx")["vptpc"]
@@ -126,7 +136,7 @@ def test_onnx_full_graph_float_input_and_imagenet(
   ]
   assert export.main(args) == 0
   assert json.loads(capsys.readouterr().out)["graph"] == "full"
-  sess = export.onnx_session(out)
+  sess = export_formats.onnx_session(out)
   assert sess.get_inputs()[0].type == "tensor(float)"
   got = sess.run(None, {"images": task["images"].astype(np.float32)})[0]
   assert _max_diff(got, task["want"]["imagenet"]) <= 1e-4
@@ -175,7 +185,7 @@ def test_stablehlo_reloads_without_vptpc(task, tmp_path):
   # vptpc's own loader; the full-token graph reloads and matches too.
   full = tmp_path / "full.stablehlo"
   export.export_task(task["path"], full, graph="full", check=False)
-  exp, meta = export.load_stablehlo(full)
+  exp, meta = export_formats.load_stablehlo(full)
   assert meta["graph"] == "full" and meta["format"] == "stablehlo"
   assert _max_diff(exp.call(task["images"]), task["want"]["minus1_1"]) <= 1e-4
 
@@ -185,8 +195,9 @@ def test_int8_quantized_onnx_is_close_not_exact(task, onnx_kv, tmp_path):
   export.export_task(task["path"], out, quantize="int8", check=False)
   fp32 = onnx_kv[0]
   assert os.path.getsize(out) < os.path.getsize(fp32) / 2
-  assert export.read_metadata(out)["quantize"] == "int8"
-  got = export.onnx_session(out).run(None, {"images": task["images"]})[0]
+  assert export_formats.read_metadata(out)["quantize"] == "int8"
+  sess = export_formats.onnx_session(out)
+  got = sess.run(None, {"images": task["images"]})[0]
   want = task["want"]["minus1_1"]
   # Not asserted equal: int8 moves the logits; they stay correlated.
   assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.9

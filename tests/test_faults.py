@@ -21,7 +21,7 @@ import sys
 import pytest
 from test_train import ROOT
 
-from vptpc import preflight, protocol, rundir, train
+from vptpc import lifecycle, preflight, protocol, rundir, train
 
 
 def _sweep():
@@ -213,8 +213,7 @@ def test_a_url_workdir_or_checkpoint_is_refused_up_front(tmp_path, monkeypatch):
   assert any(
     "config.data.data_dir=gs://b/tfds is a URL" in p for p in e.value.problems
   )
-  from vptpc import rundir
 
   with pytest.raises(preflight.PreflightError, match="--workdir=gs://b/s is a"):
-    rundir.local_workdir("gs://b/s")
+    lifecycle.local_workdir("gs://b/s")
   assert os.listdir(tmp_path) == []

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from vptpc import protocol
-from vptpc.data import folder_layout, pipeline
+from vptpc.data import folder_layout, sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,7 +94,7 @@ def test_split_files_describe(tmp_path):
   )
   assert two["tune_splits"] == ("train[:80%]", "train[80%:]")
   assert two["final_splits"] == ("train", "test")
-  src = pipeline.FolderSource(str(tmp_path / "b" / "vtabish"), "train[80%:]")
+  src = sources.FolderSource(str(tmp_path / "b" / "vtabish"), "train[80%:]")
   assert len(src) == 12 - round(12 * 0.8)
 
 

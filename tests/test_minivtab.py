@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vptpc import assets, checkpoint
-from vptpc.data import fractals, minivtab, pipeline
+from vptpc import assets, checkpoint, npz_checkpoint
+from vptpc.data import fractals, minivtab, pipeline, sources
 from vptpc.models import vit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,7 +24,7 @@ def test_builder_splits_and_labels(name, data_dir):
   sizes["test"] = task.test_size
   assert task.test_size >= 500
   for split, n in sizes.items():
-    src = pipeline.open_source(task.tfds_name, minivtab.SPLITS[split], data_dir)
+    src = sources.open_source(task.tfds_name, minivtab.SPLITS[split], data_dir)
     assert len(src) == n, (name, split)
   s = pipeline.load_split(
     task.tfds_name,
@@ -124,7 +124,7 @@ def test_shipped_backbone_loads_through_the_npz_loader():
   assert vit.count_params(params) == vit.count_params(backbone)
   assert os.path.getsize(assets.path()) < 20 * 2**20
   # The file is in Google's layout, head included (1,000 fractal classes).
-  flat = checkpoint.read_npz(assets.path())
+  flat = npz_checkpoint.read_npz(assets.path())
   assert flat["head/kernel"].shape == (128, 1000)
   # It runs as a headless feature extractor and separates inputs.
   headless = vit.create_model(assets.DEFAULT_MODEL)
@@ -488,8 +488,8 @@ def test_second_stage_pretraining_continues_from_a_backbone(tmp_path):
   # weights exactly: it starts from them, not from a random init.
   c.lr = 0.0
   pretrain.pretrain(c, str(tmp_path / "c"))
-  a = checkpoint.read_npz(tmp_path / "a" / "backbone.npz")
-  b = checkpoint.read_npz(tmp_path / "c" / "backbone.npz")
+  a = npz_checkpoint.read_npz(tmp_path / "a" / "backbone.npz")
+  b = npz_checkpoint.read_npz(tmp_path / "c" / "backbone.npz")
   assert a.keys() == b.keys() and first["steps"] == c.steps
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)

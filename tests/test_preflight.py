@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 from test_train import ROOT, tiny_config
 
-from vptpc import config_util, preflight, protocol, rundir, train
-from vptpc.data import pipeline
+from vptpc import config_util, preflight, progress, protocol, rundir, train
+from vptpc.data import sources
 
 
 def _listing(path):
@@ -110,10 +110,10 @@ def _folder(root, labels, n_missing=0):
 def test_folder_dataset_labels_missing_and_corrupt_images(tmp_path):
   root = tmp_path / "f"
   _folder(root, [0, 1, 2, 5], n_missing=1)
-  p, w = pipeline.folder_problems(str(root), "train", 4)
+  p, w = sources.folder_problems(str(root), "train", 4)
   assert len(p) == 2 and "outside [0, 4)" in p[0] and "images/3.png" in p[0]
   assert "1 image(s)" in p[1] and "images/0.png" in p[1]
-  p, w = pipeline.folder_problems(str(root), "train", 10)
+  p, w = sources.folder_problems(str(root), "train", 10)
   assert "num_classes=10" in w[0] and "classes 6..9" in w[0]
   # A corrupt image is named by the preflight's header check; with the
   # check off it fails when the (cached) split is decoded. Either way
@@ -130,7 +130,7 @@ def test_folder_dataset_labels_missing_and_corrupt_images(tmp_path):
   assert "images/2.png" in e.value.problems[0]
   assert "verify_images=off" in e.value.problems[0]
   c.data.verify_images = "off"
-  with pytest.raises(pipeline.DataError, match="2.png"):
+  with pytest.raises(sources.DataError, match="2.png"):
     train.train_and_evaluate(c, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
 
@@ -265,7 +265,7 @@ def test_cli_bad_inputs_one_error_line_each_exit_2_nothing_written(
 
 def test_progress_lines_replace_the_bar_off_a_terminal():
   buf = io.StringIO()
-  bar = train.ProgressLines(total=100, initial=0, out=buf)
+  bar = progress.ProgressLines(total=100, initial=0, out=buf)
   bar.set_postfix(loss="1.0000")
   for _ in range(100):
     bar.update(1)
@@ -275,7 +275,7 @@ def test_progress_lines_replace_the_bar_off_a_terminal():
     "step 1/100 (1%) loss 1.0000",
     "step 100/100 (100%) loss 1.0000",
   ]
-  assert not train._interactive()  # pytest captures: not a terminal
+  assert not progress.interactive()  # pytest captures: not a terminal
 
 
 def test_serve_reports_a_bad_line_and_carries_on(
@@ -283,12 +283,12 @@ def test_serve_reports_a_bad_line_and_carries_on(
 ):
   from test_serve import _tasks
 
-  from vptpc import checkpoint, serve
+  from vptpc import npz_checkpoint, serve
   from vptpc import prompts as pr
   from vptpc.models import vit
 
   frozen, _ = vit.split_head(tiny_params)
-  checkpoint.save_npz(tmp_path / "backbone.npz", frozen)
+  npz_checkpoint.save_npz(tmp_path / "backbone.npz", frozen)
   pr.save_prompts(tmp_path / "a.npz", *_tasks(frozen)["a"], backbone=frozen)
   img = tmp_path / "ok.png"
   Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(img)
@@ -325,7 +325,7 @@ def _tiny32_npz(path, seed):
   """A random-weight ``tiny32`` backbone saved as a vit_jax .npz."""
   import jax
 
-  from vptpc import checkpoint
+  from vptpc import npz_checkpoint
   from vptpc.models import vit
 
   model = vit.create_model("tiny32", num_classes=None)
@@ -337,7 +337,7 @@ def _tiny32_npz(path, seed):
     lambda s: rng.standard_normal(s.shape).astype(np.float32),
     vit.split_head(shapes)[0],
   )
-  checkpoint.save_npz(path, backbone)
+  npz_checkpoint.save_npz(path, backbone)
   return backbone
 
 
@@ -420,8 +420,8 @@ def test_a_corrupt_image_in_an_uncached_split_keeps_the_run_resumable(tmp_path):
   good = victim.read_bytes()
   victim.write_bytes(good[: len(good) // 2])  # truncated scan data
   # PIL's header check cannot see truncated JPEG data; a full decode can.
-  assert pipeline.image_problems(str(root), "test", "header") == []
-  got = pipeline.image_problems(str(root), "test", "decode")
+  assert sources.image_problems(str(root), "test", "header") == []
+  got = sources.image_problems(str(root), "test", "decode")
   assert len(got) == 1 and "images/test5.jpg" in got[0]
   c = tiny_config("parallel=jit,epochs=1")
   c.data.source, c.data.folder = "folder", str(root)
@@ -431,7 +431,7 @@ def test_a_corrupt_image_in_an_uncached_split_keeps_the_run_resumable(tmp_path):
   c.data.cache_max_gb = 300_000 / 2**30
   c.data.on_device = "never"
   w = tmp_path / "w"
-  with pytest.raises(pipeline.DataError) as e:
+  with pytest.raises(sources.DataError) as e:
     train.train_and_evaluate(c, str(w))
   msg = str(e.value)
   assert "test5.jpg" in msg and "Found mid-run" in msg

@@ -20,7 +20,8 @@ def deep(counts=5, layers=3, seed=0):
 
 
 def test_init_bound_matches_official_value():
-  assert pr.init_bound(16, 768) == 0.0625  # sqrt(6/1536), vpt.md §2
+  # sqrt(6/1536) (docs/references.md, "VPT: prompt initialisation").
+  assert pr.init_bound(16, 768) == 0.0625
 
 
 def test_init_is_uniform_within_bound():
@@ -70,7 +71,8 @@ def test_layer_order_is_numeric():
 
 
 def test_vit_b16_with_100_deep_prompts_counts():
-  # The tuned-parameter count of the official dmlab run (vpt.md §7).
+  # The tuned-parameter count of the official dmlab run
+  # (docs/references.md, "VPT: per-task prompt counts").
   p = jax.eval_shape(
     lambda k: pr.init_prompts(
       k, num_prompts=100, hidden_size=768, patch_size=16, num_layers=12

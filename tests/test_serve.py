@@ -10,9 +10,9 @@ import pytest
 from conftest import IMAGE_SIZE, TINY
 from PIL import Image
 
-from vptpc import checkpoint, serve
+from vptpc import npz_checkpoint, serve
 from vptpc import prompts as pr
-from vptpc.data import pipeline
+from vptpc.data import preprocessing
 from vptpc.models import swin, swin_family, vit
 
 
@@ -91,7 +91,7 @@ def test_serve_cli_reads_stdin_and_writes_json_lines(
   tiny_params, tmp_path, monkeypatch, capsys
 ):
   frozen, _ = vit.split_head(tiny_params)
-  checkpoint.save_npz(tmp_path / "backbone.npz", frozen)
+  npz_checkpoint.save_npz(tmp_path / "backbone.npz", frozen)
   tasks = _tasks(frozen)
   lines = _requests(tmp_path, tasks, frozen, monkeypatch)
   args = [
@@ -107,7 +107,7 @@ def test_serve_cli_reads_stdin_and_writes_json_lines(
   for o, line in zip(out, lines, strict=True):
     t, path = line.split()
     prompts, head = tasks[t]
-    img = pipeline.normalize(
+    img = preprocessing.normalize(
       np.asarray(Image.open(path).convert("RGB"))[None], "minus1_1"
     )
     c = head["kernel"].shape[-1]
@@ -185,7 +185,7 @@ def test_swin_mixed_task_batch_equals_each_task_alone(swin_backbone):
 
 def _timm_names(params):
   """A Swin params tree as a timm state dict (the inverse of the loader)."""
-  flat = checkpoint.flatten(params)
+  flat = npz_checkpoint.flatten(params)
   out = {}
   for k, src in swin_family.checkpoint_sources(flat).items():
     a = np.asarray(flat[k])
@@ -216,7 +216,7 @@ def test_serve_cli_serves_a_swin_from_a_timm_file(
   assert [o["task"] for o in out] == ["a", "b", "a"]
   # The labels are those of task a's and task b's own models (the bank's
   # equality with them is tested above); here: files in, labels out.
-  imgs = pipeline.normalize(
+  imgs = preprocessing.normalize(
     np.stack(
       [np.asarray(Image.open(x.split()[1]).convert("RGB")) for x in lines]
     ),
@@ -232,10 +232,10 @@ def test_serve_cli_serves_a_swin_from_a_timm_file(
 def test_export_refuses_a_swin_task_and_points_to_serve(
   swin_backbone, tmp_path
 ):
-  from vptpc import export
+  from vptpc import export, export_formats
 
   model, frozen = swin_backbone
   pr.save_prompts(tmp_path / "a.npz", *_swin_tasks(model)["a"], backbone=frozen)
-  with pytest.raises(export.ExportError, match="Swin.*vptpc.serve"):
+  with pytest.raises(export_formats.ExportError, match="Swin.*vptpc.serve"):
     export.export_task(tmp_path / "a.npz", tmp_path / "a.hlo", fmt="stablehlo")
   assert os.listdir(tmp_path) == ["a.npz"]

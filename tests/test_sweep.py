@@ -18,7 +18,7 @@ def test_vmapped_grid_equals_separate_runs(tmp_path, data_dir):
     c.data.eval_split = "test[:64]"
     c.warmup_epochs = 1
     # Standardised pre-logits: both paths must export heads for the
-    # checkpoint's backbone (`train.Setup.export_trainable`).
+    # checkpoint's backbone (`vptpc.build.Setup.export_trainable`).
     c.model.prelogit_norm = "standardize"
     return c
 

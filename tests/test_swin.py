@@ -1,4 +1,7 @@
-"""Tests for the Flax Swin and VPT on Swin (official semantics, vpt.md §8)."""
+"""Tests for the Flax Swin and VPT on Swin (official semantics).
+
+The semantics: docs/references.md, "VPT: Swin".
+"""
 
 import functools
 

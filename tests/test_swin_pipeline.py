@@ -19,6 +19,7 @@ from test_vtab_pipeline import fake_prepared_eurosat
 from vptpc import build, config_util, flops, preflight, train
 from vptpc import prompts as pr
 from vptpc.models import registry, swin, vit
+from vptpc.models.levers import Levers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,17 +61,17 @@ def test_registry_aliases_ambiguity_and_errors():
   assert "config.model.name='swin_z'" in msg and "Swin-B" in msg
   assert "B/16" in msg
   c.model.name = "swin_b"
-  c.model.fuse_qkv = True
   c.model.attention_impl = "cudnn"
-  c.model.ln_vjp = "on"
   text = "\n".join(config_util.problems(c))
-  assert "config.model.fuse_qkv" in text and "attention_impl" in text
-  assert "config.model.ln_vjp='on'" in text and "gelu_vjp" not in text
+  assert "config.model.attention_impl='cudnn'" in text
   assert "cudnn_multiple" not in text and "kv_stacked" not in text
   c.model.kv_stacked = True
   assert "config.model.kv_stacked=True" in "\n".join(config_util.problems(c))
-  with pytest.raises(ValueError, match="fuse_qkv"):
+  with pytest.raises(ValueError, match="attention_impl"):
     build.build_model(c)
+  # The ViT's levers as an object: refused for a Swin, named the same way.
+  with pytest.raises(ValueError, match="config.model.cudnn_multiple=2"):
+    registry.create_model("swin-testing", num_classes=3, levers=Levers("", 2))
 
 
 def test_cast_backbone_keeps_swin_bf16_logits_bit_identical():
@@ -153,8 +154,8 @@ def test_vtab_swin_smoke_with_pc_through_main_then_device_data(tmp_path):
   assert dev["eval_accuracy"] == res["full"]["eval_accuracy"]
   # PC: ragged per-block counts, widths still following the stages, saved
   # with the backbone's fingerprint.
-  model = train.build_model(c)
-  backbone, _ = train.load_backbone(c, model)
+  model = build.build_model(c)
+  backbone, _ = build.load_backbone(c, model)
   cond_p, _, meta = pr.load_prompts(
     work / "condensed" / "prompts.npz", backbone=backbone
   )

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from vptpc import checkpoint
+from vptpc import checkpoint, npz_checkpoint, timm_checkpoint
 from vptpc.models import swin, vit
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -81,9 +81,9 @@ def test_vit_from_timm_file_matches_timm_logits(ref):
 
 
 def test_rel_pos_table_resize_matches_torch_bicubic(ref):
-  got = checkpoint.resize_rel_pos_table(ref["table"], 121)
+  got = timm_checkpoint.resize_rel_pos_table(ref["table"], 121)
   np.testing.assert_allclose(got, ref["table_w6"], rtol=0, atol=1e-5)
-  same = checkpoint.resize_rel_pos_table(ref["table"], 49)
+  same = timm_checkpoint.resize_rel_pos_table(ref["table"], 49)
   np.testing.assert_allclose(same, ref["table"], rtol=0, atol=1e-6)
 
 
@@ -142,14 +142,16 @@ def test_microsoft_layout_is_renumbered(tmp_path, ref):
 
 def test_missing_and_unreadable_files_are_named(tmp_path):
   model = swin.SwinTransformer(**SWIN_CFG)
-  with pytest.raises(checkpoint.CheckpointError, match="nope.safetensors.*hub"):
+  with pytest.raises(
+    npz_checkpoint.CheckpointError, match="nope.safetensors.*hub"
+  ):
     checkpoint.load_pretrained(tmp_path / "nope.safetensors", template(model))
   bad = tmp_path / "trunc.safetensors"
   data = open(SWIN_FILE, "rb").read()
   bad.write_bytes(data[: len(data) // 2])
-  with pytest.raises(checkpoint.CheckpointError, match="trunc.safetensors"):
+  with pytest.raises(npz_checkpoint.CheckpointError, match="trunc.safetensors"):
     checkpoint.load_pretrained(bad, template(model))
-  with pytest.raises(checkpoint.CheckpointError, match="Swin.*safetensors"):
+  with pytest.raises(npz_checkpoint.CheckpointError, match="Swin.*safetensors"):
     checkpoint.load_pretrained(tmp_path / "w.npz", template(model))
 
 
@@ -157,11 +159,11 @@ def test_wrong_architecture_is_named():
   s = template(swin.SwinTransformer(**SWIN_CFG))
   v = template(vit.VisionTransformer(**VIT_CFG))
   with pytest.raises(
-    checkpoint.CheckpointError, match="timm ViT checkpoint.*model is a Swin"
+    npz_checkpoint.CheckpointError, match="timm ViT checkpoint.*model is a Swin"
   ):
     checkpoint.load_pretrained(VIT_FILE, s)
   with pytest.raises(
-    checkpoint.CheckpointError, match="timm Swin checkpoint.*model is a ViT"
+    npz_checkpoint.CheckpointError, match="timm Swin checkpoint.*model is a ViT"
   ):
     checkpoint.load_pretrained(SWIN_FILE, v)
 
@@ -174,7 +176,7 @@ def test_diff_lists_missing_extra_and_mismatched_keys(tmp_path):
   path = tmp_path / "bad_swin.safetensors"
   save_file(raw, str(path))
   model = swin.SwinTransformer(**SWIN_CFG, num_classes=5)
-  with pytest.raises(checkpoint.CheckpointError) as e:
+  with pytest.raises(npz_checkpoint.CheckpointError) as e:
     checkpoint.load_pretrained(path, template(model))
   msg = str(e.value)
   assert "bad_swin.safetensors" in msg
@@ -193,7 +195,7 @@ def test_diff_lists_missing_extra_and_mismatched_keys(tmp_path):
   path = tmp_path / "bad_vit.safetensors"
   save_file(raw, str(path))
   with pytest.raises(
-    checkpoint.CheckpointError,
+    npz_checkpoint.CheckpointError,
     match=r"query/kernel <- blocks.0.attn.qkv.weight: model \(16, 2, 8\)",
   ):
     checkpoint.load_pretrained(path, template(vit.VisionTransformer(**VIT_CFG)))

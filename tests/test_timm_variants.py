@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vptpc import checkpoint
-from vptpc.models import registry, vit
+from vptpc import checkpoint, npz_checkpoint
+from vptpc.models import registry, vit, vit_variants
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 # The tiny geometry and the timm name each test file stands for: one table,
@@ -117,7 +117,7 @@ def test_file_of_another_variant_is_refused():
     model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3))
   )["params"]
   path = os.path.join(DATA, "timm_clip_openai_tiny.safetensors")
-  with pytest.raises(checkpoint.CheckpointError, match="ls1.gamma"):
+  with pytest.raises(npz_checkpoint.CheckpointError, match="ls1.gamma"):
     checkpoint.load_pretrained(path, tmpl)
 
 
@@ -130,12 +130,12 @@ def manifests():
     return json.load(f)
 
 
-@pytest.mark.parametrize("name", sorted(vit.TIMM_WEIGHTS))
+@pytest.mark.parametrize("name", sorted(vit_variants.TIMM_WEIGHTS))
 def test_every_checkpoint_row_maps_onto_timms_layout(manifests, name):
   # The real model of each row, as shapes only: every parameter has its
   # timm key and shape in the layout timm builds for the name (its hub
   # file), and the file has nothing else but heads.
-  row = vit.TIMM_WEIGHTS[name]
+  row = vit_variants.TIMM_WEIGHTS[name]
   model = registry.create_model(name, num_classes=None)
   size = row.image_size
   shapes = jax.eval_shape(
@@ -144,7 +144,7 @@ def test_every_checkpoint_row_maps_onto_timms_layout(manifests, name):
   fam = registry.family_of(model)
   want = {
     src.key: tuple(src.shape)
-    for src in fam.checkpoint_sources(checkpoint.flatten(shapes)).values()
+    for src in fam.checkpoint_sources(npz_checkpoint.flatten(shapes)).values()
   }
   layout = {k: tuple(v) for k, v in manifests[name].items()}
   if dict(row.overrides).get("fc_norm"):  # MAE: the file's norm is fc_norm
@@ -157,14 +157,14 @@ def test_every_checkpoint_row_maps_onto_timms_layout(manifests, name):
   assert all(k.startswith(fam.EXTRA_FILE_KEYS) for k in extra), extra
 
 
-@pytest.mark.parametrize("name", sorted(vit.TIMM_WEIGHTS))
+@pytest.mark.parametrize("name", sorted(vit_variants.TIMM_WEIGHTS))
 def test_every_checkpoint_row_has_a_preprocessing(name):
   from vptpc import config_util
-  from vptpc.data import pipeline
+  from vptpc.data import preprocessing
 
   pre = config_util.pretrained_preprocessing(name)
-  row = vit.TIMM_WEIGHTS[name]
-  scale, shift = pipeline.affine(pre["normalize"])
+  row = vit_variants.TIMM_WEIGHTS[name]
+  scale, shift = preprocessing.affine(pre["normalize"])
   mean, std = (np.asarray(v, np.float32) for v in row.mean_std)
   # pixels * scale + shift == (pixels / 255 - mean) / std
   np.testing.assert_allclose(scale, 1 / (255 * std), rtol=1e-6)
@@ -187,9 +187,9 @@ def test_every_checkpoint_row_has_a_preprocessing(name):
 def test_variant_task_exports(tmp_path, ref, key, graph, fmt):
   import json
 
-  from vptpc import export
+  from vptpc import export, export_formats
   from vptpc import prompts as pr
-  from vptpc.data import pipeline
+  from vptpc.data import preprocessing
 
   arch = ",".join(f"{k}={v}" for k, v in TINY.items())
   path = os.path.join(DATA, f"timm_{key}_tiny.safetensors")
@@ -225,10 +225,10 @@ def test_variant_task_exports(tmp_path, ref, key, graph, fmt):
   info = export.export_task(run / "prompts.npz", out, graph=graph, fmt=fmt)
   assert info["check"]["max_abs_diff"] <= 1e-4
   if fmt == "stablehlo":
-    exp, _ = export.load_stablehlo(out)
+    exp, _ = export_formats.load_stablehlo(out)
     images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), np.uint8)
     want = model.apply(
-      {"params": params}, pipeline.normalize(images, norm), prompts
+      {"params": params}, preprocessing.normalize(images, norm), prompts
     )
     np.testing.assert_allclose(exp.call(images), want, rtol=1e-4, atol=1e-4)
 

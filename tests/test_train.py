@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import IMAGE_SIZE, TINY
 
-from vptpc import config_util, optim, parallel, train
+from vptpc import build, config_util, optim, parallel, runner, steps, train
 from vptpc import prompts as pr
 from vptpc.data import pipeline
 from vptpc.models import vit
@@ -53,7 +53,7 @@ def test_jit_and_pmap_steps_give_the_same_state(tiny_params):
     warmup_epochs=1,
   )
   opt = optim.create_optimizer(schedule, weight_decay=1e-3)
-  step_fn = train.make_train_step(model, opt, schedule)
+  step_fn = steps.make_train_step(model, opt, schedule)
   rng = np.random.default_rng(0)
   batches = [
     {
@@ -69,7 +69,7 @@ def test_jit_and_pmap_steps_give_the_same_state(tiny_params):
   key = jax.random.key(0)
 
   state0 = jax.device_get(
-    train.create_train_state({"prompts": prompts, "head": head}, opt)
+    steps.create_train_state({"prompts": prompts, "head": head}, opt)
   )
   jit_step = parallel.jit_train_step(step_fn)
   s_jit = jax.device_put(state0)
@@ -118,7 +118,7 @@ def test_gradients_reach_only_prompts_and_head(tiny_params):
   )
   opt = optim.create_optimizer(schedule, weight_decay=0.0)
   state = jax.device_get(
-    train.create_train_state({"prompts": prompts, "head": head}, opt)
+    steps.create_train_state({"prompts": prompts, "head": head}, opt)
   )
   # The optimiser state covers exactly the trainable tree, not the backbone.
   n_opt = vit.count_params(state.opt_state)
@@ -129,7 +129,7 @@ def test_gradients_reach_only_prompts_and_head(tiny_params):
     "label": jnp.arange(4) % 5,
     "mask": jnp.ones(4, bool),
   }
-  step = jax.jit(train.make_train_step(model, opt, schedule))
+  step = jax.jit(steps.make_train_step(model, opt, schedule))
   frozen_before = jax.tree_util.tree_map(np.array, frozen)
   new, _ = step(state, frozen, batch, jax.random.key(0))
   jax.tree_util.tree_map(
@@ -161,8 +161,8 @@ def test_train_and_evaluate_one_step_end_to_end(tmp_path, data_dir):
   assert {"train_loss", "lr", "l2_grads", "img_per_s"} <= set(records[0])
   assert records[-1]["eval_num_examples"] == 200
   # The export is the small standalone prompt file, checked on load.
-  model = train.build_model(c)
-  backbone, _ = train.load_backbone(c, model)
+  model = build.build_model(c)
+  backbone, _ = build.load_backbone(c, model)
   p, head, meta = pr.load_prompts(tmp_path / "prompts.npz", backbone=backbone)
   assert pr.prompts_per_layer(p) == (4, 4, 4) and head["bias"].shape == (4,)
   assert meta["metadata"]["eval_accuracy"] == res["eval_accuracy"]
@@ -296,7 +296,7 @@ def test_zero_prompt_layers_checkpoint_and_resume(tmp_path, data_dir):
 def test_prompts_initialised_from_the_backbones_tokens(data_dir):
   c = tiny_config(**{"data.data_dir": data_dir, "prompt.init": "tokens"})
   c.prompt.init_images = 4
-  s = train.setup(c)
+  s = build.setup(c)
   params = vit.merge_head(s.frozen, s.state.trainable["head"])
   pools = train.token_pools(s.model, params, s.train, c)
   for k, p in s.state.trainable["prompts"].items():
@@ -308,18 +308,18 @@ def test_prompts_initialised_from_the_backbones_tokens(data_dir):
 
 def test_head_init_vpt_or_zeros_and_a_bad_value_is_named():
   c = tiny_config()
-  model = train.build_model(c)
-  _, head = train.load_backbone(c, model)
+  model = build.build_model(c)
+  _, head = build.load_backbone(c, model)
   # VPT's init: a random kernel and the 1%-prior bias.
   assert np.asarray(head["kernel"]).std() > 0
   np.testing.assert_allclose(head["bias"], vit.HEAD_BIAS_INIT, rtol=1e-6)
   c.model.head_init = "zeros"
-  _, head = train.load_backbone(c, model)
+  _, head = build.load_backbone(c, model)
   assert not np.asarray(head["kernel"]).any()
   assert not np.asarray(head["bias"]).any()
   c.model.head_init = "xavier"
   with pytest.raises(ValueError, match="head_init.*'xavier'"):
-    train.load_backbone(c, model)
+    build.load_backbone(c, model)
 
 
 def test_prelogit_standardization_is_exact_and_exports_a_raw_head(
@@ -334,7 +334,7 @@ def test_prelogit_standardization_is_exact_and_exports_a_raw_head(
     },
   )
   c.model.prelogit_norm_images = 100  # crosses an eval batch (64)
-  s = train.setup(c)
+  s = build.setup(c)
   mean, std = s.prelogit_stats
   assert mean.shape == std.shape == (s.model.hidden_size,)
   # The folded backbone standardises the first 100 training images' features.
@@ -366,7 +366,7 @@ def test_prelogit_standardization_is_exact_and_exports_a_raw_head(
     "kernel": jax.random.normal(jax.random.key(0), head["kernel"].shape),
     "bias": jax.random.normal(jax.random.key(1), head["bias"].shape),
   }
-  raw = train.head_to_raw(h, mean, std)
+  raw = build.head_to_raw(h, mean, std)
   x = jnp.asarray(batch["image"][:8])
   np.testing.assert_allclose(
     s.model.apply({"params": vit.merge_head(s.frozen, h)}, x, None),
@@ -376,18 +376,18 @@ def test_prelogit_standardization_is_exact_and_exports_a_raw_head(
     rtol=1e-4,
     atol=1e-4,
   )
-  back = train.head_from_raw(raw, mean, std)
+  back = build.head_from_raw(raw, mean, std)
   for k in h:
     np.testing.assert_allclose(back[k], h[k], rtol=1e-4, atol=1e-4)
   # The export is for the checkpoint's backbone: loaded beside it, it
   # reproduces the run's evaluation.
   res = train.train_and_evaluate(c, str(tmp_path))
-  backbone, _ = train.load_backbone(c, s.model)
+  backbone, _ = build.load_backbone(c, s.model)
   p, head, _ = pr.load_prompts(tmp_path / "prompts.npz", backbone=backbone)
 
   def evaluate(setup, trainable):
-    state = train.create_train_state(trainable, setup.optimizer)
-    return train.Runner("jit", setup).evaluate(state, setup.eval, c)
+    state = steps.create_train_state(trainable, setup.optimizer)
+    return runner.Runner("jit", setup).evaluate(state, setup.eval, c)
 
   pristine = evaluate(
     dataclasses.replace(s, frozen=backbone), {"prompts": p, "head": head}
@@ -396,10 +396,10 @@ def test_prelogit_standardization_is_exact_and_exports_a_raw_head(
   np.testing.assert_allclose(pristine["loss"], res["eval_loss"], rtol=1e-4)
   # Restarting from the export (as PC's fine-tuning does) converts its head
   # back: the same evaluation on the standardised backbone.
-  s2 = train.setup(c, init_trainable={"prompts": p, "head": head})
+  s2 = build.setup(c, init_trainable={"prompts": p, "head": head})
   again = evaluate(s2, s2.state.trainable)
   assert again["accuracy"] == pristine["accuracy"]
   np.testing.assert_allclose(again["loss"], pristine["loss"], rtol=1e-4)
   c.model.prelogit_norm = "whiten"
   with pytest.raises(config_util.ConfigError, match="prelogit_norm='whiten'"):
-    train.setup(c)
+    build.setup(c)

@@ -9,11 +9,11 @@ from conftest import IMAGE_SIZE, TINY
 from scipy.special import erf
 
 from vptpc import prompts as pr
-from vptpc.models import vit
+from vptpc.models import levers, vit
 
 
 def test_vit_b16_param_count():
-  # Published in vit_jax models_test.py (vpt.md §1).
+  # Published in vit_jax models_test.py (docs/references.md, "VPT: backbone").
   model = vit.create_model("B/16", num_classes=1000)
   shapes = jax.eval_shape(
     model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3))
@@ -311,7 +311,7 @@ def test_matmul_attention_equals_xla_in_forward_and_gradients(masked):
   w = jax.random.normal(ks[3], (2, 5, 2, 8))
 
   def loss(impl, q, k, v):
-    return (vit.attention(q, k, v, mask, impl) * w).sum()
+    return (levers.attention(q, k, v, mask, impl) * w).sum()
 
   for a, b in zip(
     jax.grad(lambda *x: loss("matmul", *x), argnums=(0, 1, 2))(q, k, v),
@@ -320,13 +320,13 @@ def test_matmul_attention_equals_xla_in_forward_and_gradients(masked):
   ):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(
-    vit.attention(q, k, v, mask, "matmul"),
+    levers.attention(q, k, v, mask, "matmul"),
     jax.nn.dot_product_attention(q, k, v, mask=mask),
     rtol=1e-5,
     atol=1e-6,
   )
-  half = vit.attention(*(t.astype(jnp.bfloat16) for t in (q, k, v)), mask)
+  half = levers.attention(*(t.astype(jnp.bfloat16) for t in (q, k, v)), mask)
   assert half.dtype == jnp.bfloat16
-  ref = vit.attention(q, k, v, mask, "xla")
+  ref = levers.attention(q, k, v, mask, "xla")
   rel = jnp.linalg.norm(half.astype(jnp.float32) - ref) / jnp.linalg.norm(ref)
   assert rel < 1e-2

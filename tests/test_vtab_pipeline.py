@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import time
+import warnings
 
 import jax
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from PIL import Image
 
 from vptpc import prepare, protocol
-from vptpc.data import pipeline, vtab
+from vptpc.data import decoding, pipeline, preprocessing, sources, vtab
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,7 +28,7 @@ def vtab_config(arg):
 
 def test_resize_matches_tf_half_pixel_bilinear():
   x = np.array([[0.0, 1.0], [2.0, 3.0]])[..., None]
-  got = pipeline.resize_bilinear(x, 4, 4)[..., 0]
+  got = preprocessing.resize_bilinear(x, 4, 4)[..., 0]
   # Samples at -0.25, 0.25, 0.75, 1.25 clamp to the border (TF2 resize).
   np.testing.assert_allclose(got[0], [0.0, 0.25, 0.75, 1.0])
   np.testing.assert_allclose(got[:, 0], [0.0, 0.5, 1.5, 2.0])
@@ -36,7 +37,7 @@ def test_resize_matches_tf_half_pixel_bilinear():
   for shape in ((64, 50), (16, 9)):  # up and down, no antialiasing
     want = jax.image.resize(img, shape + (3,), "bilinear", antialias=False)
     np.testing.assert_allclose(
-      pipeline.resize_bilinear(img, *shape), want, rtol=1e-4, atol=1e-3
+      preprocessing.resize_bilinear(img, *shape), want, rtol=1e-4, atol=1e-3
     )
 
 
@@ -46,17 +47,17 @@ def test_bicubic_resize_matches_tf2_and_reaches_the_split():
   for shape in ((64, 50), (16, 9)):  # jax.image.resize is TF2's resize
     want = jax.image.resize(img, shape + (3,), "cubic", antialias=False)
     np.testing.assert_allclose(
-      pipeline.resize_bicubic(img, *shape), want, rtol=1e-4, atol=1e-3
+      preprocessing.resize_bicubic(img, *shape), want, rtol=1e-4, atol=1e-3
     )
   u8 = img.astype(np.uint8)
-  cubic = pipeline.preprocess_image(u8, 16, interpolation="bicubic")
-  linear = pipeline.preprocess_image(u8, 16)
+  cubic = preprocessing.preprocess_image(u8, 16, interpolation="bicubic")
+  linear = preprocessing.preprocess_image(u8, 16)
   assert (
     cubic.dtype == np.uint8
     and np.abs(cubic.astype(int) - linear.astype(int)).max() > 0
   )
-  with pytest.raises(pipeline.DataError, match="interpolation must be one"):
-    pipeline.preprocess_image(u8, 16, interpolation="lanczos")
+  with pytest.raises(sources.DataError, match="interpolation must be one"):
+    preprocessing.preprocess_image(u8, 16, interpolation="lanczos")
 
 
 def _folder(tmp_path, splits=("train800", "test"), n=6, size=(20, 30)):
@@ -95,21 +96,21 @@ def test_folder_reader_and_its_errors(tmp_path):
     preprocess="crop",
   )
   assert crop.images.shape == (6, 16, 16, 3)
-  with pytest.raises(pipeline.DataError, match="val200.txt"):
+  with pytest.raises(sources.DataError, match="val200.txt"):
     pipeline.load_split(
       "dtd", "val200", image_size=16, source="folder", folder=str(root)
     )
   (root / "bad.txt").write_text("images/a/0.png\n")
-  with pytest.raises(pipeline.DataError, match=r"bad.txt:1"):
+  with pytest.raises(sources.DataError, match=r"bad.txt:1"):
     pipeline.load_split(
       "dtd", "bad", image_size=16, source="folder", folder=str(root)
     )
   (root / "gone.txt").write_text("images/nope.png 1\n")
-  with pytest.raises(pipeline.DataError, match="nope.png"):
+  with pytest.raises(sources.DataError, match="nope.png"):
     pipeline.load_split(
       "dtd", "gone", image_size=16, source="folder", folder=str(root)
     )
-  with pytest.raises(pipeline.DataError, match="does not exist"):
+  with pytest.raises(sources.DataError, match="does not exist"):
     pipeline.load_split(
       "dtd", "test", image_size=16, source="folder", folder=str(tmp_path / "x")
     )
@@ -148,12 +149,12 @@ def test_uncached_and_fgvc_splits(tmp_path):
 
 def test_missing_data_fails_fast_with_the_step_to_take(tmp_path):
   t0 = time.perf_counter()
-  with pytest.raises(pipeline.DataError) as e:
-    pipeline.open_source("dtd:3.0.1", "train[:800]", str(tmp_path))
+  with pytest.raises(sources.DataError) as e:
+    sources.open_source("dtd:3.0.1", "train[:800]", str(tmp_path))
   msg = str(e.value)
   assert "dtd:3.0.1" in msg and "python -m vptpc.prepare --tasks=dtd" in msg
-  with pytest.raises(pipeline.DataError) as e:
-    pipeline.open_source("resisc45:3.0.0", "train[:800]", str(tmp_path))
+  with pytest.raises(sources.DataError) as e:
+    sources.open_source("resisc45:3.0.0", "train[:800]", str(tmp_path))
   assert vtab.get_task("resisc45").manual in str(e.value)
   assert time.perf_counter() - t0 < 5
   # A tfrecord copy without TensorFlow: say so, and what to do.
@@ -161,8 +162,8 @@ def test_missing_data_fails_fast_with_the_step_to_take(tmp_path):
   d.mkdir(parents=True)
   (d / "dataset_info.json").write_text(json.dumps({"version": "3.0.1"}))
   if importlib.util.find_spec("tensorflow") is None:
-    with pytest.raises(pipeline.DataError, match=r"tfrecord.*\[tf\]"):
-      pipeline.open_source("dtd:3.0.1", "train[:800]", str(tmp_path))
+    with pytest.raises(sources.DataError, match=r"tfrecord.*\[tf\]"):
+      sources.open_source("dtd:3.0.1", "train[:800]", str(tmp_path))
 
 
 def test_prepare_command(tmp_path, capsys, data_dir):
@@ -310,12 +311,30 @@ def test_a_run_with_missing_data_stops_in_seconds(tmp_path):
 def test_normalize_matches_the_textbook_formulas():
   img = np.arange(256, dtype=np.uint8).reshape(1, 1, -1, 1).repeat(3, axis=-1)
   x = img.astype(np.float64) / 255.0
-  want = (x - pipeline.IMAGENET_MEAN) / pipeline.IMAGENET_STD
-  got = pipeline.normalize(img, "imagenet")
+  want = (x - preprocessing.IMAGENET_MEAN) / preprocessing.IMAGENET_STD
+  got = preprocessing.normalize(img, "imagenet")
   assert got.dtype == np.float32
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(
-    pipeline.normalize(img, "minus1_1"), 2 * x - 1, atol=1e-6
+    preprocessing.normalize(img, "minus1_1"), 2 * x - 1, atol=1e-6
   )
-  with pytest.raises(pipeline.DataError, match="normalize must be one of"):
-    pipeline.normalize(img, "zscore")
+  with pytest.raises(sources.DataError, match="normalize must be one of"):
+    preprocessing.normalize(img, "zscore")
+
+
+def test_moved_names_warn_and_resolve():
+  for name, new in (
+    ("open_source", sources),
+    ("default_data_dir", sources),
+    ("normalize", preprocessing),
+    ("IMAGENET_MEAN", preprocessing),
+    ("default_example_fn", decoding),
+  ):
+    with pytest.warns(DeprecationWarning, match=f"{new.__name__}.{name}"):
+      assert getattr(pipeline, name) is getattr(new, name)
+  # The error load_split raises stays there, without a warning.
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert pipeline.DataError is sources.DataError
+  with pytest.raises(AttributeError, match="no_such_name"):
+    pipeline.no_such_name  # noqa: B018

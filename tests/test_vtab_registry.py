@@ -9,9 +9,9 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from vptpc.data import vtab
+from vptpc.data import decoding, vtab
 
-# vtab.md "The 19 tasks", in its order.
+# docs/references.md, "VTAB-1k: the 19 tasks", in its order.
 VTAB_ORDER = [
   "caltech101",
   "cifar100",
@@ -34,7 +34,7 @@ VTAB_ORDER = [
   "smallnorb_ele",
 ]
 
-# vpt.md §6/§7 column n.
+# docs/references.md, "VPT: per-task prompt counts".
 PROMPTS = {
   "cifar100": 10,
   "caltech101": 10,
@@ -234,19 +234,19 @@ def _clevr(depths):
   ],
 )
 def test_clevr_dist(depths, label):
-  assert vtab._clevr_dist(_clevr(depths)) == label
+  assert decoding.clevr_dist(_clevr(depths)) == label
   assert vtab.VTAB["clevr_dist"].example_fn(_clevr(depths))[1] == label
 
 
 def test_clevr_dist_out_of_range_is_not_clipped():
-  assert vtab._clevr_dist(_clevr([150.0])) == 6
-  assert vtab._clevr_dist(_clevr([-1.0])) == -1
+  assert decoding.clevr_dist(_clevr([150.0])) == 6
+  assert decoding.clevr_dist(_clevr([-1.0])) == -1
 
 
 @pytest.mark.parametrize("n,label", [(3, 0), (6, 3), (10, 7), (11, 8)])
 def test_clevr_count(n, label):
   example = _clevr([9.0] * n)
-  assert vtab._clevr_count(example) == label
+  assert decoding.clevr_count(example) == label
   assert vtab.VTAB["clevr_count"].example_fn(example)[1] == label
 
 
@@ -274,7 +274,7 @@ def _kitti(objects):
   ],
 )
 def test_kitti_dist(objects, label):
-  assert vtab._kitti_dist(_kitti(objects)) == label
+  assert decoding.kitti_dist(_kitti(objects)) == label
   assert vtab.VTAB["kitti_dist"].example_fn(_kitti(objects))[1] == label
 
 
@@ -292,7 +292,7 @@ def _dsprites(x=0, orientation=0):
   "x,label", [(0, 0), (1, 0), (2, 1), (17, 8), (31, 15), (32, 16)]
 )
 def test_dsprites_loc(x, label):
-  assert vtab._dsprites_loc(_dsprites(x=x)) == label
+  assert decoding.dsprites_loc(_dsprites(x=x)) == label
 
 
 @pytest.mark.parametrize(
@@ -300,7 +300,7 @@ def test_dsprites_loc(x, label):
   [(0, 0), (2, 0), (3, 1), (5, 2), (24, 9), (25, 10), (39, 15)],
 )
 def test_dsprites_ori(orientation, label):
-  assert vtab._dsprites_ori(_dsprites(orientation=orientation)) == label
+  assert decoding.dsprites_ori(_dsprites(orientation=orientation)) == label
   assert label == int(np.floor(orientation / 2.5))
 
 
@@ -421,32 +421,34 @@ def _encode(array, fmt):
 
 def test_decode_image_bytes():
   rgb = _image(6, 7)
-  np.testing.assert_array_equal(vtab.decode_image(_encode(rgb, "PNG")), rgb)
+  np.testing.assert_array_equal(decoding.decode_image(_encode(rgb, "PNG")), rgb)
   gray = np.arange(42, dtype=np.uint8).reshape(6, 7)
-  out = vtab.decode_image(_encode(gray, "PNG"))
+  out = decoding.decode_image(_encode(gray, "PNG"))
   assert out.shape == (6, 7, 3)
   np.testing.assert_array_equal(out, np.repeat(gray[..., None], 3, -1))
-  jpeg = vtab.decode_image(np.bytes_(_encode(rgb, "JPEG")))
+  jpeg = decoding.decode_image(np.bytes_(_encode(rgb, "JPEG")))
   assert jpeg.shape == (6, 7, 3) and jpeg.dtype == np.uint8
 
 
 def test_decode_image_arrays():
   gray = np.arange(20, dtype=np.uint8).reshape(4, 5)
   for value in (gray, gray[..., None]):
-    out = vtab.decode_image(value)
+    out = decoding.decode_image(value)
     assert out.shape == (4, 5, 3) and out.dtype == np.uint8
     np.testing.assert_array_equal(out[..., 2], gray)
   rgb = _image()
-  assert vtab.decode_image(rgb) is rgb
-  np.testing.assert_array_equal(vtab.decode_image(rgb.astype(np.int64)), rgb)
+  assert decoding.decode_image(rgb) is rgb
+  np.testing.assert_array_equal(
+    decoding.decode_image(rgb.astype(np.int64)), rgb
+  )
   with pytest.raises(ValueError, match="shape"):
-    vtab.decode_image(np.zeros((4, 5, 4), np.uint8))
+    decoding.decode_image(np.zeros((4, 5, 4), np.uint8))
   with pytest.raises(ValueError, match="uint8"):
-    vtab.decode_image(np.zeros((4, 5, 3), np.float32))
+    decoding.decode_image(np.zeros((4, 5, 3), np.float32))
 
 
 # ---------------------------------------------------------------------------
-# Published aggregates (vpt.md §6).
+# Published aggregates (docs/references.md, "VPT: published numbers").
 
 
 @pytest.mark.parametrize("method", ["vpt_deep", "full_ft"])
@@ -481,3 +483,11 @@ def test_vpt_deep_means_are_the_reference_values():
     54.98,
   )
   assert (deep["mean_of_groups"], deep["mean_19"]) == (71.96, 69.43)
+
+
+def test_moved_names_warn_and_resolve():
+  for name in ("decode_image", "CLEVR_DIST_THRESHOLDS"):
+    with pytest.warns(DeprecationWarning, match=f"vptpc.data.decoding.{name}"):
+      assert getattr(vtab, name) is getattr(decoding, name)
+  with pytest.raises(AttributeError, match="no_such_name"):
+    vtab.no_such_name  # noqa: B018

@@ -23,9 +23,10 @@ the numbers behind it):
   ``rank_energy``, the fewest singular values holding ``energy`` (default
   0.9) of the squared Frobenius norm. The CSV reports least-squares fits of
   rank against log(n) and against n (n = number of tokens) with their R^2;
-  the paper's (secondary-source, pc.md §2) claim is that the rank stays low
-  and grows logarithmically with the number of prompts. Prompts are VPT's
-  random init, or the trained prompts of a ``curve`` run when
+  the paper's claim (secondary; docs/references.md, "PC: secondary
+  claims") is that the rank stays low and grows logarithmically with the
+  number of prompts. Prompts are VPT's random init, or the trained prompts
+  of a ``curve`` run when
   ``--prompts_dir`` points at it and a run with that count exists (the CSV
   says which).
 * ``heatmap``: the importance scores of a PC run over (layer, prompt), kept
@@ -49,13 +50,18 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
+from vptpc import build, flops, train
 from vptpc import prompts as prompts_lib
+from vptpc.data import pipeline
 from vptpc.models import registry, vit
 
 
 def _plt():
   """Returns pyplot on the file-only backend (no display needed)."""
+  # Imported when a plot is drawn: matplotlib costs about a second to import.
   import matplotlib
 
   matplotlib.use("Agg")
@@ -287,9 +293,7 @@ def accuracy_curve(
   Each run lives in ``<workdir>/p{count}_s{seed}`` (resumable: a finished
   run is read back, not retrained).
   """
-  from vptpc import flops, train
-
-  model = train.build_model(config)
+  model = build.build_model(config)
   rows = []
   for seed in seeds:
     for c in counts:
@@ -376,8 +380,6 @@ def plot_curve(rows: Sequence[Mapping[str, Any]], path: str) -> None:
 
 def eval_images(config, num_images: int) -> np.ndarray:
   """The first ``num_images`` normalised images of the eval split."""
-  from vptpc.data import pipeline
-
   split = pipeline.split_from_config(config, "eval")
   batch = next(
     pipeline.eval_batches(
@@ -401,8 +403,6 @@ def _trained_prompts(prompts_dir: str, seed: int) -> dict[int, Any]:
 
 def run_command(command: str, flag_values: Any) -> dict[str, Any]:
   """Runs one command with parsed flags; returns paths and summary numbers."""
-  from vptpc import train
-
   out = flag_values.out
   os.makedirs(out, exist_ok=True)
   ints = lambda s: [int(v) for v in str(s).split(":") if v != ""]  # noqa: E731
@@ -423,7 +423,7 @@ def run_command(command: str, flag_values: Any) -> dict[str, Any]:
   if not counts or min(counts) < 0:
     raise ValueError(f"--counts={flag_values.counts!r}: need ints >= 0.")
   if command == "rank":
-    model = train.build_model(config)
+    model = build.build_model(config)
     fam = registry.family_of(model)
     if not fam.GLOBAL_ATTENTION:
       raise ValueError(
@@ -431,7 +431,7 @@ def run_command(command: str, flag_values: Any) -> dict[str, Any]:
         f"{fam.DISPLAY}): it reads square attention maps over [cls, "
         "prompts, patches], and a Swin attends within windows."
       )
-    backbone, _ = train.load_backbone(config, model)
+    backbone, _ = build.load_backbone(config, model)
     trained = (
       _trained_prompts(flag_values.prompts_dir, config.seed)
       if flag_values.prompts_dir
@@ -467,9 +467,6 @@ def run_command(command: str, flag_values: Any) -> dict[str, Any]:
 
 def _define_flags():
   """Defines the flags when run as a program (not at import time)."""
-  from absl import flags
-  from ml_collections import config_flags
-
   config_flags.DEFINE_config_file("config", None, "Run config (curve, rank).")
   flags.DEFINE_string("out", None, "Output directory.")
   flags.DEFINE_string("counts", "0:1:2:5:10:20:50", "Prompt counts, a:b:c.")
@@ -485,8 +482,6 @@ def _define_flags():
 
 def main(argv):
   """Entry point: ``python -m vptpc.analysis {curve,rank,heatmap} ...``."""
-  from absl import flags
-
   if len(argv) != 2:
     sys.exit("usage: python -m vptpc.analysis {curve,rank,heatmap} --out=DIR")
   try:
@@ -515,7 +510,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app
-
   _define_flags()
   app.run(main)

@@ -30,7 +30,14 @@ from vptpc import checkpoint, config_util, hub, optim
 from vptpc import prompts as prompts_lib
 from vptpc.data import pipeline
 from vptpc.models import registry, swin, vit
+from vptpc.models.levers import Levers
 from vptpc.steps import TrainState, create_train_state
+
+# ``config.model.head_init``: VPT's head init, or kernel and bias zero.
+HEAD_INITS = ("vpt", "zeros")
+# ``config.model.prelogit_norm``: raw pre-logits, or standardised with the
+# frozen backbone's statistics (`prelogit_stats`, `standardize_prelogits`).
+PRELOGIT_NORMS = ("none", "standardize")
 
 
 @dataclasses.dataclass
@@ -85,14 +92,16 @@ def build_model(
   The family follows from ``config.model.name``
   (`vptpc.models.registry.model_family`: names starting with ``swin`` are
   Swins, ``swin-testing`` the tiny test Swin; all others ViTs). The
-  ViT-only keys ``attention_impl``, ``fuse_qkv``, ``gelu_vjp``,
-  ``ln_vjp``, ``cudnn_multiple`` and ``kv_stacked`` must keep their
-  defaults for a Swin (an error names them otherwise).
+  ViT-only keys ``attention_impl``, ``cudnn_multiple`` and ``kv_stacked``
+  are the model's `vptpc.models.levers.Levers` and must keep their
+  defaults for a Swin (an error names them otherwise). The removed
+  levers' keys (`config_util.REMOVED_MODEL_KEYS`) warn when set.
 
   Raises:
     ValueError: an unknown ``config.model.name`` (named, with the known
       names) or a ViT-only key set for a Swin.
   """
+  config_util.warn_removed_keys(config)
   return registry.create_model(
     config.model.name,
     num_classes=config.data.num_classes,
@@ -100,12 +109,11 @@ def build_model(
     kv_shared=config.model.get("kv_shared", True),
     prompt_dropout=config.prompt.dropout,
     dtype=jnp.dtype(config.model.dtype),
-    attention_impl=config.model.get("attention_impl") or None,
-    fuse_qkv=config.model.get("fuse_qkv", False),
-    gelu_vjp=registry.own_vjp_setting(config.model.get("gelu_vjp", "auto")),
-    ln_vjp=registry.own_vjp_setting(config.model.get("ln_vjp", "auto")),
-    cudnn_multiple=config.model.get("cudnn_multiple", 0),
-    kv_stacked=config.model.get("kv_stacked", False),
+    levers=Levers(
+      attention_impl=config.model.get("attention_impl", ""),
+      cudnn_multiple=config.model.get("cudnn_multiple", 0),
+      kv_stacked=config.model.get("kv_stacked", False),
+    ),
     **config_util.parse_arch(config.model.get("arch", "")),
   )
 
@@ -130,18 +138,19 @@ _NOT_IN_PROGRAM = (
 def program_key(config: ml_collections.ConfigDict, steps_per_epoch: int) -> str:
   """What the jitted train and eval steps of a run are a function of.
 
-  The whole config except `_NOT_IN_PROGRAM`, the checkpoint path and the
-  data's location and split names, plus the steps per epoch (the LR
-  schedule's unit). Shapes (prompt counts, batch) are not in it: jit
-  specialises on them by itself.
+  The whole config except `_NOT_IN_PROGRAM`, the checkpoint path, the
+  removed levers' keys and the data's location and split names, plus the
+  steps per epoch (the LR schedule's unit). Shapes (prompt counts, batch)
+  are not in it: jit specialises on them by itself.
   """
   d = config.to_dict()
   for k in _NOT_IN_PROGRAM:
     d.pop(k, None)
+  skip = ("checkpoint_path", "init_seed", "prelogit_norm_images")
   d["model"] = {
     k: v
     for k, v in d["model"].items()
-    if k not in ("checkpoint_path", "init_seed", "prelogit_norm_images")
+    if k not in skip and k not in config_util.REMOVED_MODEL_KEYS
   }
   d["data"] = {
     k: d["data"].get(k) for k in ("normalize", "image_size", "num_classes")
@@ -220,9 +229,10 @@ def load_backbone(
   size = config.data.image_size
   rng = jax.random.key(config.seed)
   head_init = config.model.get("head_init", "vpt")
-  if head_init not in ("vpt", "zeros"):
+  if head_init not in HEAD_INITS:
     raise ValueError(
-      f"config.model.head_init must be 'vpt' or 'zeros', got {head_init!r}."
+      f"config.model.head_init must be one of {', '.join(HEAD_INITS)}, got "
+      f"{head_init!r}."
     )
   t0 = time.perf_counter()
   head = _init_fn(model, size, "head")(rng)

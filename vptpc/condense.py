@@ -2,11 +2,12 @@
 
 Kim et al., "Do We Really Need a Large Number of Visual Prompts?"
 (arXiv:2305.17223). The paper's method section could not be checked
-(pc.md): what is verified is the claim (about 70% fewer prompts at the same
-accuracy on VTAB-1k and FGVC) and, from a secondary summary, that the scoring
-is gradient-based, global across layers, and that only the kept prompts are
-fine-tuned. Everything else here is a reconstruction, and every choice is a
-knob with the default documented as an assumption:
+(docs/references.md, "PC: what is verified"): what is verified is the claim
+(about 70% fewer prompts at the same accuracy on VTAB-1k and FGVC) and, from
+a secondary summary, that the scoring is gradient-based, global across
+layers, and that only the kept prompts are fine-tuned. Everything else here
+is a reconstruction, and every choice is a knob with the default documented
+as an assumption:
 
 1. `importance_scores`: a multiplicative mask ``m`` (one entry per layer and
    prompt, all ones) scales the prompts, ``p' = m * p``; the gradient
@@ -24,7 +25,7 @@ knob with the default documented as an assumption:
    them (``reproject``):
 
    * ``none``: the kept prompts' trained values (the reconstruction's
-     default, pc.md §3);
+     default, docs/references.md, "PC: reconstruction");
    * ``distill``: a few Adam steps on the kept prompts only, minimising the
      squared distance between the condensed and the full model's class-token
      features on training images. Why this form: what the discarded prompts
@@ -44,9 +45,10 @@ knob with the default documented as an assumption:
      mean of two prompts is not the sum of their contributions. Discarded
      prompts of a layer that keeps none are dropped.
 
-Subtlety (pc.md §3): the Taylor term estimates *zeroing* a prompt vector,
-which in this architecture is not removing the token (LN(0) = beta still
-yields a key/value); scores rank prompts, and `condense` removes them.
+Subtlety (docs/references.md, "PC: reconstruction"): the Taylor term
+estimates *zeroing* a prompt vector, which in this architecture is not
+removing the token (LN(0) = beta still yields a key/value); scores rank
+prompts, and `condense` removes them.
 """
 
 from __future__ import annotations

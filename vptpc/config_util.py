@@ -1,201 +1,33 @@
-"""Typed parsing of the single config-string argument of ``get_config``.
+"""The run config: every key with its default, its checks, and resumes.
 
-``get_config("task=dtd,num_prompts=50,smoke")`` lets one config file serve
-every task and variant (style.md, guideline 2). The string is parsed against a
-spec of keys with typed defaults, so a typo or a badly typed value fails at
-start-up rather than silently training the wrong model.
+`base_config` declares every training key with its default (the files in
+``configs/`` override them and parse their argument string with
+`vptpc.config_args.parse_arg`); `problems` and `validate` check the values a
+config file or an override could get wrong, each list of choices taken from
+the module that owns it; `changed_keys` tells which keys may change when a
+workdir is run again.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
+import warnings
 from typing import Any
 
 import ml_collections
 
-from vptpc.data import pipeline
-
-_TRUE = ("true", "1", "yes")
-_FALSE = ("false", "0", "no")
-
-
-def _type_name(default: Any) -> str:
-  """Describes the type expected for a key, for error messages."""
-  if default is None:
-    return "str"
-  if isinstance(default, tuple):
-    elem = type(default[0]).__name__ if default else "str"
-    return f"tuple of {elem} (colon-separated, e.g. a:b:c)"
-  return type(default).__name__
-
-
-def _convert_scalar(text: str, default: Any) -> Any:
-  """Converts `text` to the type of `default`, raising ValueError if it fails.
-
-  Args:
-    text: The value as written in the config string.
-    default: A default whose type selects the conversion; None means str.
-
-  Returns:
-    The converted value.
-
-  Raises:
-    ValueError: If `text` is not a valid literal of the type.
-  """
-  # bool first: it is a subclass of int.
-  if isinstance(default, bool):
-    lowered = text.lower()
-    if lowered in _TRUE:
-      return True
-    if lowered in _FALSE:
-      return False
-    raise ValueError(f"use one of {', '.join(_TRUE + _FALSE)}")
-  if isinstance(default, int):
-    try:
-      return int(text)
-    except ValueError:
-      raise ValueError("not an integer literal") from None
-  if isinstance(default, float):
-    try:
-      return float(text)
-    except ValueError:
-      raise ValueError("not a float literal") from None
-  if default is None or isinstance(default, str):
-    return text
-  raise TypeError(f"unsupported default type {type(default).__name__}")
-
-
-def _convert(key: str, text: str, default: Any) -> Any:
-  """Converts the value of `key`, wrapping failures in a uniform message."""
-  try:
-    if isinstance(default, tuple):
-      elem = default[0] if default else ""
-      if not text:
-        return ()
-      out = []
-      for t in text.split(":"):
-        try:
-          out.append(_convert_scalar(t.strip(), elem))
-        except ValueError as e:
-          raise ValueError(f"element {t.strip()!r}: {e}") from None
-      return tuple(out)
-    return _convert_scalar(text, default)
-  except ValueError as e:
-    raise ValueError(
-      f"Bad value {text!r} for config key {key!r}: expected "
-      f"{_type_name(default)} ({e})."
-    ) from None
-
-
-def _check_spec(spec: dict[str, Any]) -> None:
-  """Raises TypeError for defaults whose type `parse_arg` cannot parse."""
-  scalar = (bool, int, float, str, type(None))
-  for key, default in spec.items():
-    if isinstance(default, tuple):
-      bad = [x for x in default if not isinstance(x, (bool, int, float, str))]
-    else:
-      bad = [] if isinstance(default, scalar) else [default]
-    if bad:
-      raise TypeError(
-        f"Default for config key {key!r} must be a bool, int, float, str, "
-        f"None or a tuple of one of the first four; got {default!r}."
-      )
-
-
-def _guess(text: str) -> Any:
-  """Infers int, float, bool or str for a key missing from the spec."""
-  # Without a digit, words such as "nan" or "inf" stay strings.
-  if not any(c.isdigit() for c in text):
-    lowered = text.lower()
-    return lowered == "true" if lowered in ("true", "false") else text
-  for convert in (int, float):
-    try:
-      return convert(text)
-    except ValueError:
-      pass
-  return text
-
-
-def parse_arg(
-  arg: str | None, *, lazy: bool = False, **spec: Any
-) -> ml_collections.ConfigDict:
-  """Parses a ``key=value,key,...`` config string against typed defaults.
-
-  Example::
-
-    parse_arg("task=dtd,num_prompts=50,smoke,counts=1:2:3",
-              task="cifar100", num_prompts=10, smoke=False, counts=(1,))
-    # -> task="dtd", num_prompts=50, smoke=True, counts=(1, 2, 3)
-
-  Items are separated by commas, and whitespace around items, keys and values
-  is ignored (empty items too, e.g. a trailing comma). Each value is converted
-  with the type of its default:
-
-  * ``bool``: ``true/false/1/0/yes/no`` in any case; a bare ``key`` means
-    True and is only allowed for bool keys.
-  * ``int``, ``float``, ``str``: the usual literals; ``1.5`` is not an int.
-  * ``None``: the value is kept as a str.
-  * ``tuple``: colon-separated elements (commas separate items), each
-    converted like the default's first element, or kept as str when the
-    default is empty. An empty value gives an empty tuple.
-
-  Args:
-    arg: The config string; None or empty returns the defaults.
-    lazy: If True, keys missing from `spec` are accepted, with an int, float,
-      bool (``true``/``false``) or str value inferred from the text (a bare key
-      gives True). If False, such keys raise.
-    **spec: Every accepted key with its typed default.
-
-  Returns:
-    An unlocked ConfigDict holding every key of `spec`, overridden by `arg`,
-    plus any extra keys allowed by `lazy`.
-
-  Raises:
-    ValueError: On an unknown key (listing the valid ones), a badly typed
-      value (naming key, value and expected type), a bare non-bool key, an
-      empty key or a duplicate key.
-    TypeError: If a default in `spec` has an unsupported type.
-  """
-  _check_spec(spec)
-  values = dict(spec)
-  seen = set()
-  for item in (arg or "").split(","):
-    item = item.strip()
-    if not item:
-      continue
-    key, has_value, text = item.partition("=")
-    key, text = key.strip(), text.strip()
-    if not key:
-      raise ValueError(f"Empty key in config item {item!r} of {arg!r}.")
-    if key in seen:
-      raise ValueError(f"Duplicate config key {key!r} in {arg!r}.")
-    seen.add(key)
-    if key not in spec:
-      if not lazy:
-        raise ValueError(
-          f"Unknown config key {key!r} in {arg!r}; valid keys: "
-          f"{', '.join(sorted(spec)) or '(none)'}."
-        )
-      values[key] = _guess(text) if has_value else True
-      continue
-    default = spec[key]
-    if not has_value:
-      if not isinstance(default, bool):
-        raise ValueError(
-          f"Config key {key!r} needs a value ({key}=...): a bare key is only "
-          f"allowed for bool keys, and {key!r} expects "
-          f"{_type_name(default)}."
-        )
-      values[key] = True
-      continue
-    values[key] = _convert(key, text, default)
-  return ml_collections.ConfigDict(values)
+from vptpc import condense, config_args, hub, parallel, prompts, protocol_runs
+from vptpc.data import device, preprocessing, sources, vtab
+from vptpc.models import levers, registry
 
 
 class ConfigError(ValueError):
   """A config value is invalid; the message names the key."""
 
 
-# A timm checkpoint's input statistics -> the `vptpc.data.pipeline` mode.
+# A timm checkpoint's input statistics -> its `config.data.normalize` mode.
 _NORMALIZE_OF_MEAN = {
   (0.5, 0.5, 0.5): "minus1_1",
   (0.485, 0.456, 0.406): "imagenet",
@@ -243,11 +75,9 @@ def pretrained_preprocessing(name: str) -> dict[str, Any]:
   """What a timm checkpoint name says of its input, as config values.
 
   ``{"image_size", "normalize", "interpolation"}`` from the checkpoint's
-  row (`vptpc.models.vit.TIMM_WEIGHTS`, timm's pretrained config), or {}
-  for a name without one (vit_jax's variants, Swins).
+  row (`vptpc.models.vit_variants.TIMM_WEIGHTS`, timm's pretrained config),
+  or {} for a name without one (vit_jax's variants, Swins).
   """
-  from vptpc.models import registry  # the model package sits above config
-
   pre = registry.pretrained(name)
   if pre is None:
     return {}
@@ -267,9 +97,6 @@ def default_checkpoint(name: str) -> str:
   fetched once by ``python -m vptpc.prepare --weights=timm/<name>``), else
   "".
   """
-  from vptpc import hub
-  from vptpc.models import registry
-
   std = registry.standard_checkpoint(name)
   if std:
     return std
@@ -283,7 +110,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   All keys are declared here so that a locked config rejects typos such as
   ``--config.base_lrr=1``. Defaults follow the official VPT recipe
-  (vpt.md §§3-5); comments give the source.
+  (docs/references.md, "VPT: optimiser and schedule", "VPT: protocol");
+  comments give the source.
   """
   c = ml_collections.ConfigDict()
   c.seed = 42  # VPT final runs use seeds 42, 44, 82, 100, 800.
@@ -302,36 +130,33 @@ def base_config() -> ml_collections.ConfigDict:
   # of the same family and variant, for tests; "" for the named one.
   c.model.arch = ""
   c.model.init_seed = 0  # Seed of a random backbone (checkpoint_path "").
-  c.model.kv_only = True  # Exact and cheaper for VPT-Deep (vpt.md §2).
+  # Exact and cheaper for VPT-Deep (docs/references.md, "VPT: prompts").
+  c.model.kv_only = True
   # With kv_only: project prompt keys/values once per batch and share them
   # (True), or per image (False). Exact either way; prompt dropout forces
   # per-image keys/values while training.
   c.model.kv_shared = True
   c.model.dtype = "float32"  # bfloat16 on TPU/GPU for speed.
-  # "": per backend (vptpc.models.vit.resolve_attention_impl): matmul on
-  # CPU, cuDNN flash attention on NVIDIA GPUs in bf16/fp16, XLA's elsewhere.
-  # ViT only (a Swin needs "").
+  # The speed levers (vptpc.models.levers.Levers; each computes the same
+  # function). "": attention per backend (levers.resolve_attention_impl):
+  # matmul on CPU, cuDNN flash attention on NVIDIA GPUs in bf16/fp16, XLA's
+  # elsewhere. ViT only (a Swin needs "").
   c.model.attention_impl = ""
-  # One matmul for the query, key and value projections (same parameters);
-  # ViT only (a Swin needs False).
-  c.model.fuse_qkv = False
-  # The MLP's exact GELU / the blocks' LayerNorms with their own backward
-  # pass (vptpc.models.vit.exact_gelu / layer_norm): the same function and
-  # gradients, less kept for the backward. auto: per lever and backend
-  # (vit.own_vjp_default: the LayerNorms' on GPUs, the GELU's nowhere, as
-  # measured on an H200); on | off. ViT only (a Swin needs auto).
-  c.model.gelu_vjp = "auto"
-  c.model.ln_vjp = "auto"
   # With cuDNN attention, pad query and key lengths to a multiple of this
-  # (0: vit.CUDNN_PAD, 8; 1 pads nothing; 1 or 2 may be enough, unverified).
-  # The same function; stays 0 until a GPU measures 1 and 2
+  # (0: levers.CUDNN_PAD, 8; 1 pads nothing; 1 or 2 may be enough,
+  # unverified). Stays 0 until a GPU measures 1 and 2
   # (benchmarks/gpu_ablation.py). ViT only (a Swin needs 0).
   c.model.cudnn_multiple = 0
   # On the shared key/value path, compute every block's prompt keys and
   # values before the blocks in one batched computation (fewer, larger
-  # kernels). The same function; off until a GPU measures it. ViT only (a
-  # Swin needs False).
+  # kernels); off until a GPU measures it. ViT only (a Swin needs False).
   c.model.kv_stacked = False
+  # Removed levers (docs/performance.md: they measured no faster), accepted
+  # so that older configs load: a value other than the default warns and
+  # has no effect; drop the key.
+  c.model.fuse_qkv = False
+  c.model.gelu_vjp = "auto"  # Removed, as model.fuse_qkv.
+  c.model.ln_vjp = "auto"  # Removed, as model.fuse_qkv.
   # "vpt": VPT's head init (kaiming normal fan_out, 1%-prior bias);
   # "zeros": kernel and bias zero, as vit_jax and big_vision fine-tune.
   c.model.head_init = "vpt"
@@ -390,14 +215,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 128  # global, padded and masked at the end
   c.total_epochs = 100  # VPT: 100
   c.warmup_epochs = 10  # linear warmup, then cosine (VPT: 10)
-  c.base_lr = 0.25  # lr = base_lr * batch_size / 256 (vpt.md §4).
+  # lr = base_lr * batch_size / 256 (docs/references.md, "VPT: optimiser and
+  # schedule").
+  c.base_lr = 0.25
   c.weight_decay = 1e-4  # Coupled L2, not on the head bias.
   c.momentum = 0.9  # SGD momentum (VPT: 0.9)
   c.per_step_schedule = False  # Official: LR stepped once per epoch.
   c.train_head = True  # False: prompts only, the head stays as given
 
   # Prompt Condensation (vptpc.condense); keep = 0 switches it off. Every
-  # default is an assumption (the paper's method is unverified, pc.md).
+  # default is an assumption (docs/references.md, "PC: reconstruction").
   c.condense = ml_collections.ConfigDict()
   c.condense.keep = 0.0  # fraction of all prompts kept, e.g. 0.3
   c.condense.score_fn = "taylor"  # taylor | taylor_abs | grad_norm | random
@@ -410,9 +237,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.condense.ft_base_lr = -1.0  # -1: same as base_lr
   c.condense.ft_head = True  # fine-tune the head with the kept prompts
 
-  # VTAB-1k protocol (vpt.md §5; vptpc.protocol): single = one run;
-  # tune = the lr x wd grid on train800 -> val200; final = seeds on
-  # train800val200 -> test with the tuned lr/wd.
+  # VTAB-1k protocol (docs/references.md, "VPT: protocol"; vptpc.protocol):
+  # single = one run; tune = the lr x wd grid on train800 -> val200; final =
+  # seeds on train800val200 -> test with the tuned lr/wd.
   c.protocol = ml_collections.ConfigDict()
   c.protocol.mode = "single"  # single | tune | final
   # tune_vtab.py::get_lrwd_range('prompt'); FGVC drops 0.05.
@@ -454,8 +281,6 @@ def shrink_for_smoke(c: ml_collections.ConfigDict) -> None:
   2 prompts, batches of 8, one epoch, two grid points and two seeds: the
   whole protocol's plumbing for tests, not a result.
   """
-  from vptpc.models import registry
-
   c.model.name = registry.family_of_name(c.model.name).SMOKE_MODEL
   c.model.checkpoint_path = ""
   c.data.image_size = 32
@@ -469,26 +294,30 @@ def shrink_for_smoke(c: ml_collections.ConfigDict) -> None:
   c.progress_bar = False
 
 
+# Each key's allowed values, from the module that acts on them. `vptpc.build`
+# imports this module, so its two lists are repeated here and tied to
+# `vptpc.build.PRELOGIT_NORMS` / `HEAD_INITS` by tests/test_config_util.py.
+_PRELOGIT_NORMS = ("none", "standardize")
+_HEAD_INITS = ("vpt", "zeros")
 _CHOICES = {
-  "prompt.variant": ("deep", "shallow"),
-  "prompt.init": ("vpt", "tokens"),
-  "model.prelogit_norm": ("none", "standardize"),
-  "data.normalize": pipeline.NORMALIZATIONS,
-  "data.source": ("tfds", "folder"),
-  "data.preprocess": pipeline.PREPROCESS,
-  "data.interpolation": pipeline.INTERPOLATIONS,
-  "data.on_device": ("auto", "never"),
-  "data.verify_images": ("header", "decode", "off"),
+  "prompt.variant": prompts.VARIANTS,
+  "prompt.init": prompts.INITS,
+  "model.prelogit_norm": _PRELOGIT_NORMS,
+  "data.normalize": preprocessing.NORMALIZATIONS,
+  "data.source": sources.SOURCES,
+  "data.preprocess": preprocessing.PREPROCESS,
+  "data.interpolation": preprocessing.INTERPOLATIONS,
+  "data.on_device": device.ON_DEVICE,
+  "data.verify_images": sources.VERIFY_IMAGES,
+  # JAX's names of the compute dtypes (no module dispatches on them).
   "model.dtype": ("float32", "bfloat16", "float16"),
-  "model.attention_impl": ("", "matmul", "xla", "cudnn"),
-  "model.gelu_vjp": ("auto", "on", "off"),
-  "model.ln_vjp": ("auto", "on", "off"),
-  "parallel": ("auto", "jit", "pmap"),
-  "protocol.mode": ("single", "tune", "final"),
-  "condense.score_fn": ("taylor", "taylor_abs", "grad_norm", "random"),
-  "condense.aggregation": ("abs_of_sum", "sum_of_abs"),
-  "condense.scope": ("global", "per_layer"),
-  "condense.reproject": ("none", "distill", "merge"),
+  "model.attention_impl": ("",) + levers.ATTENTION_IMPLS,
+  "parallel": parallel.MODES,
+  "protocol.mode": protocol_runs.MODES,
+  "condense.score_fn": condense.SCORE_FNS,
+  "condense.aggregation": condense.AGGREGATIONS,
+  "condense.scope": condense.SCOPES,
+  "condense.reproject": condense.REPROJECTIONS,
 }
 _POSITIVE = (
   "batch_size",
@@ -563,13 +392,11 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
       f"config.warmup_epochs={config.warmup_epochs} must be in "
       f"[0, total_epochs={config.total_epochs})."
     )
-  if config.model.get("head_init", "vpt") not in ("vpt", "zeros"):
+  if config.model.get("head_init", "vpt") not in _HEAD_INITS:
     out.append(
       f"config.model.head_init={config.model.head_init!r} is not one of "
-      "vpt, zeros."
+      f"{', '.join(_HEAD_INITS)}."
     )
-  from vptpc.models import registry
-
   # An unknown model name, or a ViT-only key set for a Swin.
   out += registry.model_problems(config.model)
   try:
@@ -581,8 +408,6 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
       config.model, config.data.image_size, arch
     )
   if config.data.task:
-    from vptpc.data import vtab
-
     if config.data.task not in vtab.TASKS:
       out.append(
         f"config.data.task={config.data.task!r} is not a known task; known: "
@@ -666,14 +491,28 @@ SAFE_TO_CHANGE = (
   "data.cache_max_gb",
   "data.verify_images",
   "model.attention_impl",
-  "model.fuse_qkv",
-  "model.gelu_vjp",
-  "model.ln_vjp",
   "model.cudnn_multiple",
   "model.kv_stacked",
 )
 # Subtrees a training stage does not compare (see above).
 STAGE_IGNORES = ("protocol", "condense")
+# Keys of levers that were removed, with their defaults: still accepted (a
+# stored config.json holds them), never compared, and a value other than
+# the default warns (`warn_removed_keys`).
+REMOVED_MODEL_KEYS = {"fuse_qkv": False, "gelu_vjp": "auto", "ln_vjp": "auto"}
+
+
+def warn_removed_keys(config: ml_collections.ConfigDict) -> None:
+  """A DeprecationWarning for each removed key set to a non-default value."""
+  for key, default in REMOVED_MODEL_KEYS.items():
+    value = config.model.get(key, default)
+    if value != default:
+      warnings.warn(
+        f"config.model.{key}={value!r}: this lever was removed (it measured "
+        "no faster, docs/performance.md) and has no effect; drop the key.",
+        DeprecationWarning,
+        stacklevel=2,
+      )
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -689,8 +528,6 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def _plain(v: Any) -> Any:
   """JSON's view of a value (tuples are lists), as config.json stores it."""
-  import json
-
   return json.loads(json.dumps(v, default=str))
 
 
@@ -709,7 +546,8 @@ def changed_keys(
 
   Returns:
     ``(unsafe, safe)``: lists of ``(dotted key, stored value, new value)``
-    (see `SAFE_TO_CHANGE`), sorted by key.
+    (see `SAFE_TO_CHANGE`; `REMOVED_MODEL_KEYS` are not compared), sorted
+    by key.
   """
   a, b = _flatten(_plain(stored)), _flatten(_plain(new))
   standardize = (
@@ -717,7 +555,8 @@ def changed_keys(
     or a.get("model.prelogit_norm") == "standardize"
   )
   unsafe, safe = [], []
-  for key in sorted(set(a) & set(b)):
+  removed = {f"model.{k}" for k in REMOVED_MODEL_KEYS}
+  for key in sorted(set(a) & set(b) - removed):
     if key.split(".")[0] in ignore or key == "overwrite" or a[key] == b[key]:
       continue
     is_safe = key in SAFE_TO_CHANGE
@@ -745,9 +584,6 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   Raises:
     FileNotFoundError: no such config file (named).
   """
-  import importlib.util
-  import os
-
   path, _, arg = spec.partition(":")
   if not os.path.exists(path):
     raise FileNotFoundError(f"Config file {path!r} does not exist.")
@@ -755,3 +591,21 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   mod = importlib.util.module_from_spec(mod_spec)
   mod_spec.loader.exec_module(mod)
   return mod.get_config(arg or None)
+
+
+# Names that moved to the module that owns them: each still answers here,
+# with a DeprecationWarning naming its new spelling.
+_MOVED = {"parse_arg": config_args}
+
+
+def __getattr__(name: str) -> Any:
+  """Former names of this module (see `_MOVED`)."""
+  if name in _MOVED:
+    new = f"{_MOVED[name].__name__}.{name}"
+    warnings.warn(
+      f"{__name__}.{name} is deprecated: use {new}.",
+      DeprecationWarning,
+      stacklevel=2,
+    )
+    return getattr(_MOVED[name], name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,7 +13,7 @@ per-task key/value cache (`vptpc.models.vit.build_kv_cache`: each layer's
 prompt keys and values, projected once at export time), or with
 ``--graph=full`` the prompt tokens themselves on the naive full-token
 forward, so both can be measured; the head; and the normalisation
-(`vptpc.data.pipeline.normalize`: ``imagenet`` or ``minus1_1``). Ragged
+(`vptpc.data.preprocessing.normalize`: ``imagenet`` or ``minus1_1``). Ragged
 per-layer prompt counts (condensed tasks) are fine, zero included.
 
 Not exported: resizing (feed images already at the task's size), training,
@@ -47,13 +47,15 @@ embedded backbone. Bad inputs fail with one ``error:`` line (exit status
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import importlib.metadata as md
 import json
-import logging
 import os
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -62,28 +64,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vptpc import checkpoint, config_util, hub
-from vptpc import prompts as prompts_lib
-from vptpc.data import pipeline
-from vptpc.data.pipeline import (  # noqa: F401 - re-exported
-  IMAGENET_MEAN,
-  IMAGENET_STD,
-  NORMALIZATIONS,
+import vptpc
+from vptpc import (
+  assets,
+  checkpoint,
+  config_util,
+  export_formats,
+  hub,
+  npz_checkpoint,
 )
+from vptpc import prompts as prompts_lib
+from vptpc.data import preprocessing, sources
+from vptpc.export_formats import ExportError
 from vptpc.models import registry, vit
 
-FORMATS = ("onnx", "stablehlo")
-SUFFIXES = {".onnx": "onnx", ".stablehlo": "stablehlo"}
 GRAPHS = ("kv", "full")
-INPUT_DTYPES = ("uint8", "float32")
 QUANTIZE = ("none", "int8")
-STABLEHLO_MODEL = "model.jaxexport"
-STABLEHLO_META = "metadata.json"
-INPUT_NAME, OUTPUT_NAME = "images", "logits"
-
-
-class ExportError(ValueError):
-  """An export request that cannot be carried out (the message says why)."""
 
 
 def _timm_backbone_flat(
@@ -96,8 +92,8 @@ def _timm_backbone_flat(
   """A timm ``.safetensors`` backbone as vit_jax-layout flat arrays.
 
   Loaded onto the model's template at the run's image size (or the
-  checkpoint's own, `vptpc.models.vit.TIMM_WEIGHTS`), so the position
-  embedding is resized as the run resized it.
+  checkpoint's own, `vptpc.models.vit_variants.TIMM_WEIGHTS`), so the
+  position embedding is resized as the run resized it.
   """
   pre = registry.pretrained(model_name)
   size = int(
@@ -109,15 +105,15 @@ def _timm_backbone_flat(
     lambda: vit.init_params(vit.create_model(cfg), jax.random.key(0), size)
   )
   try:
-    return checkpoint.flatten(checkpoint.load_pretrained(path, template))
-  except checkpoint.CheckpointError as e:
+    return npz_checkpoint.flatten(checkpoint.load_pretrained(path, template))
+  except npz_checkpoint.CheckpointError as e:
     raise ExportError(str(e).splitlines()[0]) from e
 
 
 def normalization(mode: str) -> tuple[np.ndarray, np.ndarray]:
   """Returns float32 (scale, shift) with ``pixels * scale + shift``.
 
-  `vptpc.data.pipeline.affine`: the same map, in the same float32
+  `vptpc.data.preprocessing.affine`: the same map, in the same float32
   arithmetic, as the host pipeline, so the in-graph preprocessing is
   bitwise the pipeline's.
 
@@ -125,8 +121,8 @@ def normalization(mode: str) -> tuple[np.ndarray, np.ndarray]:
     ExportError: an unknown mode.
   """
   try:
-    return pipeline.affine(mode)
-  except pipeline.DataError as e:
+    return preprocessing.affine(mode)
+  except sources.DataError as e:
     raise ExportError(str(e)) from None
 
 
@@ -152,8 +148,8 @@ def task_function(
     graph: ``kv``: VPT-Deep prompts as the per-task key/value cache, the
       cheap exact form; ``full``: the naive forward, prompts as tokens
       through every block (VPT-Shallow always runs this one).
-    normalize: a `vptpc.data.pipeline.NORMALIZATIONS` mode, applied to
-      0-255 pixels.
+    normalize: a `vptpc.data.preprocessing.NORMALIZATIONS` mode, applied
+      to 0-255 pixels.
     arch: ``config.model.arch`` sizes of a shrunk model (None: none).
 
   Returns:
@@ -176,14 +172,10 @@ def task_function(
       "no key/value form; export them with --graph=full."
     )
   num_classes = int(np.shape(head["kernel"])[-1])
-  # Forward only: the GELU's and LayerNorms' own VJPs (on by default on
-  # GPUs) change nothing here and would put custom-VJP calls in the graph.
   model = vit.create_model(
     model_name,
     num_classes=num_classes,
     kv_only=graph == "kv",
-    gelu_vjp=False,
-    ln_vjp=False,
     **dict(arch or {}),
   )
   as_np = lambda t: jax.tree_util.tree_map(  # noqa: E731
@@ -209,178 +201,6 @@ def task_function(
   return logits
 
 
-def _has_empty_dim(aval: Any) -> bool:
-  return any(isinstance(d, int) and d == 0 for d in aval.shape)
-
-
-def drop_empty_operands(fn: Callable[..., Any]) -> Callable[..., Any]:
-  """Returns ``fn`` re-traced without zero-size values.
-
-  jax2onnx 0.17.1 mis-converts a broadcast of a zero-size array to a
-  symbolic batch (onnxruntime then rejects a Reshape or an Add), which is
-  how the naive graph inserts a condensed layer's zero prompts. The wrapper
-  evaluates ``fn``'s jaxpr, skips equations whose only output is empty and
-  leaves empty operands out of concatenations, which changes no value.
-  """
-  from jax.extend import core as jcore
-
-  def wrapped(*args):
-    closed = jax.make_jaxpr(fn)(*args)
-    env: dict[Any, Any] = {}
-
-    def read(v):
-      return v.val if isinstance(v, jcore.Literal) else env[v]
-
-    for v, c in zip(closed.jaxpr.constvars, closed.consts, strict=True):
-      env[v] = c
-    for v, a in zip(closed.jaxpr.invars, args, strict=True):
-      env[v] = a
-    for eqn in closed.jaxpr.eqns:
-      name = eqn.primitive.name
-      if name.endswith("concatenate"):
-        invars = [v for v in eqn.invars if not _has_empty_dim(v.aval)]
-      else:
-        invars = list(eqn.invars)
-        if not eqn.primitive.multiple_results and _has_empty_dim(
-          eqn.outvars[0].aval
-        ):
-          env[eqn.outvars[0]] = None  # never read but by a concatenation
-          continue
-      ins = [read(v) for v in invars]
-      if any(x is None for x in ins):
-        raise ExportError(f"A zero-size value feeds {name}; cannot convert.")
-      # jax < 0.7 returns (subfuns, params), later jax the params alone.
-      bp = eqn.primitive.get_bind_params(eqn.params)
-      subfuns, params = bp if isinstance(bp, tuple) else ((), bp)
-      out = eqn.primitive.bind(*subfuns, *ins, **params)
-      if eqn.primitive.multiple_results:
-        for v, o in zip(eqn.outvars, out, strict=True):
-          env[v] = o
-      else:
-        env[eqn.outvars[0]] = out
-    outs = [read(v) for v in closed.jaxpr.outvars]
-    return outs[0] if len(outs) == 1 else tuple(outs)
-
-  return wrapped
-
-
-def _input_spec(image_size: int, input_dtype: str, name: str = "B"):
-  """(B, S, S, 3) with a symbolic batch."""
-  if input_dtype not in INPUT_DTYPES:
-    raise ExportError(
-      f"input_dtype must be one of {', '.join(INPUT_DTYPES)}, got "
-      f"{input_dtype!r}."
-    )
-  (b,) = jax.export.symbolic_shape(name)
-  return jax.ShapeDtypeStruct(
-    (b, image_size, image_size, 3), np.dtype(input_dtype)
-  )
-
-
-def to_onnx(
-  fn: Callable[[jax.Array], jax.Array],
-  *,
-  image_size: int,
-  input_dtype: str = "uint8",
-  metadata: Mapping[str, Any] | None = None,
-):
-  """Converts a task function to an `onnx.ModelProto` with jax2onnx.
-
-  Inputs ``images`` (B, S, S, 3) and output ``logits``; ``metadata`` goes
-  into ``metadata_props`` (values JSON-encoded unless strings).
-  """
-  import jax2onnx
-  import onnx
-
-  # jax2onnx's IR serializer warns about every shape helper it builds.
-  logging.getLogger("onnx_ir").setLevel(logging.ERROR)
-  model = jax2onnx.to_onnx(
-    drop_empty_operands(fn),
-    [_input_spec(image_size, input_dtype)],
-    model_name="vptpc_task",
-    input_names=[INPUT_NAME],
-    output_names=[OUTPUT_NAME],
-  )
-  if metadata:
-    _set_onnx_metadata(model, metadata)
-  onnx.checker.check_model(model)
-  return model
-
-
-def _set_onnx_metadata(model, metadata: Mapping[str, Any]) -> None:
-  import onnx
-
-  del model.metadata_props[:]
-  onnx.helper.set_model_props(
-    model,
-    {
-      k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()
-    },
-  )
-
-
-def to_stablehlo(
-  fn: Callable[[jax.Array], jax.Array],
-  *,
-  image_size: int,
-  input_dtype: str = "uint8",
-  platforms: Sequence[str] = ("cpu",),
-) -> bytes:
-  """Serializes a task function with `jax.export` (StableHLO + calling info).
-
-  The batch dimension is symbolic, so one artifact serves every batch size.
-  """
-  spec = _input_spec(image_size, input_dtype, "b")
-  exp = jax.export.export(jax.jit(fn), platforms=tuple(platforms))(spec)
-  return bytes(exp.serialize())
-
-
-def load_stablehlo(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
-  """Reads a ``.stablehlo`` artifact: (`jax.export.Exported`, metadata).
-
-  ``exported.call(images)`` returns the logits. Needs jax only; the
-  module docstring shows the same three lines without vptpc.
-  """
-  with zipfile.ZipFile(path) as z:
-    exp = jax.export.deserialize(bytearray(z.read(STABLEHLO_MODEL)))
-    meta = json.loads(z.read(STABLEHLO_META))
-  return exp, meta
-
-
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-  """Returns an artifact's metadata (either format), values decoded."""
-  path = os.fspath(path)
-  if path.endswith(".onnx"):
-    import onnx
-
-    m = onnx.load(path, load_external_data=False)
-    out = {}
-    for p in m.metadata_props:
-      try:
-        out[p.key] = json.loads(p.value)
-      except json.JSONDecodeError:
-        out[p.key] = p.value
-    return out
-  with zipfile.ZipFile(path) as z:
-    return json.loads(z.read(STABLEHLO_META))
-
-
-def onnx_session(path_or_bytes: str | os.PathLike | bytes, threads: int = 0):
-  """An onnxruntime CPU session (warnings only), ``threads`` 0 = default."""
-  import onnxruntime as ort
-
-  so = ort.SessionOptions()
-  so.log_severity_level = 3  # its initializer clean-up notes are noise
-  if threads:
-    so.intra_op_num_threads = threads
-  src = (
-    path_or_bytes
-    if isinstance(path_or_bytes, bytes)
-    else os.fspath(path_or_bytes)
-  )
-  return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
-
-
 def _git_sha() -> str | None:
   try:
     return subprocess.run(
@@ -396,10 +216,6 @@ def _git_sha() -> str | None:
 
 
 def _versions(fmt: str) -> dict[str, str]:
-  import importlib.metadata as md
-
-  import vptpc
-
   pkgs = ["jax", "jaxlib"]
   pkgs += ["jax2onnx", "onnx", "onnxruntime"] if fmt == "onnx" else []
   out = {"vptpc": vptpc.__version__}
@@ -427,9 +243,7 @@ def _run_config(prompts_path: str) -> dict[str, Any]:
 
 def _native_image_size(flat: Mapping[str, np.ndarray], patch: int) -> int:
   """The image size a backbone file's position embedding was made for."""
-  from vptpc import checkpoint
-
-  n = int(np.shape(flat[checkpoint.POSEMB_KEY])[1]) - 1
+  n = int(np.shape(flat[npz_checkpoint.POSEMB_KEY])[1]) - 1
   g = int(round(n**0.5))
   return g * patch
 
@@ -467,23 +281,6 @@ def _atomic_output(path: str) -> Iterator[str]:
       with contextlib.suppress(OSError):
         os.rmdir(m)
     raise
-
-
-def _format_of(output: str, fmt: str | None) -> str:
-  if fmt:
-    if fmt not in FORMATS:
-      raise ExportError(
-        f"unsupported format {fmt!r}; supported: {', '.join(FORMATS)}."
-      )
-    return fmt
-  suffix = os.path.splitext(output)[1].lower()
-  if suffix not in SUFFIXES:
-    raise ExportError(
-      f"unsupported format: cannot tell it from {output!r} (suffix "
-      f"{suffix or 'none'!r}); name the file .onnx or .stablehlo, or pass "
-      f"--format={'|'.join(FORMATS)}."
-    )
-  return SUFFIXES[suffix]
 
 
 def export_task(
@@ -529,14 +326,12 @@ def export_task(
 
   Raises:
     ExportError, vptpc.prompts.PromptFileError,
-    vptpc.checkpoint.CheckpointError: a bad request, each naming the
+    vptpc.npz_checkpoint.CheckpointError: a bad request, each naming the
       problem; no file is written then.
     ImportError: the converter packages are missing (``vptpc[export]``).
   """
-  from vptpc import assets, checkpoint
-
   prompts_path, output = os.fspath(prompts_path), os.fspath(output)
-  fmt = _format_of(output, fmt)
+  fmt = export_formats.format_of(output, fmt)
   if quantize not in QUANTIZE:
     raise ExportError(f"quantize must be one of {QUANTIZE}, got {quantize!r}.")
   if quantize != "none" and fmt != "onnx":
@@ -545,13 +340,13 @@ def export_task(
     raise ExportError(
       f"graph must be one of {', '.join(GRAPHS)}, got {graph!r}."
     )
-  if input_dtype not in INPUT_DTYPES:
+  if input_dtype not in export_formats.INPUT_DTYPES:
     raise ExportError(
-      f"input_dtype must be one of {', '.join(INPUT_DTYPES)}, got "
-      f"{input_dtype!r}."
+      "input_dtype must be one of "
+      f"{', '.join(export_formats.INPUT_DTYPES)}, got {input_dtype!r}."
     )
   if fmt == "onnx":
-    try:
+    try:  # optional: the [export] extra, needed here for ONNX
       import jax2onnx  # noqa: F401
       import onnx  # noqa: F401
       import onnxruntime  # noqa: F401
@@ -601,8 +396,8 @@ def export_task(
   if str(backbone_path).endswith(".safetensors"):
     flat = _timm_backbone_flat(backbone_path, model_name, cfg, run, image_size)
   else:
-    flat = checkpoint.read_npz(backbone_path or assets.path())
-  if checkpoint.POSEMB_KEY not in flat:
+    flat = npz_checkpoint.read_npz(backbone_path or assets.path())
+  if npz_checkpoint.POSEMB_KEY not in flat:
     raise ExportError(f"{backbone_path!r} has no position embedding.")
   image_size = int(
     image_size
@@ -623,7 +418,7 @@ def export_task(
       vit.create_model(cfg), jax.random.key(0), image_size
     )
   )
-  backbone = checkpoint.restore_params(
+  backbone = npz_checkpoint.restore_params(
     flat, template, source=repr(backbone_path or assets.path())
   )
   prompts, head, saved = prompts_lib.load_prompts(
@@ -659,31 +454,31 @@ def export_task(
     else [],
     "num_classes": int(np.shape(head["kernel"])[-1]),
     "image_size": image_size,
-    "input": f"{INPUT_NAME}: (B, {image_size}, {image_size}, 3) {input_dtype}"
-    " pixels in [0, 255], RGB, already resized",
+    "input": f"{export_formats.INPUT_NAME}: (B, {image_size}, {image_size}, "
+    f"3) {input_dtype} pixels in [0, 255], RGB, already resized",
     "input_dtype": input_dtype,
     "normalize": normalize,
-    "output": f"{OUTPUT_NAME}: (B, num_classes) float32",
+    "output": f"{export_formats.OUTPUT_NAME}: (B, num_classes) float32",
     "task": saved.get("metadata", {}),
     "source_prompts": os.path.basename(prompts_path),
   }
   with _atomic_output(output) as tmp:
     if fmt == "onnx":
-      import onnx
+      import onnx  # optional: the [export] extra
 
-      model = to_onnx(
+      model = export_formats.to_onnx(
         fn, image_size=image_size, input_dtype=input_dtype, metadata=meta
       )
       onnx.save(model, tmp)
       if quantize == "int8":
-        _quantize_int8(tmp, meta)
+        export_formats.quantize_int8(tmp, meta)
     else:
-      blob = to_stablehlo(
+      blob = export_formats.to_stablehlo(
         fn, image_size=image_size, input_dtype=input_dtype, platforms=platforms
       )
       with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:
-        z.writestr(STABLEHLO_MODEL, blob)
-        z.writestr(STABLEHLO_META, json.dumps(meta, indent=1))
+        z.writestr(export_formats.STABLEHLO_MODEL, blob)
+        z.writestr(export_formats.STABLEHLO_META, json.dumps(meta, indent=1))
     diff = None
     if check:
       diff = _check(tmp, fmt, fn, image_size, input_dtype)
@@ -697,23 +492,6 @@ def export_task(
   return dict(meta, path=output, bytes=size, check=diff)
 
 
-def _quantize_int8(path: str, meta: dict[str, Any]) -> None:
-  """Replaces the ONNX file at ``path`` by its dynamic int8 quantization."""
-  import onnx
-  from onnxruntime.quantization import QuantType, quantize_dynamic
-
-  fd, q = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".int8.tmp")
-  os.close(fd)
-  try:
-    quantize_dynamic(path, q, weight_type=QuantType.QInt8)
-    model = onnx.load(q)
-    _set_onnx_metadata(model, meta)  # quantize_dynamic drops the props
-    onnx.save(model, path)
-  finally:
-    with contextlib.suppress(OSError):
-      os.remove(q)
-
-
 def _check(
   path: str, fmt: str, fn, image_size: int, input_dtype: str
 ) -> dict[str, float]:
@@ -723,9 +501,11 @@ def _check(
   x = x.astype(input_dtype)
   want = np.asarray(jax.jit(fn)(x))
   if fmt == "onnx":
-    got = onnx_session(path).run(None, {INPUT_NAME: x})[0]
+    got = export_formats.onnx_session(path).run(
+      None, {export_formats.INPUT_NAME: x}
+    )[0]
   else:
-    exp, _ = load_stablehlo(path)
+    exp, _ = export_formats.load_stablehlo(path)
     got = np.asarray(exp.call(x))
   return {
     "max_abs_diff": float(np.max(np.abs(got - want))),
@@ -740,10 +520,6 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """The ``python -m vptpc.export`` command; returns the exit status."""
-  import argparse
-
-  from vptpc.checkpoint import CheckpointError
-
   ap = argparse.ArgumentParser(
     prog="python -m vptpc.export",
     description=__doc__,
@@ -809,7 +585,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
   except (
     ExportError,
-    CheckpointError,
+    npz_checkpoint.CheckpointError,
     prompts_lib.PromptFileError,
     ImportError,
     OSError,
@@ -823,6 +599,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   print(json.dumps(info))
   return 0
+
+
+# Names that moved to `vptpc.export_formats` (and the normalisation
+# constants, always `vptpc.data.preprocessing`'s): still importable from
+# here, with a DeprecationWarning naming the new home.
+_MOVED = {
+  "FORMATS": export_formats,
+  "SUFFIXES": export_formats,
+  "INPUT_DTYPES": export_formats,
+  "STABLEHLO_MODEL": export_formats,
+  "STABLEHLO_META": export_formats,
+  "INPUT_NAME": export_formats,
+  "OUTPUT_NAME": export_formats,
+  "drop_empty_operands": export_formats,
+  "to_onnx": export_formats,
+  "to_stablehlo": export_formats,
+  "load_stablehlo": export_formats,
+  "read_metadata": export_formats,
+  "onnx_session": export_formats,
+  "IMAGENET_MEAN": preprocessing,
+  "IMAGENET_STD": preprocessing,
+  "NORMALIZATIONS": preprocessing,
+}
+
+
+def __getattr__(name: str) -> Any:
+  """Names that moved out of this module (`_MOVED`), with a warning."""
+  if name in _MOVED:
+    new = f"{_MOVED[name].__name__}.{name}"
+    warnings.warn(
+      f"{__name__}.{name} is deprecated: use {new}.",
+      DeprecationWarning,
+      stacklevel=2,
+    )
+    return getattr(_MOVED[name], name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """FLOP counts of a prompted ViT, as Prompt Condensation reports them.
 
-Two conventions (pc.md §1, vpt.md §2), both in multiply-accumulates (MACs),
-which is what the PC paper's "GFLOPs" table counts:
+Two conventions (docs/references.md, "PC: FLOPs convention"), both in
+multiply-accumulates (MACs), which is what the PC paper's "GFLOPs" table
+counts:
 
 * ``naive``: every token, prompts included, goes through the QKV, output and
   MLP projections and attention in every layer. For ViT-B/16 at 224 px this
@@ -22,8 +23,12 @@ model (what a run reports).
 
 from __future__ import annotations
 
+import argparse
+import sys
 from collections.abc import Sequence
 from typing import Any
+
+from vptpc.models import registry
 
 
 def vit_gmacs(
@@ -241,7 +246,6 @@ def model_gmacs(
   """
   if count not in ("naive", "kv"):
     raise ValueError(f"count must be 'naive' or 'kv', got {count!r}.")
-  from vptpc.models import registry  # the family counts its own model
 
   return registry.family_of(model).gmacs(
     model, image_size, prompts_per_layer, count, variant
@@ -259,8 +263,6 @@ def table(
     prompts: deep prompts per block, one row each.
     image_size: square input side.
   """
-  from vptpc.models import registry
-
   built = [
     registry.create_model(registry.canonical_name(m), num_classes=None)
     for m in models
@@ -281,9 +283,6 @@ def table(
 
 def main(argv: Sequence[str] | None = None) -> int:
   """``python -m vptpc.flops --models=B/16,swin_b --prompts=0,50,100``."""
-  import argparse
-  import sys
-
   ap = argparse.ArgumentParser(prog="python -m vptpc.flops")
   ap.add_argument(
     "--models",
@@ -309,6 +308,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  import sys
-
   sys.exit(main())

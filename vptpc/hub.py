@@ -22,6 +22,8 @@ import os
 import re
 from collections.abc import Sequence
 
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
 WEIGHTS_FILE = "model.safetensors"
 
 _ORG = "timm"
@@ -117,8 +119,6 @@ def cached_weights(name: str) -> str | None:
     The file's path in the hub cache (`hub_cache_dir`, at the revision
     ``main`` points to), or None if it is not there.
   """
-  from huggingface_hub import try_to_load_from_cache
-
   path = try_to_load_from_cache(
     repo_id(name), WEIGHTS_FILE, cache_dir=hub_cache_dir()
   )
@@ -195,7 +195,6 @@ def fetch_weights(name: str, known: Sequence[str] | None = None) -> str:
         f"it is not in {cache}."
       )
     return path
-  from huggingface_hub import hf_hub_download
 
   try:
     path = hf_hub_download(

@@ -13,6 +13,8 @@ written (`vptpc.preflight`).
 
 from __future__ import annotations
 
+import glob
+import logging as std_logging
 import os
 
 from absl import app, flags, logging
@@ -43,8 +45,6 @@ def _config_file_error(argv: list[str]) -> str | None:
       path = a.split("=", 1)[1].partition(":")[0]
       if path and not os.path.isfile(path):
         here = os.path.join(os.path.dirname(path) or ".", "*.py")
-        import glob
-
         have = sorted(glob.glob(here))[:8]
         return (
           f"config file {path!r} does not exist (--config={path}); "
@@ -60,6 +60,9 @@ def _config_file_error(argv: list[str]) -> str | None:
 
 def _fail(lines: list[str] | str) -> None:
   """Prints one ``error:`` line per problem and exits with status 2."""
+  # JAX and the library are imported only once the flags parse (here and in
+  # `main`): a mistyped flag or config file is reported in a fraction of a
+  # second, and jax.distributed starts before any device is touched.
   from vptpc.preflight import exit_with
 
   exit_with(lines)
@@ -124,8 +127,6 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   quiet = _Quiet()
   logging.get_absl_handler().addFilter(quiet)
-  import logging as std_logging
-
   # Orbax's thread errors reach Python's root handlers as well.
   for h in std_logging.getLogger().handlers:
     h.addFilter(quiet)
@@ -133,13 +134,15 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
   except (OSError, ValueError, flags.Error) as e:
     _fail(f"--config: {str(e).strip().splitlines()[-1]}")
-  # Keep TensorFlow (if TFDS pulls it in) off the accelerators JAX uses.
+  # Keep TensorFlow (optional; TFDS may pull it in) off the accelerators JAX
+  # uses.
   try:
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
   except ImportError:
     pass
+  # Deferred (see `_fail`): JAX and the library, after the flags.
   import jax
 
   from vptpc import distributed
@@ -152,9 +155,9 @@ def main(argv: list[str]) -> None:
     )
 
   from vptpc import protocol
-  from vptpc.checkpoint import CheckpointError
   from vptpc.config_util import ConfigError
-  from vptpc.data.pipeline import DataError
+  from vptpc.data.sources import DataError
+  from vptpc.npz_checkpoint import CheckpointError
   from vptpc.preflight import PreflightError
   from vptpc.prompts import PromptFileError
   from vptpc.rundir import WorkdirLocked

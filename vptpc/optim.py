@@ -1,6 +1,7 @@
 """The VPT optimiser recipe in optax: SGD, coupled L2 and warmup-cosine.
 
-Behavioural reference: the official PyTorch VPT (vpt.md §4). Summary:
+Behavioural reference: the official PyTorch VPT (docs/references.md, "VPT:
+optimiser and schedule"). Summary:
 
 * LR = ``base_lr * batch_size / 256`` times a warmup-cosine multiplier that
   the official trainer steps once per *epoch*, so the LR is constant within an
@@ -116,7 +117,8 @@ def create_lr_schedule(
   _check_int("batch_size", batch_size, 1)
   _check_int("steps_per_epoch", steps_per_epoch, 1)
   _check_epochs(warmup_epochs, total_epochs)
-  # VPT scales linearly with the global batch (tune_vtab.py, vpt.md §4).
+  # VPT scales linearly with the global batch (tune_vtab.py;
+  # docs/references.md, "VPT: optimiser and schedule").
   peak_lr = float(base_lr) * batch_size / 256.0
 
   def schedule(step: jax.typing.ArrayLike) -> jax.Array:

@@ -3,10 +3,10 @@
 The step functions in `vptpc.train` are written once, with an optional
 ``axis_name``; this module only reshapes, places, calls and unreplicates.
 Since JAX 0.8 `jax.pmap` is built on jit + shard_map and is in maintenance
-mode (style.md §4), so the pmap wrapper is kept deliberately thin, places
-arrays with `jax.device_put` on a 1-D mesh of the local devices (no
-deprecated ``device_put_replicated``/``flax.jax_utils``), and saves
-checkpoints from one unreplicated copy.
+mode (docs/references.md, "Design conventions"), so the pmap wrapper is
+kept deliberately thin, places arrays with `jax.device_put` on a 1-D mesh of
+the local devices (no deprecated ``device_put_replicated``/
+``flax.jax_utils``), and saves checkpoints from one unreplicated copy.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 AXIS = "batch"
+# ``config.parallel``: `resolve_mode` turns ``auto`` into jit or pmap.
+MODES = ("auto", "jit", "pmap")
 
 
 def resolve_mode(mode: str, batch_size: int) -> str:
@@ -35,9 +37,9 @@ def resolve_mode(mode: str, batch_size: int) -> str:
     ValueError: unknown mode, or a batch that does not split over devices.
   """
   n = jax.device_count()  # global: all processes' devices
-  if mode not in ("auto", "jit", "pmap"):
+  if mode not in MODES:
     raise ValueError(
-      f"config.parallel must be auto, jit or pmap; got {mode!r}."
+      f"config.parallel must be one of {', '.join(MODES)}; got {mode!r}."
     )
   if jax.process_count() > 1:
     # Every process runs the pmapped step on its local devices; the psum
@@ -75,8 +77,9 @@ def needs_sync(mode: str) -> bool:
   """Whether to wait on every step: CPU collectives deadlock when queued.
 
   On a 2-core host, several queued collective-bearing steps deadlock XLA's
-  CPU rendezvous (environment.md); waiting on each step avoids it and costs
-  nothing on a CPU anyway. Accelerators keep asynchronous dispatch.
+  CPU rendezvous (docs/references.md, "Platform notes"); waiting on each
+  step avoids it and costs nothing on a CPU anyway. Accelerators keep
+  asynchronous dispatch.
   """
   return mode == "pmap" and jax.devices()[0].platform == "cpu"
 

@@ -9,7 +9,7 @@ point of a process):
 * the config: every invalid value (`vptpc.config_util.problems`);
 * the workdir: not a file, creatable and writable (probed with a temporary
   directory that is removed at once); a URL (``gs://``) workdir or
-  checkpoint is refused (`vptpc.rundir.local_workdir`: vptpc works on
+  checkpoint is refused (`vptpc.lifecycle.local_workdir`: vptpc works on
   local or mounted paths);
 * the backbone checkpoint: present, a zip archive whose members are
   readable ``.npy`` headers, with vit_jax keys, or a ``.safetensors`` file
@@ -51,16 +51,31 @@ import dataclasses
 import glob
 import json
 import os
+import struct
 import sys
 import tempfile
 import zipfile
 from typing import Any
 
+import jax
 import ml_collections
+import numpy as np
 from absl import logging
 
-from vptpc import hub
-from vptpc.models import registry
+from vptpc import (
+  build,
+  checkpoint,
+  config_util,
+  hub,
+  npz_checkpoint,
+  parallel,
+  prompts,
+  protocol_runs,
+  rundir,
+  timm_checkpoint,
+)
+from vptpc.data import sources, vtab
+from vptpc.models import registry, vit
 
 
 class PreflightError(ValueError):
@@ -107,14 +122,12 @@ class Plan:
 
 def stages(config: ml_collections.ConfigDict, workdir: str) -> list[Stage]:
   """Every workdir the run writes, with the config it will store there."""
-  from vptpc import config_util, protocol
-
   mode = config.protocol.mode
   if mode in ("tune", "final"):
     runs = (
-      protocol.tune_runs(config, workdir)
+      protocol_runs.tune_runs(config, workdir)
       if mode == "tune"
-      else protocol.final_runs(config, workdir)
+      else protocol_runs.final_runs(config, workdir)
     )
     if mode == "tune" and config.protocol.get("vmap", False):
       return [Stage(c, d, "stage") for c, d in runs]
@@ -145,7 +158,6 @@ def _local(path: str) -> str:
 
 
 def _main_process() -> bool:
-  import jax
 
   return jax.process_index() == 0
 
@@ -216,10 +228,6 @@ def safetensors_problems(path: str, key: str, family: str | None) -> list[str]:
   Reads only the 8-byte length and the JSON header (the tensor names),
   never the data.
   """
-  import struct
-
-  from vptpc import checkpoint
-
   fix = _fix(family)
   try:
     with open(path, "rb") as f:
@@ -248,9 +256,9 @@ def safetensors_problems(path: str, key: str, family: str | None) -> list[str]:
       f"{key} is not a readable .safetensors file (truncated or another "
       f"format: {e}): {fix}."
     ]
-  arch = checkpoint.file_kind(names)
+  arch = timm_checkpoint.file_kind(names)
   if family is not None and arch != family:
-    what = checkpoint._kind_words(arch)  # noqa: SLF001 (the same words)
+    what = timm_checkpoint.kind_words(arch)
     return [
       f"{key} is {what} checkpoint but config.model.name names a "
       f"{registry.family(family).DISPLAY} "
@@ -264,19 +272,19 @@ def timm_fit_problems(config: ml_collections.ConfigDict) -> list[str]:
 
   Every parameter of the run's model has its tensor, of the shape the name
   and ``config.model.arch`` imply, and the file holds nothing else
-  (`vptpc.checkpoint.timm_fit`); one line, the offenders counted.
+  (`vptpc.timm_checkpoint.timm_fit`); one line, the offenders counted.
   """
-  from vptpc import checkpoint
-
   path = _local(config.model.checkpoint_path)
   if not path.endswith(".safetensors") or not os.path.isfile(path):
     return []
   try:
     template = _backbone_template(config)
-    want = checkpoint.flatten(template)
+    want = npz_checkpoint.flatten(template)
     arch = registry.family_of_tree(template).NAME
-    shapes = checkpoint.timm_names(checkpoint.read_shapes(path), want, arch)
-    fit = checkpoint.timm_fit(shapes, want, arch)
+    shapes = timm_checkpoint.timm_names(
+      checkpoint.read_shapes(path), want, arch
+    )
+    fit = timm_checkpoint.timm_fit(shapes, want, arch)
   except Exception:  # noqa: BLE001 - the other checks name what is wrong
     return []
   if fit.ok:
@@ -295,8 +303,6 @@ def checkpoint_problems(path: str, model_name: str = "") -> list[str]:
   ``model_name`` (``config.model.name``) the messages name the file the
   model's family needs, and a file of the other family is refused.
   """
-  import numpy as np
-
   if not path:
     return []
   family = _family(model_name)
@@ -365,11 +371,8 @@ def data_problems(
   config: ml_collections.ConfigDict,
 ) -> tuple[list[str], list[str], str]:
   """(problems, warnings, one line naming the data) of ``config.data``."""
-  from vptpc import rundir
-  from vptpc.data import pipeline, vtab
-
   d = config.data
-  data_dir = d.data_dir or pipeline.default_data_dir()
+  data_dir = d.data_dir or sources.default_data_dir()
   splits = [d.train_split, d.eval_split]
   for key, path in (("data_dir", data_dir), ("folder", d.get("folder", ""))):
     if path and rundir.is_url(path):
@@ -396,17 +399,17 @@ def data_problems(
         "",
       )
     for split in dict.fromkeys(splits):
-      p, w = pipeline.folder_problems(root, split, d.num_classes)
+      p, w = sources.folder_problems(root, split, d.num_classes)
       problems += p
       warnings += w if split == d.train_split else []
-      problems += pipeline.image_problems(
+      problems += sources.image_problems(
         root, split, d.get("verify_images", "header")
       )
     return problems, warnings, f"{d.name}: folder {root}"
   base = d.name.split(":")[0]
-  where = describe = pipeline.describe_data_dir(data_dir)
-  if base in pipeline.LOCAL_BUILDERS:
-    if pipeline.prepared_dir(d.name, data_dir) is None:
+  where = describe = sources.describe_data_dir(data_dir)
+  if base in sources.LOCAL_BUILDERS:
+    if sources.prepared_dir(d.name, data_dir) is None:
       problems = dir_problems(
         data_dir,
         f"data_dir {data_dir}",
@@ -421,22 +424,18 @@ def data_problems(
       )
     problems = []
     for split in dict.fromkeys(splits):
-      problems += pipeline.split_problems(d.name, split, data_dir)
+      problems += sources.split_problems(d.name, split, data_dir)
     return problems, [], f"{d.name} in {where} (generated by vptpc)"
-  if pipeline.prepared_dir(d.name, data_dir) is None:
-    return [pipeline.missing_message(d.name, data_dir)], [], ""
+  if sources.prepared_dir(d.name, data_dir) is None:
+    return [sources.missing_message(d.name, data_dir)], [], ""
   problems = []
   for split in dict.fromkeys(splits):
-    problems += pipeline.split_problems(d.name, split, data_dir)
+    problems += sources.split_problems(d.name, split, data_dir)
   return problems, [], f"{d.name} in {where}"
 
 
 def device_problems(config: ml_collections.ConfigDict) -> list[str]:
   """The batch sizes divide over the devices ``config.parallel`` uses."""
-  import jax
-
-  from vptpc import parallel
-
   if config.protocol.mode == "tune" and config.protocol.get("vmap", False):
     return []  # a vmapped grid runs under jit
   out = []
@@ -477,8 +476,6 @@ def run_backbone(
   ``{}`` when the checkpoint cannot be read (`checkpoint_problems` says
   why).
   """
-  from vptpc import checkpoint
-
   path = config.model.checkpoint_path
   if path:
     source = f"config.model.checkpoint_path={path!r}"
@@ -487,9 +484,8 @@ def run_backbone(
       return {}, source
     try:
       return checkpoint.backbone_dims(checkpoint.read_shapes(path)), source
-    except checkpoint.CheckpointError:
+    except npz_checkpoint.CheckpointError:
       return {}, source
-  from vptpc import prompts
 
   try:
     dims = prompts._backbone_meta(_backbone_template(config), fingerprint=False)  # noqa: SLF001
@@ -504,11 +500,6 @@ def _backbone_template(config: ml_collections.ConfigDict) -> dict[str, Any]:
   Raises:
     ValueError: an invalid model config (reported by the config checks).
   """
-  import jax
-
-  from vptpc import build
-  from vptpc.models import vit
-
   size = config.data.image_size
   model = build.build_model(config)
   shapes = jax.eval_shape(
@@ -533,7 +524,6 @@ def run_fingerprint(config: ml_collections.ConfigDict) -> str | None:
   path = _local(config.model.checkpoint_path)
   if not path or _is_remote(path) or not os.path.isfile(path):
     return None
-  from vptpc import checkpoint, prompts
 
   try:
     backbone = checkpoint.load_pretrained(path, _backbone_template(config))
@@ -562,8 +552,6 @@ def prompt_file_problems(
   Returns:
     One line per problem: the file, the field, both values, the fix.
   """
-  from vptpc import prompts
-
   fix = (
     f"{why}: run with the backbone it was trained with, or pass "
     "--config.overwrite=True to train afresh"
@@ -600,8 +588,6 @@ def prompt_file_problems(
 
 def stage_problems(stage: Stage) -> list[str]:
   """A changed config, a missing checkpoint for eval_only, a bad export."""
-  from vptpc import rundir
-
   out = []
   c, d = stage.config, stage.workdir
   if not c.get("overwrite"):
@@ -620,8 +606,6 @@ def stage_problems(stage: Stage) -> list[str]:
     and os.path.exists(os.path.join(d, "results.json"))
     and os.path.exists(export)
   ):
-    from vptpc import rundir
-
     if os.path.basename(d) == "full":
       done = rundir.finished(c, os.path.dirname(d), "pc")
       why = (
@@ -645,8 +629,6 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> Plan:
   Raises:
     PreflightError: listing every unmet precondition, one line each.
   """
-  from vptpc import config_util, rundir
-
   problems = list(config_util.problems(config))
   problems += workdir_problems(workdir)
   try:

@@ -23,11 +23,16 @@ cannot be fetched exits 2.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Sequence
 
-from vptpc.data import minivtab, pipeline, vtab
+import tensorflow_datasets as tfds
+
+from vptpc import hub
+from vptpc.data import minivtab, sources, vtab
+from vptpc.models import registry
 
 GROUPS = {
   "vtab": tuple(vtab.VTAB),
@@ -72,9 +77,9 @@ def prepare_one(
   """
   if key.startswith("minivtab/"):
     t = minivtab.TASKS[key.split("/", 1)[1]]
-    if check and pipeline.prepared_dir(t.tfds_name, data_dir) is None:
+    if check and sources.prepared_dir(t.tfds_name, data_dir) is None:
       return False, f"{key}: not generated yet (runs offline, ~1 min)."
-    pipeline.prepare_local(t.tfds_name.split(":")[0], data_dir)
+    sources.prepare_local(t.tfds_name.split(":")[0], data_dir)
     return True, f"{key}: ready ({t.tfds_name})."
   task = vtab.get_task(key)
   if not task.tfds_name:
@@ -84,7 +89,7 @@ def prepare_one(
     if missing:
       return False, f"{key}: MANUAL. Missing {missing} in {root}. {task.manual}"
     return True, f"{key}: ready (folder {root})."
-  where = pipeline.prepared_dir(task.tfds_name, data_dir)
+  where = sources.prepared_dir(task.tfds_name, data_dir)
   if where is not None:
     return True, f"{key}: ready ({where})."
   manual_dir = os.path.join(data_dir, "downloads", "manual")
@@ -95,7 +100,6 @@ def prepare_one(
       False,
       f"{key}: not prepared ({task.tfds_name}); run without --check.",
     )
-  import tensorflow_datasets as tfds
 
   name = task.tfds_name
   try:
@@ -137,15 +141,7 @@ def prepare_weights(names: str) -> bool:
   Returns:
     Whether every name is in the cache now.
   """
-  from vptpc import hub
-
-  try:
-    from vptpc.models import registry
-
-    known_fn = getattr(registry, "timm_weight_names", None)
-  except ImportError:
-    known_fn = None
-  known = list(known_fn()) if known_fn is not None else None
+  known = list(registry.timm_weight_names())
   wanted = [x.strip() for x in names.split(",") if x.strip()]
   if not wanted:
     print("error: --weights is empty.", file=sys.stderr, flush=True)
@@ -167,14 +163,12 @@ def prepare_weights(names: str) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point; returns the exit status."""
-  import argparse
-
   ap = argparse.ArgumentParser(prog="python -m vptpc.prepare")
   ap.add_argument("--tasks", help="Keys or groups, a,b,c.")
   ap.add_argument(
     "--weights", help="timm weights to fetch: timm/<name>.<tag>,... ."
   )
-  ap.add_argument("--data_dir", default=pipeline.default_data_dir())
+  ap.add_argument("--data_dir", default=sources.default_data_dir())
   ap.add_argument("--check", action="store_true", help="Report only.")
   ap.add_argument(
     "--allow_drift",

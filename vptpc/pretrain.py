@@ -34,9 +34,9 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vptpc import checkpoint, preflight, rundir, train
+from vptpc import checkpoint, lifecycle, npz_checkpoint, preflight, records
 from vptpc.data import fractals
-from vptpc.data.pipeline import normalize
+from vptpc.data.preprocessing import normalize
 from vptpc.models import vit
 
 
@@ -248,7 +248,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """
   _check(config)
   # A URL would become a local "gs:" directory: refused before any work.
-  workdir = rundir.local_workdir(workdir)
+  workdir = lifecycle.local_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   t_start = time.time()
   codes = fractals.make_class_codes(config.num_classes, config.class_seed)
@@ -377,7 +377,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     config.normalize,
   )
   out = os.path.join(workdir, "backbone.npz")
-  checkpoint.save_npz(out, jax.device_get(params["vit"]))
+  npz_checkpoint.save_npz(out, jax.device_get(params["vit"]))
   dev = jax.devices()[0]
   card = {
     "model": config.model,
@@ -410,7 +410,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     "train_seconds": round(train_s, 1),
     "render_seconds": round(gen_s, 1),
     "total_seconds": round(time.time() - t_start, 1),
-    "versions": train.versions(),
+    "versions": records.versions(),
     "log": log,
   }
   with open(os.path.join(workdir, "model_card.json"), "w") as f:

@@ -36,15 +36,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vptpc.checkpoint import flatten
+from vptpc.checkpoint import read_shapes
 from vptpc.models import registry
 from vptpc.models.vit import prompt_variant
+from vptpc.npz_checkpoint import CheckpointError, flatten
 
 Array = jax.Array
 PromptTree = dict[str, Array]
 
 FORMAT = "vptpc-prompts"
 FORMAT_VERSION = 1
+# ``config.prompt.variant``: one prompt set per block (VPT-Deep) or one set
+# at the input (VPT-Shallow).
+VARIANTS = ("deep", "shallow")
+# ``config.prompt.init``: VPT's uniform draw (`init_prompts`, per family
+# `vptpc.models.registry.init_prompts`) or the frozen backbone's own tokens
+# (`init_prompts_from_tokens`).
+INITS = ("vpt", "tokens")
 _LAYER_RE = re.compile(r"encoderblock_(\d+)$")
 
 
@@ -68,7 +76,8 @@ def init_bound(patch_size: int, hidden_size: int) -> float:
   """Returns VPT's uniform init bound ``sqrt(6 / (3 * p * p + D))``.
 
   The official code calls this "xavier_uniform" over a (3·p·p, D) patch
-  projection; for B/16 it is exactly 0.0625 (vpt.md §2).
+  projection; for B/16 it is exactly 0.0625 (docs/references.md, "VPT:
+  prompt initialisation").
   """
   return math.sqrt(6.0 / (3 * patch_size * patch_size + hidden_size))
 
@@ -112,8 +121,10 @@ def init_prompts(
         f"num_prompts for VPT-Shallow must be an int >= 0, got {num_prompts!r}."
       )
     return {"input": draw(rng, num_prompts)}
-  if variant != "deep":
-    raise ValueError(f"variant must be 'deep' or 'shallow', got {variant!r}.")
+  if variant not in VARIANTS:
+    raise ValueError(
+      f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}."
+    )
   if num_layers is None:
     raise ValueError("num_layers is required for VPT-Deep prompts.")
   counts = (
@@ -473,8 +484,6 @@ def read_prompt_file(
   Raises:
     PromptFileError: the file is missing, unreadable or not a prompt file.
   """
-  from vptpc.checkpoint import CheckpointError, read_shapes
-
   path = os.fspath(path)
   if not zipfile.is_zipfile(path):
     raise PromptFileError(

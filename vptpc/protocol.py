@@ -1,6 +1,7 @@
 """VTAB-1k / FGVC protocol: tune lr x wd, final seeds, and the report table.
 
-VPT's protocol (vpt.md §4-5), reproduced:
+VPT's protocol (docs/references.md, "VPT: optimiser and schedule" and "VPT:
+protocol"), reproduced:
 
 * ``tune`` (`tune`): every (base_lr, weight_decay) of ``config.protocol``'s
   grid (default VPT's ``tune_vtab.py`` grid, 10 x 4) trains on train800 and
@@ -19,11 +20,13 @@ VPT's protocol (vpt.md §4-5), reproduced:
 Every run lives in its own sub-workdir, so an interrupted grid resumes
 where it stopped (finished runs are read back from their ``results.json``,
 after the preflight has checked that each was trained with the config the
-new invocation would use; `vptpc.rundir`).
+new invocation would use; `vptpc.preflight`). The runs themselves, each
+grid point's and seed's config and workdir, are `vptpc.protocol_runs`'.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import glob
 import json
@@ -38,17 +41,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-
-def _done(workdir: str) -> dict[str, Any] | None:
-  """A finished run's ``results.json`` (None: not finished)."""
-  try:
-    with open(os.path.join(workdir, "results.json")) as f:
-      res = json.load(f)
-  except (OSError, ValueError):
-    return None
-  if "eval_accuracy" in res or "condensed" in res:
-    return res
-  return None
+from vptpc import faults, lifecycle, protocol_runs, records, sweep, train
+from vptpc.data import vtab
+from vptpc.protocol_runs import final_runs, tune_runs, tuned_values
 
 
 def _run(config, workdir: str) -> dict[str, Any]:
@@ -57,9 +52,9 @@ def _run(config, workdir: str) -> dict[str, Any]:
   The preflight of `tune` / `final` has compared each finished run's stored
   config with ``config`` already, so a result read back is this config's.
   """
-  from vptpc import train
-
-  return _done(workdir) or train.train_and_evaluate(config, workdir)
+  return protocol_runs.done(workdir) or train.train_and_evaluate(
+    config, workdir
+  )
 
 
 def _accuracy(res: dict[str, Any]) -> float:
@@ -69,32 +64,6 @@ def _accuracy(res: dict[str, Any]) -> float:
   return res["eval_accuracy"]
 
 
-def _fmt(v: float) -> str:
-  return f"{v:g}"
-
-
-def tune_runs(
-  config: ml_collections.ConfigDict, workdir: str
-) -> list[tuple[ml_collections.ConfigDict, str]]:
-  """(config, workdir) of every grid point of ``mode=tune``, in grid order.
-
-  Each point trains ``protocol.tune_splits`` as a single run in
-  ``<workdir>/tune/lr<lr>_wd<wd>``, vmapped or not.
-  """
-  p = config.protocol
-  out = []
-  for lr in p.lrs:
-    for wd in p.wds:
-      c = ml_collections.ConfigDict(config.to_dict())
-      c.base_lr, c.weight_decay = float(lr), float(wd)
-      c.data.train_split, c.data.eval_split = p.tune_splits
-      c.protocol.mode = "single"
-      out.append(
-        (c, os.path.join(workdir, "tune", f"lr{_fmt(lr)}_wd{_fmt(wd)}"))
-      )
-  return out
-
-
 def tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs the lr x wd grid on the tune splits; writes ``tune.json``.
 
@@ -102,28 +71,22 @@ def tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   directory (with ``protocol.vmap``, once its vmapped chunk has trained),
   so an interrupted grid resumes at the first unfinished point or chunk.
   """
-  from vptpc import rundir
-
-  workdir = rundir.local_workdir(workdir, config)
-  with rundir.entry(config, workdir, kind="protocol") as run:
+  workdir = lifecycle.local_workdir(workdir, config)
+  with lifecycle.entry(config, workdir, kind="protocol") as run:
     run.start(store_config=False)
     return _tune(config, workdir)
 
 
 def _tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  from vptpc import train
-
   p = config.protocol
   runs = tune_runs(config, workdir)
-  already = all(_done(d) for _, d in runs)
+  already = all(protocol_runs.done(d) for _, d in runs)
   rows, chunks = [], []
   if p.get("vmap", False):
-    from vptpc import sweep
-
     size = p.get("vmap_chunk", 0) or len(runs)
     for i in range(0, len(runs), size):
       part = runs[i : i + size]
-      results = [_done(d) for _, d in part]
+      results = [protocol_runs.done(d) for _, d in part]
       if not all(results):
         # Chunks keep their members on a resume: a vmapped job's numbers
         # depend only on its members.
@@ -175,7 +138,7 @@ def _tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if chunks:
     out["chunks"] = chunks  # wall time of each vmapped job
   os.makedirs(workdir, exist_ok=True)
-  train._write_json(os.path.join(workdir, "tune.json"), out)
+  records.write_json(os.path.join(workdir, "tune.json"), out)
   with open(os.path.join(workdir, "tune.csv"), "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=["base_lr", "weight_decay", "val"])
     w.writeheader()
@@ -193,65 +156,18 @@ def _tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return out
 
 
-def tuned_values(config, workdir: str) -> tuple[float, float, str]:
-  """(base_lr, weight_decay, where they came from) for the final runs.
-
-  Raises:
-    FileNotFoundError: ``protocol.tuned_from`` names a missing file.
-    ValueError: the tune.json read is not one `tune` wrote.
-  """
-  path = config.protocol.tuned_from or os.path.join(workdir, "tune.json")
-  if os.path.exists(path):
-    try:
-      with open(path) as f:
-        best = json.load(f)["best"]
-      return float(best["base_lr"]), float(best["weight_decay"]), path
-    except (OSError, ValueError, KeyError, TypeError) as e:
-      raise ValueError(
-        f"{path} is not a tune.json written by mode=tune ({type(e).__name__}: "
-        f"{e}); run mode=tune again (--config.overwrite=True) or set "
-        "config.protocol.tuned_from."
-      ) from None
-  if config.protocol.tuned_from:
-    raise FileNotFoundError(
-      f"config.protocol.tuned_from={path!r} does not exist (run mode=tune "
-      "first, or leave it empty to use base_lr / weight_decay)."
-    )
-  return float(config.base_lr), float(config.weight_decay), "config"
-
-
-def final_runs(
-  config: ml_collections.ConfigDict, workdir: str
-) -> list[tuple[ml_collections.ConfigDict, str]]:
-  """(config, workdir) of every seed of ``mode=final``, in seed order."""
-  p = config.protocol
-  lr, wd, _ = tuned_values(config, workdir)
-  out = []
-  for seed in p.seeds:
-    c = ml_collections.ConfigDict(config.to_dict())
-    c.seed, c.base_lr, c.weight_decay = int(seed), lr, wd
-    c.data.train_split, c.data.eval_split = p.final_splits
-    c.protocol.mode = "single"
-    out.append((c, os.path.join(workdir, "final", f"seed{seed}")))
-  return out
-
-
 def final(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains the seeds on the final splits; writes ``final.json``."""
-  from vptpc import rundir
-
-  workdir = rundir.local_workdir(workdir, config)
-  with rundir.entry(config, workdir, kind="protocol") as run:
+  workdir = lifecycle.local_workdir(workdir, config)
+  with lifecycle.entry(config, workdir, kind="protocol") as run:
     run.start(store_config=False)
     return _final(config, workdir)
 
 
 def _final(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  from vptpc import faults, train
-
   lr, wd, source = tuned_values(config, workdir)
   runs = final_runs(config, workdir)
-  already = all(_done(d) for _, d in runs)
+  already = all(protocol_runs.done(d) for _, d in runs)
   accs, seeds = [], []
   for i, (c, run) in enumerate(runs):
     if i:
@@ -284,7 +200,7 @@ def _final(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     "std": float(np.std(accs)),
     "seeds": seeds,
   }
-  train._write_json(os.path.join(workdir, "final.json"), out)
+  records.write_json(os.path.join(workdir, "final.json"), out)
   if already:
     print(
       f"final: already finished in {workdir} ({len(accs)} seeds, unchanged "
@@ -305,8 +221,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   one `vptpc.preflight.PreflightError` before writing anything
   (`vptpc.rundir`).
   """
-  from vptpc import train
-
   mode = config.protocol.mode
   if mode == "tune":
     return tune(config, workdir)
@@ -344,8 +258,6 @@ def report(finals: Sequence[dict[str, Any]]) -> tuple[str, list[dict]]:
   say how many; the published aggregates are quoted only when all 19 VTAB
   tasks are present.
   """
-  from vptpc.data import vtab
-
   by_task = {}
   for r in finals:
     if r["task"] in by_task:
@@ -383,7 +295,8 @@ def report(finals: Sequence[dict[str, Any]]) -> tuple[str, list[dict]]:
     raise ValueError("No final runs to report.")
   lines = [
     "Test top-1 (%), mean ± std over seeds, last epoch; published: VPT "
-    "(Jia et al. 2022), ViT-B/16 IN-21k (vpt.md §6).",
+    "(Jia et al. 2022), ViT-B/16 IN-21k "
+    '(docs/references.md, "VPT: published numbers").',
     "",
     "| group | task | ours | seeds | prompts | lr | wd | VPT-Deep "
     "(paper) | VPT-Shallow (paper) | Full FT (paper) |",
@@ -440,8 +353,6 @@ def write_report(patterns: Sequence[str], out: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
   """``python -m vptpc.protocol report --out=DIR RUN_DIR_OR_GLOB ...``."""
-  import argparse
-
   ap = argparse.ArgumentParser(prog="python -m vptpc.protocol")
   sub = ap.add_subparsers(dest="command", required=True)
   rp = sub.add_parser("report", help="Aggregate final.json files.")

@@ -2,7 +2,7 @@
 
 Every entry point that writes a workdir (`vptpc.protocol.run`,
 `vptpc.train.train_and_evaluate`, `vptpc.train.train_stage`) runs inside
-`entry`:
+`vptpc.lifecycle.entry`, which uses this module's pieces:
 
 1. The outermost entry of a process checks every precondition first
    (`vptpc.preflight.check`: config, workdir, checkpoint, data, devices,
@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import importlib
 import json
 import os
 import re
@@ -56,11 +57,14 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+import warnings
 from typing import Any
 
+import jax
 import ml_collections
 from absl import logging
+
+from vptpc import config_util, records
 
 LOCK = ".vptpc.lock"
 # The holder touches its lock file this often; a record from another host
@@ -89,32 +93,6 @@ def url_message(name: str, path: str) -> str:
     f"local directory named '{scheme}:': mount the bucket (e.g. gcsfuse) "
     "or use a shared filesystem path, and pass that path."
   )
-
-
-def local_workdir(
-  workdir: str, config: ml_collections.ConfigDict | None = None
-) -> str:
-  """``workdir`` made absolute; a URL is refused before anything happens.
-
-  Args:
-    workdir: the run's workdir.
-    config: the run's config; with a URL workdir its other preflight
-      problems are listed too, all at once.
-
-  Raises:
-    vptpc.preflight.PreflightError: ``workdir`` is a URL (`url_message`).
-  """
-  if is_url(workdir):
-    from vptpc import preflight
-
-    problems = [url_message("--workdir", workdir)]
-    if config is not None:
-      try:
-        preflight.check(config, workdir)
-      except preflight.PreflightError as e:
-        problems += e.problems
-    raise preflight.PreflightError(problems)
-  return os.path.abspath(workdir)
 
 
 # ---------------------------------------------------------------------------
@@ -364,8 +342,6 @@ def stored_config(workdir: str) -> dict[str, Any] | None:
 
 def _ignores(kind: str) -> tuple[str, ...]:
   """Subtrees a workdir of ``kind`` does not compare (config_util)."""
-  from vptpc import config_util
-
   if kind == "stage":
     return config_util.STAGE_IGNORES
   return ("protocol",)
@@ -375,8 +351,6 @@ def changes(
   config: ml_collections.ConfigDict, workdir: str, kind: str
 ) -> tuple[list, list] | None:
   """(unsafe, safe) changes against the stored config; None if none stored."""
-  from vptpc import config_util
-
   stored = stored_config(workdir)
   if stored is None:
     return None
@@ -387,8 +361,6 @@ def changes(
 
 def changed_message(workdir: str, unsafe: list) -> str:
   """The error for a workdir whose run used another config."""
-  from vptpc import config_util
-
   return (
     f"workdir {workdir} holds a run of another config, which cannot change "
     f"mid-run: {config_util.describe_changes(unsafe)} (stored -> now). Run "
@@ -443,18 +415,17 @@ def _move_aside(workdir: str, items: list[str]) -> str | None:
 # Entries.
 # ---------------------------------------------------------------------------
 
-_DEPTH = [0]
-
 
 def _is_main_process() -> bool:
-  import jax
-
   return jax.process_index() == 0
 
 
 @dataclasses.dataclass
 class Run:
-  """What an entry holds while it runs in a workdir (see `entry`)."""
+  """What an entry holds while it runs in a workdir.
+
+  `vptpc.lifecycle.entry` makes one per entry and closes it on the way out.
+  """
 
   config: ml_collections.ConfigDict
   workdir: str
@@ -509,8 +480,6 @@ class Run:
 
   def store_config(self) -> None:
     """Compares the stored ``config.json`` (if any), then writes the new."""
-    from vptpc import config_util
-
     diff = changes(self.config, self.workdir, self.kind)
     if diff is not None:
       unsafe, safe = diff
@@ -523,13 +492,11 @@ class Run:
           config_util.describe_changes(safe),
         )
     if _is_main_process():
-      from vptpc import train
-
-      train._write_json(
+      records.write_json(
         os.path.join(self.workdir, "config.json"), self.config.to_dict()
       )
-      train._write_json(
-        os.path.join(self.workdir, "versions.json"), train.versions()
+      records.write_json(
+        os.path.join(self.workdir, "versions.json"), records.versions()
       )
 
   def close(self, failed: bool) -> None:
@@ -543,34 +510,21 @@ class Run:
           os.rmdir(d)
 
 
-@contextlib.contextmanager
-def entry(
-  config: ml_collections.ConfigDict, workdir: str, *, kind: str
-) -> Iterator[Run]:
-  """Runs a workdir's preconditions, lock and cleanup (module docstring).
+# Spellings from before `vptpc.lifecycle` held the entry: the name, where it
+# lives now.
+_MOVED = {
+  "entry": "vptpc.lifecycle",
+  "local_workdir": "vptpc.lifecycle",
+}
 
-  Args:
-    config: the run's config.
-    workdir: its (absolute) workdir.
-    kind: ``stage`` (a training stage), ``pc`` (a Prompt Condensation run)
-      or ``protocol`` (tune / final).
 
-  Raises:
-    vptpc.preflight.PreflightError: listing every unmet precondition (the
-      outermost entry only; nothing has been written).
-  """
-  outermost = _DEPTH[0] == 0
-  run = Run(config, workdir, kind, outermost)
-  if outermost:
-    from vptpc import preflight
-
-    run.plan = preflight.check(config, workdir)
-    preflight.log_plan(run.plan)
-  _DEPTH[0] += 1
-  failed = True
-  try:
-    yield run
-    failed = False
-  finally:
-    _DEPTH[0] -= 1
-    run.close(failed)
+def __getattr__(name: str) -> Any:
+  """Answers a moved name with a DeprecationWarning naming its new home."""
+  if name in _MOVED:
+    warnings.warn(
+      f"vptpc.rundir.{name} is deprecated; use {_MOVED[name]}.{name}.",
+      DeprecationWarning,
+      stacklevel=2,
+    )
+    return getattr(importlib.import_module(_MOVED[name]), name)
+  raise AttributeError(f"module 'vptpc.rundir' has no attribute {name!r}")

@@ -24,7 +24,7 @@ from vptpc.models import registry
 from vptpc.steps import TrainState, make_eval_step, make_train_step
 
 
-def _rows(batch_size: int) -> tuple[int, int] | None:
+def process_rows(batch_size: int) -> tuple[int, int] | None:
   """This process's rows of each global batch (None: single process)."""
   if jax.process_count() == 1:
     return None
@@ -108,7 +108,7 @@ def _programs(mode: str, s: Setup) -> dict[str, Callable]:
   return progs
 
 
-def _device() -> jax.Device:
+def local_device() -> jax.Device:
   """The device of jit mode's arrays.
 
   Placed explicitly (committed): a step's outputs are committed, and an
@@ -117,7 +117,7 @@ def _device() -> jax.Device:
   return jax.local_devices()[0]
 
 
-def _device_split(s: Setup, split: pipeline.Split, mode: str):
+def place_split(s: Setup, split: pipeline.Split, mode: str):
   """``split`` placed on the device, or None where the host path serves.
 
   The device path needs one process, jit mode and a decoded split within
@@ -131,7 +131,7 @@ def _device_split(s: Setup, split: pipeline.Split, mode: str):
   size = device_data.nbytes(split)
   if not size or size > s.device_max_gb * 2**30:
     return None
-  return device_data.place(split, _device())
+  return device_data.place(split, local_device())
 
 
 class Runner:
@@ -156,10 +156,10 @@ class Runner:
       self.frozen = parallel.replicate(s.frozen)
     else:
       self.frozen = jax.device_put(
-        registry.cast_backbone(s.model, s.frozen, s.model.dtype), _device()
+        registry.cast_backbone(s.model, s.frozen, s.model.dtype), local_device()
       )
-    self.dtrain = _device_split(s, s.train, mode)
-    self.deval = _device_split(s, s.eval, mode)
+    self.dtrain = place_split(s, s.train, mode)
+    self.deval = place_split(s, s.eval, mode)
     self._deval_of = s.eval
     logging.info(
       "Data: train on the %s, eval on the %s%s.",
@@ -172,7 +172,7 @@ class Runner:
     """Puts a host/unreplicated state where the step expects it."""
     if self.mode == "pmap":
       return parallel.replicate(jax.device_get(state))
-    return jax.device_put(state, _device())
+    return jax.device_put(state, local_device())
 
   def host_state(self, state: TrainState) -> TrainState:
     """Returns one unreplicated copy (for checkpoints and export)."""
@@ -209,7 +209,7 @@ class Runner:
       split,
       batch_size=config.eval_batch_size,
       normalization=config.data.normalize,
-      rows=_rows(config.eval_batch_size),
+      rows=process_rows(config.eval_batch_size),
     ):
       if self.mode == "pmap":
         sums = parallel.unreplicate(

@@ -1,13 +1,15 @@
 """Many tasks on one frozen backbone: mixed-task batched inference.
 
 A `TaskBank` holds every task's VPT-Deep prompts as a key/value cache
-(`vptpc.models.vit.build_kv_cache`), stacked over tasks and padded per
-layer to the largest count with a mask (condensed tasks have ragged,
-different counts), plus every task's head padded to the largest class
-count. `classify` then runs one forward pass over a batch whose examples
-belong to different tasks: each example gathers its task's keys/values
-(padded keys get no attention) and its task's head. The result equals
-running each task alone (tested); the backbone is shared, not copied.
+(the family's, `vptpc.models.registry.build_kv_cache`: a vit_jax or timm
+ViT, or a Swin, whose last block keeps its prompt tokens), stacked over
+tasks and padded per layer to the largest count with a mask (condensed
+tasks have ragged, different counts), plus every task's head padded to the
+largest class count. `classify` then runs one forward pass over a batch
+whose examples belong to different tasks: each example gathers its task's
+keys/values (padded keys get no attention) and its task's head. The result
+equals running each task alone (tested); the backbone is shared, not
+copied.
 
   python -m vptpc.serve --task=digits=runs/digits/prompts.npz \\
       --task=count=runs/count/prompts.npz --images=path/to/folder
@@ -21,14 +23,16 @@ stderr and serving carries on; the exit status is then 2. ``--backbone`` is a
 vit_jax ``.npz`` or a timm-named ``.safetensors`` file (default: the
 embedded fractal ViT, ``--model=fractal-Ti/4``); ``--model=swin_...`` serves
 a Swin (e.g. ``--model=swin_base_patch4_window7_224 --image_size=224
---normalize=imagenet``); a timm name serves that ViT (e.g.
-``--model=vit_base_patch16_clip_224.openai --normalize=clip
---interpolation=bicubic``, as its run's config says). Each prompts file must have been trained on that
-backbone (`vptpc.prompts.load_prompts` checks).
+--normalize=imagenet``); a timm name serves that ViT (MAE, CLIP, DINOv2,
+registers, average pool; e.g. ``--model=vit_base_patch16_clip_224.openai
+--normalize=clip --interpolation=bicubic``, as its run's config says). Each
+prompts file must have been trained on that backbone
+(`vptpc.prompts.load_prompts` checks).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import json
@@ -40,8 +44,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
+from vptpc import assets, checkpoint
 from vptpc import prompts as prompts_lib
+from vptpc.data import preprocessing
 from vptpc.models import registry, swin, vit
 
 
@@ -245,15 +252,11 @@ def _read_requests(images: str) -> list[Request]:
 def _load_image(
   path: str, size: int, interpolation: str = "bilinear"
 ) -> np.ndarray:
-  """The cached-form image of ``path`` (`pipeline.preprocess_image`).
+  """The cached-form image of ``path`` (`preprocessing.preprocess_image`).
 
   Raises:
     ValueError: the file is missing or not a readable image (named).
   """
-  from PIL import Image, UnidentifiedImageError
-
-  from vptpc.data import pipeline
-
   try:
     with Image.open(path) as im:
       arr = np.asarray(im.convert("RGB"))
@@ -263,7 +266,7 @@ def _load_image(
     raise ValueError(
       f"cannot read image {path!r} ({type(e).__name__}: {e})"
     ) from None
-  return pipeline.preprocess_image(arr, size, interpolation=interpolation)
+  return preprocessing.preprocess_image(arr, size, interpolation=interpolation)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -275,11 +278,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   Errors before serving (a bad flag, backbone or prompts file) print one
   ``error:`` line and return 2.
   """
-  import argparse
-
-  from vptpc import assets, checkpoint
-  from vptpc.data import pipeline
-
   ap = argparse.ArgumentParser(prog="python -m vptpc.serve")
   ap.add_argument(
     "--task",
@@ -306,10 +304,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     if not a.task:
       raise ValueError("Give at least one --task=name=prompts.npz.")
-    if a.interpolation not in pipeline.INTERPOLATIONS:
+    if a.interpolation not in preprocessing.INTERPOLATIONS:
       raise ValueError(
         f"--interpolation={a.interpolation!r}: expected one of "
-        f"{', '.join(pipeline.INTERPOLATIONS)}."
+        f"{', '.join(preprocessing.INTERPOLATIONS)}."
       )
     specs = []
     for spec in a.task:
@@ -365,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       return
     chunk = good[: a.batch_size]
     del good[: a.batch_size]
-    x = pipeline.normalize(np.stack([im for _, im in chunk]), a.normalize)
+    x = preprocessing.normalize(np.stack([im for _, im in chunk]), a.normalize)
     # Pad to a fixed batch so the program compiles once.
     pad = a.batch_size - len(chunk)
     x = np.concatenate([x, np.repeat(x[:1], pad, 0)])

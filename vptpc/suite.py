@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
 import os
 import time
 from typing import Any
@@ -32,8 +33,8 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vptpc import preflight, rundir, train
-from vptpc.data import minivtab, pipeline
+from vptpc import lifecycle, preflight, sweep, train
+from vptpc.data import minivtab, pipeline, sources
 from vptpc.models import vit
 
 
@@ -197,8 +198,9 @@ def select_hparams(
 ) -> dict[str, Any]:
   """Chooses a VPT method's prompt count and LRs for one task on val200.
 
-  VPT's protocol (vpt.md): the prompt length and the learning rate are
-  per-task hyperparameters picked on the validation split. Every point of
+  VPT's protocol (docs/references.md, "VPT: protocol"): the prompt length
+  and the learning rate are per-task hyperparameters picked on the
+  validation split. Every point of
   the method's `_grid` (its ``select_points``, or else the
   ``select_prompts`` x ``select_prompt_lr_scale`` x ``select_lr`` product,
   a missing axis being the method's fixed ``num_prompts`` /
@@ -215,11 +217,9 @@ def select_hparams(
   interrupted selection resumes.
 
   Returns:
-    ``{"num_prompts": n, "lr": lr, "prompt_lr_scale": s,
-    "val_accuracy": {point: accuracy}}``.
+    A dict of the chosen ``num_prompts``, ``lr`` and ``prompt_lr_scale``,
+    and ``val_accuracy``, each point's validation accuracy by point.
   """
-  from vptpc import sweep
-
   m = config.methods[method]
   grid = _grid(m)
   scores = {}
@@ -407,12 +407,10 @@ def _run_in_workers(config: ml_collections.ConfigDict, workdir: str) -> None:
   one two-thread process (fractal-Ti/4, batch 64, 3 deep prompts). The
   datasets are prepared first, here, so workers never race to build one.
   """
-  import multiprocessing
-
   for task in config.tasks:
-    pipeline.prepare_local(
+    sources.prepare_local(
       minivtab.TASKS[task].tfds_name,
-      config.data_dir or pipeline.default_data_dir(),
+      config.data_dir or sources.default_data_dir(),
     )
   n = min(config.workers, len(config.tasks))
   cpus = list(range(n))
@@ -474,7 +472,7 @@ def run_suite(config: ml_collections.ConfigDict, workdir: str) -> str:
     The Markdown table.
   """
   # A URL would become a local "gs:" directory: refused before any work.
-  workdir = rundir.local_workdir(workdir)
+  workdir = lifecycle.local_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   t0 = time.time()
   if config.get("workers", 1) > 1 and len(config.tasks) > 1:

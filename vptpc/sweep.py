@@ -1,8 +1,9 @@
 """One compile for a whole hyper-parameter grid: vmapped prompt training.
 
-VPT's protocol tunes 10 base LRs x 4 weight decays per task (vpt.md §4):
-40 runs that each re-read the data and re-compile. Prompts and head live in
-their own pytree on a frozen backbone, so the grid's members can be stacked
+VPT's protocol tunes 10 base LRs x 4 weight decays per task
+(docs/references.md, "VPT: optimiser and schedule"): 40 runs that each
+re-read the data and re-compile. Prompts and head live in their own pytree
+on a frozen backbone, so the grid's members can be stacked
 along a leading axis and one ``jax.vmap``-ped train step trains them all on
 one pass of the data, the backbone shared rather than copied. Each member's
 base LR and weight decay are part of its optimiser state
@@ -33,7 +34,9 @@ import ml_collections
 import optax
 from absl import logging
 
-from vptpc import faults, optim, train
+from vptpc import build, faults, optim, records, runner
+from vptpc import prompts as prompts_lib
+from vptpc import steps as steps_lib
 from vptpc.data import device as device_data
 from vptpc.data import pipeline
 from vptpc.models import registry
@@ -88,13 +91,13 @@ def _grid_programs(config, s, optimizer, unit_schedule) -> dict[str, Any]:
   """
   c = ml_collections.ConfigDict(config.to_dict())
   c.base_lr, c.weight_decay = 0.0, 0.0
-  key = train.program_key(c, s.steps_per_epoch)
+  key = build.program_key(c, s.steps_per_epoch)
   if key in _GRID_PROGRAMS:
     _GRID_PROGRAMS[key] = _GRID_PROGRAMS.pop(key)
     return _GRID_PROGRAMS[key]
-  step = train.make_train_step(s.model, optimizer, unit_schedule)
+  step = steps_lib.make_train_step(s.model, optimizer, unit_schedule)
   vstep = jax.vmap(step, in_axes=(0, None, None, None))
-  veval = jax.vmap(train.make_eval_step(s.model), in_axes=(0, None, None))
+  veval = jax.vmap(steps_lib.make_eval_step(s.model), in_axes=(0, None, None))
   norm = dict(
     normalization=config.data.normalize, image_size=s.train.image_size
   )
@@ -115,13 +118,13 @@ def _grid_programs(config, s, optimizer, unit_schedule) -> dict[str, Any]:
     "steps": jax.jit(steps, donate_argnums=0),
     "eval_all": jax.jit(
       jax.vmap(
-        train.make_device_eval(train.make_eval_step(s.model), **norm),
+        runner.make_device_eval(steps_lib.make_eval_step(s.model), **norm),
         in_axes=(0, None, None, None),
       )
     ),
   }
   _GRID_PROGRAMS[key] = progs
-  while len(_GRID_PROGRAMS) > train.PROGRAM_CACHE_SIZE:
+  while len(_GRID_PROGRAMS) > runner.PROGRAM_CACHE_SIZE:
     _GRID_PROGRAMS.pop(next(iter(_GRID_PROGRAMS)))
   return progs
 
@@ -148,11 +151,11 @@ def train_grid(
   Returns:
     Per member: ``base_lr``, ``weight_decay``, ``eval_accuracy`` (NaN if
     the member diverged), ``eval_loss`` and its final ``trainable`` tree
-    (its head for the checkpoint's backbone, `train.Setup.export_trainable`),
+    (its head for the checkpoint's backbone, `vptpc.build.Setup.export_trainable`),
     and the chunk's ``timing`` (training seconds, first epoch with its
     compile, sustained member-images/s after it).
   """
-  s = train.setup(config)
+  s = build.setup(config)
   unit = optim.create_lr_schedule(
     base_lr=1.0,
     batch_size=config.batch_size,
@@ -169,20 +172,20 @@ def train_grid(
   )
   opts = [make(lr_scale=lr, weight_decay=wd) for lr, wd in members]
   trainable = jax.device_get(s.state.trainable)
-  dev = train._device()
+  dev = runner.local_device()
   states = jax.device_put(
-    _stack([train.create_train_state(trainable, o) for o in opts]), dev
+    _stack([steps_lib.create_train_state(trainable, o) for o in opts]), dev
   )
   progs = _grid_programs(config, s, make(lr_scale=1.0, weight_decay=0.0), unit)
   frozen = jax.device_put(
     registry.cast_backbone(s.model, s.frozen, s.model.dtype), dev
   )
-  # The run key of `train.train_stage`, so dropout matches separate runs.
+  # The run key of `vptpc.train.train_stage`, so dropout matches separate runs.
   rng = jax.random.fold_in(jax.random.key(config.seed), 2)
   # Kept on the device: a host read per step would sync every step.
   finite = jax.device_put(jnp.ones(len(members), bool), dev)
-  dtrain = train._device_split(s, s.train, "jit")
-  deval = train._device_split(s, s.eval, "jit")
+  dtrain = runner.place_split(s, s.train, "jit")
+  deval = runner.place_split(s, s.eval, "jit")
   t_start = t_first = time.perf_counter()
   for epoch in range(config.total_epochs):
     if epoch:
@@ -269,15 +272,13 @@ def _export(s, config, out, dirs, configs) -> None:
   """Writes each member's run directory (see `train_grid`)."""
   if jax.process_index() != 0:
     return
-  from vptpc import prompts as prompts_lib
-
   backbone = jax.device_get(
     s.frozen if s.checkpoint_backbone is None else s.checkpoint_backbone
   )
   for i, (r, d) in enumerate(zip(out, dirs, strict=True)):
     os.makedirs(d, exist_ok=True)
     c = configs[i] if configs is not None else config
-    train._write_json(os.path.join(d, "config.json"), c.to_dict())
+    records.write_json(os.path.join(d, "config.json"), c.to_dict())
     export = os.path.join(d, "prompts.npz")
     prompts_lib.save_prompts(
       export,
@@ -302,7 +303,7 @@ def _export(s, config, out, dirs, configs) -> None:
       vmapped=True,
       timing=r["timing"],
     )
-    train._write_json(os.path.join(d, "results.json"), res)
+    records.write_json(os.path.join(d, "results.json"), res)
 
 
 def train_grid_chunked(

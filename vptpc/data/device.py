@@ -11,7 +11,7 @@ crosses the host-device link after the first epoch, and the host does no
 per-image work.
 
 The plan uses exactly the host pipeline's shuffles and crops
-(`vptpc.data.pipeline.train_batches`, `vptpc.data.pipeline.crop_params`),
+(`vptpc.data.pipeline.train_batches`, `vptpc.data.preprocessing.crop_params`),
 so the device path yields the same batches in the same order (tested).
 Splits that are not cached (decoded per batch) stay on the host path.
 """
@@ -25,7 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vptpc.data import pipeline
+from vptpc.data import pipeline, preprocessing
+
+# ``config.data.on_device``: ``auto`` places cached splits that fit
+# ``config.data.device_max_gb`` here (one process, jit mode; `vptpc.runner`
+# decides), ``never`` builds every batch on the host.
+ON_DEVICE = ("auto", "never")
 
 
 @dataclasses.dataclass
@@ -119,7 +124,7 @@ def _plan_rows(
     if split.crop:
       for j, i in enumerate(full):
         h, w = split.sizes[i]
-        crops[s, j] = pipeline.crop_params(
+        crops[s, j] = preprocessing.crop_params(
           crop_keys[s], j, h, w, split.image_size
         )
   plan = {"index": idx, "mask": mask}
@@ -167,14 +172,14 @@ def eval_plan(split: DeviceSplit, *, batch_size: int) -> dict[str, np.ndarray]:
 
 
 def normalization_table(normalization: str) -> np.ndarray:
-  """(256, 3) float32: `pipeline.normalize` of every uint8 value per channel.
+  """(256, 3) float32: `preprocessing.normalize` of every uint8 value per channel.
 
   Looking values up instead of computing ``x * scale + shift`` on the
   device gives bit-identical batches: a compiler may fuse the multiply and
   add into one rounding (FMA), NumPy rounds twice.
   """
   values = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
-  return pipeline.normalize(values, normalization)
+  return preprocessing.normalize(values, normalization)
 
 
 def gather(
@@ -190,7 +195,7 @@ def gather(
     arrays: `DeviceSplit.arrays`.
     row: one step of a plan: ``index`` (B,), ``mask`` (B,) and, for
       cropped splits, ``crop`` (B, 3).
-    normalization: see `vptpc.data.pipeline.normalize`.
+    normalization: see `vptpc.data.preprocessing.normalize`.
     image_size: model input side.
 
   Returns:

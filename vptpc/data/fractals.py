@@ -4,7 +4,8 @@ Formula-driven supervised pretraining (Kataoka et al., "Pre-training without
 Natural Images", ACCV 2020): each class is one random IFS (2-4 contractive
 affine maps); an image renders the IFS attractor by the chaos game. vptpc adds
 what a 32-px backbone needs to transfer to VTAB's structured tasks
-(pretraining.md: class-only fractal features discard position):
+(docs/references.md, "Embedded backbone": class-only fractal features
+discard position):
 
 * every instance is jittered (map parameters scaled by 1 + N(0, sigma)),
   optionally rotated, scaled and placed at a random position on a noisy background, in a

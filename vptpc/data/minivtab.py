@@ -6,12 +6,16 @@ local ``data_dir`` on first use (no network, no TensorFlow) and read with
 a ``train`` split of 1,000 and a ``test`` split of at least 500 examples, so
 VTAB-1k's split strings apply unchanged (`SPLITS`).
 
-| task | images | classes | label, as VTAB defines it |
-|---|---|---|---|
-| ``digits`` | scikit-learn's 1,797 real 8x8 handwritten digits | 10 | the digit |
-| ``dsprites_loc`` | dSprites-style sprites, 64x64, 1 channel | 16 | x position (32 values) // 2 |
-| ``dsprites_ori`` | the same generator | 16 | floor(orientation index (40 values) * 16 / 40) |
-| ``count`` | 3-10 coloured objects, 64x64 (CLEVR-count-like) | 8 | number of objects - 3 |
+The tasks (images; classes; the label, as VTAB defines it):
+
+* ``digits``: scikit-learn's 1,797 real 8x8 handwritten digits; 10; the
+  digit.
+* ``dsprites_loc``: dSprites-style sprites, 64x64, 1 channel; 16; x position
+  (32 values) // 2.
+* ``dsprites_ori``: the same generator; 16; floor(orientation index (40
+  values) * 16 / 40).
+* ``count``: 3-10 coloured objects, 64x64 (CLEVR-count-like); 8; number of
+  objects - 3.
 
 The generators are seeded and deterministic: the same builder version writes
 the same bytes. Test images come from a different seed than training images.
@@ -24,11 +28,12 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from vptpc import assets
+from vptpc import assets, config_util
 from vptpc.data.toy import encode_png
 
-# VTAB-1k split strings (vtab.md): the first 800 training images, the next
-# 200 for validation, both for final runs, and the held-out test split.
+# VTAB-1k split strings (docs/references.md, "VTAB-1k: splits"): the first
+# 800 training images, the next 200 for validation, both for final runs,
+# and the held-out test split.
 SPLITS = {
   "train800": "train[:800]",
   "val200": "train[800:1000]",
@@ -85,6 +90,8 @@ def _info(builder, features: dict) -> tfds.core.DatasetInfo:
 
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
   """scikit-learn's digits as uint8 (1797, 8, 8, 1) images and labels."""
+  # Imported here: scikit-learn takes over a second to import, and only
+  # building this one dataset needs it.
   from sklearn.datasets import load_digits
 
   d = load_digits()
@@ -372,8 +379,6 @@ def task_config(
   Raises:
     ValueError: unknown task or mode (named).
   """
-  from vptpc import assets, config_util
-
   if task not in TASKS:
     raise ValueError(f"Unknown task {task!r}; known: {', '.join(TASKS)}.")
   if mode not in ("final", "tune"):

@@ -19,13 +19,18 @@ and timm's checkpoint names such as ``vit_base_patch14_dinov2.lvd142m``).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import warnings
 from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from vptpc.models import levers as levers_lib
+from vptpc.models import vit_variants
 
 # Family name -> its module. The order decides which family a name belongs
 # to when several would accept it: the more specific rule first.
@@ -154,9 +159,7 @@ def model_rows() -> dict[str, str]:
 
 def timm_weight_names() -> tuple[str, ...]:
   """Timm checkpoint names whose weights `vptpc.prepare` fetches by name."""
-  from vptpc.models import vit  # the ViT family's table of weights
-
-  return tuple(vit.TIMM_WEIGHTS)
+  return tuple(vit_variants.TIMM_WEIGHTS)
 
 
 def pretrained(name: str) -> Any:
@@ -194,36 +197,6 @@ def image_size_problems(
     return []  # the name or the fields are reported on their own
 
 
-def own_vjp_setting(value: str | bool | None) -> bool | None:
-  """A ``config.model.gelu_vjp`` / ``ln_vjp`` value as the ViT field's value.
-
-  ``"auto"`` (or None) is None, which `vptpc.models.vit.own_vjp_default`
-  resolves per backend; ``"on"`` / ``"off"`` (or a bool) force it.
-
-  Raises:
-    ValueError: any other value, named.
-  """
-  if value is None or isinstance(value, bool):
-    return value
-  table = {"auto": None, "on": True, "off": False}
-  if value not in table:
-    raise ValueError(
-      f"An own-VJP setting must be 'auto', 'on' or 'off', got {value!r}."
-    )
-  return table[value]
-
-
-# ViT fields that stay off a Swin's constructor when they hold defaults.
-_VIT_LEVERS = {
-  "attention_impl": None,
-  "fuse_qkv": False,
-  "gelu_vjp": None,
-  "ln_vjp": None,
-  "cudnn_multiple": None,
-  "kv_stacked": False,
-}
-
-
 def create_model(
   name: str,
   *,
@@ -236,30 +209,28 @@ def create_model(
 ) -> Any:
   """Builds the model ``name`` names with its family's constructor.
 
-  ``fields`` are the family module's own fields: for a ViT its GPU levers
-  (``attention_impl``, ``fuse_qkv``, ``gelu_vjp``, ``ln_vjp``,
-  ``cudnn_multiple`` (0 or None: the default), ``kv_stacked``) and
-  architecture overrides (``hidden_size``, ``num_layers``... for a shrunk
-  test model of the same family).
+  ``fields`` are the family module's own fields: for a ViT its speed
+  options (``levers``, a `vptpc.models.levers.Levers`) and architecture
+  overrides (``hidden_size``, ``num_layers``... for a shrunk test model
+  of the same family). The former lever fields (``attention_impl=``,
+  ``cudnn_multiple=``, ``kv_stacked=``) still work, with a
+  DeprecationWarning naming ``levers=Levers(...)``.
 
   Raises:
-    ValueError: an unknown name, or a ViT-only lever set for a Swin.
+    ValueError: an unknown name, or levers other than the defaults for a
+      family other than the ViT's.
   """
   fam = family_of_name(name)
-  levers = {k: fields.pop(k) for k in list(fields) if k in _VIT_LEVERS}
-  if fam.NAME != "vit":
-    bad = fam.model_problems(
-      {
-        k: ("" if v is None and k == "attention_impl" else v)
-        for k, v in levers.items()
-      }
-    )
-    if bad:
-      raise ValueError(" ".join(bad))
-  else:
-    if levers.get("cudnn_multiple") == 0:
-      levers["cudnn_multiple"] = None
-    fields.update(levers)
+  fields = levers_lib.from_former_fields(
+    fields, "vptpc.models.registry.create_model"
+  )
+  lev = fields.pop("levers", None) or levers_lib.Levers()
+  if fam.NAME == "vit":
+    fields["levers"] = lev
+  elif lev != levers_lib.Levers():
+    # Named as the config keys that set them (the family's own check).
+    bad = fam.model_problems(dataclasses.asdict(lev))
+    raise ValueError(" ".join(bad) or f"{lev!r} applies to ViT only.")
   return fam.create_model(
     canonical_name(name),
     num_classes=num_classes,
@@ -330,7 +301,6 @@ _DEPRECATED = {
 
 
 def _deprecated(old: str, new: str) -> None:
-  import warnings
 
   warnings.warn(
     f"vptpc.models.registry.{old} is deprecated: use {new}.",

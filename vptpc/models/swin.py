@@ -2,7 +2,7 @@
 
 The module tree follows timm's `SwinTransformer` (timm >= 0.9 layout, the
 one of the ``timm/swin_*`` files on the Hugging Face hub), so a timm
-``state_dict`` maps key for key (`vptpc.checkpoint.load_safetensors`)::
+``state_dict`` maps key for key (`vptpc.timm_checkpoint.load_safetensors`)::
 
   timm key                                  vptpc params key
   patch_embed.proj.{weight,bias}            patch_embed/proj/{kernel,bias}
@@ -25,8 +25,9 @@ one of the ``timm/swin_*`` files on the Hugging Face hub), so a timm
 in torch.
 
 VPT on Swin follows the official VPT code (KMnP/vpt
-``src/models/vit_prompt/swin_transformer.py``; vpt.md §8). Prompts are a
-pytree passed to `__call__`, apart from the frozen parameters:
+``src/models/vit_prompt/swin_transformer.py``; docs/references.md, "VPT:
+Swin"). Prompts are a pytree passed to `__call__`, apart from the frozen
+parameters:
 
 * ``{"input": (n, C0)}``: VPT-Shallow. The prompts are prepended (there is
   no CLS token), carried through every block, and carried through each patch
@@ -80,7 +81,8 @@ with more images the official code mixes prompt outputs across images, a
 batch-size-dependent artefact we do not reproduce: here prompt outputs are
 averaged over the windows of their own image.
 
-The backbone always runs in inference mode (vpt.md §3).
+The backbone always runs in inference mode (docs/references.md, "VPT: head
+and loss").
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vptpc import flops
 from vptpc.models import convert, swin
 
 NAME = "swin"
@@ -109,14 +110,12 @@ def adapt_file(raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   }
 
 
-# ViT-only ``config.model`` keys and the value a Swin needs them to keep.
+# ViT-only ``config.model`` keys (`vptpc.models.levers.Levers`) and the value
+# a Swin needs them to keep.
 _VIT_ONLY = {
   "attention_impl": ("", "Swin's window attention has one implementation"),
-  "fuse_qkv": (False, "Swin's qkv projection is already one fused matmul"),
   "cudnn_multiple": (0, ""),
   "kv_stacked": (False, ""),
-  "gelu_vjp": ("auto", "a Swin's GELU and LayerNorms use autodiff"),
-  "ln_vjp": ("auto", "a Swin's GELU and LayerNorms use autodiff"),
 }
 
 
@@ -242,8 +241,6 @@ def gmacs(
   variant: str,
 ) -> float:
   """GMACs per image (`vptpc.flops.swin_gmacs`)."""
-  from vptpc import flops  # imported here: flops sits above the models
-
   return flops.swin_gmacs(
     **flops.swin_dims(model, image_size),
     prompts_per_layer=prompts_per_layer,

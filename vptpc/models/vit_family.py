@@ -2,7 +2,7 @@
 
 The Flax module lives in `vptpc.models.vit` (a model file); this module is
 the family's plugin (`vptpc.models.registry`): which names it builds
-(vit_jax's variants and timm's checkpoints, `vptpc.models.vit.TIMM_WEIGHTS`),
+(vit_jax's variants and timm's checkpoints, `vptpc.models.vit_variants`),
 how a timm ``.safetensors`` file's names map onto the module's, its FLOP
 count, prompt init and metadata, the key/value cache, and its exports.
 
@@ -23,7 +23,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from vptpc.models import convert, vit
+from vptpc import flops
+from vptpc import prompts as prompts_lib
+from vptpc.models import convert, vit, vit_variants
 
 NAME = "vit"
 DISPLAY = "ViT"
@@ -64,9 +66,9 @@ def model_names() -> tuple[str, ...]:
   return vit.model_names()
 
 
-def pretrained(name: str) -> vit.Pretrained | None:
-  """The timm checkpoint row of ``name`` (`vit.TIMM_WEIGHTS`), or None."""
-  return vit.TIMM_WEIGHTS.get(name.removeprefix("timm/"))
+def pretrained(name: str) -> vit_variants.Pretrained | None:
+  """The timm checkpoint row of ``name`` (`vit_variants.TIMM_WEIGHTS`)."""
+  return vit_variants.TIMM_WEIGHTS.get(name.removeprefix("timm/"))
 
 
 def create_model(name: str, **fields: Any) -> vit.VisionTransformer:
@@ -122,9 +124,6 @@ def init_prompts(
   variant: str = "deep",
 ) -> dict[str, jax.Array]:
   """VPT's init: uniform in ``sqrt(6 / (3 p^2 + D))`` (`vptpc.prompts`)."""
-  # Imported here: vptpc.prompts sits above the model package.
-  from vptpc import prompts as prompts_lib
-
   return prompts_lib.init_prompts(
     rng,
     num_prompts=num_prompts,
@@ -189,7 +188,6 @@ def gmacs(
 ) -> float:
   """GMACs per image (`vptpc.flops.vit_gmacs`)."""
   del variant  # shallow prompts cost what deep ones do per block
-  from vptpc import flops  # imported here: flops sits above the models
 
   return flops.vit_gmacs(
     **flops.model_dims(model, image_size),
