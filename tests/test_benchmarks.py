@@ -107,7 +107,7 @@ def _int8_run(tmp_path, rng):
   import jax
   from PIL import Image
 
-  from vptpc import checkpoint, config_util
+  from vptpc import config_util, npz_checkpoint
   from vptpc import prompts as pr
   from vptpc.models import vit
 
@@ -126,7 +126,7 @@ def _int8_run(tmp_path, rng):
     lambda a: (0.1 * rng.standard_normal(a.shape)).astype(np.float32),
     vit.split_head(shapes)[0],
   )
-  checkpoint.save_npz(tmp_path / "backbone.npz", backbone)
+  npz_checkpoint.save_npz(tmp_path / "backbone.npz", backbone)
   c = config_util.base_config()
   c.model.name = "testing"
   c.model.checkpoint_path = str(tmp_path / "backbone.npz")

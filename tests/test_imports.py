@@ -7,9 +7,8 @@ function. Two things are not import statements and are not counted:
 * the backbone families, which `vptpc.models.registry` loads by name from
   `registry.FAMILIES` (plugins: a family depends on the library, as a
   family from another package would, and nothing imports a family module);
-* a module-level ``__getattr__`` that answers a moved name with a
-  DeprecationWarning, loading the new home by name only when the old
-  spelling is used.
+* `vptpc.moved.forwarder`, a module's ``__getattr__`` for names that moved:
+  it loads the new home by name, and only when an old spelling is used.
 """
 
 from __future__ import annotations
@@ -40,9 +39,10 @@ DEFERRED_OK = (
 DEFERS_EVERYTHING = ("vptpc.main",)
 # Modules at the bottom of the run lifecycle, and all they may import.
 LOW_LEVEL = {
+  "vptpc.moved": set(),
   "vptpc.records": set(),
   "vptpc.protocol_runs": set(),
-  "vptpc.rundir": {"vptpc.config_util", "vptpc.records"},
+  "vptpc.rundir": {"vptpc.config_util", "vptpc.moved", "vptpc.records"},
 }
 
 

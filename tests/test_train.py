@@ -298,7 +298,7 @@ def test_prompts_initialised_from_the_backbones_tokens(data_dir):
   c.prompt.init_images = 4
   s = build.setup(c)
   params = vit.merge_head(s.frozen, s.state.trainable["head"])
-  pools = train.token_pools(s.model, params, s.train, c)
+  pools = build.token_pools(s.model, params, s.train, c)
   for k, p in s.state.trainable["prompts"].items():
     pool = np.asarray(pools[k])
     assert pool.shape[0] == 4 * (c.data.image_size // s.model.patch_size) ** 2

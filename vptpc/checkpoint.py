@@ -24,14 +24,13 @@ from __future__ import annotations
 import json
 import os
 import struct
-import warnings
 import zipfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from vptpc import npz_checkpoint, timm_checkpoint
+from vptpc import moved, npz_checkpoint, timm_checkpoint
 from vptpc.models import registry
 from vptpc.npz_checkpoint import CheckpointError
 
@@ -162,14 +161,4 @@ _MOVED = {
 }
 
 
-def __getattr__(name: str) -> Any:
-  """Names that moved out of this module (`_MOVED`), with a warning."""
-  if name in _MOVED:
-    new = f"{_MOVED[name].__name__}.{name}"
-    warnings.warn(
-      f"{__name__}.{name} is deprecated: use {new}.",
-      DeprecationWarning,
-      stacklevel=2,
-    )
-    return getattr(_MOVED[name], name)
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = moved.forwarder(__name__, _MOVED)

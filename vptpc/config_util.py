@@ -18,7 +18,15 @@ from typing import Any
 
 import ml_collections
 
-from vptpc import condense, config_args, hub, parallel, prompts, protocol_runs
+from vptpc import (
+  condense,
+  config_args,
+  hub,
+  moved,
+  parallel,
+  prompts,
+  protocol_runs,
+)
 from vptpc.data import device, preprocessing, sources, vtab
 from vptpc.models import levers, registry
 
@@ -598,14 +606,4 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
 _MOVED = {"parse_arg": config_args}
 
 
-def __getattr__(name: str) -> Any:
-  """Former names of this module (see `_MOVED`)."""
-  if name in _MOVED:
-    new = f"{_MOVED[name].__name__}.{name}"
-    warnings.warn(
-      f"{__name__}.{name} is deprecated: use {new}.",
-      DeprecationWarning,
-      stacklevel=2,
-    )
-    return getattr(_MOVED[name], name)
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = moved.forwarder(__name__, _MOVED)

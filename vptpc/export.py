@@ -55,7 +55,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -71,6 +70,7 @@ from vptpc import (
   config_util,
   export_formats,
   hub,
+  moved,
   npz_checkpoint,
 )
 from vptpc import prompts as prompts_lib
@@ -624,17 +624,7 @@ _MOVED = {
 }
 
 
-def __getattr__(name: str) -> Any:
-  """Names that moved out of this module (`_MOVED`), with a warning."""
-  if name in _MOVED:
-    new = f"{_MOVED[name].__name__}.{name}"
-    warnings.warn(
-      f"{__name__}.{name} is deprecated: use {new}.",
-      DeprecationWarning,
-      stacklevel=2,
-    )
-    return getattr(_MOVED[name], name)
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = moved.forwarder(__name__, _MOVED)
 
 
 if __name__ == "__main__":

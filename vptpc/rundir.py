@@ -48,7 +48,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import importlib
 import json
 import os
 import re
@@ -57,14 +56,13 @@ import socket
 import sys
 import threading
 import time
-import warnings
 from typing import Any
 
 import jax
 import ml_collections
 from absl import logging
 
-from vptpc import config_util, records
+from vptpc import config_util, moved, records
 
 LOCK = ".vptpc.lock"
 # The holder touches its lock file this often; a record from another host
@@ -518,13 +516,4 @@ _MOVED = {
 }
 
 
-def __getattr__(name: str) -> Any:
-  """Answers a moved name with a DeprecationWarning naming its new home."""
-  if name in _MOVED:
-    warnings.warn(
-      f"vptpc.rundir.{name} is deprecated; use {_MOVED[name]}.{name}.",
-      DeprecationWarning,
-      stacklevel=2,
-    )
-    return getattr(importlib.import_module(_MOVED[name]), name)
-  raise AttributeError(f"module 'vptpc.rundir' has no attribute {name!r}")
+__getattr__ = moved.forwarder(__name__, _MOVED)

@@ -18,10 +18,8 @@ run prints).
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 import time
-import warnings
 from typing import Any
 
 import jax
@@ -36,6 +34,7 @@ from vptpc import (
   faults,
   flops,
   lifecycle,
+  moved,
   parallel,
   progress,
   records,
@@ -554,13 +553,4 @@ _MOVED = {
 }
 
 
-def __getattr__(name: str) -> Any:
-  """Answers a moved name with a DeprecationWarning naming its new home."""
-  if name in _MOVED:
-    warnings.warn(
-      f"vptpc.train.{name} is deprecated; use {_MOVED[name]}.{name}.",
-      DeprecationWarning,
-      stacklevel=2,
-    )
-    return getattr(importlib.import_module(_MOVED[name]), name)
-  raise AttributeError(f"module 'vptpc.train' has no attribute {name!r}")
+__getattr__ = moved.forwarder(__name__, _MOVED)

@@ -37,12 +37,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
+from vptpc import moved
 from vptpc.data import decoding
 
 GROUPS = ("natural", "specialized", "structured")
@@ -694,14 +694,4 @@ _MOVED = {
 }
 
 
-def __getattr__(name: str) -> Any:
-  """Names that moved out of this module (`_MOVED`), with a warning."""
-  if name in _MOVED:
-    new = f"{_MOVED[name].__name__}.{name}"
-    warnings.warn(
-      f"{__name__}.{name} is deprecated: use {new}.",
-      DeprecationWarning,
-      stacklevel=2,
-    )
-    return getattr(_MOVED[name], name)
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = moved.forwarder(__name__, _MOVED)

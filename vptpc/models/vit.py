@@ -37,9 +37,7 @@ changes only the speed, is the model's one ``levers`` field
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vptpc import moved
 from vptpc.models import levers as levers_lib
 from vptpc.models import vit_variants
 from vptpc.models.levers import Levers
@@ -999,13 +998,4 @@ _MOVED = dict.fromkeys(
 )
 
 
-def __getattr__(name: str) -> Any:
-  """Former names (`_MOVED`), with a warning naming the new spelling."""
-  if name in _MOVED:
-    warnings.warn(
-      f"vptpc.models.vit.{name} is deprecated: use {_MOVED[name]}.{name}.",
-      DeprecationWarning,
-      stacklevel=2,
-    )
-    return getattr(importlib.import_module(_MOVED[name]), name)
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = moved.forwarder(__name__, _MOVED)
