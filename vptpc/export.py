@@ -52,7 +52,6 @@ import contextlib
 import importlib.metadata as md
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -72,6 +71,7 @@ from vptpc import (
   hub,
   moved,
   npz_checkpoint,
+  records,
 )
 from vptpc import prompts as prompts_lib
 from vptpc.data import preprocessing, sources
@@ -199,20 +199,6 @@ def task_function(
     return model.apply({"params": params}, x, baked)
 
   return logits
-
-
-def _git_sha() -> str | None:
-  try:
-    return subprocess.run(
-      ["git", "rev-parse", "--short", "HEAD"],
-      cwd=os.path.dirname(os.path.abspath(__file__)),
-      capture_output=True,
-      text=True,
-      timeout=5,
-      check=True,
-    ).stdout.strip()
-  except (OSError, subprocess.SubprocessError):
-    return None
 
 
 def _versions(fmt: str) -> dict[str, str]:
@@ -441,7 +427,7 @@ def export_task(
   meta = {
     "producer": "vptpc.export",
     "vptpc_version": _versions(fmt)["vptpc"],
-    "vptpc_git": _git_sha(),
+    "vptpc_git": records.git_sha(short=True),
     "versions": _versions(fmt),
     "format": fmt,
     "graph": graph,

@@ -36,19 +36,23 @@ def versions() -> dict[str, str | None]:
       out[pkg] = md.version(pkg)
     except md.PackageNotFoundError:
       out[pkg] = None
+  out["git_sha"] = git_sha()
+  return out
+
+
+def git_sha(short: bool = False) -> str | None:
+  """The commit of the vptpc checkout in use (None: not a git checkout)."""
   try:
-    here = os.path.dirname(os.path.abspath(__file__))
-    out["git_sha"] = subprocess.run(
-      ["git", "rev-parse", "HEAD"],
-      cwd=here,
+    return subprocess.run(
+      ["git", "rev-parse", *(["--short"] if short else []), "HEAD"],
+      cwd=os.path.dirname(os.path.abspath(__file__)),
       capture_output=True,
       text=True,
       timeout=5,
       check=True,
     ).stdout.strip()
   except (OSError, subprocess.SubprocessError):
-    out["git_sha"] = None
-  return out
+    return None
 
 
 def write_json(path: str, obj: Any) -> None:
