@@ -2,7 +2,7 @@
 
   python benchmarks/fault_sweep.py --out=results/fault_sweep
 
-Two tables, every case a real ``python -m vptpc.main`` (or
+Three tables, every case a real ``python -m vptpc.main`` (or
 ``python -m vptpc.serve``) process on tiny configs:
 
 * **Bad inputs**: exit status, whether a traceback appeared, whether any
@@ -14,10 +14,17 @@ Two tables, every case a real ``python -m vptpc.main`` (or
   checkpoint, a second run on a held workdir; each then resumed with the
   same command, and its exported prompts compared bit for bit with an
   uninterrupted run of the same command.
+* **Clean stops**: SIGINT and SIGTERM at each stage of a run (`STAGES`:
+  training, a checkpoint save, the condensation, the PC fine-tune, a
+  vmapped grid, between final seeds), sent by the process itself at a
+  named point, and one SIGTERM sent from outside; the exit status (130 or
+  143), the one line printed, then the same command's resume, compared bit
+  for bit as above.
 
-Writes ``sweep.json`` and ``table.md`` to ``--out`` and prints the tables.
-``tests/test_faults.py`` runs the same fault cases (`FAULTS`), with the
-references and resumes in-process.
+Writes ``sweep.json`` and ``table.md`` to ``--out`` and prints the tables
+(``--only`` re-runs one table and keeps the others).
+``tests/test_faults.py`` runs the same fault and stop cases (`FAULTS`,
+`stop_cases`), with the references and resumes in-process.
 """
 
 from __future__ import annotations
@@ -91,6 +98,61 @@ FAULTS = [
     "exports": ["final/seed42/prompts.npz", "final/seed44/prompts.npz"],
   },
 ]
+# Clean stops (`vptpc.stops`): SIGINT and SIGTERM at each stage of a run.
+# The stage's config (the FAULTS case it shares) and where the signal lands.
+STAGES = [
+  {
+    "stage": "training",
+    "point": "train:1",
+    "case": "kill -9 before the first checkpoint",
+  },
+  {
+    "stage": "a checkpoint save",
+    "point": "save:1",
+    "case": "kill -9 during a checkpoint save",
+  },
+  {
+    "stage": "condensation (scoring)",
+    "point": "condense:1",
+    "case": "kill -9 in the PC fine-tune stage",
+  },
+  {
+    "stage": "the PC fine-tune",
+    "point": "train:3",
+    "case": "kill -9 in the PC fine-tune stage",
+  },
+  {
+    "stage": "a vmapped grid",
+    "point": "grid_epoch:1",
+    "case": "kill -9 during a vmapped grid",
+  },
+  {
+    "stage": "the final seeds (between seeds)",
+    "point": "final_seed:1",
+    "case": "kill -9 in protocol final between seeds",
+  },
+]
+SIGNALS = {"INT": 130, "TERM": 143}
+
+
+def stop_cases() -> list[dict]:
+  """Every stage x signal: a FAULTS case with ``VPTPC_FAULT=<point>@<sig>``."""
+  by_kind = {c["kind"]: c for c in FAULTS}
+  out = []
+  for st in STAGES:
+    for sig, status in SIGNALS.items():
+      base = by_kind[st["case"]]
+      out.append(
+        {
+          **base,
+          "kind": f"SIG{sig} during {st['stage']}",
+          "fault": {"VPTPC_FAULT": f"{st['point']}@{sig}"},
+          "status": status,
+        }
+      )
+  return out
+
+
 # Faults that end in an error line rather than a kill (sweep only).
 MORE_FAULTS = [
   {
@@ -229,6 +291,96 @@ def fault_rows(tmp: str, data_dir: str) -> list[dict]:
   rows.append(lock_row(tmp, data_dir))
   print(rows[-1], flush=True)
   return rows
+
+
+def _stop_lines(err: str) -> list[str]:
+  """The stop lines a run printed (`vptpc.stops.Stopped.line`)."""
+  return [ln for ln in err.splitlines() if ln.startswith("stopped ")]
+
+
+def stop_rows(tmp: str, data_dir: str) -> list[dict]:
+  """Every stage x signal through the CLI: stop, resume, compare.
+
+  Plus one SIGTERM sent from outside, as a scheduler would, while the first
+  stage trains.
+  """
+  rows, refs = [], {}
+  for case in stop_cases():
+    key = repr(sorted(case["overrides"].items()))
+    name = case["kind"].replace(" ", "_").replace("(", "").replace(")", "")
+    hit = os.path.join(tmp, "stops", name)
+    if key not in refs:
+      refs[key] = os.path.join(tmp, "stops", f"ref{len(refs)}")
+      rc, *_ = run_cli(cli_args(case, data_dir, refs[key]))
+      assert rc == 0, case["kind"]
+    rc1, _, err1, _ = run_cli(cli_args(case, data_dir, hit), case["fault"])
+    rc2, _, err2, _ = run_cli(cli_args(case, data_dir, hit))
+    lines = _stop_lines(err1)
+    rows.append(
+      {
+        "kind": case["kind"],
+        "fault": f"VPTPC_FAULT={case['fault']['VPTPC_FAULT']}",
+        "stop_exit": rc1,
+        "expected_exit": case["status"],
+        "stop_lines": len(lines),
+        "error_lines": sum(ln.startswith("error:") for ln in err1.splitlines()),
+        "traceback": _tb(err1) or _tb(err2),
+        "resume_exit": rc2,
+        "bit_identical": rc2 == 0
+        and same_exports(refs[key], hit, case["exports"]),
+        "line": lines[0] if lines else "",
+        "signal_to_exit_s": None,
+        "run_at": _commit(),
+      }
+    )
+    print(rows[-1], flush=True)
+  rows.append(external_term_row(tmp, data_dir, refs))
+  print(rows[-1], flush=True)
+  return rows
+
+
+def external_term_row(tmp: str, data_dir: str, refs: dict) -> dict:
+  """SIGTERM from outside once the first progress line is out; resume."""
+  case = {**FAULTS[0], "overrides": {"total_epochs": 6}}
+  hit = os.path.join(tmp, "stops", "external")
+  ref = os.path.join(tmp, "stops", "external_ref")
+  rc, *_ = run_cli(cli_args(case, data_dir, ref))
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "vptpc.main", *cli_args(case, data_dir, hit)],
+    cwd=ROOT,
+    stderr=subprocess.PIPE,
+    stdout=subprocess.DEVNULL,
+    text=True,
+    env={**os.environ, "PYTHONPATH": ROOT},
+  )
+  err = []
+  for ln in proc.stderr:
+    err.append(ln)
+    if ln.startswith("step "):
+      t0 = time.perf_counter()
+      proc.send_signal(signal.SIGTERM)
+      break
+  err += proc.stderr.readlines()
+  proc.wait()
+  took = time.perf_counter() - t0
+  rc2, _, err2, _ = run_cli(cli_args(case, data_dir, hit))
+  lines = _stop_lines("".join(err))
+  return {
+    "kind": "SIGTERM from outside during training",
+    "fault": "kill -TERM <pid> after the first progress line",
+    "stop_exit": proc.returncode,
+    "expected_exit": 143,
+    "stop_lines": len(lines),
+    "error_lines": sum(ln.startswith("error:") for ln in err),
+    "traceback": _tb("".join(err)) or _tb(err2),
+    "resume_exit": rc2,
+    "bit_identical": rc == 0
+    and rc2 == 0
+    and same_exports(ref, hit, case["exports"]),
+    "line": lines[0] if lines else "",
+    "signal_to_exit_s": round(took, 1),
+    "run_at": _commit(),
+  }
 
 
 HOLD = (
@@ -565,6 +717,58 @@ def bad_cases(data_dir: str) -> list[dict]:
 
     return setup
 
+  def class_folders(classes, empty=()):
+    """configs/folder.py on class folders; ``empty``: train/ folders left so."""
+
+    def setup(box):
+      from PIL import Image
+
+      root = os.path.join(box, "data")
+      for split in ("train", "test"):
+        for c in classes:
+          os.makedirs(os.path.join(root, split, c))
+          if split == "train" and c in empty:
+            continue
+          for i in range(4):
+            Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(
+              os.path.join(root, split, c, f"{i}.png")
+            )
+      args = [f"--config=configs/folder.py:root={root}", f"--workdir={box}/w"]
+      return args, {}, "vptpc.main", ""
+
+    return setup
+
+  def export_of(prompts):
+    """``python -m vptpc.export`` of ``prompts`` into ``box/out``."""
+    return lambda box: [f"--prompts={prompts}", f"--output={box}/out/t.onnx"]
+
+  def pc_run_folder(box):
+    """A condensation run's folder: full/ and condensed/ prompts files."""
+    _serve_setup(box)
+    for stage in ("full", "condensed"):
+      os.makedirs(os.path.join(box, "run", stage))
+      shutil.copy(
+        os.path.join(box, "t.npz"),
+        os.path.join(box, "run", stage, "prompts.npz"),
+      )
+    return export_of(os.path.join(box, "run"))(box), {}, "vptpc.export", ""
+
+  def random_init_run(box):
+    """A finished configs/tiny.py run (a random-init backbone), exported."""
+    w = os.path.join(box, "w")
+    rc, _, err, _ = run_cli(
+      [
+        f"--config={TINY}",
+        f"--config.data.data_dir={data_dir}",
+        "--config.data.train_split=train[:64]",
+        "--config.total_epochs=1",
+        "--config.warmup_epochs=0",
+        f"--workdir={w}",
+      ]
+    )
+    assert rc == 0, err[-2000:]
+    return export_of(w)(box), {}, "vptpc.export", ""
+
   return [
     {
       "kind": "prompts file for another backbone: PC resume, checkpoint "
@@ -733,6 +937,38 @@ def bad_cases(data_dir: str) -> list[dict]:
         ]
       ),
     },
+    {
+      "kind": "config value not finite (base_lr=nan)",
+      "pre": True,
+      "setup": tiny("--config.base_lr=nan"),
+    },
+    {
+      "kind": "image size not a multiple of the patch (30 px, patch 4)",
+      "pre": True,
+      "setup": tiny(
+        f"--config.model.name={asset_model}", "--config.data.image_size=30"
+      ),
+    },
+    {
+      "kind": "folder: class folder in train/ without images (1 of 3)",
+      "pre": True,
+      "setup": class_folders(("cat", "dog", "owl"), empty=("dog",)),
+    },
+    {
+      "kind": "folder: a single class",
+      "pre": True,
+      "setup": class_folders(("cat",)),
+    },
+    {
+      "kind": "export: --prompts is a condensation run's folder",
+      "pre": True,
+      "setup": pc_run_folder,
+    },
+    {
+      "kind": "export: a run on a random-init backbone (configs/tiny.py)",
+      "pre": True,
+      "setup": random_init_run,
+    },
   ]
 
 
@@ -835,8 +1071,31 @@ def preflight_seconds(data_dir: str) -> float:
   return time.perf_counter() - t0
 
 
-def markdown(bad: list[dict], faults: list[dict]) -> str:
-  """Both tables as Markdown."""
+def stops_markdown(rows: list[dict]) -> list[str]:
+  """The clean-stop table's lines."""
+  yn = {True: "yes", False: "no"}
+  lines = [
+    "",
+    "### Clean stops",
+    "",
+    "| kind | injected | exit (expected) | stop lines | error lines "
+    "| traceback | resume exit | bit-identical | signal to exit (s) | line |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+    took = r.get("signal_to_exit_s")
+    lines.append(
+      f"| {r['kind']} | `{r['fault']}` | {r['stop_exit']} "
+      f"({r['expected_exit']}) | {r['stop_lines']} | {r['error_lines']} | "
+      f"{yn[r['traceback']]} | {r['resume_exit']} | "
+      f"{yn[r['bit_identical']]} | {'' if took is None else took} | "
+      f"{r['line'].replace('|', '/')} |"
+    )
+  return lines
+
+
+def markdown(bad: list[dict], faults: list[dict], stops=()) -> str:
+  """The tables as Markdown."""
   yn = {True: "yes", False: "no"}
   lines = [
     "### Bad inputs",
@@ -875,6 +1134,8 @@ def markdown(bad: list[dict], faults: list[dict]) -> str:
       f"{r['resume_exit']} | {tb} | {yn[r['bit_identical']]} | "
       f"{r['note'].replace('|', '/')} |"
     )
+  if stops:
+    lines += stops_markdown(stops)
   return "\n".join(lines) + "\n"
 
 
@@ -882,7 +1143,9 @@ def main() -> None:
   """Runs both sweeps and writes ``sweep.json`` and ``table.md``."""
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default="results/fault_sweep")
-  ap.add_argument("--only", default="", help="bad | faults (default: both)")
+  ap.add_argument(
+    "--only", default="", help="bad | faults | stops (default: all)"
+  )
   ap.add_argument(
     "--cases",
     default="",
@@ -900,11 +1163,15 @@ def main() -> None:
   faults = (
     fault_rows(tmp, data_dir) if a.only in ("", "faults") and not cases else []
   )
+  stops = (
+    stop_rows(tmp, data_dir) if a.only in ("", "stops") and not cases else []
+  )
   pre_s = preflight_seconds(data_dir)
   os.makedirs(a.out, exist_ok=True)
   record = {
     "bad_inputs": bad,
     "faults": faults,
+    "stops": stops,
     "preflight_in_process_s": round(pre_s, 3),
     "wall_s": round(time.perf_counter() - t0, 1),
   }
@@ -920,7 +1187,16 @@ def main() -> None:
       + [{"cases": cases, "run_at": _commit(), "wall_s": record["wall_s"]}],
     )
     bad, faults = record["bad_inputs"], record["faults"]
-  md = markdown(bad, faults)
+  elif a.only and os.path.exists(os.path.join(a.out, "sweep.json")):
+    # One table re-run: the others are kept as they were.
+    with open(os.path.join(a.out, "sweep.json")) as f:
+      old = json.load(f)
+    for k in ("bad_inputs", "faults", "stops"):
+      if not record[k]:
+        record[k] = old.get(k, [])
+  bad, faults = record["bad_inputs"], record["faults"]
+  stops = record.get("stops", [])
+  md = markdown(bad, faults, stops)
   with open(os.path.join(a.out, "table.md"), "w") as f:
     f.write(md)
   with open(os.path.join(a.out, "sweep.json"), "w") as f:

@@ -119,10 +119,13 @@ def get_config(arg=None):
   c.condense.keep = a.condense_keep
   if embedded:
     # Mini-VTAB's recipe for this backbone (`vptpc.data.minivtab`): the LR
-    # follows the schedule per step and prompts get 1/100 of the LR.
+    # follows the schedule per step, prompts get 1/100 of the LR, and the
+    # head starts at zero on standardised pre-logits.
     c.per_step_schedule = True
     c.prompt.lr_scale = assets.PROMPT_LR_SCALE
     c.warmup_epochs = min(2, a.epochs - 1)
+    c.model.head_init = assets.HEAD_INIT
+    c.model.prelogit_norm = assets.PRELOGIT_NORM
   if a.smoke:
     config_util.shrink_for_smoke(c)
   return c

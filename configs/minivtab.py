@@ -10,9 +10,12 @@ Tasks: digits, dsprites_loc, dsprites_ori, count (vptpc.data.minivtab).
 ``mode=final`` trains on train800val200 and evaluates on test (VTAB-1k's
 final protocol); ``mode=tune`` trains on train800 and evaluates on val200.
 ``num_prompts=0`` trains the head alone: a linear probe with VPT's recipe.
+The head reads standardised pre-logits and starts at zero (the embedded
+backbone's recipe, `vptpc.data.minivtab.task_config`);
+``head_init=vpt,prelogit_norm=none`` is VPT's own.
 """
 
-from vptpc import config_args
+from vptpc import assets, config_args
 from vptpc.data import minivtab
 
 
@@ -32,7 +35,7 @@ def get_config(arg=None):
     prompt_lr_scale=minivtab.PROMPT_LR_SCALE,
     smoke=False,
     backbone="",
-    head_init="vpt",
-    prelogit_norm="none",
+    head_init=assets.HEAD_INIT,
+    prelogit_norm=assets.PRELOGIT_NORM,
   )
   return minivtab.task_config(**a)

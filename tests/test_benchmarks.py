@@ -230,7 +230,15 @@ def _args_sweep(tmp_path, monkeypatch):
   return [*args, f"--data_dir={tmp_path / 'tfds'}"], "vmapped grid"
 
 
+def _args_calibration(tmp_path, monkeypatch):
+  run = _int8_run(tmp_path, np.random.default_rng(0)).parent
+  return [f"--runs={run}", "--noise=4", f"--out={tmp_path / 'c.json'}"], (
+    "| ece |"
+  )
+
+
 DRY_RUNS = {
+  "calibration.py": _args_calibration,
   "export_int8_accuracy.py": _args_export_int8,
   "export_latency.py": _args_export_latency,
   "preflight_prompt_cost.py": _args_preflight_cost,
@@ -323,3 +331,16 @@ def test_the_pytorch_peers_run_on_a_cpu_where_torch_is_installed(script, args):
   assert out.returncode == 0, out.stderr[-2000:]
   rows = [json.loads(r) for r in out.stdout.splitlines() if r.startswith("{")]
   assert rows and all("error" not in r for r in rows), rows
+
+
+def test_calibration_error_is_zero_when_calibrated_and_one_when_sure_and_wrong():
+  ece = _module("calibration.py").ece
+  labels = np.array([0, 1, 0, 1])
+  # Confidence 0.5 on each, half of them right: calibrated.
+  half = np.full((4, 2), 0.5)
+  assert ece(half, labels) == pytest.approx(0.0)
+  # Certain and always wrong.
+  wrong = np.eye(2)[1 - labels]
+  assert ece(wrong, labels) == pytest.approx(1.0)
+  # Certain and right.
+  assert ece(np.eye(2)[labels], labels) == pytest.approx(0.0)

@@ -1,5 +1,7 @@
 """Tests for loading vit_jax `.npz` backbones."""
 
+import os
+import stat
 import warnings
 
 import jax
@@ -8,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import IMAGE_SIZE, TINY
 
-from vptpc import checkpoint, npz_checkpoint, timm_checkpoint
+from vptpc import checkpoint, npz_checkpoint, prompts, timm_checkpoint
 from vptpc.models import vit
 
 
@@ -219,6 +221,27 @@ def test_save_npz_does_not_clobber_on_failure(tmp_path):
     npz_checkpoint.save_npz(path, {"a": Boom()})
   assert path.read_bytes() == before
   assert [p.name for p in tmp_path.iterdir()] == ["keep.npz"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_saved_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
+  # As the run's other files (config.json, results.json), not mkstemp's
+  # private 0600.
+  old = os.umask(umask)
+  try:
+    npz_checkpoint.save_npz(tmp_path / "b.npz", {"a": np.ones(3)})
+    prompts.save_prompts(tmp_path / "prompts.npz", {"input": np.ones((2, 4))})
+    with open(tmp_path / "plain.json", "w") as f:
+      f.write("{}")
+  finally:
+    os.umask(old)
+  for name in ("b.npz", "prompts.npz", "plain.json"):
+    assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == mode, name
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+    "b.npz",
+    "plain.json",
+    "prompts.npz",
+  ]
 
 
 def test_moved_names_warn_and_resolve():

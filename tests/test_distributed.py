@@ -1,6 +1,10 @@
-"""Two processes x 2 CPU devices train like one process x 4 devices."""
+"""Two processes x 2 CPU devices train like one process x 4 devices.
+
+Also when a SIGTERM reaches one of them mid-run and they resume.
+"""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -35,7 +39,7 @@ def _cmd(workdir, data_dir):
   ]
 
 
-def _run_all(procs):
+def _run_all(procs, status=0):
   try:
     outs = [p.communicate(timeout=TIMEOUT) for p in procs]
   finally:
@@ -44,11 +48,11 @@ def _run_all(procs):
         p.kill()
         p.wait(timeout=30)
   for p, (_, err) in zip(procs, outs, strict=True):
-    assert p.returncode == 0, err[-3000:]
+    assert p.returncode == status, err[-3000:]
   return outs
 
 
-def _two_processes(workdir, data_dir):
+def _two_processes(workdir, data_dir, fault_on_1="", status=0):
   port = _free_port()
   procs = []
   for i in range(2):
@@ -60,6 +64,8 @@ def _two_processes(workdir, data_dir):
       VPTPC_PROCESS_ID=str(i),
       VPTPC_CPU_DEVICES="2",
     )
+    if i == 1 and fault_on_1:
+      env["VPTPC_FAULT"] = fault_on_1
     procs.append(
       subprocess.Popen(
         _cmd(workdir, data_dir),
@@ -70,7 +76,7 @@ def _two_processes(workdir, data_dir):
         text=True,
       )
     )
-  return _run_all(procs)
+  return _run_all(procs, status)
 
 
 def test_two_processes_match_one_process_with_four_devices(tmp_path, data_dir):
@@ -84,6 +90,20 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path, data_dir):
     text=True,
   )
   _run_all([ref])
+  # SIGTERM reaches process 1 alone, after its second step: JAX's
+  # preemption service picks a step both reach, and both stop there with
+  # its checkpoint; the next run goes on from it.
+  outs = _two_processes(
+    tmp_path / "mp", data_dir, fault_on_1="train:2@TERM", status=143
+  )
+  where = [
+    re.search(r"stopped by SIGTERM in training at step (\d+) of 8", err)
+    for _, err in outs
+  ]
+  assert all(where), [err[-2000:] for _, err in outs]
+  step = {m.group(1) for m in where}
+  assert len(step) == 1 and int(next(iter(step))) < 8, step
+  assert next(iter(step)) in os.listdir(tmp_path / "mp" / "checkpoints")
   _two_processes(tmp_path / "mp", data_dir)
   a, ha, _ = pr.load_prompts(tmp_path / "ref" / "prompts.npz")
   b, hb, _ = pr.load_prompts(tmp_path / "mp" / "prompts.npz")

@@ -6,6 +6,7 @@ ragged prompt counts per layer, one layer with none.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -224,6 +225,10 @@ def foreign_prompts(backbone, task, tmp_path_factory):
     ("format_suffix", "unsupported format"),
     ("not_prompts", "not a vptpc prompt file"),
     ("missing_backbone", "does not exist"),
+    ("random_backbone", "trained on a randomly initialised backbone"),
+    ("ambiguous_folder", "hold 2: condensed/prompts.npz, full/prompts.npz"),
+    ("empty_folder", "is a folder without a prompts.npz (nor"),
+    ("image_size", "--image_size=30 is not a multiple of fractal-Ti/4's patch"),
   ],
 )
 def test_bad_inputs_fail_with_one_line_and_no_file(
@@ -244,6 +249,24 @@ def test_bad_inputs_fail_with_one_line_and_no_file(
     np.savez(prompts, w=np.zeros(3))
   elif case == "missing_backbone":
     extra = [f"--backbone={tmp_path / 'nope_backbone.npz'}"]
+  elif case == "random_backbone":
+    # A run of configs/tiny.py: its config.json names no checkpoint.
+    run = tmp_path / "run"
+    run.mkdir()
+    prompts = str(run / "prompts.npz")
+    shutil.copy(task["path"], run / "prompts.npz")
+    (run / "config.json").write_text(
+      json.dumps({"model": {"name": "tiny32", "checkpoint_path": ""}})
+    )
+  elif case == "ambiguous_folder":
+    prompts = str(tmp_path / "pc")
+    for stage in ("full", "condensed"):
+      (tmp_path / "pc" / stage).mkdir(parents=True)
+      (tmp_path / "pc" / stage / "prompts.npz").write_bytes(b"")
+  elif case == "empty_folder":
+    prompts = str(tmp_path)
+  elif case == "image_size":
+    extra = ["--image_size=30"]
   code = export.main([f"--prompts={prompts}", f"--output={output}", *extra])
   err = capsys.readouterr().err
   assert code == 2
@@ -251,6 +274,38 @@ def test_bad_inputs_fail_with_one_line_and_no_file(
   assert needle in err
   assert "check_fingerprint=False" not in err  # the CLI names its flag
   assert not out_dir.exists()
+
+
+def test_format_names_are_case_insensitive():
+  assert export_formats.format_of("task.bin", "ONNX") == "onnx"
+  assert export_formats.format_of("task.bin", " StableHLO") == "stablehlo"
+  assert export_formats.format_of("TASK.ONNX", None) == "onnx"
+  with pytest.raises(export_formats.ExportError, match="'TFLITE'"):
+    export_formats.format_of("task.onnx", "TFLITE")
+
+
+def test_a_run_folder_stands_for_its_prompts_file(task, tmp_path):
+  run = os.path.dirname(task["path"])
+  assert pr.find_prompt_file(run) == task["path"]
+  assert pr.find_prompt_file(task["path"]) == task["path"]
+  (tmp_path / "full").mkdir()
+  (tmp_path / "full" / "prompts.npz").write_bytes(b"")
+  # One file below the top is still the user's choice (a condensation
+  # that has not finished yet would otherwise export the uncondensed one).
+  with pytest.raises(pr.PromptFileError, match="hold 1: full/prompts.npz"):
+    pr.find_prompt_file(tmp_path)
+
+
+def test_a_long_list_in_an_error_becomes_a_count_and_examples():
+  keys = "\n".join(f"  Transformer/encoderblock_{i}/x (128)" for i in range(40))
+  e = ValueError(
+    f"'b.npz' does not fit the model:\nunexpected:\n{keys}\nCheck."
+  )
+  assert export._one_line(e) == (  # noqa: SLF001
+    "'b.npz' does not fit the model; unexpected (40): "
+    "Transformer/encoderblock_0/x (128), Transformer/encoderblock_1/x (128) "
+    "and 38 more; Check."
+  )
 
 
 def test_help_explains_itself():

@@ -1,7 +1,8 @@
 """Faults survived, each resumed to prompts bit-identical to no fault.
 
-kill -9 at five points, a damaged checkpoint, a full disk, two runs on one
-workdir; the comparison is with an uninterrupted run (CPU, jit).
+kill -9 at five points, SIGINT and SIGTERM at every stage, a damaged
+checkpoint, a full disk, two runs on one workdir; the comparison is with an
+uninterrupted run (CPU, jit).
 
 The fault cases are `benchmarks/fault_sweep.py`'s (``FAULTS``), which
 also runs them end to end through the CLI for the figures; here the
@@ -21,7 +22,7 @@ import sys
 import pytest
 from test_train import ROOT
 
-from vptpc import lifecycle, preflight, protocol, rundir, train
+from vptpc import faults, lifecycle, preflight, protocol, rundir, stops, train
 
 
 def _sweep():
@@ -36,15 +37,26 @@ def _sweep():
 fs = _sweep()
 
 
-def test_kill_9_at_five_points_resumes_bit_identically(tmp_path, data_dir):
+def _key(case):
+  return repr(sorted(case["overrides"].items()))
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory, data_dir):
+  """One uninterrupted run per config of `FAULTS`, shared by the tests."""
   fs.ensure_data(data_dir)
   refs = {}
   for i, case in enumerate(fs.FAULTS):
-    # Cases with the same config share one uninterrupted reference.
-    key = repr(sorted(case["overrides"].items()))
-    if key not in refs:
-      refs[key] = str(tmp_path / f"ref{i}")
-      protocol.run(fs.config_of(case, data_dir), refs[key])
+    if _key(case) not in refs:
+      refs[_key(case)] = str(tmp_path_factory.mktemp(f"ref{i}"))
+      protocol.run(fs.config_of(case, data_dir), refs[_key(case)])
+  return refs
+
+
+def test_kill_9_at_five_points_resumes_bit_identically(
+  tmp_path, data_dir, references
+):
+  refs = references
   for i, case in enumerate(fs.FAULTS):
     hit = str(tmp_path / f"hit{i}")
     # Eight CPU devices as in this process: the crashed run then reads the
@@ -65,6 +77,99 @@ def test_kill_9_at_five_points_resumes_bit_identically(tmp_path, data_dir):
     assert not os.path.exists(os.path.join(hit, rundir.LOCK))
   # The grid resumed at its second chunk: the first one's result was kept.
   assert (tmp_path / "hit3" / "tune" / "lr1_wd0" / "results.json").exists()
+
+
+@pytest.mark.parametrize("signame", ["INT", "TERM"])
+def test_a_signal_at_every_stage_stops_cleanly_and_resumes_bit_identically(
+  tmp_path, data_dir, references, monkeypatch, signame
+):
+  # In-process: the signal reaches this process's handlers (`stops`).
+  cases = [c for c in fs.stop_cases() if c["kind"].startswith(f"SIG{signame}")]
+  assert len(cases) == len(fs.STAGES)
+  for i, case in enumerate(cases):
+    hit = str(tmp_path / f"hit{i}")
+    faults._hits.clear()
+    monkeypatch.setenv(faults.ENV, case["fault"][faults.ENV])
+    with pytest.raises(stops.Stopped) as e:
+      protocol.run(fs.config_of(case, data_dir), hit)
+    monkeypatch.delenv(faults.ENV)
+    assert e.value.exit_status == case["status"], case["kind"]
+    assert e.value.line().startswith(f"stopped by SIG{signame} "), e.value
+    assert "Run the same command to resume." in e.value.line()
+    assert not os.path.exists(os.path.join(hit, rundir.LOCK)), case["kind"]
+    if case["fault"][faults.ENV].startswith(("train", "save")):
+      # The step the signal came at has its checkpoint.
+      assert "checkpoint at step" in e.value.kept, e.value.line()
+    if case["fault"][faults.ENV].startswith("grid"):
+      # The grid job kept its state at the epoch it stopped at.
+      assert "state is written" in e.value.kept, e.value.line()
+    protocol.run(fs.config_of(case, data_dir), hit)
+    assert fs.same_exports(references[_key(case)], hit, case["exports"]), case[
+      "kind"
+    ]
+  # Handlers are put back once the runs are over.
+  assert signal.getsignal(signal.SIGTERM) is not stops._handler
+
+
+@pytest.mark.parametrize("signame,status", [("INT", 130), ("TERM", 143)])
+def test_the_cli_prints_one_line_and_exits_128_plus_the_signal(
+  tmp_path, data_dir, signame, status
+):
+  fs.ensure_data(data_dir)
+  case = fs.FAULTS[0]
+  w = str(tmp_path / "w")
+  out = subprocess.run(
+    [sys.executable, "-m", "vptpc.main", *fs.cli_args(case, data_dir, w)],
+    cwd=ROOT,
+    env={
+      **os.environ,
+      faults.ENV: f"train:1@{signame}",
+      "VPTPC_CPU_DEVICES": "8",
+    },
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert out.returncode == status, out.stderr[-3000:]
+  assert "Traceback" not in out.stderr
+  lines = [ln for ln in out.stderr.splitlines() if ln.startswith("stopped")]
+  assert lines == [
+    f"stopped by SIG{signame} in training at step 2 of 4 ({w}); its "
+    "checkpoint at step 2 is written. Run the same command to resume."
+  ]
+  assert not os.path.exists(os.path.join(w, rundir.LOCK))
+  assert os.listdir(os.path.join(w, "checkpoints")) == ["2"]
+
+
+def test_a_second_signal_stops_at_once(tmp_path):
+  script = (
+    "import os, signal, time\n"
+    "from vptpc import stops\n"
+    "with stops.handling(), stops.deferred():\n"
+    "  os.kill(os.getpid(), signal.SIGTERM)\n"
+    "  assert stops.pending() == signal.SIGTERM\n"
+    "  os.kill(os.getpid(), signal.SIGINT)\n"
+    "  time.sleep(5)\n"
+    "print('not reached')\n"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True
+  )
+  assert out.returncode == 130, out.stderr
+  assert "not reached" not in out.stdout
+  assert out.stderr.startswith("stopped at once by a second SIGINT")
+
+
+def test_a_signal_outside_a_loop_raises_at_once_with_the_stage():
+  with stops.handling():
+    with pytest.raises(stops.Stopped) as e:
+      with stops.stage("while testing"):
+        os.kill(os.getpid(), signal.SIGTERM)
+  assert e.value.exit_status == 143
+  assert e.value.line() == (
+    "stopped by SIGTERM while testing. Run the same command to resume."
+  )
+  assert stops.pending() is None
 
 
 def _case(name):

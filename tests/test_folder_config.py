@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vptpc import protocol
+from vptpc import preflight, protocol
 from vptpc.data import folder_layout, sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,6 +111,59 @@ def test_folder_config_names_the_task_and_infers_classes(tmp_path):
   assert real.model.checkpoint_path == "/w/vit.npz"
   with pytest.raises(ValueError, match="root=PATH"):
     folder_config("")
+
+
+def _preflight(root, tmp_path):
+  """The preflight's problems and warnings for configs/folder.py on root."""
+  c = folder_config(f"root={root}")
+  try:
+    plan = preflight.check(c, str(tmp_path / "w"))
+  except preflight.PreflightError as e:
+    return e.problems, []
+  return [], plan.warnings
+
+
+def test_an_empty_class_folder_is_an_error_in_train_a_warning_in_test(
+  tmp_path,
+):
+  root = class_folders(tmp_path, classes=("cat", "dog", "emu", "owl", "yak"))
+  for c in ("dog", "emu", "owl", "yak"):
+    for f in (root / "train" / c).iterdir():
+      f.rename(f.with_suffix(".heic"))  # a suffix vptpc does not read
+  problems, _ = _preflight(root, tmp_path)
+  assert problems == [
+    f"4 class folders in {root}/train hold no image (dog, emu, owl and 1 "
+    "more): the class count comes from these folders, so each needs "
+    "training images (files ending .jpg, .jpeg, .png ...): add them or "
+    "remove the folder."
+  ]
+  root = class_folders(tmp_path / "b")
+  for f in (root / "test" / "dog").iterdir():
+    f.unlink()
+  problems, warnings = _preflight(root, tmp_path)
+  assert problems == [] and len(warnings) == 1
+  assert f"1 class folder in {root}/test holds no image (dog)" in warnings[0]
+  assert not (tmp_path / "w").exists()
+
+
+def test_a_dataset_of_one_class_is_refused_naming_it(tmp_path):
+  root = class_folders(tmp_path, classes=("cat",))
+  problems, _ = _preflight(root, tmp_path)
+  assert problems == [
+    f"folder dataset {root} has 1 class in split 'train' (its only class "
+    "is train/cat): a classifier needs at least 2; add the other classes' "
+    "images."
+  ]
+  root = split_files(tmp_path / "s", ("train", "test"))
+  for s in ("train", "test"):
+    lines = (root / f"{s}.txt").read_text().splitlines()
+    (root / f"{s}.txt").write_text(
+      "".join(f"{ln.split()[0]} 3\n" for ln in lines)
+    )
+  problems, _ = _preflight(root, tmp_path)
+  assert len(problems) == 1, problems
+  assert "train.txt labels every image 3" in problems[0]
+  assert not (tmp_path / "w").exists()
 
 
 @pytest.mark.parametrize("layout", ["class_folders", "split_files"])

@@ -43,6 +43,7 @@ LOW_LEVEL = {
   "vptpc.records": set(),
   "vptpc.protocol_runs": set(),
   "vptpc.rundir": {"vptpc.config_util", "vptpc.moved", "vptpc.records"},
+  "vptpc.stops": set(),
 }
 
 

@@ -187,6 +187,32 @@ def test_demo_config_runs_end_to_end_in_smoke_mode(tmp_path, data_dir):
   assert res["full"]["prompts_per_layer"] == [10] * 6
   assert res["condensed"]["prompts_total"] == 18  # 30% of 60
   assert (tmp_path / "condensed" / "prompts.npz").exists()
+  # The embedded backbone's recipe: a zero head on standardised pre-logits
+  # starts at chance, ln 16, and the loss stays in its range.
+  assert (c.model.head_init, c.model.prelogit_norm) == ("zeros", "standardize")
+  rows = [json.loads(x) for x in open(tmp_path / "full" / "metrics.jsonl")]
+  losses = [r["train_loss"] for r in rows if "train_loss" in r]
+  assert rows[0]["step"] == 1
+  np.testing.assert_allclose(losses[0], np.log(16), rtol=1e-5)
+  assert max(losses) < 2 * np.log(16), losses
+
+
+@pytest.mark.parametrize("name", ["minivtab", "folder"])
+def test_the_embedded_backbone_recipe_is_every_configs_default(name, tmp_path):
+  arg = "task=digits"
+  if name == "folder":
+    for split in ("train", "test"):
+      for k in ("a", "b"):
+        (tmp_path / split / k).mkdir(parents=True)
+        (tmp_path / split / k / "x.png").write_bytes(b"")
+    arg = f"root={tmp_path}"
+  c = _load_config(name, arg)
+  assert c.model.head_init == assets.HEAD_INIT == "zeros"
+  assert c.model.prelogit_norm == assets.PRELOGIT_NORM == "standardize"
+  # VPT's own recipe stays one argument away.
+  if name == "minivtab":
+    v = _load_config(name, "head_init=vpt,prelogit_norm=none")
+    assert (v.model.head_init, v.model.prelogit_norm) == ("vpt", "none")
 
 
 def test_suite_smoke_writes_the_tables(tmp_path, data_dir):

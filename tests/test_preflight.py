@@ -135,6 +135,65 @@ def test_folder_dataset_labels_missing_and_corrupt_images(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
+def test_non_finite_and_negative_floats_are_named_up_front(tmp_path):
+  # A NaN passes every range check written as a comparison; the optimiser
+  # used to reject it after the data was generated, with a traceback.
+  c = tiny_config(
+    **{
+      "base_lr": float("nan"),
+      "weight_decay": -1e-4,
+      "prompt.lr_scale": float("inf"),
+      "condense.keep": float("nan"),
+      "protocol.wds": (0.0, float("-inf")),
+    }
+  )
+  c.data.data_dir = str(tmp_path / "tfds")
+  with pytest.raises(preflight.PreflightError) as e:
+    preflight.check(c, str(tmp_path / "w"))
+  assert sorted(e.value.problems) == [
+    "config.base_lr must be a finite number, got nan.",
+    "config.condense.keep must be in [0, 1] (0 = off), got nan.",
+    "config.prompt.lr_scale must be a finite number, got inf.",
+    "config.protocol.wds must hold finite numbers, got (0.0, -inf).",
+    "config.weight_decay must be >= 0, got -0.0001.",
+  ]
+  assert os.listdir(tmp_path) == []
+  c = tiny_config(**{"condense.ft_base_lr": -0.5, "data.num_classes": 1})
+  got = config_util.problems(c)
+  assert len(got) == 2 and "ft_base_lr must be >= 0, or -1" in got[1]
+  assert got[0].startswith("config.data.num_classes must be >= 2")
+  assert (
+    config_util.problems(tiny_config(**{"condense.ft_base_lr": -1.0})) == []
+  )
+
+
+def test_an_image_size_off_the_patch_grid_names_the_sizes_that_fit():
+  for name, patch, want in (
+    ("fractal-Ti/4", "patch size 4", "use 28 or 32"),
+    ("tiny32", "patch size 8", "use 24 or 32"),
+    ("swin-testing", "patch 2", "use 24 or 32"),
+  ):
+    c = tiny_config(**{"model.name": name, "data.image_size": 30})
+    got = [p for p in config_util.problems(c) if "image_size" in p]
+    assert len(got) == 1, got
+    assert "image_size=30" in got[0] and patch in got[0] and want in got[0]
+
+
+def test_cli_refuses_a_nan_learning_rate_at_once(tmp_path):
+  out, took = _cli(
+    [
+      "--config=configs/tiny.py",
+      "--config.base_lr=nan",
+      f"--config.data.data_dir={tmp_path}/tfds",
+      f"--workdir={tmp_path}/w",
+    ]
+  )
+  assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+  errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+  assert errors == ["error: config.base_lr must be a finite number, got nan."]
+  assert os.listdir(tmp_path) == []  # no data generated, no workdir
+
+
 def test_changed_keys_are_classified():
   a = tiny_config().to_dict()
   b = tiny_config("base_lr=0.5,epochs=7").to_dict()

@@ -94,8 +94,11 @@ def test_serve_cli_reads_stdin_and_writes_json_lines(
   npz_checkpoint.save_npz(tmp_path / "backbone.npz", frozen)
   tasks = _tasks(frozen)
   lines = _requests(tmp_path, tasks, frozen, monkeypatch)
+  # Task a as its run's folder, which stands for the prompts.npz in it.
+  (tmp_path / "run_a").mkdir()
+  os.replace(tmp_path / "a.npz", tmp_path / "run_a" / "prompts.npz")
   args = [
-    f"--task=a={tmp_path / 'a.npz'}",
+    f"--task=a={tmp_path / 'run_a'}",
     f"--task=b={tmp_path / 'b.npz'}",
     f"--backbone={tmp_path / 'backbone.npz'}",
     "--model=tiny32",
@@ -117,6 +120,25 @@ def test_serve_cli_reads_stdin_and_writes_json_lines(
   monkeypatch.setattr("sys.stdin", io.StringIO("nope x.png\n"))
   assert serve.main(args) == 2
   assert "nope" in capsys.readouterr().err
+
+
+def test_serve_cli_names_an_ambiguous_folder_and_a_bad_size(tmp_path, capsys):
+  # A condensation run's folder: both stages' files are named, no choice
+  # is made for the user. Both checks come before any JAX work.
+  for stage in ("full", "condensed"):
+    (tmp_path / "pc" / stage).mkdir(parents=True)
+    (tmp_path / "pc" / stage / "prompts.npz").write_bytes(b"")
+  assert serve.main([f"--task=t={tmp_path / 'pc'}"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and len(err.splitlines()) == 1
+  assert "condensed/prompts.npz, full/prompts.npz" in err
+  pr.save_prompts(tmp_path / "t.npz", {"input": np.zeros((1, 128))})
+  assert serve.main([f"--task=t={tmp_path / 't.npz'}", "--image_size=30"]) == 2
+  assert capsys.readouterr().err == (
+    "error: --image_size=30 is not a multiple of fractal-Ti/4's patch size "
+    "4: the position embedding is resized to a whole patch grid; use 28 or "
+    "32.\n"
+  )
 
 
 # --- Swin: every block but the last as keys/values; the last block's padded

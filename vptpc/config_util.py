@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import warnings
 from typing import Any
@@ -269,7 +270,7 @@ def base_config() -> ml_collections.ConfigDict:
   # host round trip per step); a checkpoint due mid-epoch is then written
   # at the epoch's end. False: one call per step.
   c.scan_steps = True
-  c.log_every_steps = 10  # metrics.jsonl / TensorBoard cadence
+  c.log_every_steps = 10  # metrics.jsonl / TensorBoard cadence (and step 1)
   c.eval_every_epochs = 0  # 0: evaluate only after the last epoch.
   c.checkpoint_every_steps = 100  # Orbax checkpoint cadence
   c.keep_checkpoints = 3  # newest checkpoints kept
@@ -337,6 +338,47 @@ _POSITIVE = (
   "checkpoint_every_steps",
   "keep_checkpoints",
 )
+# Float keys that must not be negative: rates, decays, sizes, multipliers
+# (every float key must be finite, `_float_problems`). The keys checked
+# against a range of their own (prompt.dropout, condense.keep) and the
+# sentinel ones (condense.ft_base_lr) have their own messages.
+_NON_NEGATIVE = (
+  "base_lr",
+  "weight_decay",
+  "momentum",
+  "prompt.lr_scale",
+  "condense.distill_lr",
+  "data.cache_max_gb",
+  "data.device_max_gb",
+  "protocol.lrs",
+  "protocol.wds",
+)
+_OWN_RANGE = ("prompt.dropout", "condense.keep")
+
+
+def _float_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """Non-finite float values (any key), negative ones (`_NON_NEGATIVE`).
+
+  A NaN compares false with everything, so a range check alone lets it
+  through to the optimiser, which fails mid-run; each key is named once.
+  """
+  out = []
+  for key, value in sorted(_flatten(config.to_dict()).items()):
+    many = isinstance(value, (tuple, list))
+    nums = [
+      v
+      for v in (value if many else (value,))
+      if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
+    if key in _OWN_RANGE or not nums:
+      continue
+    if not all(math.isfinite(v) for v in nums):
+      what = "hold finite numbers" if many else "be a finite number"
+      out.append(f"config.{key} must {what}, got {value!r}.")
+    elif key in _NON_NEGATIVE and min(nums) < 0:
+      what = "hold numbers >= 0" if many else "be >= 0"
+      out.append(f"config.{key} must {what}, got {value!r}.")
+  return out
 
 
 def problems(config: ml_collections.ConfigDict) -> list[str]:
@@ -360,6 +402,20 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
   for key in _POSITIVE:
     if not get(key) > 0:
       out.append(f"config.{key} must be > 0, got {get(key)!r}.")
+  # A folder's classes are checked against the folder itself, which names
+  # the root and the class it found (`vptpc.preflight.data_problems`).
+  if config.data.num_classes == 1 and config.data.source != "folder":
+    out.append(
+      "config.data.num_classes must be >= 2 (a classifier with one class "
+      "learns nothing: its loss is 0 from the start), got 1."
+    )
+  out += _float_problems(config)
+  ft_lr = config.condense.ft_base_lr
+  if math.isfinite(ft_lr) and ft_lr < 0 and ft_lr != -1:
+    out.append(
+      "config.condense.ft_base_lr must be >= 0, or -1 for base_lr; got "
+      f"{ft_lr!r}."
+    )
   if not 0 <= config.prompt.dropout < 1:
     out.append(
       f"config.prompt.dropout must be in [0, 1), got {config.prompt.dropout}."

@@ -41,8 +41,10 @@ the artifact is run on random images and its logits compared with vptpc's
 JAX logits (``--check``, on by default; fp32 must agree within
 ``--tolerance``). Model, backbone, image size and normalisation default
 to the training run's ``config.json`` beside the prompts file, then to the
-embedded backbone. Bad inputs fail with one ``error:`` line (exit status
-2) and leave no file behind.
+embedded backbone. ``--prompts`` may name a run's folder (its own
+``prompts.npz``; `vptpc.prompts.find_prompt_file`); a run on a randomly
+initialised backbone has no weights to bake in and is refused. Bad inputs
+fail with one ``error:`` line (exit status 2) and leave no file behind.
 """
 
 from __future__ import annotations
@@ -227,6 +229,28 @@ def _run_config(prompts_path: str) -> dict[str, Any]:
     return {}
 
 
+def _refuse_random_backbone(prompts_path: str, run: Mapping[str, Any]) -> None:
+  """Refuses prompts whose run trained on a random-init backbone.
+
+  Such a run (``config.model.checkpoint_path`` empty, as in
+  ``configs/tiny.py``) saved no backbone weights, and no file holds them:
+  the prompts fit no backbone that could be baked into the graph.
+
+  Raises:
+    ExportError: naming the run's config and the fix.
+  """
+  if run["model"]["checkpoint_path"]:
+    return
+  config = os.path.join(os.path.dirname(os.path.abspath(prompts_path)), "")
+  raise ExportError(
+    f"{prompts_path} was trained on a randomly initialised backbone "
+    f"({config}config.json: config.model.checkpoint_path is empty), so "
+    "there are no backbone weights to export it with: train with a real "
+    "checkpoint (config.model.checkpoint_path=PATH, e.g. configs/folder.py's "
+    "embedded backbone) and export that run."
+  )
+
+
 def _native_image_size(flat: Mapping[str, np.ndarray], patch: int) -> int:
   """The image size a backbone file's position embedding was made for."""
   n = int(np.shape(flat[npz_checkpoint.POSEMB_KEY])[1]) - 1
@@ -331,6 +355,13 @@ def export_task(
       "input_dtype must be one of "
       f"{', '.join(export_formats.INPUT_DTYPES)}, got {input_dtype!r}."
     )
+  # The file alone first: a missing or foreign file fails before any work,
+  # the converters' imports (about a second) included.
+  prompts_path = prompts_lib.find_prompt_file(prompts_path)
+  _, _, saved = prompts_lib.load_prompts(prompts_path)
+  run = _run_config(prompts_path)
+  if backbone_path is None and "checkpoint_path" in run.get("model", {}):
+    _refuse_random_backbone(prompts_path, run)
   if fmt == "onnx":
     try:  # optional: the [export] extra, needed here for ONNX
       import jax2onnx  # noqa: F401
@@ -341,9 +372,6 @@ def export_task(
         f"ONNX export needs jax2onnx, onnx and onnxruntime "
         f"(pip install 'vptpc[export]'): {e}"
       ) from e
-  # The file alone first: a missing or foreign file fails before any work.
-  _, _, saved = prompts_lib.load_prompts(prompts_path)
-  run = _run_config(prompts_path)
   model_name = (
     model_name
     or saved.get("metadata", {}).get("model")
@@ -390,6 +418,10 @@ def export_task(
     or run.get("data", {}).get("image_size")
     or _native_image_size(flat, cfg.patch_size)
   )
+  # Named with the sizes that fit, before the backbone is restored.
+  bad = registry.image_size_problems({"name": model_name}, image_size, arch)
+  if bad:
+    raise ExportError(bad[0].replace("config.data.image_size", "--image_size"))
   normalize = normalize or run.get("data", {}).get("normalize")
   if normalize is None:
     if not embedded:
@@ -499,9 +531,31 @@ def _check(
   }
 
 
-def _one_line(e: BaseException) -> str:
-  lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-  return "; ".join(lines) or type(e).__name__
+def _one_line(e: BaseException, keep: int = 2) -> str:
+  """An error as one line; each indented list cut to ``keep`` entries.
+
+  A checkpoint that does not fit the model lists every key it lacks or
+  has too many of (hundreds); the line keeps each list's count and first
+  entries.
+  """
+  out: list[str] = []
+  items: list[str] = []
+
+  def flush() -> None:
+    if items and out:
+      more = f" and {len(items) - keep} more" if len(items) > keep else ""
+      head = out[-1].rstrip(":")
+      out[-1] = f"{head} ({len(items)}): {', '.join(items[:keep])}{more}"
+    items.clear()
+
+  for ln in str(e).splitlines():
+    if ln[:1].isspace() and ln.strip() and out:
+      items.append(ln.strip())
+    elif ln.strip():
+      flush()
+      out.append(ln.strip())
+  flush()
+  return "; ".join(x.rstrip(":") for x in out) or type(e).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -518,7 +572,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     "--output", required=True, help="artifact to write: X.onnx or X.stablehlo"
   )
   ap.add_argument(
-    "--format", default=None, help="onnx | stablehlo (default: from --output)"
+    "--format",
+    default=None,
+    help="onnx | stablehlo, any case (default: from --output)",
   )
   ap.add_argument(
     "--graph",

@@ -216,15 +216,17 @@ def onnx_session(path_or_bytes: str | os.PathLike | bytes, threads: int = 0):
 def format_of(output: str, fmt: str | None) -> str:
   """The format to write: ``fmt`` if given, else from ``output``'s suffix.
 
+  Either is read without regard to case (``ONNX``, ``task.StableHLO``).
+
   Raises:
     ExportError: an unknown format, or a suffix that names none.
   """
   if fmt:
-    if fmt not in FORMATS:
+    if fmt.strip().lower() not in FORMATS:
       raise ExportError(
         f"unsupported format {fmt!r}; supported: {', '.join(FORMATS)}."
       )
-    return fmt
+    return fmt.strip().lower()
   suffix = os.path.splitext(output)[1].lower()
   if suffix not in SUFFIXES:
     raise ExportError(

@@ -1,9 +1,11 @@
 """Deterministic crashes at named points, for the fault tests and sweep.
 
-``VPTPC_FAULT=<point>[:<n>][,...]`` makes this process kill itself with
-SIGKILL (as ``kill -9`` would: no cleanup, no ``finally``) the ``n``-th
-time (default 1) it reaches ``<point>``. Unset, `point` is one dictionary
-lookup. Points:
+``VPTPC_FAULT=<point>[:<n>][@<signal>][,...]`` makes this process kill
+itself with SIGKILL (as ``kill -9`` would: no cleanup, no ``finally``) the
+``n``-th time (default 1) it reaches ``<point>``; with ``@INT`` or
+``@TERM`` it sends itself SIGINT (Ctrl-C) or SIGTERM (a scheduler's
+preemption) there instead, for the clean stops of `vptpc.stops`. Unset,
+`point` is one dictionary lookup. Points:
 
 * ``train``: after a training step (or a scanned epoch), before the
   checkpoint it may be due to write; counted over the whole process, so a
@@ -37,30 +39,37 @@ POINTS = ("train", "save", "grid_epoch", "final_seed", "condense")
 _hits: collections.Counter = collections.Counter()
 
 
-def _wanted() -> dict[str, int]:
-  """``{point: n}`` from ``$VPTPC_FAULT``."""
+SIGNALS = {"KILL": signal.SIGKILL, "INT": signal.SIGINT, "TERM": signal.SIGTERM}
+
+
+def _wanted() -> dict[str, tuple[int, int]]:
+  """``{point: (n, signal)}`` from ``$VPTPC_FAULT``."""
   out = {}
   for item in os.environ.get(ENV, "").split(","):
     item = item.strip()
     if not item:
       continue
+    item, _, sig = item.partition("@")
     name, _, n = item.partition(":")
     if name not in POINTS:
       raise ValueError(f"{ENV}: unknown point {name!r}; points: {POINTS}.")
-    out[name] = int(n or 1)
+    if (sig or "KILL") not in SIGNALS:
+      raise ValueError(f"{ENV}: unknown signal {sig!r}; use INT or TERM.")
+    out[name] = (int(n or 1), SIGNALS[sig or "KILL"])
   return out
 
 
 def point(name: str) -> None:
-  """Kills this process with SIGKILL if ``$VPTPC_FAULT`` asks for it here."""
+  """Signals this process if ``$VPTPC_FAULT`` asks for it here."""
   if ENV not in os.environ:
     return
   wanted = _wanted()
   if name not in wanted:
     return
   _hits[name] += 1
-  if _hits[name] == wanted[name]:
-    os.kill(os.getpid(), signal.SIGKILL)
+  n, signum = wanted[name]
+  if _hits[name] == n:
+    os.kill(os.getpid(), signum)
 
 
 def armed(name: str) -> bool:

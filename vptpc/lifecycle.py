@@ -10,7 +10,8 @@ Every entry point that writes a workdir (`vptpc.protocol.run`,
 2. `vptpc.rundir.Run.start`, called once the run's inputs are loaded, takes
    the workdir's lock, creates it, moves an old run aside when
    ``config.overwrite`` is set and records the config.
-3. On the way out the lock is released; after an error, the directories
+3. Inside, SIGINT and SIGTERM stop the run cleanly (`vptpc.stops`).
+4. On the way out the lock is released; after an error, the directories
    this entry created are removed again if they are still empty.
 
 This module sits above `vptpc.preflight` and `vptpc.rundir`, which know
@@ -25,7 +26,7 @@ from collections.abc import Iterator
 
 import ml_collections
 
-from vptpc import preflight, rundir
+from vptpc import preflight, rundir, stops
 
 # How many entries this process is inside: only the outermost checks
 # preconditions, and nested entries (a run's stages) share its lock.
@@ -81,7 +82,8 @@ def entry(
   _DEPTH[0] += 1
   failed = True
   try:
-    yield run
+    with stops.handling():
+      yield run
     failed = False
   finally:
     _DEPTH[0] -= 1

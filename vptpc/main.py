@@ -8,7 +8,9 @@ Every error a user can cause (a config, workdir, checkpoint, prompts file
 or data problem, a workdir another run holds, a non-finite loss, a full
 disk) ends in ``error:`` lines on stderr and exit status 2, without a
 traceback; unmet preconditions are all listed at once, before anything is
-written (`vptpc.preflight`).
+written (`vptpc.preflight`). Ctrl-C (SIGINT) and SIGTERM stop a run
+cleanly, with a checkpoint where one can be written, one line saying where
+it stopped, and exit status 130 or 143 (`vptpc.stops`).
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ from __future__ import annotations
 import glob
 import logging as std_logging
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from vptpc import stops
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -125,6 +130,18 @@ def main(argv: list[str]) -> None:
   """Runs training and evaluation for the parsed config."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  try:
+    with stops.handling():
+      _main()
+  except stops.Stopped as e:
+    # One line and the shell's status for the signal (130 SIGINT, 143
+    # SIGTERM); the checkpoint, if one was due, is already written.
+    print(e.line(), file=sys.stderr, flush=True)
+    sys.exit(e.exit_status)
+
+
+def _main() -> None:
+  """`main` inside the signal handlers: config, devices, the run."""
   quiet = _Quiet()
   logging.get_absl_handler().addFilter(quiet)
   # Orbax's thread errors reach Python's root handlers as well.

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
+import secrets
 import zipfile
 from collections.abc import Mapping
 from typing import Any
@@ -96,6 +96,23 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
   return flat
 
 
+def temp_file(directory: str, suffix: str = ".tmp") -> tuple[int, str]:
+  """A new file in ``directory`` for an atomic write: ``(fd, path)``.
+
+  As `tempfile.mkstemp`, but with the mode ``open()`` gives (0666 less
+  the umask, 0644 under umask 022): mkstemp's 0600 would survive the
+  rename and leave the written file private, unlike the files beside it.
+  The name starts with ``.`` and ends with ``suffix``.
+  """
+  flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+  while True:
+    path = os.path.join(directory, f".{secrets.token_hex(8)}{suffix}")
+    try:
+      return os.open(path, flags, 0o666), path
+    except FileExistsError:
+      continue  # another writer drew the same name
+
+
 def save_npz(path: str | os.PathLike, params: Mapping[str, Any]) -> None:
   """Writes a params tree as a vit_jax-layout `.npz`, atomically.
 
@@ -110,7 +127,7 @@ def save_npz(path: str | os.PathLike, params: Mapping[str, Any]) -> None:
   flat = {k: np.asarray(v) for k, v in flatten(params).items()}
   d = os.path.dirname(os.path.abspath(path))
   os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, suffix=".npz.tmp")
+  fd, tmp = temp_file(d, ".npz.tmp")
   try:
     with os.fdopen(fd, "wb") as f:
       np.savez(f, **flat)

@@ -19,7 +19,9 @@ point of a process):
   when it is loaded, still before the workdir is touched);
 * the data: a prepared TFDS dataset with the split names asked for, or a
   folder layout whose split files parse, whose labels fit
-  ``config.data.num_classes``, whose listed images exist and open
+  ``config.data.num_classes``, whose training split holds at least two
+  classes and no class folder without images, whose listed images exist
+  and open
   (``config.data.verify_images``: PIL's header check by default, about
   0.1 s per 3,000 files; a split too large to cache is decoded per batch,
   so a corrupt image would otherwise stop the run mid-way) (vptpc's own
@@ -405,7 +407,8 @@ def data_problems(
       problems += sources.image_problems(
         root, split, d.get("verify_images", "header")
       )
-    return problems, warnings, f"{d.name}: folder {root}"
+    p, w = sources.class_problems(root, d.train_split, [d.eval_split])
+    return problems + p, warnings + w, f"{d.name}: folder {root}"
   base = d.name.split(":")[0]
   where = describe = sources.describe_data_dir(data_dir)
   if base in sources.LOCAL_BUILDERS:

@@ -22,12 +22,12 @@ Typical use::
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
 import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -39,7 +39,7 @@ import numpy as np
 from vptpc.checkpoint import read_shapes
 from vptpc.models import registry
 from vptpc.models.vit import prompt_variant
-from vptpc.npz_checkpoint import CheckpointError, flatten
+from vptpc.npz_checkpoint import CheckpointError, flatten, temp_file
 
 Array = jax.Array
 PromptTree = dict[str, Array]
@@ -362,7 +362,7 @@ def save_prompts(
   arrays["__meta__"] = np.asarray(json.dumps(meta))
   d = os.path.dirname(os.path.abspath(path))
   os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+  fd, tmp = temp_file(d, ".npz.tmp")
   try:
     with os.fdopen(fd, "wb") as f:
       np.savez(f, **arrays)
@@ -515,6 +515,47 @@ def read_prompt_file(
     if k.startswith("prompts/")
   }
   return prompt_shapes, shapes.get("head/kernel"), meta
+
+
+# What a training run writes in its workdir (and each stage's workdir).
+FILE_NAME = "prompts.npz"
+
+
+def find_prompt_file(path: str | os.PathLike) -> str:
+  """The prompt file ``path`` names: a file, or a run folder's own.
+
+  A folder holding a ``prompts.npz`` gives that file. A folder without one
+  is refused, naming the files its sub-folders hold (a Prompt Condensation
+  run keeps ``full/prompts.npz`` and ``condensed/prompts.npz``, a protocol
+  one per grid point or seed: the choice is the user's), or, if there are
+  none, the folder. Anything else is returned as given.
+
+  Raises:
+    PromptFileError: a folder without a ``prompts.npz`` of its own.
+  """
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    return path
+  top = os.path.join(path, FILE_NAME)
+  if os.path.isfile(top):
+    return top
+  # Three levels reach a protocol's PC stages (final/seed42/condensed/).
+  found = sorted(
+    os.path.relpath(f, path)
+    for depth in (1, 2, 3)
+    for f in glob.glob(os.path.join(path, *["*"] * depth, FILE_NAME))
+  )
+  if not found:
+    raise PromptFileError(
+      f"{path!r} is a folder without a {FILE_NAME} (nor do its sub-folders "
+      "hold one): pass a finished run's folder or its prompts file."
+    )
+  more = f" and {len(found) - 4} more" if len(found) > 4 else ""
+  raise PromptFileError(
+    f"{path!r} is a folder without a {FILE_NAME} of its own; its "
+    f"sub-folders hold {len(found)}: {', '.join(found[:4])}{more}; pass "
+    f"the one you mean, e.g. {os.path.join(path, found[0])}."
+  )
 
 
 def load_prompts(

@@ -41,7 +41,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from vptpc import faults, lifecycle, protocol_runs, records, sweep, train
+from vptpc import faults, lifecycle, protocol_runs, records, stops, sweep, train
 from vptpc.data import vtab
 from vptpc.protocol_runs import final_runs, tune_runs, tuned_values
 
@@ -74,7 +74,10 @@ def tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   workdir = lifecycle.local_workdir(workdir, config)
   with lifecycle.entry(config, workdir, kind="protocol") as run:
     run.start(store_config=False)
-    return _tune(config, workdir)
+    with stops.stage(
+      f"in the tune grid of {workdir} (finished grid points are kept)"
+    ):
+      return _tune(config, workdir)
 
 
 def _tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -170,10 +173,14 @@ def _final(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   already = all(protocol_runs.done(d) for _, d in runs)
   accs, seeds = [], []
   for i, (c, run) in enumerate(runs):
-    if i:
-      faults.point("final_seed")
     t0 = time.perf_counter()
-    res = _run(c, run)
+    with stops.stage(
+      f"in the final seeds of {workdir} before seed {c.seed} ({i + 1} of "
+      f"{len(runs)}; the {i} before it are finished and kept)"
+    ):
+      if i:
+        faults.point("final_seed")
+      res = _run(c, run)
     accs.append(_accuracy(res))
     seeds.append(
       {

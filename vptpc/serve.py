@@ -27,7 +27,8 @@ a Swin (e.g. ``--model=swin_base_patch4_window7_224 --image_size=224
 registers, average pool; e.g. ``--model=vit_base_patch16_clip_224.openai
 --normalize=clip --interpolation=bicubic``, as its run's config says). Each
 prompts file must have been trained on that backbone
-(`vptpc.prompts.load_prompts` checks).
+(`vptpc.prompts.load_prompts` checks); a run's folder stands for its
+``prompts.npz`` (`vptpc.prompts.find_prompt_file`).
 """
 
 from __future__ import annotations
@@ -314,12 +315,16 @@ def main(argv: Sequence[str] | None = None) -> int:
       name, sep, path = spec.partition("=")
       if not sep or not name or not path:
         raise ValueError(f"--task={spec!r}: expected name=prompts.npz.")
+      path = prompts_lib.find_prompt_file(path)  # a run folder: its file
       prompts_lib.load_prompts(path)  # a bad file fails before any JAX work
       specs.append((name, path))
     # A Swin or a ViT, by `vptpc.models.registry`'s naming rule.
-    model = registry.create_model(
-      registry.canonical_name(a.model), num_classes=None, kv_only=True
-    )
+    model_name = registry.canonical_name(a.model)
+    # Named with the sizes that fit, before any JAX work.
+    bad = registry.image_size_problems({"name": model_name}, a.image_size, {})
+    if bad:
+      raise ValueError(bad[0].replace("config.data.image_size", "--image_size"))
+    model = registry.create_model(model_name, num_classes=None, kv_only=True)
     images = jax.ShapeDtypeStruct(
       (1, a.image_size, a.image_size, 3), jnp.float32
     )

@@ -22,6 +22,7 @@ import csv
 import json
 import multiprocessing
 import os
+import sys
 import time
 from typing import Any
 
@@ -33,7 +34,7 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vptpc import lifecycle, preflight, sweep, train
+from vptpc import lifecycle, preflight, stops, sweep, train
 from vptpc.data import minivtab, pipeline, sources
 from vptpc.models import vit
 
@@ -396,7 +397,12 @@ def _worker(config_dict: dict, workdir: str, tasks: list, cpu: int) -> None:
   config = ml_collections.ConfigDict(config_dict)
   config.tasks = tuple(tasks)
   config.workers = 1
-  _run_all(config, workdir)
+  try:
+    _run_all(config, workdir)
+  except stops.Stopped as e:
+    # A Ctrl-C or a scheduler's SIGTERM reaches the whole process group:
+    # the worker has written its checkpoint and the parent prints the line.
+    sys.exit(e.exit_status)
 
 
 def _run_in_workers(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -539,9 +545,14 @@ def main(argv):
   """Entry point."""
   del argv
   try:
-    run_suite(flags.FLAGS.config, flags.FLAGS.workdir)
+    with stops.handling():
+      run_suite(flags.FLAGS.config, flags.FLAGS.workdir)
   except preflight.PreflightError as e:
     preflight.exit_with(e.problems)
+  except stops.Stopped as e:
+    # Finished runs are kept and the one it stopped in has its checkpoint.
+    print(e.line(), file=sys.stderr, flush=True)
+    sys.exit(e.exit_status)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,12 @@ batches as the separate run with the same seed would, so its result equals
 that run's up to float32 rounding (tested). ``config.protocol.vmap=True``
 makes ``mode=tune`` use this (`vptpc.protocol.tune`);
 ``config.protocol.vmap_chunk`` bounds how many members share one job
-(memory grows linearly with it). A grid job has no mid-run checkpoints: an
-interrupted job restarts, but `vptpc.protocol.tune` writes each finished
+(memory grows linearly with it). A grid job has no periodic checkpoints:
+a killed job restarts, but `vptpc.protocol.tune` writes each finished
 job's members to their run directories (``export_dirs``), so a resumed
-grid skips the jobs that had finished.
+grid skips the jobs that had finished. A job stopped by SIGINT or SIGTERM
+(`vptpc.stops`) writes its stacked state at the end of the current epoch
+to ``STOP_FILE`` in its first member's directory and goes on from there.
 """
 
 from __future__ import annotations
@@ -31,15 +33,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
 
-from vptpc import build, faults, optim, records, runner
+from vptpc import build, faults, optim, records, runner, stops
 from vptpc import prompts as prompts_lib
 from vptpc import steps as steps_lib
 from vptpc.data import device as device_data
 from vptpc.data import pipeline
 from vptpc.models import registry
+
+# A stopped job's state, in its first member's run directory.
+STOP_FILE = "grid_stop.npz"
 
 
 def grid_optimizer(
@@ -186,32 +192,60 @@ def train_grid(
   finite = jax.device_put(jnp.ones(len(members), bool), dev)
   dtrain = runner.place_split(s, s.train, "jit")
   deval = runner.place_split(s, s.eval, "jit")
+  resume = _stop_path(export_dirs)
+  start = 0
+  if resume is not None and os.path.exists(resume):
+    restored = _restore_stop(resume, members, (states, finite))
+    if restored is not None:
+      (states, finite), start = restored
+      states, finite = jax.device_put((states, finite), dev)
+      logging.info("grid: resumed at epoch %d from %s", start, resume)
+
+  def stop_at(epoch):
+    """After a signal: the job's state before ``epoch``, then `Stopped`."""
+    signum = stops.pending()
+    if signum is None:
+      return
+    where = (
+      f"in a vmapped grid job of {len(members)} members at epoch {epoch} of "
+      f"{config.total_epochs}"
+    )
+    if resume is None:
+      raise stops.Stopped(signum, where, "the job starts again")
+    _save_stop(resume, members, jax.device_get((states, finite)), epoch)
+    raise stops.Stopped(signum, where, f"its state is written to {resume}")
+
   t_start = t_first = time.perf_counter()
-  for epoch in range(config.total_epochs):
-    if epoch:
-      faults.point("grid_epoch")
-    if epoch == 1:
-      # The first epoch holds the compile; later ones are the sustained rate.
-      jax.block_until_ready(finite)
-      t_first = time.perf_counter()
-    if dtrain is not None:
-      plan = device_data.epoch_plan(
-        dtrain, batch_size=config.batch_size, seed=config.seed, epoch=epoch
-      )
-      states, finite = progs["steps"](
-        states, frozen, dtrain.arrays, plan, rng, finite
-      )
-      continue
-    for batch in pipeline.train_batches(
-      s.train,
-      batch_size=config.batch_size,
-      seed=config.seed,
-      epoch=epoch,
-      normalization=config.data.normalize,
-    ):
-      states, metrics = progs["step"](states, frozen, batch, rng)
-      finite &= jnp.isfinite(metrics["train_loss"])
-  jax.block_until_ready(finite)
+  with stops.deferred():
+    for epoch in range(start, config.total_epochs):
+      if epoch:
+        faults.point("grid_epoch")
+      if epoch > start:
+        stop_at(epoch)
+      if epoch == start + 1:
+        # The first epoch holds the compile; later ones are sustained.
+        jax.block_until_ready(finite)
+        t_first = time.perf_counter()
+      if dtrain is not None:
+        plan = device_data.epoch_plan(
+          dtrain, batch_size=config.batch_size, seed=config.seed, epoch=epoch
+        )
+        states, finite = progs["steps"](
+          states, frozen, dtrain.arrays, plan, rng, finite
+        )
+        continue
+      for batch in pipeline.train_batches(
+        s.train,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        epoch=epoch,
+        normalization=config.data.normalize,
+      ):
+        states, metrics = progs["step"](states, frozen, batch, rng)
+        finite &= jnp.isfinite(metrics["train_loss"])
+    jax.block_until_ready(finite)
+    if config.total_epochs > start:
+      stop_at(config.total_epochs)
   t_end = time.perf_counter()
   n_img = len(s.train) * len(members)
   timing = {
@@ -265,7 +299,52 @@ def train_grid(
   faults.point("grid_epoch")
   if export_dirs is not None:
     _export(s, config, out, export_dirs, member_configs)
+  if resume is not None and os.path.exists(resume):
+    os.remove(resume)
   return out
+
+
+def _stop_path(export_dirs: Sequence[str] | None) -> str | None:
+  """Where a stopped grid job keeps its state: its first member's folder."""
+  if not export_dirs or jax.process_index() != 0:
+    return None
+  return os.path.join(export_dirs[0], STOP_FILE)
+
+
+def _save_stop(path, members, tree, epoch: int) -> None:
+  """Writes a stopped job's stacked state (atomically) for `_restore_stop`."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  arrays = {f"leaf{i:04d}": np.asarray(a) for i, a in enumerate(leaves)}
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp.npz"
+  np.savez(tmp, members=np.asarray(members, np.float64), epoch=epoch, **arrays)
+  os.replace(tmp, path)
+
+
+def _restore_stop(path, members, like):
+  """``(tree, epoch)`` from `_save_stop` for these members, else None."""
+  try:
+    with np.load(path) as f:
+      data = {k: f[k] for k in f.files}
+  except (OSError, ValueError) as e:
+    logging.warning("grid: ignoring %s (%s); the job starts again.", path, e)
+    return None
+  leaves, treedef = jax.tree_util.tree_flatten(like)
+  stored = [data.get(f"leaf{i:04d}") for i in range(len(leaves))]
+  same = (
+    np.array_equal(data.get("members"), np.asarray(members, np.float64))
+    and len(data) == len(leaves) + 2
+    and all(
+      a is not None and a.shape == b.shape and a.dtype == b.dtype
+      for a, b in zip(stored, leaves, strict=True)
+    )
+  )
+  if not same:
+    logging.warning(
+      "grid: %s belongs to another job; the job starts again.", path
+    )
+    return None
+  return jax.tree_util.tree_unflatten(treedef, stored), int(data["epoch"])
 
 
 def _export(s, config, out, dirs, configs) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import time
 from typing import Any
 
@@ -40,6 +41,7 @@ from vptpc import (
   records,
   run_checkpoints,
   rundir,
+  stops,
 )
 from vptpc import condense as pc
 from vptpc import prompts as prompts_lib
@@ -62,6 +64,28 @@ def _check_finite(metrics: dict[str, float], step: int, workdir: str) -> None:
       "config.base_lr (a changed run: add --config.overwrite=True, or use "
       "another --workdir) or check the data normalisation."
     )
+
+
+def _stop_signal(step: int) -> int | None:
+  """The signal that stops the run at ``step``, agreed by every process.
+
+  Processes may see a signal at different steps (or only one of them may
+  get it); the checkpoint a stop writes needs them all, so they stop
+  together. A SIGINT is shared at each step. In a multi-process run JAX's
+  preemption service owns SIGTERM and picks the step to stop at
+  (`jax.experimental.multihost_utils.reached_preemption_sync_point`, which
+  Orbax asks with the same steps); there the data come from the host, one
+  step per call.
+  """
+  signum = stops.pending()
+  if jax.process_count() == 1:
+    return signum
+  every = multihost_utils.process_allgather(np.int32(signum or 0))
+  if int(np.max(every)):
+    return int(np.max(every))
+  if multihost_utils.reached_preemption_sync_point(step):
+    return int(signal.SIGTERM)
+  return None
 
 
 def train_stage(
@@ -122,20 +146,21 @@ def train_stage(
         )
         progress.print_table(done)
       return done
-    s = build.setup(config, init_trainable)
-    mode = parallel.resolve_mode(config.parallel, config.batch_size)
-    if mode == "pmap":
-      parallel.resolve_mode("pmap", config.eval_batch_size)
-    run.start()
-    return _train_stage(
-      config,
-      workdir,
-      s,
-      mode,
-      stop_after_steps=stop_after_steps,
-      measure_throughput=measure_throughput,
-      quiet=quiet,
-    )
+    with stops.stage(f"while {workdir} was loading its inputs or compiling"):
+      s = build.setup(config, init_trainable)
+      mode = parallel.resolve_mode(config.parallel, config.batch_size)
+      if mode == "pmap":
+        parallel.resolve_mode("pmap", config.eval_batch_size)
+      run.start()
+      return _train_stage(
+        config,
+        workdir,
+        s,
+        mode,
+        stop_after_steps=stop_after_steps,
+        measure_throughput=measure_throughput,
+        quiet=quiet,
+      )
 
 
 def _train_stage(
@@ -179,27 +204,34 @@ def _train_stage(
   state = runner.place_state(state)
   try:
     if not config.eval_only:
-      state = _train_loop(
-        config,
-        s,
-        runner,
-        state,
-        rng,
-        start,
-        mngr,
-        writer,
-        workdir,
-        stop_after_steps,
-      )
+      # A signal lets the current step (or scanned epoch) finish, which
+      # then writes its checkpoint and stops (`stops`).
+      with stops.deferred():
+        state = _train_loop(
+          config,
+          s,
+          runner,
+          state,
+          rng,
+          start,
+          mngr,
+          writer,
+          workdir,
+          stop_after_steps,
+        )
     host = jax.device_get(runner.host_state(state))
     step = int(host.step)
     if stop_after_steps is not None and step < s.total_steps:
       return {"stopped_at_step": step}
-    ev = runner.evaluate(state, s.eval, config)
-    if measure_throughput:
-      t0 = time.perf_counter()
-      runner.evaluate(state, s.eval, config)
-      ev["img_per_s"] = len(s.eval) / (time.perf_counter() - t0)
+    with stops.stage(
+      f"while {workdir} was evaluating after its last step (its "
+      f"checkpoint at step {step} is kept)"
+    ):
+      ev = runner.evaluate(state, s.eval, config)
+      if measure_throughput:
+        t0 = time.perf_counter()
+        runner.evaluate(state, s.eval, config)
+        ev["img_per_s"] = len(s.eval) / (time.perf_counter() - t0)
   except sources.DataError as e:
     # A split too large to cache decodes each batch as it comes, so a
     # corrupt example surfaces here, mid-run; say what survives and how to
@@ -309,8 +341,7 @@ def train_and_evaluate(
 
 
 def _condense_pipeline(config, workdir, stop_after_steps, run):
-
-  cc = config.condense
+  """The three stages of `train_and_evaluate` with condensation."""
   full = train_stage(
     config,
     os.path.join(workdir, "full"),
@@ -320,6 +351,31 @@ def _condense_pipeline(config, workdir, stop_after_steps, run):
   )
   if "stopped_at_step" in full:
     return full
+  with stops.stage(
+    f"while condensing the prompts of {workdir}/full (the full model is "
+    "finished and kept; the condensation starts again)"
+  ):
+    kept, head, idx, scores = _condense(config, workdir, run, full)
+  ft = config_util.finetune_config(config)
+  cond = train_stage(
+    ft,
+    os.path.join(workdir, "condensed"),
+    init_trainable={"prompts": kept, "head": head},
+    measure_throughput=True,
+    quiet=True,
+  )
+  return _summaries(
+    config, workdir, full, cond, idx, scores, build.build_model(config)
+  )
+
+
+def _condense(config, workdir, run, full):
+  """Scores the full run's prompts, keeps the best, re-projects them.
+
+  Returns:
+    (kept prompts, the full run's head, kept indices, scores).
+  """
+  cc = config.condense
   faults.point("condense")
   # From here on the condense settings shape the run: they are stored (and
   # compared on a resume) in the top-level config.json.
@@ -366,14 +422,12 @@ def _condense_pipeline(config, workdir, stop_after_steps, run):
     reproject=cc.reproject,
     reproject_fn=reproject_fn,
   )
-  ft = config_util.finetune_config(config)
-  cond = train_stage(
-    ft,
-    os.path.join(workdir, "condensed"),
-    init_trainable={"prompts": kept, "head": head},
-    measure_throughput=True,
-    quiet=True,
-  )
+  return kept, head, idx, scores
+
+
+def _summaries(config, workdir, full, cond, idx, scores, model):
+  """The PC run's results: both models, the kept prompts, the speed-up."""
+  cc = config.condense
 
   def summary(r):
     per_layer = r["prompts_per_layer"]
@@ -417,7 +471,13 @@ def _train_loop(
   if config.progress_bar and jax.process_index() == 0:
     bar = progress.bar(total, start)
   step = start
-  clock = {"t0": time.perf_counter(), "seen": 0, "t_first": None, "after": 0}
+  clock = {
+    "t0": time.perf_counter(),
+    "seen": 0,
+    "t_first": None,
+    "after": 0,
+    "saved": start,  # the step of the latest checkpoint
+  }
 
   def after(prev, state, metrics, seen, stacked):
     """Logging, finiteness and checkpoints for the steps (prev, step]."""
@@ -428,10 +488,12 @@ def _train_loop(
       clock["t_first"] = time.perf_counter()
     else:
       clock["after"] += seen
+    # The first step too: its loss is the starting point (ln C from a
+    # zero head) that the later ones are read against.
     logged = [
       t
       for t in range(prev + 1, step + 1)
-      if t % config.log_every_steps == 0 or t == total or t == stop_after
+      if t % config.log_every_steps == 0 or t in (1, total, stop_after)
     ]
     if logged:
       host = jax.device_get(metrics)
@@ -459,6 +521,23 @@ def _train_loop(
     )
     if due or step == total or step == stop_after:
       run_checkpoints.save(mngr, runner.host_state(state), rng)
+      clock["saved"] = step
+    stop_here(step, state)
+
+  def stop_here(step, state):
+    """After a signal: a checkpoint at ``step``, then `stops.Stopped`."""
+    signum = _stop_signal(step)
+    if signum is None:
+      return
+    if clock["saved"] != step:
+      run_checkpoints.save(mngr, runner.host_state(state), rng)
+    if bar is not None:
+      bar.close()
+    raise stops.Stopped(
+      signum,
+      f"in training at step {step} of {total} ({workdir})",
+      f"its checkpoint at step {step} is written",
+    )
 
   for epoch in range(start // spe, config.total_epochs):
     first = step - epoch * spe
@@ -501,6 +580,7 @@ def _train_loop(
       if epoch + 1 < config.total_epochs:
         ev = runner.evaluate(state, s.eval, config)
         writer.write(step, {f"eval_{k}": v for k, v in ev.items()})
+        stop_here(step, state)
   if bar is not None:
     bar.close()
   jax.block_until_ready(state)

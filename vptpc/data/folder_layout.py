@@ -8,6 +8,15 @@
   ``<root>/<split>/<class name>/*.jpg``, e.g. ``root/train/cat/1.jpg`` and
   ``root/test/cat/9.jpg``. Class names are the sorted sub-folders of
   ``train`` (label = index); the other splits must use the same names.
+  Since the class count comes from the folders, a class folder of
+  ``train`` without images (a copy that went wrong, a suffix outside
+  `IMAGE_SUFFIXES`) is an error, named by `empty_class_folders` in the
+  preflight; one of ``val`` or ``test`` only gets a warning (that class
+  is not evaluated).
+
+Either layout needs at least two classes in its training split: a
+classifier of one class has nothing to learn (the preflight names the
+root and the class it found).
 
 A split name may carry a slice, ``train[:80%]`` or ``train[800:]``: over
 split files it slices the lines in order; over class folders it slices a
@@ -96,6 +105,29 @@ def class_names(root: str) -> list[str]:
   return _class_dirs(root, "train")
 
 
+def _is_image(name: str) -> bool:
+  return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def empty_class_folders(root: str, split: str) -> list[str]:
+  """Class folders of a class-folder split that hold no image.
+
+  Returns:
+    ``<split>/<class>`` per folder without a file ending in one of
+    `IMAGE_SUFFIXES`, sorted; [] for a split read from a ``.txt`` file or
+    a missing split folder (`class_folder_items` names that).
+  """
+  base = parse_split(split)[0]
+  d = os.path.join(root, base)
+  if os.path.exists(os.path.join(root, f"{base}.txt")) or not os.path.isdir(d):
+    return []
+  return [
+    f"{base}/{name}"
+    for name in _class_dirs(root, base)
+    if not any(map(_is_image, os.listdir(os.path.join(d, name))))
+  ]
+
+
 def class_folder_items(root: str, split: str) -> list[tuple[str, int]]:
   """``(relative path, label)`` of a class-folder split, slice applied.
 
@@ -126,7 +158,7 @@ def class_folder_items(root: str, split: str) -> list[tuple[str, int]]:
     if not os.path.isdir(cdir):
       continue
     for f in sorted(os.listdir(cdir)):
-      if f.lower().endswith(IMAGE_SUFFIXES):
+      if _is_image(f):
         items.append((os.path.join(base, name, f), index[name]))
   if lo or hi:
     order = np.random.default_rng(0).permutation(len(items))

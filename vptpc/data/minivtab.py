@@ -340,18 +340,23 @@ def task_config(
   prompt_lr_scale: float = PROMPT_LR_SCALE,
   smoke: bool = False,
   backbone: str = "",
-  head_init: str = "vpt",
-  prelogit_norm: str = "none",
+  head_init: str = assets.HEAD_INIT,
+  prelogit_norm: str = assets.PRELOGIT_NORM,
 ):
   """The training config of one mini-VTAB run on the embedded backbone.
 
-  Two settings differ from the official ViT-B recipe, measured on the val200
-  split of dsprites_loc (10 epochs, base LR 1.0): the embedded backbone's
-  features have norm ~27 and VPT's head init starts at a loss of ~20, so
-  (1) the LR follows the schedule per step with 2 warmup epochs (stepped per
-  epoch, the momentum gathered at LR 0 in epoch 0 lands in one jump and the
-  head diverged), and (2) prompts get 1/100 of the head's LR (with one LR,
-  VPT-Deep reached 10-15% against the linear probe's 68%; at 0.01, 52%).
+  Four settings differ from the official ViT-B recipe. The embedded
+  backbone's features have norm ~27, most of it a mean shared by every
+  image (norm ~24), so (1) the head reads them standardised with the task's
+  training statistics (``prelogit_norm=standardize``) and (2) starts at zero
+  (``head_init=zeros``): the first loss is then ln C, where VPT's recipe
+  starts at 10-20 and ends with logits of ~300 and saturated probabilities
+  (docs/offline_backbone.md). Measured on the val200 split of dsprites_loc
+  (10 epochs, base LR 1.0) with VPT's head init: (3) the LR follows the
+  schedule per step with 2 warmup epochs (stepped per epoch, the momentum
+  gathered at LR 0 in epoch 0 lands in one jump and the head diverged), and
+  (4) prompts get 1/100 of the head's LR (with one LR, VPT-Deep reached
+  10-15% against the linear probe's 68%; at 0.01, 52%).
 
   Args:
     task: a key of `TASKS`.
@@ -369,8 +374,8 @@ def task_config(
     smoke: shrink to a few steps for tests.
     backbone: a fractal-Ti/4 ``.npz`` to use instead of the shipped one
       (e.g. a ``vptpc.pretrain`` result).
-    head_init: ``vpt`` or ``zeros`` (``config.model.head_init``).
-    prelogit_norm: ``none`` or ``standardize``
+    head_init: ``zeros`` or VPT's ``vpt`` (``config.model.head_init``).
+    prelogit_norm: ``standardize`` or VPT's ``none``
       (``config.model.prelogit_norm``).
 
   Returns:

@@ -231,6 +231,69 @@ def folder_problems(
   return problems, warnings
 
 
+def class_problems(
+  root: str, train_split: str, eval_splits: Sequence[str] = ()
+) -> tuple[list[str], list[str]]:
+  """A folder dataset's classes: (problems, warnings).
+
+  Problems: a class folder of the training split without images (the
+  class count comes from the folders, so such a class is a mistake: a copy
+  that went wrong, another suffix), named with the count; fewer than two
+  classes in the training split (a one-class classifier has nothing to
+  learn), naming the root and the class found. Warnings: a class folder
+  of an evaluation split without images (that class is not evaluated).
+  A missing or empty split is `folder_problems`' to name.
+  """
+  warnings = []
+  base = folder_layout.parse_split(train_split)[0]
+  others = {folder_layout.parse_split(s)[0] for s in eval_splits} - {base}
+  for split in sorted(others):
+    empty = folder_layout.empty_class_folders(root, split)
+    if empty:
+      warnings.append(
+        f"{_empty(empty, os.path.join(root, split))} ({_some(empty)}): "
+        "the evaluation has no example of those classes."
+      )
+  empty = folder_layout.empty_class_folders(root, train_split)
+  if empty:
+    return [
+      f"{_empty(empty, os.path.join(root, base))} ({_some(empty)}): the "
+      "class count comes from these folders, so each needs training images "
+      "(files ending "
+      f"{', '.join(folder_layout.IMAGE_SUFFIXES[:3])} ...): add them or "
+      "remove the folder."
+    ], warnings
+  try:
+    items = folder_items(root, train_split)
+  except DataError:
+    return [], warnings
+  labels = sorted({lab for _, lab in items})
+  if len(labels) == 1:
+    if os.path.exists(os.path.join(root, f"{base}.txt")):
+      found = f"{base}.txt labels every image {labels[0]}"
+    else:
+      name = folder_layout.class_names(root)[labels[0]]
+      found = f"its only class is {base}/{name}"
+    return [
+      f"folder dataset {root} has 1 class in split {train_split!r} "
+      f"({found}): a classifier needs at least 2; add the other classes' "
+      "images."
+    ], warnings
+  return [], warnings
+
+
+def _some(names: Sequence[str], n: int = 3) -> str:
+  """The first ``n`` base names, and how many more."""
+  more = f" and {len(names) - n} more" if len(names) > n else ""
+  return ", ".join(os.path.basename(x) for x in names[:n]) + more
+
+
+def _empty(folders: Sequence[str], where: str) -> str:
+  if len(folders) == 1:
+    return f"1 class folder in {where} holds no image"
+  return f"{len(folders)} class folders in {where} hold no image"
+
+
 VERIFY_IMAGES = ("header", "decode", "off")
 
 

@@ -299,8 +299,9 @@ def image_size_problems(
   unit = cfg.patch_size * 2 ** (len(cfg.depths) - 1)
   if image_size > 0 and image_size % unit == 0:
     return []
+  lo = max(unit, image_size // unit * unit)
   return [
     f"config.data.image_size={image_size} is not a multiple of {unit} "
     f"({name}: patch {cfg.patch_size}, halved by each of "
-    f"{len(cfg.depths) - 1} patch mergings)."
+    f"{len(cfg.depths) - 1} patch mergings); use {lo} or {lo + unit}."
   ]
