@@ -206,9 +206,10 @@ def train_grid(
     signum = stops.pending()
     if signum is None:
       return
+    n = len(members)
     where = (
-      f"in a vmapped grid job of {len(members)} members at epoch {epoch} of "
-      f"{config.total_epochs}"
+      f"in a vmapped grid job of {n} member{'s' if n > 1 else ''} at epoch "
+      f"{epoch} of {config.total_epochs}"
     )
     if resume is None:
       raise stops.Stopped(signum, where, "the job starts again")
