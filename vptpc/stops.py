@@ -85,10 +85,9 @@ def _handler(signum, frame) -> None:
       flush=True,
     )
     os._exit(128 + signum)
-  if _STATE["deferred"]:
-    _STATE["pending"] = signum
-    return
   _STATE["pending"] = signum
+  if _STATE["deferred"]:
+    return
   where = _STAGE[-1] if _STAGE else "while the run was starting"
   raise Stopped(signum, where)
 
@@ -155,8 +154,3 @@ def stage(where: str) -> Iterator[None]:
 def pending() -> int | None:
   """The signal waiting for this safe point, or None."""
   return _STATE["pending"]
-
-
-def clear() -> None:
-  """Forgets a pending signal (after a `Stopped` has been handled)."""
-  _STATE["pending"] = None

@@ -37,7 +37,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from vptpc import build, faults, optim, records, runner, stops
+from vptpc import build, faults, npz_checkpoint, optim, records, runner, stops
 from vptpc import prompts as prompts_lib
 from vptpc import steps as steps_lib
 from vptpc.data import device as device_data
@@ -316,9 +316,11 @@ def _save_stop(path, members, tree, epoch: int) -> None:
   """Writes a stopped job's stacked state (atomically) for `_restore_stop`."""
   leaves = jax.tree_util.tree_leaves(tree)
   arrays = {f"leaf{i:04d}": np.asarray(a) for i, a in enumerate(leaves)}
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp.npz"
-  np.savez(tmp, members=np.asarray(members, np.float64), epoch=epoch, **arrays)
+  d = os.path.dirname(path)
+  os.makedirs(d, exist_ok=True)
+  fd, tmp = npz_checkpoint.temp_file(d, ".npz.tmp")
+  with os.fdopen(fd, "wb") as f:
+    np.savez(f, members=np.asarray(members, np.float64), epoch=epoch, **arrays)
   os.replace(tmp, path)
 
 

@@ -66,23 +66,26 @@ def _check_finite(metrics: dict[str, float], step: int, workdir: str) -> None:
     )
 
 
-def _stop_signal(step: int) -> int | None:
+def _stop_signal(step: int, synced: bool) -> int | None:
   """The signal that stops the run at ``step``, agreed by every process.
 
   Processes may see a signal at different steps (or only one of them may
   get it); the checkpoint a stop writes needs them all, so they stop
-  together. A SIGINT is shared at each step. In a multi-process run JAX's
-  preemption service owns SIGTERM and picks the step to stop at
-  (`jax.experimental.multihost_utils.reached_preemption_sync_point`, which
-  Orbax asks with the same steps); there the data come from the host, one
-  step per call.
+  together. A SIGINT is shared only at steps that wait for the device
+  anyway (``synced``: a logged or checkpointed step, the same on every
+  process), so the exchange adds no host sync to the others. In a
+  multi-process run JAX's preemption service owns SIGTERM and picks the
+  step to stop at (`jax.experimental.multihost_utils.reached_preemption_sync_point`,
+  which Orbax asks with the same steps); there the data come from the
+  host, one step per call.
   """
   signum = stops.pending()
   if jax.process_count() == 1:
     return signum
-  every = multihost_utils.process_allgather(np.int32(signum or 0))
-  if int(np.max(every)):
-    return int(np.max(every))
+  if synced:
+    every = multihost_utils.process_allgather(np.int32(signum or 0))
+    if int(np.max(every)):
+      return int(np.max(every))
   if multihost_utils.reached_preemption_sync_point(step):
     return int(signal.SIGTERM)
   return None
@@ -522,11 +525,11 @@ def _train_loop(
     if due or step == total or step == stop_after:
       run_checkpoints.save(mngr, runner.host_state(state), rng)
       clock["saved"] = step
-    stop_here(step, state)
+    stop_here(step, state, synced=bool(logged) or clock["saved"] == step)
 
-  def stop_here(step, state):
+  def stop_here(step, state, synced=True):
     """After a signal: a checkpoint at ``step``, then `stops.Stopped`."""
-    signum = _stop_signal(step)
+    signum = _stop_signal(step, synced)
     if signum is None:
       return
     if clock["saved"] != step:
